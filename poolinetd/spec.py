@@ -1,0 +1,268 @@
+"""Configuration types: raw entries, resolved services, diagnostics, reload identity.
+
+Pure: no I/O. Everything here is frozen, so a parsed configuration can be
+compared, hashed and diffed on reload.
+
+    ServiceSpec  the raw fields of one inetd.conf entry (strings and ints only)
+    Service      a ServiceSpec resolved to numbers: endpoints, uid/gid, handler
+    ServiceKey   what identifies a service across a reload (its endpoints)
+    Diagnostic   one error or warning, located at FILE:LINE: field N 'TOKEN'
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SocketType(enum.Enum):
+    """Field 2 of an entry."""
+
+    STREAM = "stream"
+    DGRAM = "dgram"
+    SEQPACKET = "seqpacket"
+    RAW = "raw"  # parsed, then refused: "not supported"
+    RDM = "rdm"  # parsed, then refused: "not supported"
+
+
+class Protocol(enum.Enum):
+    """Field 3 of an entry. ``tcp``/``udp`` without a digit mean IPv4, as in every BSD."""
+
+    TCP = "tcp"
+    TCP4 = "tcp4"
+    TCP6 = "tcp6"
+    TCP46 = "tcp46"
+    UDP = "udp"
+    UDP4 = "udp4"
+    UDP6 = "udp6"
+    UDP46 = "udp46"
+    UNIX = "unix"
+
+    @property
+    def is_unix(self) -> bool:
+        return self is Protocol.UNIX
+
+    @property
+    def is_udp(self) -> bool:
+        return self.value.startswith("udp")
+
+
+class Severity(enum.Enum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One problem in a config file, with where it is and what to write instead.
+
+    ``field`` is the 1-based index of the whitespace-separated field on the
+    entry (0 when the problem is the whole line); ``token`` is the offending
+    text as written.
+    """
+
+    source: str
+    lineno: int
+    field: int
+    token: str
+    message: str
+    hint: str = ""
+    severity: Severity = Severity.ERROR
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.lineno}:"
+        if self.field:
+            where += f" field {self.field} {self.token!r}:"
+        elif self.token:
+            where += f" {self.token!r}:"
+        kind = "" if self.severity is Severity.ERROR else " warning:"
+        text = f"{where}{kind} {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The numbers after ``wait``/``nowait``, each with its own meaning; None = not given.
+
+    FreeBSD ``nowait/A/B/C``: A = max_child (concurrent instances, 0 = no
+    limit), B = max_cpm_per_ip (connections per minute from one IP),
+    C = max_child_per_ip (concurrent instances per IP). OpenBSD/GNU/BusyBox
+    ``nowait.N`` and NetBSD ``nowait:N``: N = max_spawn_per_min (instances
+    started per minute by the whole service). Nothing converts one into another.
+    """
+
+    max_child: int | None = None
+    max_cpm_per_ip: int | None = None
+    max_child_per_ip: int | None = None
+    max_spawn_per_min: int | None = None
+
+
+class StderrRoute(enum.Enum):
+    """Where a launched program's fd 2 goes."""
+
+    SOCKET = "socket"  # inetd's contract: fd 0, 1 and 2 are the connection
+    LOG = "log"  # poolinetd's own stderr (its log)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """poolinetd's extension keys for one service (or the file's ``defaults``).
+
+    None means "not set here": resolution falls back to the file's
+    ``defaults`` definition, then to the command line, then to the built-in
+    defaults below.
+    """
+
+    pool_min: int | None = None  # workers kept booted even when idle
+    pool_max: int | None = None  # workers at most
+    worker_connections: int | None = None  # connections one worker serves at once
+    max_requests: int | None = None  # recycle a worker after this many (0 = never)
+    idle_timeout: float | None = None  # seconds a surplus idle worker lives
+    conn_timeout: float | None = None  # seconds a built-in connection may stay silent
+    stderr: StderrRoute | None = None
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for launched programs
+
+
+# Built-in defaults (documented in README). Command-line flags override them.
+DEFAULT_POOL_MIN = 1
+DEFAULT_POOL_MAX = 16
+DEFAULT_WORKER_CONNECTIONS_INTERNAL = 256
+DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
+DEFAULT_MAX_REQUESTS = 0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_CONN_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class UnixPerms:
+    """FreeBSD's ``:user:group:mode:/path`` prefix for a unix socket."""
+
+    owner: str | None
+    group: str | None
+    mode: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """The raw fields of one entry, as written (names not yet looked up).
+
+    ``source``/``lineno`` locate the entry; they do not take part in
+    equality, so moving an entry in the file does not make it "changed".
+    """
+
+    service: str  # a name from /etc/services, a port number, or a unix path
+    socket_type: SocketType
+    protocol: Protocol
+    wait: bool
+    user: str
+    server: str  # "internal" or an absolute path
+    argv: tuple[str, ...] = ()  # argv[0] first; for internal: optional built-in name
+    addresses: tuple[str, ...] = ()  # host prefix; () = the wildcard address
+    group: str | None = None
+    login_class: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    tcpmux: str | None = None  # NAME of a ``tcpmux/NAME`` entry
+    tcpmux_plus: bool = False  # ``tcpmux/+NAME``: inetd sends the "+" reply
+    unix_perms: UnixPerms | None = None
+    options: Options = field(default_factory=Options)
+    enabled: bool = True  # key-values ``off``
+    source: str = field(default="<string>", compare=False)
+    lineno: int = field(default=0, compare=False)
+
+    @property
+    def is_internal(self) -> bool:
+        return self.server == "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedConfig:
+    """What ``parse`` returns: every entry it could read and every diagnostic."""
+
+    specs: tuple[ServiceSpec, ...]
+    defaults: Options
+    diagnostics: tuple[Diagnostic, ...]
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity is Severity.ERROR)
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity is Severity.WARNING)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One socket to listen on.
+
+    ``family`` is ``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX`` (as an int
+    so this module stays free of the socket module); ``address`` is a
+    numeric host (``0.0.0.0``, ``::``) or, for unix, the path; ``port`` is 0
+    for unix (and may be 0 for "any free port": the listener reports it).
+    ``v6only`` is False only for ``tcp46``/``udp46``.
+    """
+
+    family: int
+    address: str
+    port: int
+    v6only: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """Identity across a reload: same endpoints and socket type = same service."""
+
+    socket_type: SocketType
+    is_udp: bool
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Resolved pool sizing for one service (all defaults applied)."""
+
+    pool_min: int
+    pool_max: int
+    worker_connections: int
+    max_requests: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A spec resolved to what the runtime needs.
+
+    Exactly one of ``internal`` (a built-in's name, e.g. "echo") and
+    ``program`` (an absolute path, launched with ``argv``) is set.
+    """
+
+    spec: ServiceSpec
+    name: str  # display name, e.g. "echo/tcp", "7007/tcp", "/run/echo.sock/unix"
+    key: ServiceKey
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    user_name: str
+    home: str
+    internal: str | None
+    program: str | None
+    argv: tuple[str, ...]
+    pool: PoolSettings
+    conn_timeout: float
+    stderr: StderrRoute
+    env: tuple[tuple[str, str], ...]
+    limits: Limits
+
+    @property
+    def socket_type(self) -> SocketType:
+        return self.spec.socket_type
+
+    @property
+    def wait(self) -> bool:
+        return self.spec.wait
+
+
+# The built-ins poolinetd implements, each for stream and dgram (internal.py).
+BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
