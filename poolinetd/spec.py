@@ -145,6 +145,19 @@ class UnixPerms:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldLoc:
+    """Where one part of an entry was written: line, 1-based field index, token as written.
+
+    For key-values definitions the field index counts the service (1),
+    ``on``/``off`` (2), then each ``key=value`` option in order (3, 4, ...).
+    """
+
+    lineno: int
+    field: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSpec:
     """The raw fields of one entry, as written (names not yet looked up).
 
@@ -170,10 +183,38 @@ class ServiceSpec:
     enabled: bool = True  # key-values ``off``
     source: str = field(default="<string>", compare=False)
     lineno: int = field(default=0, compare=False)
+    # Where each part was written, keyed by role ("service", "socket_type",
+    # "protocol", "wait", "user", "server", "argv", or a key-values key such
+    # as "pool_min"), so resolution errors can name the exact field.
+    locs: tuple[tuple[str, FieldLoc], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def is_internal(self) -> bool:
         return self.server == "internal"
+
+    def loc(self, role: str) -> FieldLoc:
+        """The location of ``role``; falls back to the service field, then the entry's line."""
+        for name, where in self.locs:
+            if name == role:
+                return where
+        for name, where in self.locs:
+            if name == "service":
+                return where
+        return FieldLoc(self.lineno, 0, self.service)
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    """A NetBSD ``.include PATTERN`` line; expanded by ``resolve.load_file``, not by ``parse``.
+
+    ``position`` is the number of specs of the including file that precede it,
+    so included entries keep their place in file order.
+    """
+
+    pattern: str
+    source: str
+    lineno: int
+    position: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +224,7 @@ class ParsedConfig:
     specs: tuple[ServiceSpec, ...]
     defaults: Options
     diagnostics: tuple[Diagnostic, ...]
+    includes: tuple[Include, ...] = ()
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -231,6 +273,15 @@ class PoolSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SocketOwner:
+    """A unix socket's resolved ``:owner:group:mode:`` prefix; -1 = leave as created."""
+
+    uid: int
+    gid: int
+    mode: int | None  # None = the listener's default mode
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     """A spec resolved to what the runtime needs.
 
@@ -254,6 +305,7 @@ class Service:
     stderr: StderrRoute
     env: tuple[tuple[str, str], ...]
     limits: Limits
+    socket_owner: SocketOwner | None = None  # unix sockets with a FreeBSD perms prefix
 
     @property
     def socket_type(self) -> SocketType:
