@@ -1,0 +1,308 @@
+"""Classic mode: inetd's fork-per-connection dispatch on poolinetd's own modules.
+
+Touches the OS: accept, fork, exec, waitpid. Same parser, listeners,
+signals, privileges and built-ins as pool mode; only dispatch differs, which
+is what makes ``benchmarks/`` a fair comparison and makes this a real
+fallback for a service that must not share a long-lived process.
+
+* nowait: the master accepts and forks; the child drops privileges and runs
+  the built-in or execs the program with the socket on fds 0, 1, 2.
+* wait: the child gets the listening (or bound datagram) socket on fd 0; the
+  master stops polling it until that child exits.
+* datagram built-ins are answered by the master itself (as inetd does),
+  behind the loop guard.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from poolinetd import internal, listeners, log, privileges, spawn, worker
+from poolinetd.signals import SignalPipe
+from poolinetd.spec import Service, SocketType, StderrRoute
+
+EMFILE_PAUSE = 1.0
+FAST_STOP_TIMEOUT = 2.0
+
+
+@dataclass(slots=True, eq=False)
+class _Listener:
+    sock: socket.socket
+    service: Service
+    bound: listeners.Bound
+    polled: bool = False
+    lent_to: int = 0  # pid of the wait child holding it
+
+
+@dataclass(slots=True, eq=False)
+class _ServiceState:
+    service: Service
+    listeners: list[_Listener] = field(default_factory=list)
+    children: set[int] = field(default_factory=set)
+    paused_until: float = 0.0
+    accepted: int = 0
+
+
+class Classic:
+    """The fork-per-connection server. Owns the listeners it is given and closes them."""
+
+    def __init__(self, services: list[tuple[Service, list[socket.socket]]], *,
+                 ready_fd: int | None = None, title: str = "poolinetd: master (classic)",
+                 graceful_timeout: float = 30.0, log_connections: bool = False) -> None:
+        self.ready_fd = ready_fd
+        self.title = title
+        self.graceful_timeout = graceful_timeout
+        self.log_connections = log_connections
+        self.sel = selectors.DefaultSelector()
+        self.sigpipe = SignalPipe()
+        self.sigpipe.install([signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                              signal.SIGUSR1, signal.SIGHUP])
+        self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
+        self.states: list[_ServiceState] = []
+        self.children: dict[int, tuple[_ServiceState, _Listener | None, float]] = {}
+        self.stopping = False
+        self.stop_deadline = 0.0
+        ports = set(internal.BUILTIN_PORTS)
+        for service, socks in services:
+            state = _ServiceState(service)
+            for sock in socks:
+                state.listeners.append(_Listener(sock, service, listeners.bound_address(sock)))
+                if service.internal is not None:
+                    ports.add(state.listeners[-1].bound.port)
+            self.states.append(state)
+        self.internal_ports = frozenset(ports)
+
+    def run(self) -> int:
+        spawn.set_title(self.title)
+        for state in self.states:
+            for lst in state.listeners:
+                log.info("listening", service=state.service.name, family=lst.bound.family,
+                         address=lst.bound.address, port=lst.bound.port, mode="classic")
+            self._update(state)
+        self._report_ready()
+        while not (self.stopping and not self.children):
+            timeout = self._timeout()
+            for key, _ in self.sel.select(timeout):
+                if key.data is self.sigpipe:
+                    self._on_signals()
+                else:
+                    lst = key.data
+                    assert isinstance(lst, _Listener)
+                    self._on_listener(lst)
+            now = time.monotonic()
+            if self.stopping and now >= self.stop_deadline:
+                for pid in self.children:
+                    _kill(pid, signal.SIGKILL)
+                self.stop_deadline = now + 0.5
+            for state in self.states:
+                self._update(state)
+        self._close()
+        log.info("stopped", pid=os.getpid())
+        return 0
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        times = [s.paused_until for s in self.states if s.paused_until > now]
+        if self.stopping:
+            times.append(min(self.stop_deadline, now + 0.5))
+        return max(0.0, min(times) - now) if times else None
+
+    def _report_ready(self) -> None:
+        if self.ready_fd is None:
+            return
+        report = [{"service": s.service.name, "family": lst.bound.family,
+                   "address": lst.bound.address, "port": lst.bound.port,
+                   "socket_type": s.service.socket_type.value,
+                   "source": f"{s.service.spec.source}:{s.service.spec.lineno}"}
+                  for s in self.states for lst in s.listeners]
+        try:
+            os.write(self.ready_fd, orjson.dumps({"pid": os.getpid(), "mode": "classic",
+                                                  "listeners": report}) + b"\n")
+            os.close(self.ready_fd)
+        except OSError as exc:
+            log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)
+        self.ready_fd = None
+
+    def _update(self, state: _ServiceState) -> None:
+        """Poll a listener only while its service may start another child."""
+        limit = state.service.limits.max_child
+        can = (not self.stopping and state.paused_until <= time.monotonic()
+               and not (limit and len(state.children) >= limit))
+        for lst in state.listeners:
+            want = can and not lst.lent_to
+            if state.service.internal is not None and state.service.socket_type is SocketType.DGRAM:
+                want = not self.stopping  # answered here, never forked
+            if want != lst.polled:
+                if want:
+                    self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+                else:
+                    self.sel.unregister(lst.sock)
+                lst.polled = want
+
+    def _state_of(self, lst: _Listener) -> _ServiceState:
+        return next(s for s in self.states if lst in s.listeners)
+
+    def _on_listener(self, lst: _Listener) -> None:
+        state = self._state_of(lst)
+        service = state.service
+        if service.internal is not None and service.socket_type is SocketType.DGRAM:
+            self._answer_dgram(lst)
+        elif service.wait or service.socket_type is SocketType.DGRAM:
+            lst.polled = False
+            self.sel.unregister(lst.sock)
+            pid = self._fork(state, lst.sock, "", lst)
+            if pid:
+                lst.lent_to = pid
+        else:
+            try:
+                conn, addr = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    state.paused_until = time.monotonic() + EMFILE_PAUSE
+                    log.error("accept_failed", service=service.name, error=exc.strerror)
+                return
+            try:
+                self._fork(state, conn, worker.format_addr(addr), None)
+            finally:
+                conn.close()
+        self._update(state)
+
+    def _fork(self, state: _ServiceState, sock: socket.socket, peer: str,
+              lst: _Listener | None) -> int:
+        service = state.service
+        fd = sock.fileno()
+        try:
+            pid = spawn.fork_child(lambda: self._child(service, fd, peer), [fd])
+        except OSError as exc:
+            log.error("fork_failed", service=service.name, error=exc.strerror)
+            state.paused_until = time.monotonic() + EMFILE_PAUSE
+            return 0
+        state.children.add(pid)
+        state.accepted += 1
+        self.children[pid] = (state, lst, time.monotonic())
+        return pid
+
+    def _child(self, service: Service, fd: int, peer: str) -> int:
+        """In the forked child: drop privileges, then serve ``fd`` (never returns to the loop)."""
+        spawn.set_title(f"poolinetd: {service.name} {peer.replace(' ', ':') or 'wait'}")
+        try:
+            privileges.drop(service.uid, service.gid, service.groups)
+        except privileges.PrivilegeError as exc:
+            log.error("privileges_failed", service=service.name, pid=os.getpid(), error=str(exc))
+            return spawn.EX_WORKER_BOOT
+        sock = socket.socket(fileno=fd)
+        if service.internal is not None:
+            internal.serve_blocking(sock, service.internal, service.conn_timeout)
+            sock.close()
+            return 0
+        assert service.program is not None
+        local = worker.format_addr(sock.getsockname()) if peer else ""
+        env = worker.connection_env(service, peer, local)
+        sock.setblocking(True)
+        os.setsid()
+        os.dup2(fd, 0)
+        os.dup2(fd, 1)
+        os.dup2(log.log_fd() if service.stderr is StderrRoute.LOG else fd, 2)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        try:
+            os.execve(service.program, list(service.argv), env)
+        except OSError as exc:
+            log.error("exec_failed", service=service.name, pid=os.getpid(),
+                      program=service.program, error=exc.strerror)
+        return 127
+
+    def _answer_dgram(self, lst: _Listener) -> None:
+        name = lst.service.internal
+        assert name is not None
+        for _ in range(64):
+            try:
+                data, addr = lst.sock.recvfrom(65536)
+            except OSError:
+                return
+            if internal.loop_guard(addr[1], self.internal_ports) is not None:
+                continue
+            reply = internal.answer(name, data, time.time())
+            if reply is not None:
+                try:
+                    lst.sock.sendto(reply, addr)
+                except OSError:
+                    pass
+
+    def _on_signals(self) -> None:
+        for sig in self.sigpipe.drain():
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig == signal.SIGTERM:
+                self._begin_stop(self.graceful_timeout)
+            elif sig in (signal.SIGINT, signal.SIGQUIT):
+                self._begin_stop(FAST_STOP_TIMEOUT)
+                for pid in self.children:
+                    _kill(pid, signal.SIGTERM)
+            elif sig == signal.SIGUSR1:
+                log.reopen()
+            elif sig == signal.SIGHUP:
+                log.warning("reload_unsupported", mode="classic",
+                            hint="restart to apply a new config in classic mode")
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            entry = self.children.pop(pid, None)
+            if entry is None:
+                continue
+            state, lst, started = entry
+            state.children.discard(pid)
+            if lst is not None:
+                lst.lent_to = 0
+                lst.sock.setblocking(False)
+            code = os.waitstatus_to_exitcode(status)
+            if self.log_connections or code != 0:
+                log.event(20 if code == 0 else 30, "program_exit", service=state.service.name,
+                          pid=pid, status=code, duration=round(time.monotonic() - started, 6))
+
+    def _begin_stop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self.stopping:
+            self.stop_deadline = min(self.stop_deadline, deadline)
+            return
+        self.stopping = True
+        self.stop_deadline = deadline
+        log.info("stopping", timeout=timeout, children=len(self.children))
+        for state in self.states:
+            self._update(state)
+            for lst in state.listeners:
+                listeners.close_listener(lst.sock)
+            state.listeners = []
+
+    def _close(self) -> None:
+        for state in self.states:
+            for lst in state.listeners:
+                if lst.polled:
+                    self.sel.unregister(lst.sock)
+                listeners.close_listener(lst.sock)
+            state.listeners = []
+        self.sel.unregister(self.sigpipe.reader)
+        self.sigpipe.close()
+        self.sel.close()
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,286 @@
+"""Command line: ``poolinetd [run]``, ``check``, ``status``, ``reload``. The only module that exits.
+
+Touches the OS: reads files, opens listeners, writes the pidfile, runs the
+master. Exit codes follow sysexits: 0 ok, 64 usage, 69 nothing to serve or
+master unreachable, 71 a listener could not be opened, 78 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import socket
+import sys
+from collections.abc import Sequence
+
+from poolinetd import __version__, check, control, listeners, log, resolve
+from poolinetd.spec import Options, Service, Severity
+
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_OSERR = 71
+EX_CONFIG = 78
+
+DEFAULT_CONF = "/etc/inetd.conf"
+DEFAULT_PORTS = {"echo": 7007, "discard": 7009, "daytime": 7013, "chargen": 7019, "time": 7037}
+
+
+def default_config_text(user: str) -> str:
+    """The config served when no ``-c`` is given: every built-in on 127.0.0.1, tcp and udp."""
+    lines = ["# poolinetd built-in default: the inetd built-ins on localhost, unprivileged ports"]
+    for name, port in DEFAULT_PORTS.items():
+        lines.append(f"127.0.0.1:{port} stream tcp nowait {user} internal {name}")
+        lines.append(f"127.0.0.1:{port} dgram  udp wait   {user} internal {name}")
+    return "\n".join(lines) + "\n"
+
+
+def default_control_path() -> str:
+    if os.geteuid() == 0:
+        return "/run/poolinetd.sock"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/poolinetd-{os.getuid()}"
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return os.path.join(base, "poolinetd.sock")
+
+
+def _add_pool_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pool defaults (a service's own keys win)")
+    group.add_argument("--pool-min", type=int, metavar="N", help="workers kept ready (default 1)")
+    group.add_argument("--pool-max", type=int, metavar="N", help="workers at most (default 16)")
+    group.add_argument("--worker-connections", type=int, metavar="N",
+                       help="connections per worker at once (default 256 built-in, 64 program)")
+    group.add_argument("--max-requests", type=int, metavar="N",
+                       help="recycle a worker after N connections (default 0: never)")
+    group.add_argument("--idle-timeout", type=float, metavar="SEC",
+                       help="seconds a surplus idle worker lives (default 60)")
+    group.add_argument("--conn-timeout", type=float, metavar="SEC",
+                       help="seconds a built-in connection may stay silent (default 300)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poolinetd",
+        description="An inetd that serves inetd.conf from pools of pre-forked workers.",
+        epilog="Commands: run (default), check, status, reload. 'poolinetd COMMAND -h' for each.")
+    parser.add_argument("--version", action="version", version=f"poolinetd {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="serve (the default command)")
+    run.add_argument("-c", "--conf", metavar="FILE",
+                     help="inetd.conf to serve (default: a built-in localhost config)")
+    run.add_argument("--mode", choices=("pool", "classic"), default="pool",
+                     help="pool: pre-forked workers (default); classic: fork per connection")
+    run.add_argument("--pidfile", metavar="FILE")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--log-file", metavar="FILE", help="log here instead of stderr (SIGUSR1 reopens)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument("--log-connections", action="store_true",
+                     help="one info line per connection (service, peer, pid, status, duration)")
+    run.add_argument("--ready-fd", type=int, metavar="N",
+                     help="when serving, write one JSON line with the bound listeners to fd N")
+    run.add_argument("--control", metavar="PATH",
+                     help="control socket (default /run/poolinetd.sock as root)")
+    run.add_argument("--no-control", action="store_true", help="no control socket")
+    run.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SEC",
+                     help="SIGTERM: seconds busy workers get to finish (default 30)")
+    _add_pool_options(run)
+
+    chk = sub.add_parser("check", help="check a config file; exit 78 on any error")
+    chk.add_argument("-c", "--conf", metavar="FILE", default=DEFAULT_CONF)
+    chk.add_argument("--json", action="store_true", help="print the resolved services as JSON")
+    _add_pool_options(chk)
+
+    status = sub.add_parser("status", help="show the running master's pools and counters")
+    status.add_argument("--control", metavar="PATH")
+    status.add_argument("--json", action="store_true")
+
+    rel = sub.add_parser("reload", help="make the running master re-read its config")
+    rel.add_argument("--control", metavar="PATH")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(pool_min=args.pool_min, pool_max=args.pool_max,
+                   worker_connections=args.worker_connections, max_requests=args.max_requests,
+                   idle_timeout=args.idle_timeout, conn_timeout=args.conn_timeout)
+
+
+def _ensure_stdio() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed.
+
+    Otherwise the first socket we open would become fd 0, 1 or 2, and a
+    program launched on a connection would get it twice.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in ("run", "check", "status", "reload", "-h", "--help",
+                                             "--version"):
+        args_list.insert(0, "run")
+    args = build_parser().parse_args(args_list)
+    if args.command == "check":
+        sys.exit(check.run_check(args.conf, args.json, sys.stdout, sys.stderr, _options(args)))
+    if args.command in ("status", "reload"):
+        sys.exit(_client(args))
+    sys.exit(_run(args))
+
+
+def _client(args: argparse.Namespace) -> int:
+    path = args.control or default_control_path()
+    try:
+        answer = control.request(path, args.command)
+    except OSError as exc:
+        print(f"poolinetd: cannot reach the master at {path}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.command == "reload":
+        ok = bool(answer.get("ok"))
+        print("reloaded" if ok else "reload failed: the master kept its config (see its log)")
+        return 0 if ok else EX_CONFIG
+    if args.json:
+        import orjson
+
+        sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(format_status(answer))
+    return 0
+
+
+def format_status(doc: dict[str, object]) -> str:
+    """The human table of ``poolinetd status``."""
+    rows = [("SERVICE", "STATE", "LISTEN", "IDLE", "BUSY", "BOOT", "DRAIN", "ACCEPTED",
+             "REFUSED", "ACTIVE", "PROGRAMS", "RESTARTS", "LAST ERROR")]
+    services = doc.get("services", [])
+    assert isinstance(services, list)
+    for svc in services:
+        workers = svc["workers"]
+        rows.append((svc["service"], svc["state"], ",".join(svc["listeners"]) or "-",
+                     str(workers["idle"]), str(workers["busy"]), str(workers["booting"]),
+                     str(workers["draining"]), str(svc["accepted"]), str(svc["refused"]),
+                     str(svc["active"]), str(svc["programs"]), str(svc["restarts"]),
+                     svc["last_error"] or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    out = [f"poolinetd pid {doc.get('pid')} up {doc.get('uptime')}s, reloads {doc.get('reloads')}"]
+    for row in rows:
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return "\n".join(out) + "\n"
+
+
+def _load(args: argparse.Namespace) -> resolve.LoadedConfig:
+    if args.conf:
+        return resolve.load_file(args.conf, _options(args))
+    user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    return resolve.load_text(default_config_text(user), "<built-in default>", _options(args))
+
+
+def _servable(services: Sequence[Service]) -> list[Service]:
+    """As a normal user, only our own services can be served; the rest are reported."""
+    if os.geteuid() == 0:
+        return list(services)
+    me = os.getuid()
+    kept = []
+    for service in services:
+        if service.uid == me:
+            kept.append(service)
+        else:
+            log.error("service_skipped", service=service.name,
+                      source=f"{service.spec.source}:{service.spec.lineno}",
+                      user=service.user_name,
+                      reason=f"runs as {service.user_name}; poolinetd is not root and cannot switch")
+    return kept
+
+
+def _open_sockets(service: Service) -> list[socket.socket]:
+    """Open every endpoint of ``service``; all or nothing (raises ListenError)."""
+    socks: list[socket.socket] = []
+    try:
+        for endpoint in service.key.endpoints:
+            socks.append(listeners.open_endpoint(service, endpoint))
+    except listeners.ListenError:
+        for sock in socks:
+            listeners.close_listener(sock)
+        raise
+    return socks
+
+
+def _run(args: argparse.Namespace) -> int:
+    _ensure_stdio()
+    level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
+    log.setup(args.log_format, level, args.log_file)
+    loaded = _load(args)
+    for diag in loaded.diagnostics:
+        log.event(40 if diag.severity is Severity.ERROR else 30, "config_diagnostic",
+                  message=str(diag))
+    if loaded.errors:
+        log.error("config_invalid", errors=len(loaded.errors), conf=args.conf or "<built-in>")
+        return EX_CONFIG
+    services = _servable(loaded.services)
+    if not services:
+        log.error("nothing_to_serve", conf=args.conf or "<built-in>")
+        return EX_UNAVAILABLE
+    opened: list[tuple[Service, list[socket.socket]]] = []
+    try:
+        for service in services:
+            opened.append((service, _open_sockets(service)))
+    except listeners.ListenError as exc:
+        log.error("listen_failed", error=str(exc))
+        for _, socks in opened:
+            for sock in socks:
+                listeners.close_listener(sock)
+        return EX_OSERR
+    title = f"poolinetd: master{' -c ' + args.conf if args.conf else ''}"
+    if args.mode == "classic":
+        from poolinetd import classic
+
+        server = classic.Classic(opened, ready_fd=args.ready_fd, title=title + " (classic)",
+                                 graceful_timeout=args.graceful_timeout,
+                                 log_connections=args.log_connections)
+        return _with_pidfile(args.pidfile, server.run)
+
+    from poolinetd.master import Master
+
+    def reload_config() -> tuple[tuple[Service, ...], tuple[resolve.Diagnostic, ...]]:
+        again = _load(args)
+        if again.errors:
+            return (), again.diagnostics
+        return tuple(_servable(again.services)), again.diagnostics
+
+    control_path = None if args.no_control else (args.control or default_control_path())
+    try:
+        master = Master(opened, load_config=reload_config, open_sockets=_open_sockets,
+                        ready_fd=args.ready_fd, control_path=control_path,
+                        graceful_timeout=args.graceful_timeout,
+                        log_connections=args.log_connections, title=title)
+    except OSError as exc:
+        log.error("control_socket_failed", path=control_path, error=exc.strerror,
+                  hint="another poolinetd may be running; use --control PATH or --no-control")
+        for _, socks in opened:
+            for sock in socks:
+                listeners.close_listener(sock)
+        return EX_OSERR
+    return _with_pidfile(args.pidfile, master.run)
+
+
+def _with_pidfile(path: str | None, body: object) -> int:
+    assert callable(body)
+    if path:
+        with open(path, "w", encoding="ascii") as fh:
+            fh.write(f"{os.getpid()}\n")
+    try:
+        result = body()
+        assert isinstance(result, int)
+        return result
+    finally:
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

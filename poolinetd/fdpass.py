@@ -1,0 +1,153 @@
+"""The master<->worker wire: one small message, at most one fd, over AF_UNIX SOCK_SEQPACKET.
+
+Mostly pure (encode/decode); ``send``/``recv`` touch the OS. SEQPACKET keeps
+message boundaries, so an fd can never be attached to the wrong header
+(systemd #15457 shows what stream framing does). ``recv`` checks MSG_CTRUNC
+and the fd count, closes anything unexpected, and raises ProtocolError.
+
+Master -> worker:  CONN(conn_id, peer, local) + the accepted socket
+                   LEND(lend_id) + a listening or bound socket the master keeps too
+                   STOP (finish what you serve, then exit)
+Worker -> master:  READY(pid)
+                   DONE(ids...)  connections or loans that ended (batched)
+                   SPAWNED(conn_id, pid)  a program was launched for conn_id
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+VERSION = 1
+
+CONN = 1
+LEND = 2
+STOP = 3
+READY = 10
+DONE = 11
+SPAWNED = 12
+
+_HEAD = struct.Struct("!BB")  # kind, version
+_ID = struct.Struct("!Q")
+_PID = struct.Struct("!i")
+_ID_PID = struct.Struct("!Qi")
+MAX_MESSAGE = 4096
+_MAX_DONE_IDS = (MAX_MESSAGE - _HEAD.size) // _ID.size
+
+
+class ProtocolError(Exception):
+    """A message on the wire broke the protocol (truncated fds, bad header, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: int
+    ident: int = 0  # conn_id / lend_id / pid
+    pid: int = 0
+    ids: tuple[int, ...] = ()
+    peer: str = ""
+    local: str = ""
+
+
+def encode_conn(conn_id: int, peer: str, local: str) -> bytes:
+    return _HEAD.pack(CONN, VERSION) + _ID.pack(conn_id) + f"{peer}\0{local}".encode()
+
+
+def encode_lend(lend_id: int) -> bytes:
+    return _HEAD.pack(LEND, VERSION) + _ID.pack(lend_id)
+
+
+def encode_stop() -> bytes:
+    return _HEAD.pack(STOP, VERSION)
+
+
+def encode_ready(pid: int) -> bytes:
+    return _HEAD.pack(READY, VERSION) + _PID.pack(pid)
+
+
+def encode_done(ids: list[int]) -> list[bytes]:
+    """One or more DONE messages carrying ``ids`` (split to fit MAX_MESSAGE)."""
+    out = []
+    for start in range(0, len(ids), _MAX_DONE_IDS):
+        chunk = ids[start : start + _MAX_DONE_IDS]
+        out.append(_HEAD.pack(DONE, VERSION) + struct.pack(f"!{len(chunk)}Q", *chunk))
+    return out
+
+
+def encode_spawned(conn_id: int, pid: int) -> bytes:
+    return _HEAD.pack(SPAWNED, VERSION) + _ID_PID.pack(conn_id, pid)
+
+
+def decode(data: bytes) -> Message:
+    """Parse one message; raises ProtocolError on anything malformed."""
+    if len(data) < _HEAD.size:
+        raise ProtocolError(f"short message ({len(data)} bytes)")
+    kind, version = _HEAD.unpack_from(data)
+    if version != VERSION:
+        raise ProtocolError(f"wire version {version}, expected {VERSION}")
+    body = data[_HEAD.size :]
+    try:
+        if kind == CONN:
+            (ident,) = _ID.unpack_from(body)
+            peer, _, local = body[_ID.size :].decode().partition("\0")
+            return Message(CONN, ident, peer=peer, local=local)
+        if kind == LEND:
+            (ident,) = _ID.unpack(body)
+            return Message(LEND, ident)
+        if kind == STOP and not body:
+            return Message(STOP)
+        if kind == READY:
+            (pid,) = _PID.unpack(body)
+            return Message(READY, pid=pid)
+        if kind == DONE and len(body) % _ID.size == 0:
+            return Message(DONE, ids=struct.unpack(f"!{len(body) // _ID.size}Q", body))
+        if kind == SPAWNED:
+            ident, pid = _ID_PID.unpack(body)
+            return Message(SPAWNED, ident, pid=pid)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed message kind {kind}: {exc}") from None
+    raise ProtocolError(f"unknown message kind {kind} ({len(body)} byte body)")
+
+
+_FDS_SPACE = socket.CMSG_SPACE(array.array("i", [0, 0, 0, 0]).itemsize * 4)
+
+
+def send(channel: socket.socket, payload: bytes, fd: int | None = None) -> None:
+    """Send one message, with ``fd`` attached if given.
+
+    The caller keeps ownership of ``fd``: sendmsg puts a reference to the open
+    file in the message, so the caller may (and usually should) close its copy
+    right after this returns. Raises BlockingIOError when the peer's queue is
+    full, BrokenPipeError/ConnectionResetError when the peer is gone.
+    """
+    if fd is None:
+        channel.send(payload)
+        return
+    channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def recv(channel: socket.socket) -> tuple[bytes, int | None]:
+    """Receive one message and the fd it carries (or None). ``(b"", None)`` means EOF.
+
+    The caller owns the returned fd (already close-on-exec, so a program the
+    worker launches never inherits it by accident). On MSG_CTRUNC (the fd was
+    dropped: RLIMIT_NOFILE or an LSM) or more than one fd, every fd received
+    is closed and ProtocolError is raised. BlockingIOError propagates.
+    """
+    data, ancdata, flags, _ = channel.recvmsg(MAX_MESSAGE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
+            fds.extend(arr)
+    if flags & socket.MSG_CTRUNC or len(fds) > 1:
+        for fd in fds:
+            os.close(fd)
+        reason = "control data truncated (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else (
+            f"{len(fds)} fds in one message")
+        raise ProtocolError(reason)
+    return data, (fds[0] if fds else None)

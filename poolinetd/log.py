@@ -1,0 +1,123 @@
+"""Logging: one line per event with stable keys, as text or JSON lines (orjson).
+
+Touches the OS: writes to stderr or a log file. ``event(level, name,
+**fields)`` is the only call sites use; never call it from a signal handler.
+Keys that are always there: ``event``; usually ``service``, ``pid``,
+``peer``, ``status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+import orjson
+
+LOGGER = logging.getLogger("poolinetd")
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        parts = [f"{stamp} poolinetd[{record.process}] {record.levelname.lower()} {record.msg}"]
+        for key, value in fields.items():
+            text = str(value)
+            if not text or any(c in text for c in ' "=\n'):
+                text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        doc = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "event": record.msg,
+            **fields,
+        }
+        return orjson.dumps(doc, default=str).decode()
+
+
+class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A file handler whose ``reopen()`` follows logrotate's rename (SIGUSR1)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            old = self.stream
+            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            old.close()
+        finally:
+            self.release()
+
+
+def setup(fmt: str = "text", level: int = logging.INFO, path: str | None = None,
+          stream: TextIO | None = None) -> None:
+    """Configure the poolinetd logger (replacing any previous configuration)."""
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
+        handler.close() if isinstance(handler, _ReopenableHandler) else None
+    handler: logging.Handler = (
+        _ReopenableHandler(path) if path else logging.StreamHandler(stream or sys.stderr)
+    )
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+
+
+def reopen() -> None:
+    """Reopen the log file, if logging to one (SIGUSR1)."""
+    for handler in LOGGER.handlers:
+        if isinstance(handler, _ReopenableHandler):
+            handler.reopen()
+
+
+def log_fd() -> int:
+    """The fd launched programs get as stderr when ``stderr=log``."""
+    for handler in LOGGER.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            try:
+                return int(handler.stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                break
+    return 2
+
+
+def event(level: int, name: str, **fields: Any) -> None:
+    """Log one event line: ``name`` plus ``fields`` in the order given."""
+    if LOGGER.isEnabledFor(level):
+        LOGGER.log(level, name, extra={"fields": fields})
+
+
+def enabled(level: int) -> bool:
+    return LOGGER.isEnabledFor(level)
+
+
+def info(name: str, **fields: Any) -> None:
+    event(logging.INFO, name, **fields)
+
+
+def warning(name: str, **fields: Any) -> None:
+    event(logging.WARNING, name, **fields)
+
+
+def error(name: str, **fields: Any) -> None:
+    event(logging.ERROR, name, **fields)
+
+
+def debug(name: str, **fields: Any) -> None:
+    event(logging.DEBUG, name, **fields)
+
+
+__all__ = ["debug", "enabled", "error", "event", "info", "log_fd", "reopen", "setup", "warning"]

@@ -1,0 +1,811 @@
+"""The master: one thread, one selector loop, every listener, every pool.
+
+Touches the OS: accept, sendmsg, fork (through spawn), waitpid, kill.
+
+    Master(services, sockets, ...).run() -> exit code
+
+Each iteration: select (timeout = next deadline) -> dispatch on the key's
+data (Listener, WorkerHandle, the signal pipe, the control socket) -> timers.
+
+fd ownership: the master owns every listener, its end of every worker's
+channel and the signal pipe. An accepted connection is owned by the master
+only between accept() and the send to a worker; the master closes its copy
+right after the send, on every path. A lent listener stays the master's; it
+only stops polling it while the loan lasts.
+
+Backpressure: a listener is polled only while its service can take a
+connection (a READY worker below its cap, instances below max-child); when
+not, clients wait in the kernel backlog, and polling resumes when a worker
+reports DONE or READY. A connection is never accepted without somewhere to go.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import itertools
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from poolinetd import control, fdpass, internal, listeners, log, spawn, worker
+from poolinetd.pool import Pool, WorkerState
+from poolinetd.signals import SignalPipe
+from poolinetd.spec import Diagnostic, Service, ServiceKey, SocketType
+
+ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
+EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
+LOOPING_PAUSE = 60.0  # seconds a service rests after exceeding max_spawn_per_min
+FAST_STOP_TIMEOUT = 2.0
+_RATE_WINDOW = 60.0
+
+LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
+
+
+@dataclass(slots=True, eq=False)
+class Listener:
+    """One listening (or bound datagram) socket of a service."""
+
+    sock: socket.socket
+    rt: ServiceRuntime
+    bound: listeners.Bound
+    polled: bool = False
+    lent_to: int = 0  # pid of the worker holding it (wait services, datagram built-ins)
+    lend_id: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class WorkerHandle:
+    """The master's record of one worker process; dropped only when reaped."""
+
+    pid: int
+    channel: socket.socket
+    rt: ServiceRuntime
+    closed: bool = False  # channel EOF seen and channel closed
+    stop_sent: bool = False
+    killed: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class ConnRecord:
+    """A connection (or loan) handed to a worker, until DONE or its program is reaped."""
+
+    rt: ServiceRuntime
+    worker_pid: int
+    ip: str
+    program_pid: int = 0
+    listener: Listener | None = None  # set for loans
+
+
+@dataclass(slots=True, eq=False)
+class ServiceRuntime:
+    """Everything the master tracks for one service generation."""
+
+    service: Service
+    pool: Pool
+    listeners: list[Listener] = field(default_factory=list)
+    instances: int = 0  # connections and loans being served (programs running)
+    per_ip: dict[str, int] = field(default_factory=dict)
+    ip_history: dict[str, deque[float]] = field(default_factory=dict)
+    spawn_history: deque[float] = field(default_factory=deque)
+    paused_until: float = 0.0
+    retired: bool = False  # removed or replaced by a reload: no new connections
+    accepted: int = 0
+    refused: int = 0
+    last_error: str = ""
+    last_refusal_log: float = -60.0
+
+    @property
+    def lends(self) -> bool:
+        """Whether listeners are lent to a worker instead of accepted on."""
+        return self.service.wait or (
+            self.service.socket_type is SocketType.DGRAM)
+
+    def at_max_child(self) -> bool:
+        limit = self.service.limits.max_child
+        return bool(limit) and self.instances >= (limit or 0)
+
+
+class Master:
+    """The poolinetd master. Construct with resolved services and their open sockets."""
+
+    def __init__(
+        self,
+        services: list[tuple[Service, list[socket.socket]]],
+        *,
+        load_config: LoadConfig | None = None,
+        open_sockets: Callable[[Service], list[socket.socket]] | None = None,
+        ready_fd: int | None = None,
+        control_path: str | None = None,
+        graceful_timeout: float = 30.0,
+        log_connections: bool = False,
+        title: str = "poolinetd: master",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.load_config = load_config
+        self.open_sockets = open_sockets
+        self.ready_fd = ready_fd
+        self.graceful_timeout = graceful_timeout
+        self.log_connections = log_connections
+        self.title = title
+        self.sel = selectors.DefaultSelector()
+        self.sigpipe = signal_pipe = _new_signal_pipe()
+        self.sel.register(signal_pipe.reader, selectors.EVENT_READ, signal_pipe)
+        self.runtimes: list[ServiceRuntime] = []
+        self.workers: dict[int, WorkerHandle] = {}
+        self.conns: dict[int, ConnRecord] = {}
+        self.orphans: dict[int, int] = {}  # program pid -> conn_id (its worker died first)
+        self.ids = itertools.count(1)
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.started = time.time()
+        self.reloads = 0
+        self.control = control.ControlServer(control_path, self) if control_path else None
+        if self.control is not None:
+            self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
+        for service, socks in services:
+            self._add_runtime(service, socks)
+        self.internal_ports = self._internal_ports()
+
+    # -- setup ---------------------------------------------------------------
+    def _add_runtime(self, service: Service, socks: list[socket.socket]) -> ServiceRuntime:
+        rt = ServiceRuntime(service, Pool(service.pool))
+        for sock in socks:
+            rt.listeners.append(Listener(sock, rt, listeners.bound_address(sock)))
+        self.runtimes.append(rt)
+        return rt
+
+    def _internal_ports(self) -> frozenset[int]:
+        ports = set(internal.BUILTIN_PORTS)
+        for rt in self.runtimes:
+            if rt.service.internal is not None:
+                ports.update(lst.bound.port for lst in rt.listeners if lst.bound.port)
+        return frozenset(ports)
+
+    def listener_report(self) -> list[dict[str, object]]:
+        """What is listened on, in config order (for --ready-fd, startup log, status)."""
+        out: list[dict[str, object]] = []
+        for rt in self.runtimes:
+            if rt.retired:
+                continue
+            for lst in rt.listeners:
+                out.append({"service": rt.service.name, "family": lst.bound.family,
+                            "address": lst.bound.address, "port": lst.bound.port,
+                            "socket_type": rt.service.socket_type.value,
+                            "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}"})
+        return out
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stopped; returns the exit code (0 after a clean stop)."""
+        spawn.set_title(self.title)
+        _become_subreaper()
+        for lst in self._all_listeners():
+            log.info("listening", service=lst.rt.service.name, family=lst.bound.family,
+                     address=lst.bound.address, port=lst.bound.port,
+                     pool_min=lst.rt.service.pool.pool_min, pool_max=lst.rt.service.pool.pool_max)
+        for rt in self.runtimes:
+            self._maintain(rt)
+        ready_reported = self.ready_fd is None
+        while True:
+            if not ready_reported and self._all_ready():
+                self._report_ready()
+                ready_reported = True
+            if self.stopping and not self.workers and not self.orphans:
+                break
+            now = self.clock()
+            timeout = self._next_timeout(now)
+            for key, _mask in self.sel.select(timeout):
+                data = key.data
+                if isinstance(data, Listener):
+                    self._on_listener(data)
+                elif isinstance(data, WorkerHandle):
+                    self._on_worker(data)
+                elif data is self.sigpipe:
+                    self._on_signals()
+                elif isinstance(data, control.ControlServer):
+                    data.on_accept(self.sel)
+                elif isinstance(data, control.ControlConn):
+                    data.on_event(self.sel, _mask)
+            self._timers()
+        self._close_all()
+        log.info("stopped", pid=os.getpid())
+        return 0
+
+    def _next_timeout(self, now: float) -> float | None:
+        deadlines: list[float] = []
+        for rt in self.runtimes:
+            if rt.paused_until > now:
+                deadlines.append(rt.paused_until)
+            pool_deadline = rt.pool.next_deadline(now)
+            if pool_deadline is not None:
+                deadlines.append(pool_deadline)
+        if self.stopping:
+            deadlines.append(self.stop_deadline)
+            deadlines.append(now + 0.5)  # stop progress (kill, reap) is checked often
+        if self.control is not None:
+            deadline = self.control.next_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def _timers(self) -> None:
+        now = self.clock()
+        if self.control is not None:
+            self.control.expire(self.sel, now)
+        if self.stopping:
+            if now >= self.stop_deadline:
+                self._kill_remaining()
+            return
+        for rt in self.runtimes:
+            for pid in rt.pool.surplus(now):
+                log.info("worker_retire", service=rt.service.name, pid=pid, reason="idle")
+                self._stop_worker(rt, pid)
+            self._maintain(rt)
+
+    def _all_listeners(self) -> list[Listener]:
+        return [lst for rt in self.runtimes for lst in rt.listeners]
+
+    def _all_ready(self) -> bool:
+        for rt in self.runtimes:
+            counts = rt.pool.counts()
+            if counts["idle"] + counts["busy"] < min(1, rt.service.pool.pool_min) and not (
+                rt.pool.failing
+            ):
+                return False
+            if rt.lends and rt.service.internal is not None and any(
+                not lst.lent_to for lst in rt.listeners
+            ) and not rt.pool.failing:
+                return False
+        return True
+
+    def _report_ready(self) -> None:
+        import orjson
+
+        assert self.ready_fd is not None
+        line = orjson.dumps({"pid": os.getpid(), "listeners": self.listener_report()}) + b"\n"
+        try:
+            os.write(self.ready_fd, line)
+            os.close(self.ready_fd)
+        except OSError as exc:
+            log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)
+        self.ready_fd = None
+        log.info("ready", services=len(self.runtimes), workers=len(self.workers))
+
+    # -- listeners -------------------------------------------------------------
+    def _on_listener(self, lst: Listener) -> None:
+        rt = lst.rt
+        if rt.lends:
+            self._lend(lst)
+        else:
+            self._accept_batch(lst)
+        self._maintain(rt)
+
+    def _accept_batch(self, lst: Listener) -> None:
+        rt = lst.rt
+        pool = rt.pool
+        limits = rt.service.limits
+        per_ip = bool(limits.max_child_per_ip or limits.max_cpm_per_ip)
+        for _ in range(ACCEPT_BATCH):
+            if rt.at_max_child():
+                break
+            pid = pool.pick()
+            if pid is None:
+                break
+            try:
+                conn, addr = lst.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    rt.paused_until = self.clock() + EMFILE_PAUSE
+                    rt.last_error = f"accept: {exc.strerror}"
+                    log.error("accept_failed", service=rt.service.name, error=exc.strerror,
+                              pause=EMFILE_PAUSE)
+                    break
+                continue  # ECONNABORTED, EPROTO...: that client is gone, the next one is not
+            ip = addr[0] if isinstance(addr, tuple) else ""
+            if per_ip or limits.max_spawn_per_min:
+                why = self._refusal(rt, ip)
+                if why:
+                    conn.close()
+                    self._refused(rt, ip, why)
+                    if rt.paused_until > self.clock():
+                        break
+                    continue
+            self._dispatch(rt, pid, conn, ip, worker.format_addr(addr))
+
+    def _dispatch(self, rt: ServiceRuntime, pid: int, conn: socket.socket, ip: str,
+                  peer: str) -> None:
+        """Send ``conn`` to worker ``pid``; the master's copy is closed on every path."""
+        handle = self.workers[pid]
+        conn_id = next(self.ids)
+        try:
+            fdpass.send(handle.channel, fdpass.encode_conn(conn_id, peer, ""), conn.fileno())
+        except BlockingIOError:
+            rt.refused += 1
+            log.warning("worker_congested", service=rt.service.name, pid=pid, peer=peer)
+            return
+        except OSError as exc:
+            rt.refused += 1
+            log.warning("worker_unreachable", service=rt.service.name, pid=pid,
+                        error=exc.strerror)
+            return
+        finally:
+            conn.close()
+        rt.accepted += 1
+        rt.instances += 1
+        if ip and (rt.service.limits.max_child_per_ip or rt.service.limits.max_cpm_per_ip):
+            rt.per_ip[ip] = rt.per_ip.get(ip, 0) + 1
+        self.conns[conn_id] = ConnRecord(rt, pid, ip)
+        if rt.pool.assign(pid):
+            log.info("worker_retire", service=rt.service.name, pid=pid, reason="max_requests")
+            self._send_stop(handle)
+
+    def _refusal(self, rt: ServiceRuntime, ip: str) -> str:
+        """Why this connection is refused by the per-IP and rate limits, or ""."""
+        limits = rt.service.limits
+        now = self.clock()
+        if limits.max_spawn_per_min:
+            hist = rt.spawn_history
+            while hist and hist[0] <= now - _RATE_WINDOW:
+                hist.popleft()
+            if len(hist) >= limits.max_spawn_per_min:
+                # inetd's "looping" rule: the service rests, then comes back by itself.
+                rt.paused_until = now + LOOPING_PAUSE
+                rt.last_error = f"more than {limits.max_spawn_per_min} connections a minute"
+                log.error("service_looping", service=rt.service.name,
+                          limit=limits.max_spawn_per_min, pause=LOOPING_PAUSE)
+                return "max_spawn_per_min"
+            hist.append(now)
+        if ip and limits.max_child_per_ip and rt.per_ip.get(ip, 0) >= limits.max_child_per_ip:
+            return "max_child_per_ip"
+        if ip and limits.max_cpm_per_ip:
+            iph = rt.ip_history.setdefault(ip, deque())
+            while iph and iph[0] <= now - _RATE_WINDOW:
+                iph.popleft()
+            if len(iph) >= limits.max_cpm_per_ip:
+                return "max_cpm_per_ip"
+            iph.append(now)
+        return ""
+
+    def _refused(self, rt: ServiceRuntime, ip: str, why: str) -> None:
+        rt.refused += 1
+        now = self.clock()
+        if now - rt.last_refusal_log >= 10.0:
+            rt.last_refusal_log = now
+            log.warning("conn_refused", service=rt.service.name, peer=ip, reason=why,
+                        refused_total=rt.refused)
+
+    def _lend(self, lst: Listener) -> None:
+        """Lend ``lst`` to a worker: a wait program gets it on fd 0, a dgram built-in serves it."""
+        rt = lst.rt
+        if lst.lent_to or rt.at_max_child():
+            return
+        pid = rt.pool.pick()
+        if pid is None:
+            return
+        handle = self.workers[pid]
+        lend_id = next(self.ids)
+        try:
+            fdpass.send(handle.channel, fdpass.encode_lend(lend_id), lst.sock.fileno())
+        except OSError as exc:
+            log.warning("lend_failed", service=rt.service.name, pid=pid, error=exc.strerror)
+            return
+        lst.lent_to, lst.lend_id = pid, lend_id
+        self._set_polled(lst, False)
+        rt.pool.assign(pid)
+        rt.instances += 1
+        rt.accepted += 1
+        self.conns[lend_id] = ConnRecord(rt, pid, "", listener=lst)
+
+    def _set_polled(self, lst: Listener, want: bool) -> None:
+        if want == lst.polled:
+            return
+        if want:
+            self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+        else:
+            self.sel.unregister(lst.sock)
+        lst.polled = want
+
+    def _maintain(self, rt: ServiceRuntime) -> None:
+        """Start the workers the pool wants, then poll exactly the listeners that can be served."""
+        now = self.clock()
+        if not self.stopping and not rt.retired:
+            for _ in range(rt.pool.spawns_needed(now)):
+                self._spawn_worker(rt)
+        can_take = (not self.stopping and not rt.retired and rt.paused_until <= now
+                    and not rt.at_max_child() and rt.pool.pick() is not None)
+        for lst in rt.listeners:
+            if rt.lends and rt.service.internal is not None:
+                # A datagram built-in's socket is lent once, as soon as a worker is READY.
+                if can_take and not lst.lent_to:
+                    self._lend(lst)
+                continue
+            self._set_polled(lst, can_take and not lst.lent_to)
+
+    # -- workers ---------------------------------------------------------------
+    def _spawn_worker(self, rt: ServiceRuntime) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        service = rt.service
+        keep = [theirs.fileno()]
+        log_fd = log.log_fd()
+        if log_fd > 2:
+            keep.append(log_fd)
+        internal_ports = self.internal_ports
+        log_connections = self.log_connections
+        # Objects that exist now are shared copy-on-write with the child; freezing
+        # them keeps the collector from touching (and so copying) their pages.
+        gc.freeze()
+        try:
+            pid = spawn.fork_child(
+                lambda: worker.run_worker(theirs, service, internal_ports, log_connections), keep)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            rt.last_error = f"fork: {exc.strerror}"
+            log.error("fork_failed", service=service.name, error=exc.strerror)
+            rt.pool.backoff_until = self.clock() + EMFILE_PAUSE
+            return
+        theirs.close()
+        ours.setblocking(False)
+        handle = WorkerHandle(pid, ours, rt)
+        self.workers[pid] = handle
+        rt.pool.add_booting(pid, self.clock())
+        self.sel.register(ours, selectors.EVENT_READ, handle)
+
+    def _on_worker(self, handle: WorkerHandle) -> None:
+        rt = handle.rt
+        released = 0
+        now = self.clock()
+        for _ in range(256):
+            try:
+                data, fd = fdpass.recv(handle.channel)
+            except (BlockingIOError, InterruptedError):
+                break
+            except fdpass.ProtocolError as exc:
+                log.error("wire_error", service=rt.service.name, pid=handle.pid, error=str(exc))
+                continue
+            except OSError:
+                data, fd = b"", None
+            if fd is not None:
+                os.close(fd)  # workers never send fds
+            if not data:
+                self._worker_gone(handle, "channel closed")
+                break
+            try:
+                msg = fdpass.decode(data)
+            except fdpass.ProtocolError as exc:
+                log.error("wire_error", service=rt.service.name, pid=handle.pid, error=str(exc))
+                continue
+            if msg.kind == fdpass.DONE:
+                for conn_id in msg.ids:
+                    if self._end_conn(conn_id, from_worker=True):
+                        released += 1
+            elif msg.kind == fdpass.SPAWNED:
+                rec = self.conns.get(msg.ident)
+                if rec is not None:
+                    rec.program_pid = msg.pid
+            elif msg.kind == fdpass.READY:
+                if rt.pool.mark_ready(handle.pid, now):
+                    log.debug("worker_ready", service=rt.service.name, pid=handle.pid)
+                    if handle.stop_sent or rt.retired or self.stopping:
+                        self._send_stop(handle)
+        if released:
+            rt.pool.release(handle.pid, released, now)
+        self._maintain(rt)
+
+    def _end_conn(self, conn_id: int, from_worker: bool) -> bool:
+        """Forget a connection or loan; True if it was counted on its worker."""
+        rec = self.conns.pop(conn_id, None)
+        if rec is None:
+            return False
+        rt = rec.rt
+        rt.instances -= 1
+        if rec.ip and rec.ip in rt.per_ip:
+            left = rt.per_ip[rec.ip] - 1
+            if left > 0:
+                rt.per_ip[rec.ip] = left
+            else:
+                del rt.per_ip[rec.ip]
+        lst = rec.listener
+        if lst is not None and lst.lend_id == conn_id:
+            lst.lent_to = lst.lend_id = 0
+            if rt.service.internal is None:
+                # The program may have left the listener blocking (shared file status).
+                lst.sock.setblocking(False)
+            if lst.rt is not rt:
+                self._maintain(lst.rt)  # a reload moved it to a new generation
+        return from_worker
+
+    def _worker_gone(self, handle: WorkerHandle, reason: str) -> None:
+        """The channel hit EOF (the worker exited or crashed). Safe to call twice."""
+        if handle.closed:
+            return
+        handle.closed = True
+        self.sel.unregister(handle.channel)
+        handle.channel.close()
+        rt = handle.rt
+        slot = rt.pool.remove(handle.pid, self.clock(), reason)
+        for conn_id, rec in list(self.conns.items()):
+            if rec.worker_pid != handle.pid:
+                continue
+            if rec.program_pid:
+                # The program outlives its worker; as subreaper we will reap it.
+                self.orphans[rec.program_pid] = conn_id
+            else:
+                self._end_conn(conn_id, from_worker=False)
+        if slot is not None and slot.state is WorkerState.BOOTING:
+            log.error("worker_boot_failed", service=rt.service.name, pid=handle.pid,
+                      failures=rt.pool.boot_failures,
+                      retry_in=round(max(0.0, rt.pool.backoff_until - self.clock()), 3))
+        self._maintain(rt)
+
+    def _send_stop(self, handle: WorkerHandle) -> None:
+        if handle.stop_sent or handle.closed:
+            return
+        handle.stop_sent = True
+        handle.rt.pool.drain(handle.pid)
+        try:
+            fdpass.send(handle.channel, fdpass.encode_stop())
+        except BlockingIOError:
+            handle.stop_sent = False  # retried by the next stop pass
+        except OSError:
+            pass  # already gone: EOF will follow
+
+    def _stop_worker(self, rt: ServiceRuntime, pid: int) -> None:
+        handle = self.workers.get(pid)
+        if handle is not None:
+            self._send_stop(handle)
+
+    def _reap(self) -> None:
+        """Collect every exited child: workers, orphaned programs, strays."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            handle = self.workers.pop(pid, None)
+            if handle is not None:
+                self._worker_gone(handle, f"exited with status {code}")
+                rt = handle.rt
+                if code != 0:
+                    rt.last_error = f"worker {pid} exited with status {code}"
+                if code == spawn.EX_WORKER_BOOT:
+                    rt.pool.last_failure = "worker could not drop privileges"
+                if code != 0 or not (handle.stop_sent or self.stopping):
+                    log.warning("worker_exit", service=rt.service.name, pid=pid, status=code)
+                else:
+                    log.debug("worker_exit", service=rt.service.name, pid=pid, status=code)
+                self._maintain(rt)
+                self.collect_garbage()
+                continue
+            conn_id = self.orphans.pop(pid, None)
+            if conn_id is not None:
+                rec = self.conns.get(conn_id)
+                self._end_conn(conn_id, from_worker=False)
+                if rec is not None:
+                    log.info("program_exit", service=rec.rt.service.name, pid=pid, status=code,
+                             orphan=True)
+                    self._maintain(rec.rt)
+                continue
+            log.debug("reaped_unknown", pid=pid, status=code)
+
+    # -- signals ---------------------------------------------------------------
+    def _on_signals(self) -> None:
+        for sig in self.sigpipe.drain():
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig == signal.SIGHUP:
+                self.reload()
+            elif sig == signal.SIGTERM:
+                self.begin_stop(self.graceful_timeout, "SIGTERM")
+            elif sig in (signal.SIGINT, signal.SIGQUIT):
+                self.begin_stop(FAST_STOP_TIMEOUT, sig.name, fast=True)
+            elif sig == signal.SIGUSR1:
+                log.reopen()
+                log.info("log_reopened")
+            elif sig in (signal.SIGTTIN, signal.SIGTTOU):
+                self._resize_pools(+1 if sig == signal.SIGTTIN else -1)
+
+    def _resize_pools(self, delta: int) -> None:
+        from dataclasses import replace
+
+        for rt in self.runtimes:
+            settings = rt.pool.settings
+            new_min = max(0, min(settings.pool_max, settings.pool_min + delta))
+            rt.pool.settings = replace(settings, pool_min=new_min)
+            log.info("pool_resized", service=rt.service.name, pool_min=new_min)
+            if delta < 0:
+                ready = [s for s in rt.pool.workers.values()
+                         if s.state is WorkerState.READY and s.load == 0]
+                if len(ready) > new_min and ready:
+                    self._stop_worker(rt, ready[0].pid)
+            self._maintain(rt)
+
+    def begin_stop(self, timeout: float, why: str, fast: bool = False) -> None:
+        """Stop accepting; let workers finish within ``timeout``; then kill what is left."""
+        deadline = self.clock() + timeout
+        if self.stopping:
+            self.stop_deadline = min(self.stop_deadline, deadline)
+        else:
+            self.stopping = True
+            self.stop_deadline = deadline
+            log.info("stopping", reason=why, timeout=timeout)
+            for rt in self.runtimes:
+                for lst in rt.listeners:
+                    self._set_polled(lst, False)
+                    listeners.close_listener(lst.sock)
+                rt.listeners = []
+        for handle in list(self.workers.values()):
+            self._send_stop(handle)
+            if fast and not handle.killed:
+                _kill(handle.pid, signal.SIGTERM)
+
+    def _kill_remaining(self) -> None:
+        """Past the stop deadline: SIGKILL every worker and program still running."""
+        for handle in self.workers.values():
+            if not handle.killed:
+                handle.killed = True
+                log.warning("worker_killed", service=handle.rt.service.name, pid=handle.pid)
+                _kill(handle.pid, signal.SIGKILL)
+        programs = {rec.program_pid for rec in self.conns.values() if rec.program_pid}
+        for pid in programs | set(self.orphans):
+            _kill(pid, signal.SIGKILL)
+        self.stop_deadline = self.clock() + 0.5
+
+    # -- reload ------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config; apply it all or nothing. True if applied."""
+        if self.load_config is None or self.open_sockets is None or self.stopping:
+            return False
+        services, diagnostics = self.load_config()
+        errors = [d for d in diagnostics if d.severity.value == "error"]
+        for diag in diagnostics:
+            log.event(40 if diag in errors else 30, "config_diagnostic", message=str(diag))
+        if errors:
+            log.error("reload_failed", errors=len(errors), action="kept the running config")
+            return False
+        current = {rt.service.key: rt for rt in self.runtimes if not rt.retired}
+        wanted: dict[ServiceKey, Service] = {s.key: s for s in services}
+        added = [s for k, s in wanted.items() if k not in current]
+        removed = [rt for k, rt in current.items() if k not in wanted]
+        changed = [(current[k], s) for k, s in wanted.items()
+                   if k in current and current[k].service != s]
+        unchanged = len(wanted) - len(added) - len(changed)
+        # Open every new listener before anything is closed: a reload that
+        # cannot bind changes nothing.
+        opened: list[tuple[Service, list[socket.socket]]] = []
+        for service in added:
+            try:
+                opened.append((service, self.open_sockets(service)))
+            except listeners.ListenError as exc:
+                for _, socks in opened:
+                    for sock in socks:
+                        listeners.close_listener(sock)
+                log.error("reload_failed", error=str(exc), action="kept the running config")
+                return False
+        order = {s.key: i for i, s in enumerate(services)}
+        for service, socks in opened:
+            self._add_runtime(service, socks)
+        for old, service in changed:
+            # Same endpoints: the sockets move to a new generation with fresh
+            # workers; the old workers finish what they serve and exit.
+            new = self._add_runtime(service, [])
+            for lst in old.listeners:
+                self._set_polled(lst, False)
+                lst.rt = new  # a lent one comes back through its loan's DONE
+                new.listeners.append(lst)
+            old.listeners = []
+            self._retire(old, close_listeners=False)
+        for rt in removed:
+            self._retire(rt, close_listeners=True)
+        self.runtimes.sort(key=lambda rt: (rt.retired, order.get(rt.service.key, 0)))
+        self.internal_ports = self._internal_ports()
+        for rt in self.runtimes:
+            self._maintain(rt)
+        self.reloads += 1
+        log.info("reloaded", added=len(added), changed=len(changed), removed=len(removed),
+                 unchanged=unchanged)
+        return True
+
+    def _retire(self, rt: ServiceRuntime, close_listeners: bool) -> None:
+        rt.retired = True
+        if close_listeners:
+            for lst in rt.listeners:
+                self._set_polled(lst, False)
+                listeners.close_listener(lst.sock)
+            rt.listeners = []
+        for handle in list(self.workers.values()):
+            if handle.rt is rt:
+                self._send_stop(handle)
+
+    def collect_garbage(self) -> None:
+        """Forget retired generations whose workers and connections are all gone."""
+        busy = {h.rt for h in self.workers.values()} | {r.rt for r in self.conns.values()}
+        self.runtimes = [rt for rt in self.runtimes if not rt.retired or rt in busy
+                         or rt.listeners]
+
+    # -- status -----------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        """The live state, as ``poolinetd status --json`` prints it."""
+        now = self.clock()
+        services = []
+        for rt in self.runtimes:
+            pool = rt.pool
+            programs = sum(1 for rec in self.conns.values() if rec.rt is rt and rec.program_pid)
+            services.append({
+                "service": rt.service.name,
+                "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
+                "state": ("retiring" if rt.retired else "failing" if pool.failing
+                          else "paused" if rt.paused_until > now else "serving"),
+                "listeners": [f"{lst.bound.address}:{lst.bound.port}" if lst.bound.port
+                              else lst.bound.address for lst in rt.listeners],
+                "workers": pool.counts(),
+                "pool_min": pool.settings.pool_min,
+                "pool_max": pool.settings.pool_max,
+                "accepted": rt.accepted,
+                "refused": rt.refused,
+                "active": rt.instances,
+                "programs": programs,
+                "restarts": pool.restarts,
+                "boot_failures": pool.boot_failures,
+                "retry_in": round(max(0.0, pool.backoff_until - now), 3),
+                "last_error": rt.last_error or pool.last_failure,
+            })
+        return {"pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
+                "reloads": self.reloads, "stopping": self.stopping, "services": services}
+
+    # -- teardown -------------------------------------------------------------
+    def _close_all(self) -> None:
+        for rt in self.runtimes:
+            for lst in rt.listeners:
+                self._set_polled(lst, False)
+                listeners.close_listener(lst.sock)
+            rt.listeners = []
+        if self.control is not None:
+            self.control.close(self.sel)
+        self.sel.unregister(self.sigpipe.reader)
+        self.sigpipe.close()
+        self.sel.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: programs whose worker died are reparented to us, not to init."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER = 36
+    except (OSError, AttributeError):
+        log.warning("subreaper_unavailable")
+
+
+def _new_signal_pipe() -> SignalPipe:
+    pipe = SignalPipe()
+    pipe.install([signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                  signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU])
+    return pipe

@@ -1,0 +1,115 @@
+"""Process creation: the fork discipline for workers and the launch of server programs.
+
+Touches the OS: fork, posix_spawn, close, setproctitle.
+
+``fork_child(body, keep)`` forks a Python child that closes every inherited
+fd except ``keep`` and stdio, resets signals, runs ``body`` and always ends
+in ``os._exit`` (a child that returned into the master's stack would run the
+master's loop twice). ``launch(...)`` starts a server program with
+``os.posix_spawn``: no Python runs between fork and exec, so the cost does
+not grow with the caller's size and there is no preexec_fn hazard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+
+from poolinetd import signals
+
+EX_SOFTWARE = 70  # an unexpected exception in a child
+EX_WORKER_BOOT = 3  # the child could not get ready (privileges, setup)
+
+# Signals a launched program gets back at their default disposition, whatever
+# the worker had: inetd's contract says SIGPIPE is default for the server.
+_DEFAULT_SIGNALS = (
+    signal.SIGPIPE, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGALRM,
+)
+
+
+def set_title(title: str) -> None:
+    """Set the process title shown by ps; never fails (setproctitle is cosmetic)."""
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - setproctitle is a dependency
+        return
+    with contextlib.suppress(Exception):
+        setproctitle.setproctitle(title)
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every fd above 2 that is not in ``keep`` (in the child right after fork).
+
+    CLOEXEC does not help a child that never execs: without this, a worker
+    would hold the listeners and its siblings' channel ends, and a sibling's
+    death would never show as EOF (guacamole-server #698).
+    """
+    low = 3
+    for fd in sorted(k for k in set(keep) if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def fork_child(body: Callable[[], int], keep: Iterable[int]) -> int:
+    """Fork; in the child run ``body()`` and ``os._exit`` with its result. Returns the pid.
+
+    The child keeps only stdio and ``keep``. An exception in ``body`` is
+    printed to stderr and exits EX_SOFTWARE. The parent's fds are untouched.
+    """
+    keep = tuple(keep)
+    pid = os.fork()
+    if pid:
+        return pid
+    code = EX_SOFTWARE
+    try:
+        signals.reset_in_child()
+        close_fds_except(keep)
+        code = body()
+    except SystemExit as exc:  # pragma: no cover - body should return, not exit
+        code = exc.code if isinstance(exc.code, int) else EX_SOFTWARE
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def launch(
+    program: str,
+    argv: tuple[str, ...],
+    env: Mapping[str, str],
+    sock_fd: int,
+    stderr_fd: int | None = None,
+) -> int:
+    """Start ``program`` with ``sock_fd`` on fds 0 and 1 (and 2 unless ``stderr_fd``).
+
+    The child runs in a new session (setsid) with default signal dispositions
+    and an empty signal mask. Only fds 0, 1, 2 reach it: every other fd of the
+    caller is close-on-exec (Python's default, and received fds are created
+    with MSG_CMSG_CLOEXEC). The caller keeps ownership of ``sock_fd`` and
+    should close it once this returns. Returns the pid; raises OSError (with
+    errno) when the program cannot be executed.
+    """
+    actions: list[tuple[int, int, int]] = [
+        (os.POSIX_SPAWN_DUP2, sock_fd, 0),
+        (os.POSIX_SPAWN_DUP2, sock_fd, 1),
+        (os.POSIX_SPAWN_DUP2, sock_fd if stderr_fd is None else stderr_fd, 2),
+    ]
+    return os.posix_spawn(
+        program,
+        list(argv),
+        dict(env),
+        file_actions=actions,
+        setsid=True,
+        setsigdef=_DEFAULT_SIGNALS,
+        setsigmask=(),
+    )

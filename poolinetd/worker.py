@@ -1,0 +1,436 @@
+"""The worker: one pre-forked, privilege-dropped process of a service's pool.
+
+Touches the OS: selector loop over its channel, its built-in connections,
+its lent sockets and its children (pidfds); launches programs.
+
+``run_worker(channel, service, ...)`` runs in the child after ``spawn.fork_child``
+has closed every inherited fd but the channel and stdio. It drops privileges,
+says READY, and then serves until told to STOP (or the master goes away):
+
+* CONN + fd: a built-in is served in-process, non-blocking, many at once; a
+  program is launched on the socket (fds 0, 1, 2) and the worker goes straight
+  back to its loop; the connection ends when the program exits.
+* LEND + fd: a socket the master keeps too. For a ``wait`` program it becomes
+  the program's fd 0 (inetd's tftpd contract); for a datagram built-in the
+  worker answers datagrams on it for as long as it lives.
+
+fd ownership: the worker owns every fd it receives and closes it on every
+path; the master learns that a connection (or loan) ended from DONE, and
+which program serves it from SPAWNED.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from poolinetd import fdpass, internal, log, privileges, spawn
+from poolinetd.spec import Service, SocketType, StderrRoute
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STOP_GRACE_ON_MASTER_LOSS = 10.0  # seconds to finish built-in connections if the master dies
+_GUARD_LOG_INTERVAL = 60.0
+_DGRAM_BATCH = 64
+_TIMEOUT_SCAN = 1.0
+
+
+@dataclass(slots=True)
+class _Conn:
+    """A built-in stream connection being served."""
+
+    conn_id: int
+    sock: socket.socket
+    handler: internal.StreamHandler
+    peer: str
+    started: float
+    deadline: float
+    events: int = 0
+
+
+@dataclass(slots=True)
+class _Child:
+    """A launched program and the connection (or loan) it serves."""
+
+    conn_id: int
+    pid: int
+    pidfd: int
+    peer: str
+    started: float
+
+
+@dataclass(slots=True)
+class _DgramLoan:
+    """A bound datagram socket lent for a built-in: answered until the worker exits."""
+
+    lend_id: int
+    sock: socket.socket
+    refused: int = 0
+    last_guard_log: float = field(default=-_GUARD_LOG_INTERVAL)
+
+
+def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
+    """The environment of a launched program: clean, plus UCSPI and CGI connection variables.
+
+    ``peer``/``local`` are "HOST PORT" as the master wrote them ("" for unix).
+    """
+    env = {"PATH": BASE_PATH, "HOME": service.home, "USER": service.user_name,
+           "LOGNAME": service.user_name, "SHELL": "/bin/sh"}
+    if service.spec.protocol.is_unix:
+        env["PROTO"] = "UNIX"
+    else:
+        rhost, _, rport = peer.partition(" ")
+        lhost, _, lport = local.partition(" ")
+        rhost, lhost = _unmap(rhost), _unmap(lhost)
+        proto = "UDP" if service.spec.protocol.is_udp else "TCP"
+        if ":" in rhost:
+            proto += "6"
+        env.update({"PROTO": proto, f"{proto[:3]}REMOTEIP": rhost, f"{proto[:3]}REMOTEPORT": rport,
+                    f"{proto[:3]}LOCALIP": lhost, f"{proto[:3]}LOCALPORT": lport,
+                    "REMOTE_ADDR": rhost, "REMOTE_PORT": rport})
+        if proto.startswith("TCP"):
+            env.update({"TCPREMOTEIP": rhost, "TCPREMOTEPORT": rport,
+                        "TCPLOCALIP": lhost, "TCPLOCALPORT": lport})
+    env.update(service.env)
+    return env
+
+
+def _unmap(host: str) -> str:
+    """``::ffff:192.0.2.1`` (a v4 client of a tcp46 socket) is reported as ``192.0.2.1``."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def format_addr(addr: object) -> str:
+    """The wire form of a socket address: "HOST PORT", or "" for unix sockets."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]} {addr[1]}"
+    return ""
+
+
+class Worker:
+    """The state of one worker process; ``run()`` is its whole life."""
+
+    def __init__(self, channel: socket.socket, service: Service, internal_ports: frozenset[int],
+                 log_connections: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self.channel = channel
+        self.service = service
+        self.internal_ports = internal_ports
+        self.log_connections = log_connections
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, _Conn] = {}  # by fd
+        self.children: dict[int, _Child] = {}  # by pidfd
+        self.dgram: dict[int, _DgramLoan] = {}  # by fd
+        self.done: list[int] = []  # ids to report in the next DONE batch
+        self.stopping = False
+        self.stop_deadline: float | None = None
+        self.title_state = ""
+        self.pid = os.getpid()
+
+    # -- main loop --------------------------------------------------------
+    def run(self) -> int:
+        self.channel.setblocking(False)
+        self.sel.register(self.channel, selectors.EVENT_READ, None)
+        self._set_title()
+        fdpass.send(self.channel, fdpass.encode_ready(self.pid))
+        next_scan = self.clock() + _TIMEOUT_SCAN
+        while not (self.stopping and not self.conns and not self.children):
+            now = self.clock()
+            timeout = max(0.0, next_scan - now) if self.conns or self.stopping else None
+            for key, mask in self.sel.select(timeout):
+                data = key.data
+                if data is None:
+                    self._on_channel()
+                elif isinstance(data, _Conn):
+                    self._on_conn(data, mask)
+                elif isinstance(data, _Child):
+                    self._on_child(data)
+                elif isinstance(data, _DgramLoan):
+                    self._on_dgram(data)
+            self._flush_done()
+            now = self.clock()
+            if now >= next_scan:
+                next_scan = now + _TIMEOUT_SCAN
+                self._expire(now)
+            self._set_title()
+        self._flush_done()
+        for loan in self.dgram.values():
+            loan.sock.close()
+        self.sel.close()
+        self.channel.close()
+        return 0
+
+    def _on_channel(self) -> None:
+        for _ in range(256):  # bounded: connections already here get served too
+            try:
+                data, fd = fdpass.recv(self.channel)
+            except (BlockingIOError, InterruptedError):
+                return
+            except fdpass.ProtocolError as exc:
+                log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
+                continue
+            except OSError:
+                data, fd = b"", None
+            if not data:
+                self._begin_stop(STOP_GRACE_ON_MASTER_LOSS)
+                return
+            try:
+                msg = fdpass.decode(data)
+            except fdpass.ProtocolError as exc:
+                if fd is not None:
+                    os.close(fd)
+                log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
+                continue
+            if msg.kind == fdpass.CONN and fd is not None:
+                self._on_conn_msg(msg, fd)
+            elif msg.kind == fdpass.LEND and fd is not None:
+                self._on_lend(msg.ident, fd)
+            elif msg.kind == fdpass.STOP:
+                self._begin_stop(None)
+            else:
+                if fd is not None:
+                    os.close(fd)
+                log.error("wire_error", service=self.service.name, pid=self.pid,
+                          error=f"unexpected message kind {msg.kind}")
+
+    def _begin_stop(self, grace: float | None) -> None:
+        """Take no more work; finish what is being served (within ``grace`` if given)."""
+        if not self.stopping:
+            self.stopping = True
+            try:
+                self.sel.unregister(self.channel)
+            except (KeyError, ValueError):
+                pass
+            for fd, loan in list(self.dgram.items()):
+                self.sel.unregister(loan.sock)
+                loan.sock.close()
+                self.done.append(loan.lend_id)
+                del self.dgram[fd]
+        if grace is not None:
+            deadline = self.clock() + grace
+            if self.stop_deadline is None or deadline < self.stop_deadline:
+                self.stop_deadline = deadline
+
+    # -- connections --------------------------------------------------------
+    def _on_conn_msg(self, msg: fdpass.Message, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            log.error("bad_fd", service=self.service.name, pid=self.pid, error=exc.strerror)
+            self.done.append(msg.ident)
+            return
+        if self.service.internal is not None:
+            self._start_builtin(msg.ident, sock, msg.peer)
+        else:
+            try:
+                local = format_addr(sock.getsockname())
+            except OSError:
+                local = ""
+            self._launch(msg.ident, sock, msg.peer, local)
+
+    def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
+        assert self.service.internal is not None
+        sock.setblocking(False)
+        handler = internal.STREAM[self.service.internal](sock)
+        now = self.clock()
+        conn = _Conn(conn_id, sock, handler, peer, now, now + self.service.conn_timeout)
+        self._advance(conn, handler.step(True, True), registered=False)
+
+    def _on_conn(self, conn: _Conn, mask: int) -> None:
+        conn.deadline = self.clock() + self.service.conn_timeout
+        want = conn.handler.step(bool(mask & selectors.EVENT_READ),
+                                 bool(mask & selectors.EVENT_WRITE))
+        self._advance(conn, want, registered=True)
+
+    def _advance(self, conn: _Conn, want: internal.Want, registered: bool) -> None:
+        """Register the connection for what it waits on, or finish it."""
+        if not want:
+            if registered:
+                self.sel.unregister(conn.sock)
+                del self.conns[conn.sock.fileno()]
+            self._finish_builtin(conn, "done")
+            return
+        events = (selectors.EVENT_READ if want & internal.Want.READ else 0) | (
+            selectors.EVENT_WRITE if want & internal.Want.WRITE else 0)
+        if not registered:
+            self.sel.register(conn.sock, events, conn)
+            self.conns[conn.sock.fileno()] = conn
+        elif events != conn.events:
+            self.sel.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _finish_builtin(self, conn: _Conn, status: str) -> None:
+        handler = conn.handler
+        conn.sock.close()
+        self.done.append(conn.conn_id)
+        if self.log_connections:
+            log.info("conn_end", service=self.service.name, pid=self.pid, peer=conn.peer,
+                     status=status, duration=round(self.clock() - conn.started, 6),
+                     bytes_in=handler.bytes_in, bytes_out=handler.bytes_out)
+
+    def _expire(self, now: float) -> None:
+        """Close built-in connections silent for conn_timeout (or past the stop deadline)."""
+        hard = self.stop_deadline is not None and now >= self.stop_deadline
+        for fd, conn in list(self.conns.items()):
+            if hard or now >= conn.deadline:
+                self.sel.unregister(conn.sock)
+                del self.conns[fd]
+                self._finish_builtin(conn, "timeout")
+        if hard:
+            self.children.clear()  # programs run on by themselves; the master is their reaper
+
+    # -- programs -----------------------------------------------------------
+    def _launch(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
+        """Start the program on ``sock``; the worker's copy is closed on every path."""
+        service = self.service
+        assert service.program is not None
+        try:
+            # The program expects a blocking socket (O_NONBLOCK is shared by all dups).
+            sock.setblocking(True)
+            stderr_fd = log.log_fd() if service.stderr is StderrRoute.LOG else None
+            pid = spawn.launch(service.program, service.argv,
+                               connection_env(service, peer, local), sock.fileno(), stderr_fd)
+        except OSError as exc:
+            log.error("exec_failed", service=service.name, pid=self.pid, peer=peer,
+                      program=service.program, errno=errno.errorcode.get(exc.errno or 0, "?"),
+                      error=exc.strerror)
+            self.done.append(conn_id)
+            return
+        finally:
+            sock.close()
+        self._track_child(conn_id, pid, peer)
+
+    def _track_child(self, conn_id: int, pid: int, peer: str) -> None:
+        try:
+            fdpass.send(self.channel, fdpass.encode_spawned(conn_id, pid))
+        except OSError:
+            pass  # the master is gone; it will find the program as an orphan
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # Already gone and reaped? Not possible before waitpid; treat as ended.
+            os.waitpid(pid, os.WNOHANG)
+            self.done.append(conn_id)
+            return
+        child = _Child(conn_id, pid, pidfd, peer, self.clock())
+        self.children[pidfd] = child
+        self.sel.register(pidfd, selectors.EVENT_READ, child)
+
+    def _on_child(self, child: _Child) -> None:
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 0
+        if pid == 0:
+            return
+        self.sel.unregister(child.pidfd)
+        os.close(child.pidfd)
+        del self.children[child.pidfd]
+        self.done.append(child.conn_id)
+        code = os.waitstatus_to_exitcode(status)
+        if self.log_connections or code not in (0,):
+            level = logging.INFO if code == 0 else logging.WARNING
+            log.event(level, "program_exit", service=self.service.name, pid=child.pid,
+                      peer=child.peer, status=code,
+                      duration=round(self.clock() - child.started, 6))
+
+    # -- loans ----------------------------------------------------------------
+    def _on_lend(self, lend_id: int, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        if self.service.internal is not None and self.service.socket_type is SocketType.DGRAM:
+            sock.setblocking(False)
+            loan = _DgramLoan(lend_id, sock)
+            self.dgram[sock.fileno()] = loan
+            self.sel.register(sock, selectors.EVENT_READ, loan)
+            return
+        if self.service.program is None:
+            log.error("bad_loan", service=self.service.name, pid=self.pid)
+            sock.close()
+            self.done.append(lend_id)
+            return
+        self._launch(lend_id, sock, "", "")
+
+    def _on_dgram(self, loan: _DgramLoan) -> None:
+        name = self.service.internal
+        assert name is not None
+        for _ in range(_DGRAM_BATCH):
+            try:
+                data, addr = loan.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. ICMP port unreachable reported on the socket
+            why = internal.loop_guard(addr[1], self.internal_ports)
+            if why is not None:
+                self._guard_refused(loan, addr, why)
+                continue
+            reply = internal.answer(name, data, time.time())
+            if reply is not None:
+                try:
+                    loan.sock.sendto(reply, addr)
+                except OSError:
+                    continue
+
+    def _guard_refused(self, loan: _DgramLoan, addr: tuple[str, int], why: str) -> None:
+        loan.refused += 1
+        now = self.clock()
+        if now - loan.last_guard_log >= _GUARD_LOG_INTERVAL:
+            log.warning("dgram_refused", service=self.service.name, pid=self.pid,
+                        peer=f"{addr[0]} {addr[1]}", reason=why, refused_since_last=loan.refused)
+            loan.refused = 0
+            loan.last_guard_log = now
+
+    # -- reporting ------------------------------------------------------------
+    def _flush_done(self) -> None:
+        if not self.done:
+            return
+        for payload in fdpass.encode_done(self.done):
+            try:
+                fdpass.send(self.channel, payload)
+            except BlockingIOError:
+                # The master is slow to read; wait for room rather than lose a DONE.
+                self.channel.setblocking(True)
+                try:
+                    fdpass.send(self.channel, payload)
+                except OSError:
+                    break
+                finally:
+                    self.channel.setblocking(False)
+            except OSError:
+                break  # master gone
+        self.done.clear()
+
+    def _set_title(self) -> None:
+        busy = len(self.conns) + len(self.children) + len(self.dgram)
+        if busy == 0:
+            state = "draining" if self.stopping else "idle"
+        elif busy == 1 and len(self.conns) == 1:
+            peer = next(iter(self.conns.values())).peer
+            state = peer.replace(" ", ":") if peer else "1 connection"
+        else:
+            state = f"{busy} connections"
+        if state != self.title_state:
+            self.title_state = state
+            spawn.set_title(f"poolinetd: {self.service.name} worker {state}")
+
+
+def run_worker(channel: socket.socket, service: Service, internal_ports: frozenset[int],
+               log_connections: bool) -> int:
+    """The body of a worker child: drop privileges, then serve. Returns the exit code.
+
+    Boot failures (privileges) exit with spawn.EX_WORKER_BOOT before READY, so
+    the master puts the service into backoff instead of respawning in a loop.
+    """
+    spawn.set_title(f"poolinetd: {service.name} worker booting")
+    try:
+        privileges.drop(service.uid, service.gid, service.groups)
+    except privileges.PrivilegeError as exc:
+        log.error("worker_boot_failed", service=service.name, pid=os.getpid(), error=str(exc))
+        return spawn.EX_WORKER_BOOT
+    return Worker(channel, service, internal_ports, log_connections).run()

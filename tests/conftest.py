@@ -1,0 +1,219 @@
+"""Fixtures: start a real poolinetd on loopback and learn its ports from --ready-fd."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IS_ROOT = os.geteuid() == 0
+# Services in test configs run as this user: nobody when the tests run as root
+# (privileges really drop), else ourselves.
+TEST_USER = "nobody" if IS_ROOT else __import__("pwd").getpwuid(os.getuid()).pw_name
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    info: dict[str, object]
+    conf: Path
+    control: Path
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def listeners(self) -> list[dict[str, object]]:
+        value = self.info["listeners"]
+        assert isinstance(value, list)
+        return value
+
+    def port(self, index: int = 0) -> int:
+        port = self.listeners[index]["port"]
+        assert isinstance(port, int)
+        return port
+
+    def port_of(self, service: str, socket_type: str = "stream") -> int:
+        for lst in self.listeners:
+            if lst["service"] == service and lst["socket_type"] == socket_type:
+                port = lst["port"]
+                assert isinstance(port, int)
+                return port
+        raise KeyError(service)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"poolinetd did not stop within {timeout}s after {sig}\n{self.log()}")
+
+    def status(self) -> dict[str, object]:
+        from poolinetd import control
+
+        return control.request(str(self.control), "status")
+
+    def service_status(self, name: str) -> dict[str, object]:
+        services = self.status()["services"]
+        assert isinstance(services, list)
+        for svc in services:
+            if svc["service"] == name and svc["state"] != "retiring":
+                return dict(svc)
+        raise KeyError(name)
+
+    def workers(self) -> list[int]:
+        """Pids of the master's direct children (its workers)."""
+        return children_of(self.pid)
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def start_server(tmp_path: Path, conf_text: str, *args: str, mode: str = "pool",
+                 timeout: float = 20.0, expect_ready: bool = True) -> Server:
+    conf = tmp_path / f"inetd-{time.monotonic_ns()}.conf"
+    conf.write_text(conf_text)
+    control = tmp_path / f"ctl-{time.monotonic_ns()}.sock"
+    log_path = tmp_path / f"poolinetd-{time.monotonic_ns()}.log"
+    rfd, wfd = os.pipe()
+    cmd = [sys.executable, "-m", "poolinetd", "run", "-c", str(conf), "--mode", mode,
+           "--ready-fd", str(wfd), "--control", str(control), "--graceful-timeout", "10", *args]
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    os.close(wfd)
+    server = Server(proc, {}, conf, control, log_path, cmd)
+    try:
+        if not expect_ready:
+            return server
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([rfd], [], [], max(0.0, left))
+            if not ready:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"poolinetd not ready in {timeout}s\n{log_path.read_text()}")
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                proc.wait(5)
+                pytest.fail(f"poolinetd exited ({proc.returncode}) before ready\n"
+                            f"{log_path.read_text()}")
+            data += chunk
+        server.info = orjson.loads(data)
+        return server
+    finally:
+        os.close(rfd)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """``serve(conf_text, *args, mode=...)`` starts poolinetd; every one is stopped at teardown."""
+    started: list[Server] = []
+
+    def _serve(conf_text: str, *args: str, **kw: object) -> Server:
+        server = start_server(tmp_path, conf_text, *args, **kw)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield _serve
+    for server in started:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGINT)
+
+
+def tcp_exchange(port: int, payload: bytes = b"", host: str = "127.0.0.1",
+                 timeout: float = 5.0, shut: bool = True, limit: int = 1 << 20) -> bytes:
+    """Connect, send ``payload``, half-close, read until EOF (or ``limit`` bytes)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        if payload:
+            sock.sendall(payload)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        total = 0
+        while total < limit:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+            total += len(data)
+        return b"".join(chunks)
+
+
+def udp_exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 3.0,
+                 src_port: int = 0) -> bytes | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.bind((host, src_port))
+        sock.sendto(payload, (host, port))
+        try:
+            return sock.recvfrom(65536)[0]
+        except TimeoutError:
+            return None
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What each open fd of ``pid`` points at (sockets, pipes, files)."""
+    out = []
+    base = Path(f"/proc/{pid}/fd")
+    for entry in sorted(base.iterdir(), key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):
+            out.append(f"{entry.name}:{os.readlink(entry)}")
+    return out
