@@ -1,0 +1,693 @@
+"""Resolve parsed specs into services: ports, endpoints, uid/gid/groups, built-ins, pool sizes.
+
+Touches the OS only through a ``Lookups`` value (``system_lookups()`` by
+default, fakes in tests) and, in ``load_file``/``load_text``, by reading the
+config file and its ``.include`` files. Never raises on a bad config: every
+problem is a Diagnostic. Entry points: ``resolve``, ``load_file``, ``load_text``.
+"""
+
+from __future__ import annotations
+
+import glob
+import grp
+import ipaddress
+import os
+import pwd
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from poolinetd import inetdconf
+from poolinetd.spec import (
+    BUILTINS,
+    DEFAULT_CONN_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_POOL_MAX,
+    DEFAULT_POOL_MIN,
+    DEFAULT_WORKER_CONNECTIONS_INTERNAL,
+    DEFAULT_WORKER_CONNECTIONS_PROGRAM,
+    Diagnostic,
+    Endpoint,
+    Options,
+    ParsedConfig,
+    PoolSettings,
+    Protocol,
+    Service,
+    ServiceKey,
+    ServiceSpec,
+    Severity,
+    SocketOwner,
+    SocketType,
+    StderrRoute,
+)
+
+__all__ = [
+    "LoadedConfig",
+    "Lookups",
+    "UserEntry",
+    "load_file",
+    "load_text",
+    "resolve",
+    "system_lookups",
+]
+
+# What a failed lookup may raise: pwd/grp KeyError, socket OSError, and the
+# ValueError/UnicodeError the C wrappers raise for NUL bytes or lone surrogates.
+_LOOKUP_FAILURES = (LookupError, OSError, ValueError)
+# Built-ins other inetds have and poolinetd does not, for a clearer message.
+_FOREIGN_BUILTINS = ("tcpmux", "auth", "ident")
+_SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
+_MAX_INCLUDE_DEPTH = 16
+# Plain ints: Endpoint stays free of the socket module's IntEnum (and compares/prints as numbers).
+_AF_INET, _AF_INET6, _AF_UNIX = int(socket.AF_INET), int(socket.AF_INET6), int(socket.AF_UNIX)
+_NO_OPTIONS = Options()  # frozen, so one shared default is safe
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """What resolution needs from a passwd entry."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lookups:
+    """Name services, passed in so tests can fake them.
+
+    Each callable raises ``LookupError`` or ``OSError`` when the name is unknown.
+    ``getaddrinfo(host, family)`` returns the numeric addresses of ``host``
+    for ``socket.AF_INET`` or ``AF_INET6``.
+    """
+
+    getservbyname: Callable[[str, str], int]
+    getservbyport: Callable[[int, str], str]
+    getpwnam: Callable[[str], UserEntry]
+    getgrnam: Callable[[str], int]
+    getgrouplist: Callable[[str, int], tuple[int, ...]]
+    getaddrinfo: Callable[[str, int], tuple[str, ...]]
+    is_executable: Callable[[str], bool]
+
+
+def _sys_getpwnam(name: str) -> UserEntry:
+    entry = pwd.getpwnam(name)
+    return UserEntry(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def _sys_getaddrinfo(host: str, family: int) -> tuple[str, ...]:
+    infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+    return tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _sys_is_executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def system_lookups() -> Lookups:
+    """The real C library: /etc/services, NSS users and groups, DNS, the file system."""
+    return Lookups(
+        getservbyname=socket.getservbyname,
+        getservbyport=socket.getservbyport,
+        getpwnam=_sys_getpwnam,
+        getgrnam=lambda name: grp.getgrnam(name).gr_gid,
+        getgrouplist=lambda name, gid: tuple(os.getgrouplist(name, gid)),
+        getaddrinfo=_sys_getaddrinfo,
+        is_executable=_sys_is_executable,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A config file read, parsed and resolved: the services and every diagnostic, in file order."""
+
+    services: tuple[Service, ...]
+    diagnostics: tuple[Diagnostic, ...]
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity is Severity.ERROR)
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity is Severity.WARNING)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+# -- one spec ----------------------------------------------------------------------------
+
+
+class _SpecResolver:
+    """Resolves one enabled spec; collects diagnostics instead of raising."""
+
+    def __init__(self, spec: ServiceSpec, chain: tuple[Options, ...], lookups: Lookups) -> None:
+        self.spec = spec
+        self.chain = chain  # entry options, file defaults, command line: first set wins
+        self.lk = lookups
+        self.diags: list[Diagnostic] = []
+        self.failed = False
+
+    def report(self, role: str, message: str, hint: str = "", *, warning: bool = False) -> None:
+        where = self.spec.loc(role)
+        severity = Severity.WARNING if warning else Severity.ERROR
+        self.failed = self.failed or not warning
+        self.diags.append(
+            Diagnostic(
+                self.spec.source, where.lineno, where.field, where.token, message, hint, severity
+            )
+        )
+
+    def call(self, fn: Callable[..., object], *args: object) -> object | None:
+        try:
+            return fn(*args)
+        except _LOOKUP_FAILURES:
+            return None
+
+    def run(self) -> Service | None:
+        spec = self.spec
+        self.check_kinds()
+        port = self.port()
+        endpoints = self.endpoints(port) if port is not None else ()
+        internal, program, argv = self.server()
+        user = self.user()
+        owner = self.socket_owner()
+        if spec.login_class is not None:
+            self.report(
+                "user",
+                f"login class {spec.login_class!r} ignored",
+                "login classes are a BSD feature; Linux has none",
+                warning=True,
+            )
+        if internal is not None and spec.wait and spec.socket_type is SocketType.STREAM:
+            # FreeBSD rule: a stream built-in always runs nowait.
+            self.report("wait", "stream built-in served as nowait", "write nowait", warning=True)
+            spec = replace(spec, wait=False)
+        pool, conn_timeout, stderr, env = self.options(internal is not None)
+        if self.failed or user is None or port is None:
+            return None
+        pw, gid, groups = user
+        return Service(
+            spec=spec,
+            name=f"{spec.service}/{spec.protocol.value}",
+            key=ServiceKey(spec.socket_type, spec.protocol.is_udp, endpoints),
+            uid=pw.uid,
+            gid=gid,
+            groups=groups,
+            user_name=pw.name,
+            home=pw.home,
+            internal=internal,
+            program=program,
+            argv=argv,
+            pool=pool,
+            conn_timeout=conn_timeout,
+            stderr=stderr,
+            env=env,
+            limits=spec.limits,
+            socket_owner=owner,
+        )
+
+    def check_kinds(self) -> None:
+        spec = self.spec
+        st, proto = spec.socket_type, spec.protocol
+        if st in (SocketType.RAW, SocketType.RDM):
+            self.report(
+                "socket_type",
+                f"socket type {st.value} is not supported",
+                "use stream, dgram or seqpacket",
+            )
+        elif st is SocketType.SEQPACKET and not proto.is_unix:
+            self.report("socket_type", "seqpacket needs protocol unix", "write seqpacket unix")
+        elif st is SocketType.STREAM and proto.is_udp:
+            self.report("protocol", f"stream does not go with {proto.value}", "use tcp for stream")
+        elif st is SocketType.DGRAM and not (proto.is_udp or proto.is_unix):
+            self.report("protocol", f"dgram does not go with {proto.value}", "use udp for dgram")
+        if spec.tcpmux is not None:
+            self.report(
+                "service", "tcpmux services are not supported", "give the service its own port"
+            )
+
+    def port(self) -> int | None:
+        spec = self.spec
+        if spec.protocol.is_unix:
+            return 0
+        if spec.service.isascii() and spec.service.isdigit():
+            return int(spec.service)  # the parser checked the range
+        proto = "udp" if spec.protocol.is_udp else "tcp"
+        port = self.call(self.lk.getservbyname, spec.service, proto)
+        if not isinstance(port, int):
+            self.report(
+                "service",
+                f"unknown service {spec.service!r} for {proto}",
+                "add it to /etc/services or write the port number",
+            )
+            return None
+        return port
+
+    def endpoints(self, port: int) -> tuple[Endpoint, ...]:
+        spec, proto = self.spec, self.spec.protocol
+        if proto.is_unix:
+            try:
+                size = len(os.fsencode(spec.service))
+            except UnicodeError:
+                self.report("service", "socket path is not valid text", "rename it")
+                return ()
+            if size > _SUN_PATH_MAX:
+                self.report(
+                    "service",
+                    f"socket path too long ({size} bytes)",
+                    f"at most {_SUN_PATH_MAX} bytes",
+                )
+            return (Endpoint(_AF_UNIX, spec.service, 0),)
+        dual = proto in (Protocol.TCP46, Protocol.UDP46)
+        six = proto in (Protocol.TCP6, Protocol.UDP6) or dual
+        strict_four = proto in (Protocol.TCP4, Protocol.UDP4)
+        if not spec.addresses:
+            wildcard = "::" if six else "0.0.0.0"
+            return (Endpoint(_AF_INET6 if six else _AF_INET, wildcard, port, not dual),)
+        out: list[Endpoint] = []
+        for addr in spec.addresses:
+            try:
+                ip = ipaddress.ip_address(addr)
+            except ValueError:
+                family = _AF_INET6 if six else _AF_INET
+                found = self.call(self.lk.getaddrinfo, addr, family)
+                if not isinstance(found, tuple) or not found:
+                    self.report(
+                        "service",
+                        f"cannot resolve host {addr!r}",
+                        "write a numeric address or fix the name",
+                    )
+                    continue
+                out.extend(Endpoint(family, a, port, not dual) for a in found)
+                continue
+            if ip.version == 4:
+                if six:
+                    self.report(
+                        "protocol",
+                        f"{addr} is IPv4 but {proto.value} listens on IPv6",
+                        "use tcp/udp (or tcp4/udp4) for IPv4 addresses",
+                    )
+                    continue
+                out.append(Endpoint(_AF_INET, str(ip), port))
+            else:
+                if strict_four:
+                    self.report(
+                        "protocol",
+                        f"{addr} is IPv6 but {proto.value} is IPv4-only",
+                        "use tcp6/udp6 for IPv6 addresses",
+                    )
+                    continue
+                out.append(Endpoint(_AF_INET6, str(ip), port, not dual))
+        return tuple(dict.fromkeys(out))
+
+    def server(self) -> tuple[str | None, str | None, tuple[str, ...]]:
+        spec = self.spec
+        if not spec.is_internal:
+            if not spec.argv:
+                base = spec.server.rsplit("/", 1)[-1] or "name"
+                self.report(
+                    "server",
+                    "argv[0] is missing",
+                    f"write the program name after the path: {spec.server} {base}",
+                )
+            if not self.call(self.lk.is_executable, spec.server):
+                self.report(
+                    "server",
+                    f"program {spec.server} not found or not executable",
+                    "install it or fix the path",
+                )
+            return None, spec.server, spec.argv
+        name = self.builtin_name()
+        if name is None:
+            return None, None, ()
+        if name in _FOREIGN_BUILTINS:
+            self.report(
+                "argv" if spec.argv else "service",
+                f"built-in {name!r} is not supported by poolinetd",
+                "built-ins: " + ", ".join(BUILTINS),
+            )
+            return None, None, ()
+        if name not in BUILTINS:
+            self.report(
+                "argv" if spec.argv else "service",
+                f"no built-in service {name!r}",
+                "built-ins: " + ", ".join(BUILTINS) + "; name one with 'internal NAME'",
+            )
+            return None, None, ()
+        if len(spec.argv) > 1:
+            self.report("argv", f"built-in {name} takes no arguments", f"write internal {name}")
+        return name, None, ()
+
+    def builtin_name(self) -> str | None:
+        """The built-in an ``internal`` entry means (see docs/configuration.md)."""
+        spec = self.spec
+        # GNU inetd writes "internal internal"; it names nothing.
+        if spec.argv and spec.argv != ("internal",):
+            return spec.argv[0]
+        if spec.protocol.is_unix:
+            return spec.service.rsplit("/", 1)[-1]  # FreeBSD: the last path component
+        if spec.service in BUILTINS or spec.service in _FOREIGN_BUILTINS:
+            return spec.service
+        # An alias ("sink") or a number ("7"): ask for the official name of its port.
+        port = self.port_quiet()
+        if port is None:
+            return None  # port() already said the service is unknown
+        proto = "udp" if spec.protocol.is_udp else "tcp"
+        official = self.call(self.lk.getservbyport, port, proto)
+        if isinstance(official, str):
+            return official
+        self.report(
+            "service",
+            f"no built-in for port {spec.service}",
+            f"name the built-in: internal {BUILTINS[0]}",
+        )
+        return None
+
+    def port_quiet(self) -> int | None:
+        spec = self.spec
+        if spec.service.isascii() and spec.service.isdigit():
+            return int(spec.service)
+        proto = "udp" if spec.protocol.is_udp else "tcp"
+        port = self.call(self.lk.getservbyname, spec.service, proto)
+        return port if isinstance(port, int) else None
+
+    def lookup_user(self, name: str) -> UserEntry | None:
+        found = self.call(self.lk.getpwnam, name)
+        return found if isinstance(found, UserEntry) else None
+
+    def lookup_group(self, name: str) -> int | None:
+        found = self.call(self.lk.getgrnam, name)
+        return found if isinstance(found, int) else None
+
+    def user(self) -> tuple[UserEntry, int, tuple[int, ...]] | None:
+        spec = self.spec
+        entry = self.lookup_user(spec.user)
+        group = spec.group
+        gid: int | None = None
+        if entry is None and group is None and "." in spec.user:
+            # "user.group" (OpenBSD, BusyBox): the whole token was not a user,
+            # so try each dot, rightmost first, as the user/group separator.
+            cut = len(spec.user)
+            while (cut := spec.user.rfind(".", 0, cut)) > 0:
+                name, group_name = spec.user[:cut], spec.user[cut + 1 :]
+                candidate, group_id = self.lookup_user(name), self.lookup_group(group_name)
+                if candidate is not None and group_id is not None and group_name:
+                    entry, group, gid = candidate, group_name, group_id
+                    break
+        if entry is None:
+            self.report("user", f"unknown user {spec.user!r}", "create the user or fix the name")
+            return None
+        if group is not None and gid is None:
+            gid = self.lookup_group(group)
+            if gid is None:
+                self.report("user", f"unknown group {group!r}", "create the group or fix the name")
+                return None
+        gid = entry.gid if gid is None else gid
+        groups = self.call(self.lk.getgrouplist, entry.name, gid)
+        return entry, gid, groups if isinstance(groups, tuple) and groups else (gid,)
+
+    def socket_owner(self) -> SocketOwner | None:
+        perms = self.spec.unix_perms
+        if perms is None:
+            return None
+        uid = gid = -1
+        if perms.owner is not None:
+            entry = self.lookup_user(perms.owner)
+            if entry is None:
+                self.report("service", f"unknown socket owner {perms.owner!r}", "fix the prefix")
+            else:
+                uid = entry.uid
+        if perms.group is not None:
+            found = self.lookup_group(perms.group)
+            if found is None:
+                self.report("service", f"unknown socket group {perms.group!r}", "fix the prefix")
+            else:
+                gid = found
+        return SocketOwner(uid, gid, perms.mode)
+
+    def pick(self, name: str) -> object | None:
+        for options in self.chain:
+            value: object = getattr(options, name)
+            if value is not None:
+                return value
+        return None
+
+    def options(
+        self, is_internal: bool
+    ) -> tuple[PoolSettings, float, StderrRoute, tuple[tuple[str, str], ...]]:
+        def num(name: str, default: float) -> float:
+            value = self.pick(name)
+            return default if not isinstance(value, int | float) else value
+
+        per_worker = (
+            DEFAULT_WORKER_CONNECTIONS_INTERNAL
+            if is_internal
+            else DEFAULT_WORKER_CONNECTIONS_PROGRAM
+        )
+        pool = PoolSettings(
+            pool_min=int(num("pool_min", DEFAULT_POOL_MIN)),
+            pool_max=int(num("pool_max", DEFAULT_POOL_MAX)),
+            worker_connections=int(num("worker_connections", per_worker)),
+            max_requests=int(num("max_requests", DEFAULT_MAX_REQUESTS)),
+            idle_timeout=float(num("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+        )
+        if pool.pool_min > pool.pool_max:
+            role = "pool_min" if self.spec.options.pool_min is not None else "pool_max"
+            self.report(
+                role,
+                f"pool_min {pool.pool_min} is larger than pool_max {pool.pool_max}",
+                "raise pool_max or lower pool_min",
+            )
+        stderr = self.pick("stderr")
+        env: dict[str, str] = {}
+        for options in reversed(self.chain):  # later (more specific) sources override
+            env.update(options.env)
+        return (
+            pool,
+            float(num("conn_timeout", DEFAULT_CONN_TIMEOUT)),
+            stderr if isinstance(stderr, StderrRoute) else StderrRoute.SOCKET,
+            tuple(env.items()),
+        )
+
+
+# -- duplicates --------------------------------------------------------------------------
+
+
+def _coverage(ep: Endpoint) -> list[tuple[int, str]]:
+    """(IP version, address) pairs an endpoint takes; a non-v6only '::' also takes IPv4."""
+    if ep.family == _AF_INET:
+        return [(4, ep.address)]
+    out = [(6, ep.address)]
+    if not ep.v6only:
+        if ep.address == "::":
+            out.append((4, "0.0.0.0"))
+        elif ep.address.startswith("::ffff:") and "." in ep.address:
+            out.append((4, ep.address[len("::ffff:") :]))
+    return out
+
+
+def _overlap(a: Endpoint, b: Endpoint) -> bool:
+    for va, aa in _coverage(a):
+        for vb, ab in _coverage(b):
+            if va == vb and (aa == ab or aa in ("0.0.0.0", "::") or ab in ("0.0.0.0", "::")):
+                return True
+    return False
+
+
+def _find_duplicates(services: Iterable[Service]) -> tuple[list[Service], list[Diagnostic]]:
+    """Drop every service that overlaps an earlier one; one error per drop naming both lines."""
+    kept: list[Service] = []
+    diags: list[Diagnostic] = []
+    # Buckets by transport and port keep this linear for big files.
+    buckets: dict[tuple[str, int | str], list[tuple[Service, Endpoint]]] = {}
+    for svc in services:
+        proto = svc.spec.protocol
+        transport = "unix" if proto.is_unix else ("udp" if proto.is_udp else "tcp")
+        clash: tuple[Service, Endpoint] | None = None
+        for ep in svc.key.endpoints:
+            key: tuple[str, int | str] = (transport, ep.address if proto.is_unix else ep.port)
+            if not proto.is_unix and ep.port == 0:
+                continue  # "any free port" never clashes
+            for other, other_ep in buckets.get(key, ()):
+                if proto.is_unix or _overlap(ep, other_ep):
+                    clash = (other, ep)
+                    break
+            if clash:
+                break
+        if clash is None:
+            kept.append(svc)
+            for ep in svc.key.endpoints:
+                key = (transport, ep.address if proto.is_unix else ep.port)
+                buckets.setdefault(key, []).append((svc, ep))
+            continue
+        other, ep = clash
+        where = svc.spec.loc("service")
+        at = f"{ep.address}" if proto.is_unix else f"{transport} {ep.address} port {ep.port}"
+        diags.append(
+            Diagnostic(
+                svc.spec.source,
+                where.lineno,
+                where.field,
+                where.token,
+                f"duplicate service: {svc.name} overlaps {other.name} "
+                f"at {other.spec.source}:{other.spec.lineno} ({at})",
+                "remove one, or give them different addresses or ports",
+            )
+        )
+    return kept, diags
+
+
+# -- entry points ------------------------------------------------------------------------
+
+
+def resolve(
+    parsed: ParsedConfig, cli_defaults: Options, lookups: Lookups
+) -> tuple[tuple[Service, ...], tuple[Diagnostic, ...]]:
+    """Resolve every enabled spec of ``parsed``.
+
+    Returns the services that resolved cleanly (duplicates dropped) and the
+    diagnostics of resolution only (``parsed.diagnostics`` are not repeated).
+    Option precedence: entry > file ``defaults`` > ``cli_defaults`` > spec.DEFAULT_*.
+    Never raises on a bad config; lookups that raise are treated as "unknown".
+    """
+    services: list[Service] = []
+    diags: list[Diagnostic] = []
+    for spec in parsed.specs:
+        if not spec.enabled:
+            continue  # "off" entries are parsed, not resolved: they may name absent users
+        resolver = _SpecResolver(spec, (spec.options, parsed.defaults, cli_defaults), lookups)
+        service = resolver.run()
+        diags.extend(resolver.diags)
+        if service is not None:
+            services.append(service)
+    kept, dup_diags = _find_duplicates(services)
+    return tuple(kept), tuple(diags) + tuple(dup_diags)
+
+
+def _read(path: str) -> tuple[str | None, Diagnostic | None]:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return None, Diagnostic(
+            path, 0, 0, "", f"cannot read the file: {reason}", "check the path and its permissions"
+        )
+    # Old files carry Latin-1 comments; surrogateescape keeps every byte so an
+    # argument goes back to exec exactly as written (os.fsencode undoes it).
+    return data.decode("utf-8", "surrogateescape"), None
+
+
+def _merge_options(first: Options, second: Options) -> Options:
+    """Field-wise: ``first``'s value where set, else ``second``'s; env merged by name."""
+    values: dict[str, object] = {}
+    for name in Options.__dataclass_fields__:
+        a, b = getattr(first, name), getattr(second, name)
+        values[name] = a if a is not None else b
+    env = dict(second.env)
+    env.update(first.env)
+    values["env"] = tuple(env.items())
+    return Options(**values)  # type: ignore[arg-type]
+
+
+def _expand(parsed: ParsedConfig, stack: tuple[str, ...]) -> ParsedConfig:
+    """Splice ``.include`` files into ``parsed`` (relative to the including file, globbed)."""
+    if not parsed.includes:
+        return parsed
+    specs: list[ServiceSpec] = []
+    diags = list(parsed.diagnostics)
+    defaults = parsed.defaults
+    done = 0
+    for inc in parsed.includes:
+        specs.extend(parsed.specs[done : inc.position])
+        done = inc.position
+        base = os.path.dirname(inc.source)
+        pattern = os.path.join(base, inc.pattern)
+        paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not paths:
+            diags.append(
+                Diagnostic(
+                    inc.source,
+                    inc.lineno,
+                    2,
+                    inc.pattern,
+                    ".include matched no files",
+                    "check the pattern",
+                    Severity.WARNING,
+                )
+            )
+        for path in paths:
+            real = os.path.realpath(path)
+            if real in stack or len(stack) > _MAX_INCLUDE_DEPTH:
+                diags.append(
+                    Diagnostic(
+                        inc.source,
+                        inc.lineno,
+                        2,
+                        inc.pattern,
+                        f"include cycle or nesting too deep at {path}",
+                        "remove the .include",
+                    )
+                )
+                continue
+            text, problem = _read(path)
+            if problem is not None:
+                diags.append(
+                    replace(
+                        problem,
+                        source=inc.source,
+                        lineno=inc.lineno,
+                        field=2,
+                        token=inc.pattern,
+                        message=f"{path}: {problem.message}",
+                    )
+                )
+                continue
+            assert text is not None
+            sub = _expand(inetdconf.parse(text, path), (*stack, real))
+            specs.extend(sub.specs)
+            diags.extend(sub.diagnostics)
+            defaults = _merge_options(defaults, sub.defaults)
+    specs.extend(parsed.specs[done:])
+    return ParsedConfig(tuple(specs), defaults, tuple(diags))
+
+
+def _ordered(diags: Iterable[Diagnostic], sources: list[str]) -> tuple[Diagnostic, ...]:
+    rank: dict[str, int] = {}
+    for src in sources:
+        rank.setdefault(src, len(rank))
+    listed = list(diags)
+    for d in listed:
+        rank.setdefault(d.source, len(rank))
+    return tuple(sorted(listed, key=lambda d: (rank[d.source], d.lineno)))
+
+
+def load_text(
+    text: str,
+    source: str,
+    cli_defaults: Options = _NO_OPTIONS,
+    lookups: Lookups | None = None,
+) -> LoadedConfig:
+    """Parse and resolve ``text`` (``.include`` paths relative to ``source``'s directory)."""
+    parsed = _expand(inetdconf.parse(text, source), (os.path.realpath(source),))
+    services, diags = resolve(
+        parsed, cli_defaults, lookups if lookups is not None else system_lookups()
+    )
+    sources = [source, *(s.source for s in parsed.specs)]
+    return LoadedConfig(services, _ordered((*parsed.diagnostics, *diags), sources))
+
+
+def load_file(
+    path: str, cli_defaults: Options = _NO_OPTIONS, lookups: Lookups | None = None
+) -> LoadedConfig:
+    """Read, parse and resolve the config at ``path``; an unreadable file is a diagnostic."""
+    text, problem = _read(path)
+    if problem is not None:
+        return LoadedConfig((), (problem,))
+    assert text is not None
+    return load_text(text, path, cli_defaults, lookups)
