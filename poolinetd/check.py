@@ -1,0 +1,127 @@
+"""``poolinetd check``: load a config, print every error and warning, optionally JSON.
+
+Touches the OS: reads the config (through resolve.load_file) and the name
+services. Entry points: ``run_check`` (the CLI calls it) and
+``service_to_dict`` (status and dump reuse it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TextIO
+
+import orjson
+
+from poolinetd.resolve import load_file
+from poolinetd.spec import Diagnostic, Endpoint, Options, Service
+
+__all__ = ["diagnostic_to_dict", "run_check", "service_to_dict"]
+
+_FAMILIES = {
+    int(socket.AF_INET): "inet",
+    int(socket.AF_INET6): "inet6",
+    int(socket.AF_UNIX): "unix",
+}
+_NO_OPTIONS = Options()  # frozen, so one shared default is safe
+
+
+def _text(value: str) -> str:
+    """``value`` printable as UTF-8: lone surrogates (undecodable bytes) become escapes."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _endpoint(ep: Endpoint) -> dict[str, object]:
+    return {
+        "family": _FAMILIES.get(ep.family, str(ep.family)),
+        "address": _text(ep.address),
+        "port": ep.port,
+        "v6only": ep.v6only,
+    }
+
+
+def service_to_dict(service: Service) -> dict[str, object]:
+    """Every field of ``service`` as JSON-ready values (strings safe for orjson)."""
+    spec = service.spec
+    lim = service.limits
+    owner = service.socket_owner
+    return {
+        "name": _text(service.name),
+        "source": _text(spec.source),
+        "line": spec.lineno,
+        "service": _text(spec.service),
+        "socket_type": spec.socket_type.value,
+        "protocol": spec.protocol.value,
+        "wait": service.wait,
+        "addresses": [_text(a) for a in spec.addresses],
+        "endpoints": [_endpoint(ep) for ep in service.key.endpoints],
+        "user": _text(service.user_name),
+        "uid": service.uid,
+        "gid": service.gid,
+        "groups": list(service.groups),
+        "home": _text(service.home),
+        "login_class": None if spec.login_class is None else _text(spec.login_class),
+        "internal": service.internal,
+        "program": None if service.program is None else _text(service.program),
+        "argv": [_text(a) for a in service.argv],
+        "pool": {
+            "pool_min": service.pool.pool_min,
+            "pool_max": service.pool.pool_max,
+            "worker_connections": service.pool.worker_connections,
+            "max_requests": service.pool.max_requests,
+            "idle_timeout": service.pool.idle_timeout,
+        },
+        "conn_timeout": service.conn_timeout,
+        "stderr": service.stderr.value,
+        "env": {_text(k): _text(v) for k, v in service.env},
+        "limits": {
+            "max_child": lim.max_child,
+            "max_cpm_per_ip": lim.max_cpm_per_ip,
+            "max_child_per_ip": lim.max_child_per_ip,
+            "max_spawn_per_min": lim.max_spawn_per_min,
+        },
+        "socket_owner": None
+        if owner is None
+        else {"uid": owner.uid, "gid": owner.gid, "mode": owner.mode},
+    }
+
+
+def diagnostic_to_dict(diag: Diagnostic) -> dict[str, object]:
+    """One diagnostic as JSON-ready values."""
+    return {
+        "severity": diag.severity.value,
+        "source": _text(diag.source),
+        "line": diag.lineno,
+        "field": diag.field,
+        "token": _text(diag.token),
+        "message": _text(diag.message),
+        "hint": _text(diag.hint),
+    }
+
+
+def run_check(
+    path: str, as_json: bool, out: TextIO, err: TextIO, cli_defaults: Options = _NO_OPTIONS
+) -> int:
+    """Check the config at ``path``; return the exit status (0, or 78 = EX_CONFIG on any error).
+
+    Every error and warning goes to ``err`` as ``FILE:LINE: field N 'TOKEN': message (hint)``,
+    then a one-line summary. With ``as_json``, ``out`` gets one JSON object:
+    ``{"source", "services": [...], "diagnostics": [...]}`` (services that resolved).
+    """
+    loaded = load_file(path, cli_defaults)
+    for diag in loaded.diagnostics:
+        err.write(_text(str(diag)) + "\n")
+    n_err, n_warn = len(loaded.errors), len(loaded.warnings)
+    verdict = "FAILED" if n_err else "OK"
+    err.write(
+        f"{_text(path)}: {verdict}: {len(loaded.services)} service(s), "
+        f"{n_err} error(s), {n_warn} warning(s)\n"
+    )
+    if as_json:
+        doc = {
+            "source": _text(path),
+            "services": [service_to_dict(s) for s in loaded.services],
+            "diagnostics": [diagnostic_to_dict(d) for d in loaded.diagnostics],
+        }
+        out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return os.EX_CONFIG if n_err else 0
