@@ -48,7 +48,7 @@ import sys
 import time
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["LoadResult", "default_processes", "format_result", "main", "run_load"]
@@ -107,6 +107,7 @@ class LoadResult:
     client_max_proc_cpu_pct: float
     client_saturated: bool
     per_process_completed: list[int] = field(default_factory=list)
+    source_addresses: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON output."""
@@ -444,7 +445,7 @@ def run_load(
     wall = max((time.perf_counter_ns() - wall0) / 1e9, 1e-9)
     # The client processes only work from t_start on; use that span for CPU %.
     busy_wall = max((time.perf_counter_ns() - t_start) / 1e9, 1e-9)
-    return _aggregate(
+    result = _aggregate(
         host,
         port,
         concurrency,
@@ -459,6 +460,7 @@ def run_load(
         system,
         per_cpu,
     )
+    return replace(result, source_addresses=len(sources))
 
 
 def _aggregate(

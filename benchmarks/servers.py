@@ -1,0 +1,332 @@
+"""Servers under test: poolinetd (pool, classic) and peer inetds (touches the OS).
+
+Every server is started from a private temporary directory, in the
+foreground, in its own session, and stopped (SIGTERM, then SIGKILL after a
+grace period) by ``Server.stop``; a server that is not ready within
+``READY_TIMEOUT`` seconds raises ``ServerError``.
+
+poolinetd contract (see issue 4): ``python -m poolinetd --mode pool|classic
+-c CONF --ready-fd N``; when every listener is open and every pool is ready
+it writes one JSON line to fd N with ``{"pid", "mode", "listeners": [...]}``,
+listeners in config order. Configs use ``127.0.0.1:0`` so ports are never
+guessed.
+
+Peers, each only if installed, configured so their rate limits do not
+distort the numbers:
+
+* openbsd-inetd (``/usr/sbin/inetd``, Debian ``openbsd-inetd``): run as
+  ``inetd -i -q 1024 -R 100000000 CONF`` (``-i`` foreground, ``-q`` listen
+  backlog as large as poolinetd's, ``-R`` per-minute invocation limit out of
+  reach), and every entry says ``nowait.100000000`` (the per-service limit).
+* xinetd (``xinetd``; Debian's package conflicts with openbsd-inetd, so the
+  binary may also be unpacked with ``dpkg -x`` and pointed to with
+  ``$XINETD``): ``xinetd -dontfork -filelog LOG -pidfile PID -f CONF`` with
+  ``instances = UNLIMITED``, ``per_source = UNLIMITED``, ``cps = 100000000 1``
+  and no per-connection logging. Its listen backlog is fixed at 64.
+
+Both peers look their built-in services up by the official service name,
+which ties them to the well-known port (echo 7, daytime 13): those scenarios
+bind 127.0.0.1:7 and 127.0.0.1:13 and are skipped for the peer if either is
+busy. Launched programs use free ports chosen just before start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+
+# Well-known ports the peers' built-ins are tied to.
+WELL_KNOWN = {"echo": 7, "daytime": 13}
+
+
+class ServerError(RuntimeError):
+    """A server under test did not start or did not report itself ready."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One service, how each server runs it, and what a client sends and expects.
+
+    ``builtin`` is the internal service name, or None for a launched program
+    given by ``argv`` (``argv[0]`` is the path; ``{tmp}`` is replaced by the
+    run's temporary directory).
+    """
+
+    name: str
+    title: str
+    builtin: str | None
+    argv: tuple[str, ...]
+    payload: bytes
+    expect: bytes | None
+    until_close: bool
+
+
+@dataclass
+class Server:
+    """A running server: its process and one port per scenario it serves."""
+
+    mode: str
+    proc: subprocess.Popen[bytes]
+    ports: dict[str, int]
+    pid: int
+    log_path: Path
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, SIGKILL the session if needed; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(STOP_TIMEOUT)
+        # The server runs in a session of its own that we created; anything
+        # still in it (a stuck worker or launched program) is ours to end.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(STOP_TIMEOUT)
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago (only for peers, which cannot say)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be bound now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_listening(ports: list[int], deadline: float) -> bool:
+    """Poll /proc/net/tcp until every port is in LISTEN on 127.0.0.1 (no connection made)."""
+    want = {f"0100007F:{p:04X}" for p in ports}
+    while time.monotonic() < deadline:
+        have: set[str] = set()
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A":  # TCP_LISTEN
+                    have.add(parts[1])
+        if want <= have:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _argv(s: Scenario, tmp: Path) -> list[str]:
+    return [a.replace("{tmp}", str(tmp)) for a in s.argv]
+
+
+def poolinetd_config(scenarios: list[Scenario], tmp: Path, extra: list[str]) -> str:
+    """inetd.conf text for poolinetd, one listener per scenario in the given order."""
+    lines = ["# generated by benchmarks/run.py", *extra]
+    for s in scenarios:
+        if s.builtin is not None:
+            lines.append(f"127.0.0.1:0 stream tcp nowait nobody internal {s.builtin}")
+        else:
+            argv = _argv(s, tmp)
+            name = os.path.basename(argv[0])
+            lines.append(
+                f"127.0.0.1:0 stream tcp nowait nobody {argv[0]} {name} {' '.join(argv[1:])}"
+            )
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def start_poolinetd(
+    mode: str, scenarios: list[Scenario], tmp: Path, cmd: list[str], extra: list[str]
+) -> Server:
+    """Start poolinetd in ``mode`` and wait for its ready line; ports in scenario order."""
+    conf = tmp / f"poolinetd-{mode}.conf"
+    conf.write_text(poolinetd_config(scenarios, tmp, extra))
+    log_path = tmp / f"poolinetd-{mode}.log"
+    rfd, wfd = os.pipe()
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [*cmd, "--mode", mode, "-c", str(conf), "--ready-fd", str(wfd)],
+                pass_fds=(wfd,),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                cwd=tmp,
+            )
+    finally:
+        os.close(wfd)
+    try:
+        line = _read_line(rfd, time.monotonic() + READY_TIMEOUT, proc)
+    finally:
+        os.close(rfd)
+    server = Server(mode, proc, {}, proc.pid, log_path)
+    try:
+        info = orjson.loads(line)
+        listeners = info["listeners"]
+        if len(listeners) != len(scenarios):
+            raise ServerError(f"{len(listeners)} listeners reported, {len(scenarios)} configured")
+        server.ports = {s.name: int(li["port"]) for s, li in zip(scenarios, listeners, strict=True)}
+        server.pid = int(info.get("pid", proc.pid))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ServerError) as exc:
+        server.stop()
+        raise ServerError(f"poolinetd {mode}: bad ready line {line!r}: {exc}") from exc
+    return server
+
+
+def _read_line(fd: int, deadline: float, proc: subprocess.Popen[bytes]) -> bytes:
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            proc.wait()
+            raise ServerError(f"not ready within {READY_TIMEOUT:g}s")
+        r, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                proc.wait(STOP_TIMEOUT)
+                raise ServerError(f"exited before ready (status {proc.returncode})")
+            buf += chunk
+    return buf.split(b"\n", 1)[0]
+
+
+def find_xinetd() -> str | None:
+    """Path of an xinetd binary: $XINETD, PATH, /usr/sbin, or an unpacked /opt/xinetd."""
+    for cand in (
+        os.environ.get("XINETD"),
+        shutil.which("xinetd"),
+        "/usr/sbin/xinetd",
+        "/opt/xinetd/usr/sbin/xinetd",
+    ):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def find_openbsd_inetd() -> str | None:
+    """Path of openbsd-inetd (Debian installs it as /usr/sbin/inetd), or $OPENBSD_INETD."""
+    cand = os.environ.get("OPENBSD_INETD") or "/usr/sbin/inetd"
+    return cand if os.access(cand, os.X_OK) else None
+
+
+def _peer_ports(scenarios: list[Scenario]) -> tuple[dict[str, int], dict[str, str]]:
+    ports: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for s in scenarios:
+        if s.builtin is None:
+            ports[s.name] = free_port()
+            continue
+        wk = WELL_KNOWN.get(s.builtin)
+        if wk is None:
+            skipped[s.name] = f"no well-known port for {s.builtin}"
+        elif not port_free(wk):
+            skipped[s.name] = f"127.0.0.1:{wk} busy"
+        else:
+            ports[s.name] = wk
+    return ports, skipped
+
+
+def start_openbsd_inetd(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
+    """Start openbsd-inetd in the foreground on the scenarios it can serve."""
+    ports, skipped = _peer_ports(scenarios)
+    lines = []
+    for s in scenarios:
+        if s.name not in ports:
+            continue
+        if s.builtin is not None:
+            # Built-ins are found by service name, so name the service.
+            lines.append(f"127.0.0.1:{s.builtin} stream tcp nowait.100000000 nobody internal")
+        else:
+            argv = _argv(s, tmp)
+            args = " ".join([os.path.basename(argv[0]), *argv[1:]])
+            lines.append(
+                f"127.0.0.1:{ports[s.name]} stream tcp nowait.100000000 nobody {argv[0]} {args}"
+            )
+    conf = tmp / "openbsd-inetd.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return _start_peer(
+        "openbsd-inetd",
+        [binary, "-i", "-q", "1024", "-R", "100000000", str(conf)],
+        tmp,
+        ports,
+        skipped,
+    )
+
+
+def start_xinetd(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
+    """Start xinetd in the foreground on the scenarios it can serve."""
+    ports, skipped = _peer_ports(scenarios)
+    blocks = [
+        "defaults\n{\n    instances = UNLIMITED\n    per_source = UNLIMITED\n"
+        "    cps = 100000000 1\n    log_on_success =\n    log_on_failure =\n}\n"
+    ]
+    for s in scenarios:
+        if s.name not in ports:
+            continue
+        common = (
+            "    socket_type = stream\n    protocol = tcp\n    wait = no\n"
+            "    user = nobody\n    bind = 127.0.0.1\n"
+        )
+        if s.builtin is not None:
+            blocks.append(f"service {s.builtin}\n{{\n    type = INTERNAL\n{common}}}\n")
+        else:
+            argv = _argv(s, tmp)
+            server_args = f"    server_args = {' '.join(argv[1:])}\n" if argv[1:] else ""
+            blocks.append(
+                f"service bench-{s.name}\n{{\n    type = UNLISTED\n{common}"
+                f"    port = {ports[s.name]}\n    server = {argv[0]}\n{server_args}}}\n"
+            )
+    conf = tmp / "xinetd.conf"
+    conf.write_text("\n".join(blocks))
+    cmd = [
+        binary, "-dontfork", "-filelog", str(tmp / "xinetd.log"),
+        "-pidfile", str(tmp / "xinetd.pid"), "-f", str(conf),
+    ]  # fmt: skip
+    return _start_peer("xinetd", cmd, tmp, ports, skipped)
+
+
+def _start_peer(
+    mode: str, cmd: list[str], tmp: Path, ports: dict[str, int], skipped: dict[str, str]
+) -> Server:
+    log_path = tmp / f"{mode}.out"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            cwd=tmp,
+        )
+    server = Server(mode, proc, ports, proc.pid, log_path, skipped)
+    if not wait_listening(list(ports.values()), time.monotonic() + READY_TIMEOUT):
+        server.stop()
+        raise ServerError(f"{mode} did not listen on {sorted(ports.values())}; see {log_path}")
+    return server
+
+
+def python_cmd() -> list[str]:
+    """Default command that starts poolinetd from this interpreter."""
+    return [sys.executable, "-m", "poolinetd"]
