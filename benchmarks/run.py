@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="command that starts poolinetd (default: this python -m poolinetd)",
     )
     p.add_argument(
+        "--server-args",
+        default="--no-control",
+        help="extra poolinetd arguments (default: --no-control, so a benchmark "
+        "never takes the system control socket)",
+    )
+    p.add_argument(
         "--conf-line",
         action="append",
         default=[],
@@ -171,7 +177,8 @@ def _median(xs: list[float]) -> float:
 def _start(mode: str, scenarios: list[Scenario], tmp: Path, args: argparse.Namespace) -> Server:
     if mode in POOL_MODES:
         cmd = shlex.split(args.server_cmd) if args.server_cmd else python_cmd()
-        return start_poolinetd(mode, scenarios, tmp, cmd, args.conf_line)
+        extra_args = shlex.split(args.server_args)
+        return start_poolinetd(mode, scenarios, tmp, cmd, args.conf_line, extra_args)
     if mode == "xinetd":
         binary = find_xinetd()
         assert binary is not None
@@ -257,6 +264,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             "modes": modes,
             "skipped_modes": skipped_modes,
             "conf_lines": args.conf_line,
+            "server_args": args.server_args,
             "loadgen_processes": args.processes,
         },
         "cells": cells,

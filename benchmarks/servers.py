@@ -156,7 +156,12 @@ def poolinetd_config(scenarios: list[Scenario], tmp: Path, extra: list[str]) -> 
 
 
 def start_poolinetd(
-    mode: str, scenarios: list[Scenario], tmp: Path, cmd: list[str], extra: list[str]
+    mode: str,
+    scenarios: list[Scenario],
+    tmp: Path,
+    cmd: list[str],
+    extra: list[str],
+    extra_args: list[str] = [],  # noqa: B006 -- never mutated
 ) -> Server:
     """Start poolinetd in ``mode`` and wait for its ready line; ports in scenario order."""
     conf = tmp / f"poolinetd-{mode}.conf"
@@ -166,18 +171,22 @@ def start_poolinetd(
     try:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [*cmd, "--mode", mode, "-c", str(conf), "--ready-fd", str(wfd)],
+                [*cmd, "--mode", mode, "-c", str(conf), "--ready-fd", str(wfd), *extra_args],
                 pass_fds=(wfd,),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
                 cwd=tmp,
+                env=_repo_env(),
             )
     finally:
         os.close(wfd)
     try:
         line = _read_line(rfd, time.monotonic() + READY_TIMEOUT, proc)
+    except ServerError as exc:
+        # The temporary directory goes away with the run: quote the log now.
+        raise ServerError(f"{exc}; log tail: {_tail(log_path)}") from None
     finally:
         os.close(rfd)
     server = Server(mode, proc, {}, proc.pid, log_path)
@@ -192,6 +201,22 @@ def start_poolinetd(
         server.stop()
         raise ServerError(f"poolinetd {mode}: bad ready line {line!r}: {exc}") from exc
     return server
+
+
+def _repo_env() -> dict[str, str]:
+    """Environment in which ``python -m poolinetd`` finds this checkout's package."""
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return text[-limit:].strip() or "(empty log)"
 
 
 def _read_line(fd: int, deadline: float, proc: subprocess.Popen[bytes]) -> bytes:
@@ -323,7 +348,7 @@ def _start_peer(
     server = Server(mode, proc, ports, proc.pid, log_path, skipped)
     if not wait_listening(list(ports.values()), time.monotonic() + READY_TIMEOUT):
         server.stop()
-        raise ServerError(f"{mode} did not listen on {sorted(ports.values())}; see {log_path}")
+        raise ServerError(f"{mode} did not listen on {sorted(ports.values())}: {_tail(log_path)}")
     return server
 
 
