@@ -74,6 +74,7 @@ _BUFSIZE = re.compile(r"(?:sndbuf|rcvbuf)=[0-9]+[kKmM]?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _KEY = re.compile(r"[^ \t=,;#]*")
 _WORD = re.compile(r"[^ \t,;#]+")
+_KV_SPECIAL = frozenset(" \t,;#\"'\\")  # a value holding any of these is written quoted
 _INT_MAX = 2**31 - 1
 # Diagnostics quote the offending token; a megabyte-long token helps nobody.
 _TOKEN_MAX = 120
@@ -1032,7 +1033,7 @@ def _positional_arg(arg: str) -> str | None:
 
 def _kv_value(value: str) -> str:
     """A key-values value word, quoted with escapes when it needs it."""
-    if value and _WORD.fullmatch(value) and value[0] not in "\"'":
+    if value and not any(c in _KV_SPECIAL or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         return value
     out = ['"']
     for c in value:

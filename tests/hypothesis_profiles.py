@@ -1,0 +1,20 @@
+"""Hypothesis profiles for the config property tests; import this module to apply them.
+
+HYPOTHESIS_PROFILE=ci (default: fast, for CI) or deep (many examples, no deadline):
+    HYPOTHESIS_PROFILE=deep python -m pytest tests/test_inetdconf_props.py
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=150, deadline=None)
+settings.register_profile(
+    "deep",
+    max_examples=20_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
