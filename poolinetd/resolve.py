@@ -664,7 +664,7 @@ def _ordered(diags: Iterable[Diagnostic], sources: list[str]) -> tuple[Diagnosti
     listed = list(diags)
     for d in listed:
         rank.setdefault(d.source, len(rank))
-    return tuple(sorted(listed, key=lambda d: (rank[d.source], d.lineno)))
+    return tuple(sorted(listed, key=lambda d: (rank[d.source], d.lineno, d.field)))
 
 
 def load_text(
