@@ -1064,7 +1064,8 @@ def _service_token(spec: ServiceSpec) -> str:
     if spec.tcpmux is not None:
         name = "tcpmux/" + ("+" if spec.tcpmux_plus else "") + spec.tcpmux
     if not spec.addresses:
-        return name
+        # "*:" keeps a service literally named like a directive from being read as one.
+        return "*:" + name if name in ("defaults", ".include") else name
     addrs = ",".join(f"[{a}]" if ":" in a else a for a in spec.addresses)
     return f"{addrs}:{name}"
 

@@ -55,7 +55,9 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
             unix_perms = UnixPerms(draw(st.none() | NAME), draw(st.none() | NAME),
                                    draw(st.none() | st.integers(0, 0o7777)))  # fmt: skip
     else:
-        service = draw(NAME | st.integers(0, 65535).map(str))
+        service = draw(
+            NAME | st.integers(0, 65535).map(str) | st.sampled_from(["defaults", ".include"])
+        )
         addresses = tuple(draw(st.lists(ADDR, max_size=3)))
         if draw(st.integers(0, 9)) == 0:
             service, tcpmux, plus = "tcpmux", draw(NAME), draw(st.booleans())
