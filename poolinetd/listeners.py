@@ -119,16 +119,8 @@ def _clear_stale_unix(path: str) -> None:
 
 def _apply_unix_perms(service: Service, path: str) -> None:
     """FreeBSD's ``:owner:group:mode:`` prefix; without it, owner-only (0600) like FreeBSD."""
-    perms = service.spec.unix_perms
-    mode = perms.mode if perms and perms.mode is not None else 0o600
+    owner = service.socket_owner
+    mode = owner.mode if owner is not None and owner.mode is not None else 0o600
     os.chmod(path, mode)
-    if perms and (perms.owner or perms.group):
-        import grp
-        import pwd
-
-        try:
-            uid = pwd.getpwnam(perms.owner).pw_uid if perms.owner else -1
-            gid = grp.getgrnam(perms.group).gr_gid if perms.group else -1
-        except KeyError as exc:
-            raise ListenError(f"{path}: unknown owner or group {exc}") from None
-        os.chown(path, uid, gid)
+    if owner is not None and (owner.uid != -1 or owner.gid != -1):
+        os.chown(path, owner.uid, owner.gid)

@@ -21,9 +21,10 @@ def drop(uid: int, gid: int, groups: tuple[int, ...]) -> None:
     As any other user: succeeds only if we already are ``uid`` (nothing to
     change); anything else raises PrivilegeError.
     """
+    if (os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid)
+            and sorted(os.getgroups()) == sorted(set(groups) or {gid})):
+        return  # already exactly that identity (e.g. a root service under a root master)
     if os.geteuid() != 0:
-        if os.getuid() == uid and os.geteuid() == uid:
-            return
         raise PrivilegeError(f"cannot switch to uid {uid}: not running as root")
     try:
         os.setgroups(list(groups) or [gid])

@@ -25,12 +25,14 @@ import errno
 import logging
 import os
 import selectors
+import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from poolinetd import fdpass, internal, log, privileges, spawn
+from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType, StderrRoute
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -136,6 +138,11 @@ class Worker:
     def run(self) -> int:
         self.channel.setblocking(False)
         self.sel.register(self.channel, selectors.EVENT_READ, None)
+        # SIGTERM (e.g. sent to the whole process group) means what STOP means:
+        # finish what is being served, then exit. SIGINT/SIGQUIT stay fatal.
+        self.sigpipe = SignalPipe()
+        self.sigpipe.install([signal.SIGTERM])
+        self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
         self._set_title()
         fdpass.send(self.channel, fdpass.encode_ready(self.pid))
         next_scan = self.clock() + _TIMEOUT_SCAN
@@ -146,6 +153,9 @@ class Worker:
                 data = key.data
                 if data is None:
                     self._on_channel()
+                elif data is self.sigpipe:
+                    if signal.SIGTERM in self.sigpipe.drain():
+                        self._begin_stop(None)
                 elif isinstance(data, _Conn):
                     self._on_conn(data, mask)
                 elif isinstance(data, _Child):
@@ -162,6 +172,7 @@ class Worker:
         for loan in self.dgram.values():
             loan.sock.close()
         self.sel.close()
+        self.sigpipe.close()
         self.channel.close()
         return 0
 
@@ -428,6 +439,7 @@ def run_worker(channel: socket.socket, service: Service, internal_ports: frozens
     the master puts the service into backoff instead of respawning in a loop.
     """
     spawn.set_title(f"poolinetd: {service.name} worker booting")
+    os.chdir("/")  # like inetd: programs start in /, and no mount point is held busy
     try:
         privileges.drop(service.uid, service.gid, service.groups)
     except privileges.PrivilegeError as exc:

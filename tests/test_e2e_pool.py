@@ -1,0 +1,400 @@
+"""Pool mode against a running server on loopback: built-ins, programs, privileges, faults."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    IS_ROOT,
+    TEST_USER,
+    children_of,
+    fd_targets,
+    tcp_exchange,
+    udp_exchange,
+    wait_until,
+)
+from poolinetd import internal
+
+pytestmark = pytest.mark.process
+PROGRAMS = Path(__file__).parent / "programs"
+U = TEST_USER
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+BUILTINS_CONF = f"""
+127.0.0.1:0 stream tcp nowait {U} internal echo
+127.0.0.1:0 stream tcp nowait {U} internal discard
+127.0.0.1:0 stream tcp nowait {U} internal chargen
+127.0.0.1:0 stream tcp nowait {U} internal daytime
+127.0.0.1:0 stream tcp nowait {U} internal time
+127.0.0.1:0 dgram  udp wait   {U} internal echo
+127.0.0.1:0 dgram  udp wait   {U} internal discard
+127.0.0.1:0 dgram  udp wait   {U} internal chargen
+127.0.0.1:0 dgram  udp wait   {U} internal daytime
+127.0.0.1:0 dgram  udp wait   {U} internal time
+"""
+
+
+def _check_builtins(server, host: str) -> None:
+    echo, discard, chargen, daytime, tm = (server.port(i) for i in range(5))
+    payload = os.urandom(100_000)
+    assert tcp_exchange(echo, payload, host) == payload
+    assert tcp_exchange(discard, b"into the void" * 1000, host) == b""
+    lines = tcp_exchange(chargen, host=host, shut=False, limit=74 * 200)
+    assert lines[: 74 * 3] == b"".join(internal.chargen_line(i) for i in range(3))
+    text = tcp_exchange(daytime, host=host).decode()
+    assert re.fullmatch(r"\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\r\n", text), text
+    (secs,) = struct.unpack("!I", tcp_exchange(tm, host=host))
+    assert abs(secs - internal.RFC868_OFFSET - time.time()) < 5
+    uecho, udiscard, uchargen, udaytime, utime = (server.port(i) for i in range(5, 10))
+    assert udp_exchange(uecho, b"ping", host) == b"ping"
+    assert udp_exchange(udiscard, b"ping", host, timeout=0.3) is None
+    reply = udp_exchange(uchargen, b"", host)
+    assert reply is not None and len(reply) <= 512
+    assert (udp_exchange(udaytime, b"", host) or b"").endswith(b"\r\n")
+    (usecs,) = struct.unpack("!I", udp_exchange(utime, b"", host) or b"")
+    assert abs(usecs - internal.RFC868_OFFSET - time.time()) < 5
+
+
+def test_every_builtin_over_tcp_and_udp_ipv4(serve) -> None:
+    server = serve(BUILTINS_CONF)
+    _check_builtins(server, "127.0.0.1")
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback here")
+def test_every_builtin_over_tcp_and_udp_ipv6(serve) -> None:
+    conf = BUILTINS_CONF.replace("127.0.0.1:0", "[::1]:0").replace(" tcp ", " tcp6 ")
+    server = serve(conf.replace(" udp ", " udp6 "))
+    _check_builtins(server, "::1")
+
+
+def test_udp_loop_guard_refuses_privileged_and_builtin_ports(serve) -> None:
+    server = serve(f"127.0.0.1:0 dgram udp wait {U} internal echo\n")
+    port = server.port()
+    assert udp_exchange(port, b"ok") == b"ok"
+    if IS_ROOT:  # binding a privileged source port needs root
+        assert udp_exchange(port, b"loop?", src_port=19, timeout=0.5) is None
+    # Another built-in's port of this very server: answering it would be a loop.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        # The echo socket itself sends to itself: the classic reflection case.
+        sock.sendto(b"x", ("127.0.0.1", port))
+    wait_until(lambda: "dgram_refused" in server.log() or not IS_ROOT, 5, "guard log line")
+    assert udp_exchange(port, b"still fine") == b"still fine"
+
+
+def test_launched_program_gets_socket_env_and_only_stdio(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} {PROGRAMS}/report.sh report.sh\n")
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=5) as sock:
+        local_port = sock.getsockname()[1]
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    text = out.decode()
+    env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and ":" not in
+               line.split("=", 1)[0])
+    assert env["PROTO"] == "TCP"
+    assert env["TCPREMOTEIP"] == env["REMOTE_ADDR"] == "127.0.0.1"
+    assert env["TCPREMOTEPORT"] == env["REMOTE_PORT"] == str(local_port)
+    assert env["TCPLOCALIP"] == "127.0.0.1"
+    assert env["TCPLOCALPORT"] == str(server.port())
+    assert "PYTHONPATH" not in env and "PWD" not in env or env.get("PWD") == "/"
+    pid = re.search(r"pid: (\d+) sid: (\d+)", text)
+    assert pid and pid.group(1) == pid.group(2)  # setsid: leads its own session
+    if IS_ROOT:
+        assert re.search(r"Uid:\s+65534\s+65534\s+65534\s+65534", text), text
+        assert re.search(r"Groups:\s+65534\s*$", text, re.M), text
+
+
+def test_launched_program_holds_exactly_fds_0_1_2(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n")
+    (worker,) = server.workers()
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=5) as sock:
+        (cat,) = wait_until(lambda: children_of(worker), 5, "cat to start")
+        # Between clone and exec the child still shows the worker's fd table.
+        wait_until(lambda: os.readlink(f"/proc/{cat}/exe").endswith("/cat"), 5, "cat's exec")
+        fds = fd_targets(cat)
+        assert [f.split(":", 1)[0] for f in fds] == ["0", "1", "2"], fds
+        assert len({f.split(":", 1)[1] for f in fds}) == 1  # all three are the connection
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+
+
+def test_wait_dgram_program_holds_the_socket_until_it_exits(serve) -> None:
+    server = serve(f"127.0.0.1:0 dgram udp wait {U} {PROGRAMS}/udp_wait_server.py srv 0.5\n")
+    port = server.port()
+    first = (udp_exchange(port, b"one") or b"").split()
+    second = (udp_exchange(port, b"two") or b"").split()
+    assert first[2] == b"one" and second[2] == b"two"
+    assert first[0] == second[0]  # the same server answered both: inetd's wait contract
+    if IS_ROOT:
+        assert first[1] == b"65534"
+    wait_until(lambda: server.service_status(server.listeners[0]["service"])["active"] == 0, 10,
+               "the wait server to exit")
+    third = (udp_exchange(port, b"three") or b"").split()
+    assert third[2] == b"three" and third[0] != first[0]  # a fresh server after the exit
+
+
+def test_unix_stream_services(serve, tmp_path: Path) -> None:
+    path = tmp_path / "echo.sock"
+    prog = tmp_path / "prog.sock"
+    server = serve(f"{path} stream unix nowait {U} internal echo\n"
+                   f"{prog} stream unix nowait {U} {PROGRAMS}/report.sh report.sh\n")
+    for target, payload, check in ((path, b"unix hello", lambda b: b == b"unix hello"),
+                                   (prog, b"", lambda b: b"PROTO=UNIX" in b)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(target))
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+        assert check(out), out
+    assert oct(os.stat(prog).st_mode & 0o777) == "0o600"
+    server.stop()
+    assert not path.exists() and not prog.exists()  # unlinked on stop
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="privilege drop needs root")
+def test_workers_run_as_the_service_user(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait nobody internal echo\n")
+    (worker,) = server.workers()
+    status = Path(f"/proc/{worker}/status").read_text()
+    assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", status, re.M)
+    assert re.search(r"^Gid:\s+65534\s+65534\s+65534\s+65534$", status, re.M)
+    assert re.search(r"^Groups:\s+65534\s*$", status, re.M)
+    assert Path(f"/proc/{worker}/cmdline").read_bytes().startswith(b"poolinetd: ")
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    return {t.split(":", 1)[1] for t in fd_targets(pid) if "socket:" in t}
+
+
+def test_worker_inherits_no_fd_of_the_master(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} internal daytime\n")
+    workers = server.workers()
+    assert len(workers) == 2
+    master = _socket_inodes(server.pid)
+    for pid in workers:
+        mine = _socket_inodes(pid)
+        assert not (mine & master), "a worker holds a master socket (listener or channel)"
+        # channel + its own SIGTERM wakeup pair; epoll is not a socket
+        assert len(mine) == 3, fd_targets(pid)
+        others = [t for t in fd_targets(pid) if int(t.split(":")[0]) > 2 and "socket:" not in t]
+        assert all("eventpoll" in t for t in others), others
+
+
+def test_master_fd_count_returns_to_baseline_after_a_burst(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n")
+    name = server.listeners[1]["service"]
+    server.status()  # one loop turn after READY: the ready fd is closed by now
+    baseline = fd_targets(server.pid)
+    for _ in range(300):
+        assert tcp_exchange(server.port(0), b"x" * 64) == b"x" * 64
+    for _ in range(30):
+        assert tcp_exchange(server.port(1), b"y" * 64) == b"y" * 64
+    wait_until(lambda: server.service_status(name)["active"] == 0, 10)
+    assert fd_targets(server.pid) == baseline
+
+
+def test_max_child_backpressure_queues_then_serves(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait/2 {U} /bin/cat cat\n")
+    port = server.port()
+    name = server.listeners[0]["service"]
+    first = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        for sock in first:
+            sock.sendall(b"hi")
+            assert sock.recv(10) == b"hi"
+        wait_until(lambda: server.service_status(name)["active"] == 2, 5)
+        third = socket.create_connection(("127.0.0.1", port), timeout=5)  # kernel backlog
+        with third:
+            third.sendall(b"third")
+            third.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                third.recv(10)  # not served while two instances run
+            assert server.service_status(name)["accepted"] == 2
+            first[0].close()
+            third.settimeout(5)
+            assert third.recv(10) == b"third"  # served once one ended
+    finally:
+        for sock in first:
+            sock.close()
+
+
+def test_crashed_worker_is_replaced(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    (worker,) = server.workers()
+    os.kill(worker, signal.SIGKILL)
+    new = wait_until(lambda: [p for p in server.workers() if p != worker], 10, "a new worker")
+    assert new
+    assert tcp_exchange(server.port(), b"again") == b"again"
+    svc = server.service_status(server.listeners[0]["service"])
+    assert svc["restarts"] == 1
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root (runs the master without CAP_SETUID)")
+def test_boot_failure_backs_off_and_other_services_keep_serving(tmp_path: Path) -> None:
+    if not Path("/usr/bin/setpriv").exists():
+        pytest.skip("setpriv (util-linux) not installed")
+    conf = (f"127.0.0.1:0 stream tcp nowait nobody internal echo\n"
+            f"127.0.0.1:0 stream tcp nowait root internal daytime\n")
+    # Root without CAP_SETUID: the nobody workers fail to drop; root's workers boot fine.
+    env_cmd = ["/usr/bin/setpriv", "--bounding-set", "-setuid", "--inh-caps", "-setuid"]
+    import sys
+
+    rfd, wfd = os.pipe()
+    ctl = tmp_path / "ctl2.sock"
+    path = tmp_path / "c.conf"
+    path.write_text(conf)
+    logp = tmp_path / "log2"
+    with open(logp, "wb") as logf:
+        proc = subprocess.Popen([*env_cmd, sys.executable, "-m", "poolinetd", "-c", str(path),
+                                 "--ready-fd", str(wfd), "--control", str(ctl)], pass_fds=(wfd,),
+                                stdout=logf, stderr=subprocess.STDOUT)
+    os.close(wfd)
+    try:
+        import orjson
+
+        with os.fdopen(rfd, "rb") as ready:
+            info = orjson.loads(ready.readline())
+        from poolinetd import control
+
+        def echo_state() -> dict:
+            doc = control.request(str(ctl), "status")
+            return next(s for s in doc["services"] if s["source"].endswith(":1"))
+
+        wait_until(lambda: echo_state()["boot_failures"] >= 3, 15, "repeated boot failures")
+        state = echo_state()
+        assert state["state"] == "failing" and state["retry_in"] > 0
+        assert "drop" in state["last_error"] or "status 3" in state["last_error"]
+        # Backoff, not a fork storm: a handful of attempts in seconds, not hundreds.
+        assert state["boot_failures"] < 10
+        assert tcp_exchange(info["listeners"][1]["port"]).endswith(b"\r\n")
+        text = logp.read_text()
+        assert "worker_boot_failed" in text and "retry_in" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_200_concurrent_echo_clients_all_served(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    port = server.port()
+    sel = selectors.DefaultSelector()
+    socks = []
+    for i in range(200):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        socks.append(sock)
+    try:
+        want = {}
+        for i, sock in enumerate(socks):
+            msg = f"client {i} ".encode() * 50
+            sock.sendall(msg)
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            want[sock.fileno()] = (msg, bytearray())
+            sel.register(sock, selectors.EVENT_READ, sock)
+        open_count = len(socks)
+        deadline = time.monotonic() + 20
+        while open_count and time.monotonic() < deadline:
+            for key, _ in sel.select(1):
+                sock = key.data
+                data = sock.recv(65536)
+                if data:
+                    want[sock.fileno()][1].extend(data)
+                else:
+                    sel.unregister(sock)
+                    open_count -= 1
+        assert open_count == 0
+        assert all(bytes(got) == msg for msg, got in want.values())
+    finally:
+        sel.close()
+        for sock in socks:
+            sock.close()
+
+
+def test_hostile_clients_do_not_hurt_anyone_else(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} internal chargen\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n")
+    echo, chargen, cat = server.port(0), server.port(1), server.port(2)
+    workers = set(server.workers())
+    bystander = socket.create_connection(("127.0.0.1", echo), timeout=5)
+    with bystander:
+        for port in (echo, chargen, cat):
+            for _ in range(20):
+                # Reset with data in flight (SO_LINGER 0 => RST on close).
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(os.urandom(5000))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+                # Connect and vanish without a byte.
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        # A chargen reader that never reads: the worker must not block on it.
+        stuck = socket.create_connection(("127.0.0.1", chargen), timeout=5)
+        with stuck:
+            bystander.sendall(b"still here")
+            assert bystander.recv(100) == b"still here"
+            assert tcp_exchange(echo, b"fresh client") == b"fresh client"
+            assert tcp_exchange(cat, b"cat ok") == b"cat ok"
+    assert set(server.workers()) >= workers  # nobody crashed
+    assert server.proc.poll() is None
+
+
+def test_silent_client_is_timed_out(serve) -> None:
+    server = serve(f"defaults on conn_timeout=1;\n127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as sock:
+        start = time.monotonic()
+        assert sock.recv(10) == b""  # closed by the server
+        assert 0.5 < time.monotonic() - start < 5
+
+
+def test_program_that_cannot_exec_is_logged_and_worker_survives(serve, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/nonexistent/interpreter\n")
+    bad.chmod(0o755)
+    tmp_path.chmod(0o755)
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} {bad} bad\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    workers = server.workers()
+    assert tcp_exchange(server.port(0)) == b""
+    wait_until(lambda: "exec_failed" in server.log(), 5)
+    assert re.search(r"exec_failed .*errno=E[A-Z]+", server.log())
+    assert tcp_exchange(server.port(0)) == b""
+    assert sorted(server.workers()) == sorted(workers)  # no crash, no replacement
+
+
+def test_process_titles(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    (worker,) = server.workers()
+    title = Path(f"/proc/{worker}/cmdline").read_bytes().rstrip(b"\0")
+    assert title.startswith(b"poolinetd: ") and title.endswith(b" worker idle"), title
+    master = Path(f"/proc/{server.pid}/cmdline").read_bytes().rstrip(b"\0")
+    assert master.startswith(b"poolinetd: master -c "), master
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=5) as sock:
+        port = sock.getsockname()[1]
+        wait_until(lambda: f"127.0.0.1:{port}".encode()
+                   in Path(f"/proc/{worker}/cmdline").read_bytes(), 5, "title with the peer")
+    assert children_of(server.pid) == [worker]
