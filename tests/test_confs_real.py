@@ -48,7 +48,9 @@ EXPECTED: dict[str, tuple[list[str], list[tuple[int, str]]]] = {
     "freebsd-src-usr.sbin-inetd-inetd.conf": ([], []),
     "minix-etc-inetd.conf": ([], []),
     "netbsd-src-etc-inetd.conf-v1.36-2000.conf": ([], []),
-    "openbsd-src-etc-inetd.conf": (["comsat/udp", "comsat/udp6", "daytime/tcp", "daytime/tcp6"], []),
+    "openbsd-src-etc-inetd.conf": (
+        ["comsat/udp", "comsat/udp6", "daytime/tcp", "daytime/tcp6"], [],
+    ),
     "pfsense-etc-inetd.conf": (["tftp-proxy/udp"], []),
     "sls-1.02-linux-etc-inetd.conf": (
         ["telnet/tcp", "ntalk/udp", "ftp/tcp", "finger/tcp", "shell/tcp", "login/tcp", "tftp/udp",

@@ -44,7 +44,10 @@ def test_plain_entry() -> None:
 
 
 def test_comments_blank_lines_trailing_whitespace_crlf_no_final_newline() -> None:
-    text = "# comment\n\n   \t\r\n#echo stream tcp nowait root internal\r\necho\tstream tcp nowait root internal \t\r"
+    text = (
+        "# comment\n\n   \t\r\n#echo stream tcp nowait root internal\r\n"
+        "echo\tstream tcp nowait root internal \t\r"
+    )
     spec = one(text)
     assert spec == ECHO
     assert spec.lineno == 5
@@ -58,7 +61,8 @@ def test_continuation_line_appends_fields() -> None:
 
 
 def test_blank_line_ends_entry_and_continuation_does_not_cross_it() -> None:
-    text = "ftp stream tcp nowait root /usr/libexec/ftpd ftpd\n\nnext stream tcp nowait root internal\n"
+    text = "ftp stream tcp nowait root /usr/libexec/ftpd ftpd\n\n"
+    text += "next stream tcp nowait root internal\n"
     parsed = parse(text, "t.conf")
     assert [s.argv for s in parsed.specs] == [("ftpd",), ()]
 
@@ -301,7 +305,8 @@ def test_key_values_span_lines_with_comments_and_escapes() -> None:
         "\n"
         "    # tuning\n"
         "    pool_min=2, pool_max=8, worker_connections=1, max_requests=100,\n"
-        '    idle_timeout=2.5, conn_timeout=30, stderr=log, env="GREETING=hi there" A=1 "T=\\t\\x41";\n'
+        "    idle_timeout=2.5, conn_timeout=30, stderr=log,\n"
+        '    env="GREETING=hi there" A=1 "T=\\t\\x41";\n'
     )
     spec = one(text)
     assert spec.addresses == ("127.0.0.1",)
@@ -315,7 +320,8 @@ def test_key_values_span_lines_with_comments_and_escapes() -> None:
 
 def test_key_values_limits_and_netbsd_aliases() -> None:
     spec = one(
-        "echo on protocol=tcp, user=root, service_max=40, ip_max=5, max_child=3, max_child_per_ip=1;"
+        "echo on protocol=tcp, user=root, service_max=40, ip_max=5,"
+        " max_child=3, max_child_per_ip=1;"
     )
     assert spec.limits == Limits(
         max_child=3, max_cpm_per_ip=5, max_child_per_ip=1, max_spawn_per_min=40

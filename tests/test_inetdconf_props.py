@@ -1,4 +1,4 @@
-"""Hypothesis properties of inetdconf.parse and format_spec (profiles: tests/hypothesis_profiles.py)."""
+"""Hypothesis properties of inetdconf.parse and format_spec (profiles: hypothesis_profiles.py)."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_error_line_points_at_the_offending_token(
     lines = [format_spec(s) for s in entries]
     victim = data.draw(st.integers(0, len(lines) - 1))
     field, token = data.draw(BAD_FIELDS)
-    good = list(("echo stream tcp nowait root internal").split())
+    good = ["echo", "stream", "tcp", "nowait", "root", "internal"]
     good[field - 1] = token
     lines.insert(victim, " ".join(good))
     parsed = parse("\n".join(lines), "e.conf")

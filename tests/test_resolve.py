@@ -22,12 +22,14 @@ from poolinetd.spec import (
     StderrRoute,
 )
 
+NO_OPTIONS = Options()
 
-def load(text: str, cli: Options = Options()) -> LoadedConfig:
+
+def load(text: str, cli: Options = NO_OPTIONS) -> LoadedConfig:
     return load_text(text, "/etc/t.conf", cli, fake_lookups())
 
 
-def only(text: str, cli: Options = Options()) -> Service:
+def only(text: str, cli: Options = NO_OPTIONS) -> Service:
     loaded = load(text, cli)
     assert loaded.errors == (), [str(d) for d in loaded.errors]
     assert len(loaded.services) == 1
@@ -229,7 +231,8 @@ def test_unknown_user_and_group() -> None:
         "/etc/t.conf:1: field 5 'ghost': unknown user 'ghost' (create the user or fix the name)"
     ]
     assert errs("echo stream tcp nowait root:ghosts internal") == [
-        "/etc/t.conf:1: field 5 'root:ghosts': unknown group 'ghosts' (create the group or fix the name)"
+        "/etc/t.conf:1: field 5 'root:ghosts': unknown group 'ghosts' "
+        "(create the group or fix the name)"
     ]
 
 
@@ -354,8 +357,8 @@ def test_resolve_returns_only_its_own_diagnostics() -> None:
 
 
 def test_lookups_that_raise_odd_errors_are_unknown() -> None:
-    loaded = load_text("\udcff stream tcp nowait root internal\nx\x00 stream tcp nowait root internal\n",
-                       "t.conf", Options(), system_lookups())  # fmt: skip
+    text = "\udcff stream tcp nowait root internal\nx\x00 stream tcp nowait root internal\n"
+    loaded = load_text(text, "t.conf", Options(), system_lookups())
     assert len(loaded.errors) == 2
 
 
@@ -374,7 +377,10 @@ def test_include_relative_glob_and_position(tmp_path: Path) -> None:
     )
     main = tmp_path / "inetd.conf"
     main.write_text(
-        'echo stream tcp nowait root internal\n.include "inetd.d/*.conf"\ndiscard stream tcp nowait root internal\n.include "none/*"\n'
+        "echo stream tcp nowait root internal\n"
+        '.include "inetd.d/*.conf"\n'
+        "discard stream tcp nowait root internal\n"
+        '.include "none/*"\n'
     )
     loaded = load_file(str(main), Options(), fake_lookups())
     assert [s.name for s in loaded.services] == [
@@ -416,7 +422,8 @@ def test_real_system_lookups() -> None:
 
 def test_real_system_program_and_unknown_user() -> None:
     loaded = load_text(
-        "7007 stream tcp nowait root /bin/cat cat\n7008 stream tcp nowait no-such-user-xyz internal echo\n",
+        "7007 stream tcp nowait root /bin/cat cat\n"
+        "7008 stream tcp nowait no-such-user-xyz internal echo\n",
         "t.conf", Options(), system_lookups(),
     )  # fmt: skip
     assert [s.program for s in loaded.services] == ["/bin/cat"]
