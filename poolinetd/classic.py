@@ -21,13 +21,16 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import orjson
 
-from poolinetd import internal, listeners, log, privileges, spawn, worker
+from poolinetd import control, internal, listeners, log, privileges, reloadplan, spawn, worker
 from poolinetd.signals import SignalPipe
-from poolinetd.spec import Service, SocketType, StderrRoute
+from poolinetd.spec import Diagnostic, Service, Severity, SocketType, StderrRoute
+
+LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
 
 EMFILE_PAUSE = 1.0
 FAST_STOP_TIMEOUT = 2.0
@@ -49,6 +52,7 @@ class _ServiceState:
     children: set[int] = field(default_factory=set)
     paused_until: float = 0.0
     accepted: int = 0
+    retired: bool = False  # removed or replaced by a reload; its children run on
 
 
 class Classic:
@@ -56,8 +60,14 @@ class Classic:
 
     def __init__(self, services: list[tuple[Service, list[socket.socket]]], *,
                  ready_fd: int | None = None, title: str = "poolinetd: master (classic)",
-                 graceful_timeout: float = 30.0, log_connections: bool = False) -> None:
+                 graceful_timeout: float = 30.0, log_connections: bool = False,
+                 control_path: str | None = None, load_config: LoadConfig | None = None,
+                 open_sockets: Callable[[Service], list[socket.socket]] | None = None) -> None:
         self.ready_fd = ready_fd
+        self.load_config = load_config
+        self.open_sockets = open_sockets
+        self.started = time.time()
+        self.reloads = 0
         self.title = title
         self.graceful_timeout = graceful_timeout
         self.log_connections = log_connections
@@ -70,15 +80,26 @@ class Classic:
         self.children: dict[int, tuple[_ServiceState, _Listener | None, float]] = {}
         self.stopping = False
         self.stop_deadline = 0.0
-        ports = set(internal.BUILTIN_PORTS)
         for service, socks in services:
-            state = _ServiceState(service)
-            for sock in socks:
-                state.listeners.append(_Listener(sock, service, listeners.bound_address(sock)))
-                if service.internal is not None:
-                    ports.add(state.listeners[-1].bound.port)
-            self.states.append(state)
-        self.internal_ports = frozenset(ports)
+            self._add_state(service, socks)
+        self.internal_ports = self._internal_ports()
+        self.control = control.ControlServer(control_path, self) if control_path else None
+        if self.control is not None:
+            self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
+
+    def _add_state(self, service: Service, socks: list[socket.socket]) -> _ServiceState:
+        state = _ServiceState(service)
+        for sock in socks:
+            state.listeners.append(_Listener(sock, service, listeners.bound_address(sock)))
+        self.states.append(state)
+        return state
+
+    def _internal_ports(self) -> frozenset[int]:
+        ports = set(internal.BUILTIN_PORTS)
+        for state in self.states:
+            if state.service.internal is not None:
+                ports.update(lst.bound.port for lst in state.listeners if lst.bound.port)
+        return frozenset(ports)
 
     def run(self) -> int:
         spawn.set_title(self.title)
@@ -90,14 +111,20 @@ class Classic:
         self._report_ready()
         while not (self.stopping and not self.children):
             timeout = self._timeout()
-            for key, _ in self.sel.select(timeout):
+            for key, mask in self.sel.select(timeout):
                 if key.data is self.sigpipe:
                     self._on_signals()
+                elif isinstance(key.data, control.ControlServer):
+                    key.data.on_accept(self.sel)
+                elif isinstance(key.data, control.ControlConn):
+                    key.data.on_event(self.sel, mask)
                 else:
                     lst = key.data
                     assert isinstance(lst, _Listener)
                     self._on_listener(lst)
             now = time.monotonic()
+            if self.control is not None:
+                self.control.expire(self.sel, now)
             if self.stopping and now >= self.stop_deadline:
                 for pid in self.children:
                     _kill(pid, signal.SIGKILL)
@@ -111,6 +138,8 @@ class Classic:
     def _timeout(self) -> float | None:
         now = time.monotonic()
         times = [s.paused_until for s in self.states if s.paused_until > now]
+        if self.control is not None and (deadline := self.control.next_deadline()) is not None:
+            times.append(deadline)
         if self.stopping:
             times.append(min(self.stop_deadline, now + 0.5))
         return max(0.0, min(times) - now) if times else None
@@ -134,12 +163,13 @@ class Classic:
     def _update(self, state: _ServiceState) -> None:
         """Poll a listener only while its service may start another child."""
         limit = state.service.limits.max_child
-        can = (not self.stopping and state.paused_until <= time.monotonic()
+        can = (not self.stopping and not state.retired
+               and state.paused_until <= time.monotonic()
                and not (limit and len(state.children) >= limit))
         for lst in state.listeners:
             want = can and not lst.lent_to
             if state.service.internal is not None and state.service.socket_type is SocketType.DGRAM:
-                want = not self.stopping  # answered here, never forked
+                want = not self.stopping and not state.retired  # answered here, never forked
             if want != lst.polled:
                 if want:
                     self.sel.register(lst.sock, selectors.EVENT_READ, lst)
@@ -154,7 +184,7 @@ class Classic:
         state = self._state_of(lst)
         service = state.service
         if service.internal is not None and service.socket_type is SocketType.DGRAM:
-            self._answer_dgram(lst)
+            worker.DgramResponder(lst.sock, service, self.internal_ports).on_readable()
         elif service.wait or service.socket_type is SocketType.DGRAM:
             lst.polled = False
             self.sel.unregister(lst.sock)
@@ -210,6 +240,7 @@ class Classic:
         env = worker.connection_env(service, peer, local)
         sock.setblocking(True)
         os.setsid()
+        saved_log = os.dup(log.log_fd())  # close-on-exec: only used if exec fails
         os.dup2(fd, 0)
         os.dup2(fd, 1)
         os.dup2(log.log_fd() if service.stderr is StderrRoute.LOG else fd, 2)
@@ -217,26 +248,11 @@ class Classic:
         try:
             os.execve(service.program, list(service.argv), env)
         except OSError as exc:
+            os.dup2(saved_log, 2)  # fd 2 is the client's socket now: log to the real log
             log.error("exec_failed", service=service.name, pid=os.getpid(),
-                      program=service.program, error=exc.strerror)
+                      program=service.program, errno=errno.errorcode.get(exc.errno or 0, "?"),
+                      error=exc.strerror)
         return 127
-
-    def _answer_dgram(self, lst: _Listener) -> None:
-        name = lst.service.internal
-        assert name is not None
-        for _ in range(64):
-            try:
-                data, addr = lst.sock.recvfrom(65536)
-            except OSError:
-                return
-            if internal.loop_guard(addr[1], self.internal_ports) is not None:
-                continue
-            reply = internal.answer(name, data, time.time())
-            if reply is not None:
-                try:
-                    lst.sock.sendto(reply, addr)
-                except OSError:
-                    pass
 
     def _on_signals(self) -> None:
         for sig in self.sigpipe.drain():
@@ -251,8 +267,7 @@ class Classic:
             elif sig == signal.SIGUSR1:
                 log.reopen()
             elif sig == signal.SIGHUP:
-                log.warning("reload_unsupported", mode="classic",
-                            hint="restart to apply a new config in classic mode")
+                self.reload()
 
     def _reap(self) -> None:
         while True:
@@ -267,6 +282,8 @@ class Classic:
                 continue
             state, lst, started = entry
             state.children.discard(pid)
+            if state.retired and not state.children and state in self.states:
+                self.states.remove(state)
             if lst is not None:
                 lst.lent_to = 0
                 lst.sock.setblocking(False)
@@ -289,6 +306,71 @@ class Classic:
                 listeners.close_listener(lst.sock)
             state.listeners = []
 
+    def reload(self) -> bool:
+        """Re-read the config and apply it all or nothing; running children are never cut."""
+        if self.load_config is None or self.open_sockets is None or self.stopping:
+            return False
+        services, diagnostics = self.load_config()
+        errors = [d for d in diagnostics if d.severity is Severity.ERROR]
+        for diag in diagnostics:
+            log.event(40 if diag in errors else 30, "config_diagnostic", message=str(diag))
+        if errors:
+            log.error("reload_failed", errors=len(errors), action="kept the running config")
+            return False
+        diff = reloadplan.plan({s.service.key: (s, s.service) for s in self.states
+                                if not s.retired}, services)
+        opened: list[tuple[Service, list[socket.socket]]] = []
+        for service in diff.added:  # open everything new before closing anything
+            try:
+                opened.append((service, self.open_sockets(service)))
+            except listeners.ListenError as exc:
+                for _, socks in opened:
+                    for sock in socks:
+                        listeners.close_listener(sock)
+                log.error("reload_failed", error=str(exc), action="kept the running config")
+                return False
+        for service, socks in opened:
+            self._add_state(service, socks)
+        for old, service in diff.changed:
+            new = self._add_state(service, [])
+            for lst in old.listeners:
+                lst.service = service
+                new.listeners.append(lst)
+            old.listeners = []
+            old.retired = True
+        for state in diff.removed:
+            state.retired = True
+            for lst in state.listeners:
+                if lst.polled:
+                    self.sel.unregister(lst.sock)
+                    lst.polled = False
+                listeners.close_listener(lst.sock)
+            state.listeners = []
+        order = {s.key: i for i, s in enumerate(services)}
+        self.states = [s for s in self.states if not s.retired or s.children]
+        self.states.sort(key=lambda s: (s.retired, order.get(s.service.key, 0)))
+        self.internal_ports = self._internal_ports()
+        self.reloads += 1
+        log.info("reloaded", added=len(diff.added), changed=len(diff.changed),
+                 removed=len(diff.removed), unchanged=diff.unchanged)
+        return True
+
+    def status(self) -> dict[str, object]:
+        """The same document as pool mode's status; classic has no workers to count."""
+        services = [{
+            "service": s.service.name,
+            "source": f"{s.service.spec.source}:{s.service.spec.lineno}",
+            "state": "retiring" if s.retired else "serving",
+            "listeners": [f"{lst.bound.address}:{lst.bound.port}" if lst.bound.port
+                          else lst.bound.address for lst in s.listeners],
+            "workers": {"booting": 0, "idle": 0, "busy": len(s.children), "draining": 0},
+            "pool_min": 0, "pool_max": 0, "accepted": s.accepted, "refused": 0,
+            "active": len(s.children), "programs": len(s.children), "restarts": 0,
+            "boot_failures": 0, "retry_in": 0.0, "last_error": "",
+        } for s in self.states]
+        return {"pid": os.getpid(), "mode": "classic", "uptime": round(time.time() - self.started, 3),
+                "reloads": self.reloads, "stopping": self.stopping, "services": services}
+
     def _close(self) -> None:
         for state in self.states:
             for lst in state.listeners:
@@ -296,6 +378,8 @@ class Classic:
                     self.sel.unregister(lst.sock)
                 listeners.close_listener(lst.sock)
             state.listeners = []
+        if self.control is not None:
+            self.control.close(self.sel)
         self.sel.unregister(self.sigpipe.reader)
         self.sigpipe.close()
         self.sel.close()

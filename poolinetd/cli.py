@@ -16,7 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from poolinetd import __version__, check, control, listeners, log, resolve
-from poolinetd.spec import Options, Service, Severity
+from poolinetd.classic import Classic
+from poolinetd.master import Master
+from poolinetd.spec import Diagnostic, Options, Service, Severity
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
@@ -215,6 +217,8 @@ def _open_sockets(service: Service) -> list[socket.socket]:
 
 def _run(args: argparse.Namespace) -> int:
     _ensure_stdio()
+    if args.conf:
+        args.conf = os.path.abspath(args.conf)  # reloads must find it after the chdir below
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
     log.setup(args.log_format, level, args.log_file)
     loaded = _load(args)
@@ -238,29 +242,29 @@ def _run(args: argparse.Namespace) -> int:
             for sock in socks:
                 listeners.close_listener(sock)
         return EX_OSERR
+    # Like inetd: work from /, so programs start there and no mount point is held busy.
+    os.chdir("/")
     title = f"poolinetd: master{' -c ' + args.conf if args.conf else ''}"
-    if args.mode == "classic":
-        from poolinetd import classic
 
-        server = classic.Classic(opened, ready_fd=args.ready_fd, title=title + " (classic)",
-                                 graceful_timeout=args.graceful_timeout,
-                                 log_connections=args.log_connections)
-        return _with_pidfile(args.pidfile, server.run)
-
-    from poolinetd.master import Master
-
-    def reload_config() -> tuple[tuple[Service, ...], tuple[resolve.Diagnostic, ...]]:
+    def reload_config() -> tuple[tuple[Service, ...], tuple[Diagnostic, ...]]:
         again = _load(args)
         if again.errors:
             return (), again.diagnostics
         return tuple(_servable(again.services)), again.diagnostics
 
     control_path = None if args.no_control else (args.control or default_control_path())
+    server: Master | Classic
     try:
-        master = Master(opened, load_config=reload_config, open_sockets=_open_sockets,
-                        ready_fd=args.ready_fd, control_path=control_path,
-                        graceful_timeout=args.graceful_timeout,
-                        log_connections=args.log_connections, title=title)
+        if args.mode == "classic":
+            server = Classic(opened, ready_fd=args.ready_fd, title=title + " (classic)",
+                             graceful_timeout=args.graceful_timeout,
+                             log_connections=args.log_connections, control_path=control_path,
+                             load_config=reload_config, open_sockets=_open_sockets)
+        else:
+            server = Master(opened, load_config=reload_config, open_sockets=_open_sockets,
+                            ready_fd=args.ready_fd, control_path=control_path,
+                            graceful_timeout=args.graceful_timeout,
+                            log_connections=args.log_connections, title=title)
     except OSError as exc:
         log.error("control_socket_failed", path=control_path, error=exc.strerror,
                   hint="another poolinetd may be running; use --control PATH or --no-control")
@@ -268,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
             for sock in socks:
                 listeners.close_listener(sock)
         return EX_OSERR
-    return _with_pidfile(args.pidfile, master.run)
+    return _with_pidfile(args.pidfile, server.run)
 
 
 def _with_pidfile(path: str | None, body: object) -> int:

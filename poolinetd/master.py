@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from poolinetd import control, fdpass, internal, listeners, log, spawn, worker
+from poolinetd import control, fdpass, internal, listeners, log, reloadplan, spawn, worker
 from poolinetd.pool import Pool, WorkerState
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Diagnostic, Service, ServiceKey, SocketType
@@ -679,13 +679,10 @@ class Master:
         if errors:
             log.error("reload_failed", errors=len(errors), action="kept the running config")
             return False
-        current = {rt.service.key: rt for rt in self.runtimes if not rt.retired}
-        wanted: dict[ServiceKey, Service] = {s.key: s for s in services}
-        added = [s for k, s in wanted.items() if k not in current]
-        removed = [rt for k, rt in current.items() if k not in wanted]
-        changed = [(current[k], s) for k, s in wanted.items()
-                   if k in current and current[k].service != s]
-        unchanged = len(wanted) - len(added) - len(changed)
+        diff = reloadplan.plan(
+            {rt.service.key: (rt, rt.service) for rt in self.runtimes if not rt.retired},
+            services)
+        added, removed, changed = diff.added, diff.removed, diff.changed
         # Open every new listener before anything is closed: a reload that
         # cannot bind changes nothing.
         opened: list[tuple[Service, list[socket.socket]]] = []
@@ -719,7 +716,7 @@ class Master:
             self._maintain(rt)
         self.reloads += 1
         log.info("reloaded", added=len(added), changed=len(changed), removed=len(removed),
-                 unchanged=unchanged)
+                 unchanged=diff.unchanged)
         return True
 
     def _retire(self, rt: ServiceRuntime, close_listeners: bool) -> None:

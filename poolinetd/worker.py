@@ -29,7 +29,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from poolinetd import fdpass, internal, log, privileges, spawn
 from poolinetd.signals import SignalPipe
@@ -66,14 +66,61 @@ class _Child:
     started: float
 
 
+class DgramResponder:
+    """Answers a datagram built-in on one bound socket, behind the loop guard.
+
+    Used by workers (on a lent socket) and by classic mode's master. Does not
+    own ``sock``. Refusals are logged at most once per interval, with a count.
+    """
+
+    def __init__(self, sock: socket.socket, service: Service, internal_ports: frozenset[int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        assert service.internal is not None
+        self.sock = sock
+        self.service = service
+        self.internal_ports = internal_ports
+        self.clock = clock
+        self.refused = 0
+        self.last_guard_log = -_GUARD_LOG_INTERVAL
+
+    def on_readable(self) -> None:
+        name = self.service.internal
+        assert name is not None
+        for _ in range(_DGRAM_BATCH):  # bounded: a flood cannot starve the rest of the loop
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # e.g. an ICMP error queued on the socket
+            why = internal.loop_guard(addr[1], self.internal_ports)
+            if why is not None:
+                self._refused(addr, why)
+                continue
+            reply = internal.answer(name, data, time.time())
+            if reply is not None:
+                try:
+                    self.sock.sendto(reply, addr)
+                except OSError:
+                    continue
+
+    def _refused(self, addr: tuple[str, int], why: str) -> None:
+        self.refused += 1
+        now = self.clock()
+        if now - self.last_guard_log >= _GUARD_LOG_INTERVAL:
+            log.warning("dgram_refused", service=self.service.name, pid=os.getpid(),
+                        peer=f"{addr[0]} {addr[1]}", reason=why, refused_since_last=self.refused)
+            self.refused = 0
+            self.last_guard_log = now
+
+
 @dataclass(slots=True)
 class _DgramLoan:
     """A bound datagram socket lent for a built-in: answered until the worker exits."""
 
     lend_id: int
     sock: socket.socket
-    refused: int = 0
-    last_guard_log: float = field(default=-_GUARD_LOG_INTERVAL)
+    responder: DgramResponder
 
 
 def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
@@ -161,7 +208,7 @@ class Worker:
                 elif isinstance(data, _Child):
                     self._on_child(data)
                 elif isinstance(data, _DgramLoan):
-                    self._on_dgram(data)
+                    data.responder.on_readable()
             self._flush_done()
             now = self.clock()
             if now >= next_scan:
@@ -356,7 +403,8 @@ class Worker:
         sock = socket.socket(fileno=fd)
         if self.service.internal is not None and self.service.socket_type is SocketType.DGRAM:
             sock.setblocking(False)
-            loan = _DgramLoan(lend_id, sock)
+            loan = _DgramLoan(lend_id, sock, DgramResponder(sock, self.service,
+                                                            self.internal_ports, self.clock))
             self.dgram[sock.fileno()] = loan
             self.sel.register(sock, selectors.EVENT_READ, loan)
             return
@@ -366,36 +414,6 @@ class Worker:
             self.done.append(lend_id)
             return
         self._launch(lend_id, sock, "", "")
-
-    def _on_dgram(self, loan: _DgramLoan) -> None:
-        name = self.service.internal
-        assert name is not None
-        for _ in range(_DGRAM_BATCH):
-            try:
-                data, addr = loan.sock.recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # e.g. ICMP port unreachable reported on the socket
-            why = internal.loop_guard(addr[1], self.internal_ports)
-            if why is not None:
-                self._guard_refused(loan, addr, why)
-                continue
-            reply = internal.answer(name, data, time.time())
-            if reply is not None:
-                try:
-                    loan.sock.sendto(reply, addr)
-                except OSError:
-                    continue
-
-    def _guard_refused(self, loan: _DgramLoan, addr: tuple[str, int], why: str) -> None:
-        loan.refused += 1
-        now = self.clock()
-        if now - loan.last_guard_log >= _GUARD_LOG_INTERVAL:
-            log.warning("dgram_refused", service=self.service.name, pid=self.pid,
-                        peer=f"{addr[0]} {addr[1]}", reason=why, refused_since_last=loan.refused)
-            loan.refused = 0
-            loan.last_guard_log = now
 
     # -- reporting ------------------------------------------------------------
     def _flush_done(self) -> None:
@@ -439,7 +457,6 @@ def run_worker(channel: socket.socket, service: Service, internal_ports: frozens
     the master puts the service into backoff instead of respawning in a loop.
     """
     spawn.set_title(f"poolinetd: {service.name} worker booting")
-    os.chdir("/")  # like inetd: programs start in /, and no mount point is held busy
     try:
         privileges.drop(service.uid, service.gid, service.groups)
     except privileges.PrivilegeError as exc:
