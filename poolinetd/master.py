@@ -301,7 +301,9 @@ class Master:
             if pid is None:
                 break
             try:
-                conn, addr = lst.sock.accept()
+                # _accept() gives the bare fd: no socket object per connection,
+                # the master only forwards it and closes it.
+                fd, addr = lst.sock._accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -316,20 +318,19 @@ class Master:
             if per_ip or limits.max_spawn_per_min:
                 why = self._refusal(rt, ip)
                 if why:
-                    conn.close()
+                    os.close(fd)
                     self._refused(rt, ip, why)
                     if rt.paused_until > self.clock():
                         break
                     continue
-            self._dispatch(rt, pid, conn, ip, worker.format_addr(addr))
+            self._dispatch(rt, pid, fd, ip, worker.format_addr(addr))
 
-    def _dispatch(self, rt: ServiceRuntime, pid: int, conn: socket.socket, ip: str,
-                  peer: str) -> None:
-        """Send ``conn`` to worker ``pid``; the master's copy is closed on every path."""
+    def _dispatch(self, rt: ServiceRuntime, pid: int, conn: int, ip: str, peer: str) -> None:
+        """Send fd ``conn`` to worker ``pid``; the master's copy is closed on every path."""
         handle = self.workers[pid]
         conn_id = next(self.ids)
         try:
-            fdpass.send(handle.channel, fdpass.encode_conn(conn_id, peer, ""), conn.fileno())
+            fdpass.send(handle.channel, fdpass.encode_conn(conn_id, peer, ""), conn)
         except BlockingIOError:
             rt.refused += 1
             log.warning("worker_congested", service=rt.service.name, pid=pid, peer=peer)
@@ -340,7 +341,7 @@ class Master:
                         error=exc.strerror)
             return
         finally:
-            conn.close()
+            os.close(conn)
         rt.accepted += 1
         rt.instances += 1
         if ip and (rt.service.limits.max_child_per_ip or rt.service.limits.max_cpm_per_ip):
