@@ -631,10 +631,10 @@ class Master:
             rt.pool.settings = replace(settings, pool_min=new_min)
             log.info("pool_resized", service=rt.service.name, pool_min=new_min)
             if delta < 0:
-                ready = [s for s in rt.pool.workers.values()
-                         if s.state is WorkerState.READY and s.load == 0]
-                if len(ready) > new_min and ready:
-                    self._stop_worker(rt, ready[0].pid)
+                live = [s for s in rt.pool.workers.values() if s.state is not WorkerState.DRAINING]
+                spare = [s for s in live if s.state is WorkerState.BOOTING or s.load == 0]
+                if len(live) > new_min and spare:
+                    self._stop_worker(rt, spare[-1].pid)
             self._maintain(rt)
 
     def begin_stop(self, timeout: float, why: str, fast: bool = False) -> None:

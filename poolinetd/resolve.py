@@ -191,10 +191,13 @@ class _SpecResolver:
         if self.failed or user is None or port is None:
             return None
         pw, gid, groups = user
+        name = display_name(spec, internal, argv)
+        any_port = any(ep.port == 0 for ep in endpoints) and not spec.protocol.is_unix
         return Service(
             spec=spec,
-            name=f"{spec.service}/{spec.protocol.value}",
-            key=ServiceKey(spec.socket_type, spec.protocol.is_udp, endpoints),
+            name=name,
+            key=ServiceKey(spec.socket_type, spec.protocol.is_udp, endpoints,
+                           name if any_port else ""),
             uid=pw.uid,
             gid=gid,
             groups=groups,
@@ -499,10 +502,28 @@ def _overlap(a: Endpoint, b: Endpoint) -> bool:
     return False
 
 
+def display_name(spec: ServiceSpec, internal: str | None, argv: tuple[str, ...]) -> str:
+    """How logs, titles and status name a service: ``echo/tcp``, ``echo:7007/tcp``.
+
+    A numeric port says nothing to an operator, so it is prefixed with the
+    built-in's name or the program's argv[0] (``cat:0/tcp``).
+    """
+    proto = spec.protocol.value
+    if spec.service.isdigit():
+        what = internal or os.path.basename(argv[0] if argv else spec.server)
+        return f"{what}:{spec.service}/{proto}"
+    return f"{spec.service}/{proto}"
+
+
 def _find_duplicates(services: Iterable[Service]) -> tuple[list[Service], list[Diagnostic]]:
-    """Drop every service that overlaps an earlier one; one error per drop naming both lines."""
+    """Drop every service that overlaps an earlier one; one error per drop naming both lines.
+
+    Port 0 ("any free port") never overlaps, but two such entries with the same
+    name and address could not be told apart on a reload: that is an error too.
+    """
     kept: list[Service] = []
     diags: list[Diagnostic] = []
+    labelled: dict[ServiceKey, Service] = {}
     # Buckets by transport and port keep this linear for big files.
     buckets: dict[tuple[str, int | str], list[tuple[Service, Endpoint]]] = {}
     for svc in services:
@@ -519,6 +540,10 @@ def _find_duplicates(services: Iterable[Service]) -> tuple[list[Service], list[D
                     break
             if clash:
                 break
+        if clash is None and svc.key.label:
+            twin = labelled.setdefault(svc.key, svc)
+            if twin is not svc:
+                clash = (twin, svc.key.endpoints[0])
         if clash is None:
             kept.append(svc)
             for ep in svc.key.endpoints:

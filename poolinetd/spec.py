@@ -254,11 +254,16 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ServiceKey:
-    """Identity across a reload: same endpoints and socket type = same service."""
+    """Identity across a reload: same endpoints and socket type = same service.
+
+    ``label`` is the display name for services that ask for port 0 ("any free
+    port"): their endpoints alone do not tell them apart. Empty otherwise.
+    """
 
     socket_type: SocketType
     is_udp: bool
     endpoints: tuple[Endpoint, ...]
+    label: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,7 +103,9 @@ def test_unknown_host_and_service() -> None:
 
 def test_service_name_is_as_written_plus_protocol() -> None:
     assert only("echo stream tcp6 nowait root internal").name == "echo/tcp6"
-    assert only("7007 stream tcp nowait root internal echo").name == "7007/tcp"
+    # A bare number tells an operator nothing: the built-in or argv[0] goes in front.
+    assert only("7007 stream tcp nowait root internal echo").name == "echo:7007/tcp"
+    assert only("7008 stream tcp nowait root /bin/cat cat -u").name == "cat:7008/tcp"
     assert only("/run/x.sock stream unix nowait root internal echo").name == "/run/x.sock/unix"
 
 
@@ -302,6 +304,13 @@ def test_disabled_entry_is_not_resolved() -> None:
 # -- duplicates ----------------------------------------------------------------------------
 
 
+def test_port_0_twins_cannot_be_told_apart_on_reload() -> None:
+    loaded = load("127.0.0.1:0 stream tcp nowait root internal echo\n"
+                  "127.0.0.1:0 stream tcp nowait root internal echo\n")
+    (err,) = loaded.errors
+    assert err.lineno == 2 and "duplicate service" in err.message
+
+
 @pytest.mark.parametrize(
     ("first", "second"),
     [
@@ -333,7 +342,7 @@ def test_duplicates_name_both_lines(first: str, second: str) -> None:
         ),
         (
             "127.0.0.1:0 stream tcp nowait root internal echo",
-            "127.0.0.1:0 stream tcp nowait root internal echo",
+            "127.0.0.1:0 stream tcp nowait root internal daytime",
         ),
     ],
 )

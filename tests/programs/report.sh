@@ -3,3 +3,4 @@
 grep -E '^(Uid|Gid|Groups):' /proc/$$/status
 echo "pid: $$ sid: $(cut -d" " -f6 /proc/$$/stat)"
 env | sort
+echo "ppid: $PPID"

@@ -1,0 +1,278 @@
+"""Operations against a running server: reload, stop, self-sizing pools, status, signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import REPO, TEST_USER, children_of, tcp_exchange, wait_until
+
+pytestmark = pytest.mark.process
+PROGRAMS = Path(__file__).parent / "programs"
+U = TEST_USER
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in children_of(pid):
+        out.append(child)
+        out.extend(descendants(child))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def listener_port(server, service_prefix: str) -> int:
+    for svc in server.status()["services"]:
+        if svc["service"].startswith(service_prefix) and svc["state"] != "retiring":
+            return int(svc["listeners"][0].rsplit(":", 1)[1])
+    raise KeyError(service_prefix)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+RELOAD_BEFORE = f"""
+127.0.0.1:0 on socktype=stream, user={U}, args=echo, conn_timeout=60;
+127.0.0.1:0 stream tcp nowait {U} internal daytime
+127.0.0.1:0 stream tcp nowait {U} internal discard
+"""
+RELOAD_AFTER = f"""
+127.0.0.1:0 on socktype=stream, user={U}, args=echo, conn_timeout=61;
+127.0.0.1:0 stream tcp nowait {U} internal daytime
+127.0.0.1:0 stream tcp nowait {U} internal time
+"""
+
+
+def test_reload_adds_changes_removes_without_cutting_50_connections(serve) -> None:
+    server = serve(RELOAD_BEFORE)
+    echo, daytime, discard = server.port(0), server.port(1), server.port(2)
+    old_workers = set(server.workers())
+    daytime_worker = _workers_titled(server, b"daytime")
+    assert len(old_workers) == 3 and len(daytime_worker) == 1
+    clients = [socket.create_connection(("127.0.0.1", echo), timeout=10) for _ in range(50)]
+    sinks = [socket.create_connection(("127.0.0.1", discard), timeout=10) for _ in range(3)]
+    try:
+        for i, sock in enumerate(clients):
+            msg = f"before {i}\n".encode()
+            sock.sendall(msg)
+            assert recv_exact(sock, len(msg)) == msg
+        server.conf.write_text(RELOAD_AFTER)
+        server.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in server.log(), 10, "the reload")
+        assert re.search(r"reloaded added=1 changed=1 removed=1 unchanged=1", server.log())
+        # Connections accepted before the reload are served to the end by the old workers.
+        for i, sock in enumerate(clients):
+            msg = f"after {i}\n".encode()
+            sock.sendall(msg)
+            assert recv_exact(sock, len(msg)) == msg
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(10) == b""  # a clean EOF, not a reset
+        for sock in sinks:
+            sock.sendall(b"x" * 1000)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(10) == b""
+    finally:
+        for sock in clients + sinks:
+            sock.close()
+    # The changed service keeps its port, with new workers; unchanged and added serve.
+    assert tcp_exchange(echo, b"new worker") == b"new worker"
+    assert tcp_exchange(daytime).endswith(b"\r\n")
+    assert len(tcp_exchange(listener_port(server, "time"))) == 4
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", discard), timeout=5).close()
+    # Old workers of the changed and removed services exit once their clients are done;
+    # the unchanged service keeps its worker.
+    retiring = old_workers - daytime_worker
+    wait_until(lambda: not retiring & set(server.workers()), 10, "old workers to exit")
+    assert daytime_worker <= set(server.workers())
+    wait_until(lambda: all(s["state"] != "retiring" for s in server.status()["services"]), 10,
+               "retired generations to be forgotten")
+
+
+def _workers_titled(server, word: bytes) -> set[int]:
+    return {p for p in server.workers() if word in Path(f"/proc/{p}/cmdline").read_bytes()}
+
+
+def test_reload_with_a_broken_file_keeps_the_running_config(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    workers = server.workers()
+    server.conf.write_text(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
+                           f"127.0.0.1:0 stream bogus nowait {U} internal echo\n"
+                           f"127.0.0.1:0 stream tcp nowait no-such-user-xyz internal daytime\n")
+    result = subprocess.run([sys.executable, "-m", "poolinetd", "reload", "--control",
+                             str(server.control)], capture_output=True, text=True, timeout=30,
+                            cwd=REPO)
+    assert result.returncode == 78, result
+    assert "kept" in result.stdout
+    text = server.log()
+    assert re.search(rf"{re.escape(str(server.conf))}:2: field 3 'bogus'", text), text
+    assert "no-such-user-xyz" in text
+    assert "reload_failed" in text
+    assert tcp_exchange(server.port(), b"still the old config") == b"still the old config"
+    assert server.workers() == workers
+    server.send_signal(signal.SIGHUP)  # the same through the signal
+    wait_until(lambda: server.log().count("reload_failed") >= 2, 10)
+    assert tcp_exchange(server.port(), b"ok") == b"ok"
+
+
+def test_sigterm_lets_a_slow_client_finish(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    port = server.port()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+        slow.sendall(b"first half ")
+        assert recv_exact(slow, 11) == b"first half "
+        server.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping" in server.log(), 5)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        time.sleep(0.3)  # the client is slow on purpose: the server must wait for it
+        assert server.proc.poll() is None
+        slow.sendall(b"second half")
+        assert recv_exact(slow, 11) == b"second half"
+        slow.shutdown(socket.SHUT_WR)
+        assert slow.recv(10) == b""
+    assert server.proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_leaves_no_zombies_and_no_orphans(serve, sig: int) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
+                   "--graceful-timeout", "1")
+    held = [socket.create_connection(("127.0.0.1", server.port(0)), timeout=5) for _ in range(3)]
+    try:
+        for sock in held:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        tree = descendants(server.pid)
+        assert len(tree) >= 5  # two workers, three cats
+        start = time.monotonic()
+        assert server.stop(sig) == 0
+        assert time.monotonic() - start < 8
+        assert not [p for p in tree if alive(p)], "processes survived the stop"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_status_counts_match_the_traffic(serve) -> None:
+    server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, args=echo, pool_min=2;\n"
+                   f"127.0.0.1:0 stream tcp nowait/10/0/1 {U} /bin/cat cat\n")
+    echo_name = server.listeners[0]["service"]
+    cat_name = server.listeners[1]["service"]
+    for i in range(10):
+        assert tcp_exchange(server.port(0), b"%d" % i) == b"%d" % i
+    held = [socket.create_connection(("127.0.0.1", server.port(0)), timeout=5) for _ in range(3)]
+    cat1 = socket.create_connection(("127.0.0.1", server.port(1)), timeout=5)
+    try:
+        for sock in held:
+            sock.sendall(b"y")
+            assert sock.recv(1) == b"y"
+        cat1.sendall(b"z")
+        assert cat1.recv(1) == b"z"
+        # A second client from the same IP is over max_child_per_ip=1: refused.
+        refused = socket.create_connection(("127.0.0.1", server.port(1)), timeout=5)
+        with refused:
+            assert refused.recv(10) == b""
+        echo = wait_until(lambda: (s := server.service_status(echo_name))["active"] == 3 and s,
+                          5, "three active echo connections")
+        assert echo["accepted"] == 13 and echo["refused"] == 0
+        assert echo["workers"]["idle"] + echo["workers"]["busy"] == 2
+        assert echo["workers"]["busy"] >= 1 and echo["restarts"] == 0
+        assert echo["state"] == "serving" and echo["last_error"] == ""
+        cat = server.service_status(cat_name)
+        assert (cat["accepted"], cat["refused"], cat["active"], cat["programs"]) == (1, 1, 1, 1)
+        # The same through the command line, as an operator reads it.
+        text = subprocess.run([sys.executable, "-m", "poolinetd", "status", "--control",
+                               str(server.control)], capture_output=True, text=True,
+                              timeout=30, cwd=REPO).stdout
+        row = next(line for line in text.splitlines() if line.startswith(cat_name))
+        assert row.split()[1:2] == ["serving"] and " 1 " in row
+        doc = orjson.loads(subprocess.run(
+            [sys.executable, "-m", "poolinetd", "status", "--json", "--control",
+             str(server.control)], capture_output=True, timeout=30, cwd=REPO).stdout)
+        assert [s["service"] for s in doc["services"]] == [echo_name, cat_name]
+    finally:
+        for sock in held:
+            sock.close()
+        cat1.close()
+
+
+def test_max_requests_recycles_workers(serve) -> None:
+    server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, exec={PROGRAMS}/report.sh, "
+                   f"args=report.sh, wait=no, max_requests=4;\n")
+    parents = []
+    for _ in range(20):
+        out = tcp_exchange(server.port()).decode()
+        parents.append(int(re.search(r"ppid: (\d+)", out).group(1)))  # type: ignore[union-attr]
+    # 4 (+ up to 10% jitter, i.e. at most 1) connections per worker.
+    assert len(set(parents)) >= 4
+    for pid in set(parents):
+        assert parents.count(pid) <= 5
+    wait_until(lambda: len(server.workers()) == 1, 10, "retired workers to exit")
+
+
+def test_pool_grows_under_load_and_shrinks_when_idle(serve) -> None:
+    server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, args=echo, pool_min=1, "
+                   f"worker_connections=1, idle_timeout=1;\n")
+    held = [socket.create_connection(("127.0.0.1", server.port()), timeout=10) for _ in range(6)]
+    try:
+        for sock in held:  # each is served by its own worker (one connection per worker)
+            sock.sendall(b"p")
+            assert sock.recv(1) == b"p"
+        assert len(server.workers()) >= 6
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: len(server.workers()) == 1, 15, "surplus workers to retire")
+    assert "reason=idle" in server.log()
+
+
+def test_sigttin_sigttou_resize_and_sigusr1_reopens_the_log(tmp_path: Path, serve) -> None:
+    logfile = tmp_path / "poolinetd.log"
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
+                   "--log-file", str(logfile))
+    assert len(server.workers()) == 1
+    server.send_signal(signal.SIGTTIN)
+    wait_until(lambda: len(server.workers()) == 2, 10, "a second worker")
+    server.send_signal(signal.SIGTTOU)
+    wait_until(lambda: len(server.workers()) == 1, 10, "back to one worker")
+    os.rename(logfile, tmp_path / "poolinetd.log.1")
+    server.send_signal(signal.SIGUSR1)
+    wait_until(lambda: logfile.exists() and "log_reopened" in logfile.read_text(), 10)
+    assert "pool_resized" in (tmp_path / "poolinetd.log.1").read_text()
+
+
+def test_json_logs(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
+                   "--log-format", "json", "--log-connections")
+    assert tcp_exchange(server.port(), b"hello") == b"hello"
+    wait_until(lambda: "conn_end" in server.log(), 5)
+    events = [orjson.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    end = next(e for e in events if e["event"] == "conn_end")
+    assert end["bytes_in"] == 5 and end["bytes_out"] == 5 and end["peer"].startswith("127.0.0.1")
+    assert {"ts", "level", "pid", "service", "duration"} <= set(end)
