@@ -15,6 +15,7 @@ fallback for a service that must not share a long-lived process.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -368,7 +369,8 @@ class Classic:
             "active": len(s.children), "programs": len(s.children), "restarts": 0,
             "boot_failures": 0, "retry_in": 0.0, "last_error": "",
         } for s in self.states]
-        return {"pid": os.getpid(), "mode": "classic", "uptime": round(time.time() - self.started, 3),
+        uptime = round(time.time() - self.started, 3)
+        return {"pid": os.getpid(), "mode": "classic", "uptime": uptime,
                 "reloads": self.reloads, "stopping": self.stopping, "services": services}
 
     def _close(self) -> None:
@@ -386,7 +388,5 @@ class Classic:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pool: pre-forked workers (default); classic: fork per connection")
     run.add_argument("--pidfile", metavar="FILE")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
-    run.add_argument("--log-file", metavar="FILE", help="log here instead of stderr (SIGUSR1 reopens)")
+    run.add_argument("--log-file", metavar="FILE",
+                     help="log here instead of stderr (SIGUSR1 reopens)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     run.add_argument("--log-connections", action="store_true",
                      help="one info line per connection (service, peer, pid, status, duration)")
@@ -174,7 +175,8 @@ def format_status(doc: dict[str, object]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     out = [f"poolinetd pid {doc.get('pid')} up {doc.get('uptime')}s, reloads {doc.get('reloads')}"]
     for row in rows:
-        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        cells = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+        out.append(cells + "  " + row[-1])
     return "\n".join(out) + "\n"
 
 
@@ -198,7 +200,7 @@ def _servable(services: Sequence[Service]) -> list[Service]:
             log.error("service_skipped", service=service.name,
                       source=f"{service.spec.source}:{service.spec.lineno}",
                       user=service.user_name,
-                      reason=f"runs as {service.user_name}; poolinetd is not root and cannot switch")
+                      reason="poolinetd is not root and cannot switch to that user")
     return kept
 
 

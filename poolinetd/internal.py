@@ -79,7 +79,7 @@ class StreamHandler:
         self.bytes_in += len(data)
         return data
 
-    def _send(self, data: bytes | memoryview) -> int | None:
+    def _send(self, data: bytes | bytearray | memoryview) -> int | None:
         """Bytes written (possibly 0 when the buffer is full); None on a dead peer."""
         try:
             sent = self.sock.send(data)
@@ -268,5 +268,6 @@ def serve_blocking(sock: socket.socket, name: str, timeout: float) -> tuple[int,
             if not ready:
                 break
             mask = ready[0][1]
-            want = handler.step(bool(mask & selectors.EVENT_READ), bool(mask & selectors.EVENT_WRITE))
+            want = handler.step(bool(mask & selectors.EVENT_READ),
+                                bool(mask & selectors.EVENT_WRITE))
     return handler.bytes_in, handler.bytes_out

@@ -39,7 +39,9 @@ class Bound:
 
 
 def family_name(family: int) -> str:
-    return {socket.AF_INET: "inet", socket.AF_INET6: "inet6", socket.AF_UNIX: "unix"}[family]
+    if family == socket.AF_INET:
+        return "inet"
+    return "inet6" if family == socket.AF_INET6 else "unix"
 
 
 def open_endpoint(service: Service, endpoint: Endpoint) -> socket.socket:

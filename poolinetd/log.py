@@ -26,7 +26,8 @@ class _TextFormatter(logging.Formatter):
         for key, value in fields.items():
             text = str(value)
             if not text or any(c in text for c in ' "=\n'):
-                text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+                text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+                text = f'"{text}"'
             parts.append(f"{key}={text}")
         return " ".join(parts)
 
@@ -64,9 +65,10 @@ class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def setup(fmt: str = "text", level: int = logging.INFO, path: str | None = None,
           stream: TextIO | None = None) -> None:
     """Configure the poolinetd logger (replacing any previous configuration)."""
-    for handler in list(LOGGER.handlers):
-        LOGGER.removeHandler(handler)
-        handler.close() if isinstance(handler, _ReopenableHandler) else None
+    for old in list(LOGGER.handlers):
+        LOGGER.removeHandler(old)
+        if isinstance(old, _ReopenableHandler):
+            old.close()
     handler: logging.Handler = (
         _ReopenableHandler(path) if path else logging.StreamHandler(stream or sys.stderr)
     )

@@ -21,6 +21,7 @@ reports DONE or READY. A connection is never accepted without somewhere to go.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import itertools
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from poolinetd import control, fdpass, internal, listeners, log, reloadplan, spawn, worker
 from poolinetd.pool import Pool, WorkerState
 from poolinetd.signals import SignalPipe
-from poolinetd.spec import Diagnostic, Service, ServiceKey, SocketType
+from poolinetd.spec import Diagnostic, Service, SocketType
 
 ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
@@ -303,7 +304,7 @@ class Master:
             try:
                 # _accept() gives the bare fd: no socket object per connection,
                 # the master only forwards it and closes it.
-                fd, addr = lst.sock._accept()
+                fd, addr = lst.sock._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -495,11 +496,10 @@ class Master:
                 rec = self.conns.get(msg.ident)
                 if rec is not None:
                     rec.program_pid = msg.pid
-            elif msg.kind == fdpass.READY:
-                if rt.pool.mark_ready(handle.pid, now):
-                    log.debug("worker_ready", service=rt.service.name, pid=handle.pid)
-                    if handle.stop_sent or rt.retired or self.stopping:
-                        self._send_stop(handle)
+            elif msg.kind == fdpass.READY and rt.pool.mark_ready(handle.pid, now):
+                log.debug("worker_ready", service=rt.service.name, pid=handle.pid)
+                if handle.stop_sent or rt.retired or self.stopping:
+                    self._send_stop(handle)
         if released:
             rt.pool.release(handle.pid, released, now)
         self._maintain(rt)
@@ -785,10 +785,8 @@ class Master:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _become_subreaper() -> None:

@@ -21,6 +21,7 @@ which program serves it from SPAWNED.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -167,7 +168,8 @@ class Worker:
     """The state of one worker process; ``run()`` is its whole life."""
 
     def __init__(self, channel: socket.socket, service: Service, internal_ports: frozenset[int],
-                 log_connections: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 log_connections: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.channel = channel
         self.service = service
         self.internal_ports = internal_ports
@@ -273,10 +275,8 @@ class Worker:
         """Take no more work; finish what is being served (within ``grace`` if given)."""
         if not self.stopping:
             self.stopping = True
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(self.channel)
-            except (KeyError, ValueError):
-                pass
             for fd, loan in list(self.dgram.items()):
                 self.sel.unregister(loan.sock)
                 loan.sock.close()
@@ -378,10 +378,8 @@ class Worker:
         self._track_child(conn_id, pid, peer)
 
     def _track_child(self, conn_id: int, pid: int, peer: str) -> None:
-        try:
+        with contextlib.suppress(OSError):  # a gone master finds the program as an orphan
             fdpass.send(self.channel, fdpass.encode_spawned(conn_id, pid))
-        except OSError:
-            pass  # the master is gone; it will find the program as an orphan
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:

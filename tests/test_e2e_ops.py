@@ -13,7 +13,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import REPO, TEST_USER, children_of, tcp_exchange, wait_until
 
 pytestmark = pytest.mark.process

@@ -1,4 +1,4 @@
-"""A running server on loopback, in pool and in classic mode: built-ins, programs, privileges, faults.
+"""A running server on loopback, pool and classic mode: built-ins, programs, privileges, faults.
 
 Tests taking ``served`` run in both modes (classic mode must pass the same
 end-to-end tests); tests taking ``serve`` are about pool mode's workers.
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import (
     IS_ROOT,
     TEST_USER,
@@ -27,6 +26,7 @@ from conftest import (
     udp_exchange,
     wait_until,
 )
+
 from poolinetd import internal
 
 pytestmark = pytest.mark.process
@@ -129,7 +129,7 @@ def test_launched_program_gets_socket_env_and_only_stdio(served) -> None:
     assert env["TCPREMOTEPORT"] == env["REMOTE_PORT"] == str(local_port)
     assert env["TCPLOCALIP"] == "127.0.0.1"
     assert env["TCPLOCALPORT"] == str(server.port())
-    assert "PYTHONPATH" not in env and "PWD" not in env or env.get("PWD") == "/"
+    assert "PYTHONPATH" not in env and env.get("PWD", "/") == "/"  # clean env, started in /
     pid = re.search(r"pid: (\d+) sid: (\d+)", text)
     assert pid and pid.group(1) == pid.group(2)  # setsid: leads its own session
     if IS_ROOT:
@@ -190,7 +190,7 @@ def test_unix_stream_services(served, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not IS_ROOT, reason="privilege drop needs root")
 def test_workers_run_as_the_service_user(serve) -> None:
-    server = serve(f"127.0.0.1:0 stream tcp nowait nobody internal echo\n")
+    server = serve("127.0.0.1:0 stream tcp nowait nobody internal echo\n")
     (worker,) = server.workers()
     status = Path(f"/proc/{worker}/status").read_text()
     assert re.search(r"^Uid:\s+65534\s+65534\s+65534\s+65534$", status, re.M)
@@ -272,8 +272,8 @@ def test_crashed_worker_is_replaced(serve) -> None:
 def test_boot_failure_backs_off_and_other_services_keep_serving(tmp_path: Path) -> None:
     if not Path("/usr/bin/setpriv").exists():
         pytest.skip("setpriv (util-linux) not installed")
-    conf = (f"127.0.0.1:0 stream tcp nowait nobody internal echo\n"
-            f"127.0.0.1:0 stream tcp nowait root internal daytime\n")
+    conf = ("127.0.0.1:0 stream tcp nowait nobody internal echo\n"
+            "127.0.0.1:0 stream tcp nowait root internal daytime\n")
     # Root without CAP_SETUID: the nobody workers fail to drop; root's workers boot fine.
     env_cmd = ["/usr/bin/setpriv", "--bounding-set", "-setuid", "--inh-caps", "-setuid"]
     import sys
@@ -318,7 +318,7 @@ def test_200_concurrent_echo_clients_all_served(served) -> None:
     port = server.port()
     sel = selectors.DefaultSelector()
     socks = []
-    for i in range(200):
+    for _ in range(200):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         socks.append(sock)
     try:
@@ -378,7 +378,8 @@ def test_hostile_clients_do_not_hurt_anyone_else(served) -> None:
 
 
 def test_silent_client_is_timed_out(served) -> None:
-    server = served(f"defaults on conn_timeout=1;\n127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    server = served("defaults on conn_timeout=1;\n"
+                    f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
     with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as sock:
         start = time.monotonic()
         assert sock.recv(10) == b""  # closed by the server
