@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from poolinetd import control, internal, listeners, log, privileges, reloadplan, spawn, worker
+from poolinetd.admission import Admission
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Diagnostic, Service, Severity, SocketType, StderrRoute
 
@@ -54,6 +55,15 @@ class _ServiceState:
     paused_until: float = 0.0
     accepted: int = 0
     retired: bool = False  # removed or replaced by a reload; its children run on
+    refused: int = 0
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.service.limits)
+
+    @property
+    def resting_until(self) -> float:
+        return max(self.paused_until, self.admission.paused_until)
 
 
 class Classic:
@@ -78,7 +88,8 @@ class Classic:
                               signal.SIGUSR1, signal.SIGHUP])
         self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
         self.states: list[_ServiceState] = []
-        self.children: dict[int, tuple[_ServiceState, _Listener | None, float]] = {}
+        # pid -> (service, lent listener, start time, peer IP)
+        self.children: dict[int, tuple[_ServiceState, _Listener | None, float, str]] = {}
         self.stopping = False
         self.stop_deadline = 0.0
         for service, socks in services:
@@ -138,7 +149,7 @@ class Classic:
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
-        times = [s.paused_until for s in self.states if s.paused_until > now]
+        times = [s.resting_until for s in self.states if s.resting_until > now]
         if self.control is not None and (deadline := self.control.next_deadline()) is not None:
             times.append(deadline)
         if self.stopping:
@@ -165,7 +176,7 @@ class Classic:
         """Poll a listener only while its service may start another child."""
         limit = state.service.limits.max_child
         can = (not self.stopping and not state.retired
-               and state.paused_until <= time.monotonic()
+               and state.resting_until <= time.monotonic()
                and not (limit and len(state.children) >= limit))
         for lst in state.listeners:
             want = can and not lst.lent_to
@@ -189,7 +200,7 @@ class Classic:
         elif service.wait or service.socket_type is SocketType.DGRAM:
             lst.polled = False
             self.sel.unregister(lst.sock)
-            pid = self._fork(state, lst.sock, "", lst)
+            pid = self._fork(state, lst.sock, "", "", lst)
             if pid:
                 lst.lent_to = pid
         else:
@@ -202,13 +213,23 @@ class Classic:
                     state.paused_until = time.monotonic() + EMFILE_PAUSE
                     log.error("accept_failed", service=service.name, error=exc.strerror)
                 return
+            ip = addr[0] if isinstance(addr, tuple) else ""
             try:
-                self._fork(state, conn, worker.format_addr(addr), None)
+                why = state.admission.check(ip, time.monotonic()) if state.admission.active else ""
+                if why:
+                    state.refused += 1
+                    if state.admission.looping:
+                        log.error("service_looping", service=service.name,
+                                  limit=service.limits.max_spawn_per_min)
+                    else:
+                        log.warning("conn_refused", service=service.name, peer=ip, reason=why)
+                else:
+                    self._fork(state, conn, worker.format_addr(addr), ip, None)
             finally:
                 conn.close()
         self._update(state)
 
-    def _fork(self, state: _ServiceState, sock: socket.socket, peer: str,
+    def _fork(self, state: _ServiceState, sock: socket.socket, peer: str, ip: str,
               lst: _Listener | None) -> int:
         service = state.service
         fd = sock.fileno()
@@ -220,7 +241,8 @@ class Classic:
             return 0
         state.children.add(pid)
         state.accepted += 1
-        self.children[pid] = (state, lst, time.monotonic())
+        state.admission.started(ip)
+        self.children[pid] = (state, lst, time.monotonic(), ip)
         return pid
 
     def _child(self, service: Service, fd: int, peer: str) -> int:
@@ -281,8 +303,9 @@ class Classic:
             entry = self.children.pop(pid, None)
             if entry is None:
                 continue
-            state, lst, started = entry
+            state, lst, started, ip = entry
             state.children.discard(pid)
+            state.admission.ended(ip)
             if state.retired and not state.children and state in self.states:
                 self.states.remove(state)
             if lst is not None:
@@ -361,11 +384,12 @@ class Classic:
         services = [{
             "service": s.service.name,
             "source": f"{s.service.spec.source}:{s.service.spec.lineno}",
-            "state": "retiring" if s.retired else "serving",
+            "state": ("retiring" if s.retired else "paused" if s.resting_until > time.monotonic()
+                      else "serving"),
             "listeners": [f"{lst.bound.address}:{lst.bound.port}" if lst.bound.port
                           else lst.bound.address for lst in s.listeners],
             "workers": {"booting": 0, "idle": 0, "busy": len(s.children), "draining": 0},
-            "pool_min": 0, "pool_max": 0, "accepted": s.accepted, "refused": 0,
+            "pool_min": 0, "pool_max": 0, "accepted": s.accepted, "refused": s.refused,
             "active": len(s.children), "programs": len(s.children), "restarts": 0,
             "boot_failures": 0, "retry_in": 0.0, "last_error": "",
         } for s in self.states]

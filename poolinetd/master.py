@@ -30,20 +30,18 @@ import selectors
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from poolinetd import control, fdpass, internal, listeners, log, reloadplan, spawn, worker
+from poolinetd.admission import LOOPING_PAUSE, Admission
 from poolinetd.pool import Pool, WorkerState
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Diagnostic, Service, SocketType
 
 ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
-LOOPING_PAUSE = 60.0  # seconds a service rests after exceeding max_spawn_per_min
 FAST_STOP_TIMEOUT = 2.0
-_RATE_WINDOW = 60.0
 
 LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
 
@@ -91,9 +89,7 @@ class ServiceRuntime:
     pool: Pool
     listeners: list[Listener] = field(default_factory=list)
     instances: int = 0  # connections and loans being served (programs running)
-    per_ip: dict[str, int] = field(default_factory=dict)
-    ip_history: dict[str, deque[float]] = field(default_factory=dict)
-    spawn_history: deque[float] = field(default_factory=deque)
+    admission: Admission = field(init=False)
     paused_until: float = 0.0
     retired: bool = False  # removed or replaced by a reload: no new connections
     accepted: int = 0
@@ -101,11 +97,19 @@ class ServiceRuntime:
     last_error: str = ""
     last_refusal_log: float = -60.0
 
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.service.limits)
+
     @property
     def lends(self) -> bool:
         """Whether listeners are lent to a worker instead of accepted on."""
         return self.service.wait or (
             self.service.socket_type is SocketType.DGRAM)
+
+    @property
+    def resting_until(self) -> float:
+        """Until when the listener rests (EMFILE pause, or the looping rule)."""
+        return max(self.paused_until, self.admission.paused_until)
 
     def at_max_child(self) -> bool:
         limit = self.service.limits.max_child
@@ -142,6 +146,7 @@ class Master:
         self.workers: dict[int, WorkerHandle] = {}
         self.conns: dict[int, ConnRecord] = {}
         self.orphans: dict[int, int] = {}  # program pid -> conn_id (its worker died first)
+        self.next_orphan_check = 0.0
         self.ids = itertools.count(1)
         self.stopping = False
         self.stop_deadline = 0.0
@@ -222,8 +227,8 @@ class Master:
     def _next_timeout(self, now: float) -> float | None:
         deadlines: list[float] = []
         for rt in self.runtimes:
-            if rt.paused_until > now:
-                deadlines.append(rt.paused_until)
+            if rt.resting_until > now:
+                deadlines.append(rt.resting_until)
             pool_deadline = rt.pool.next_deadline(now)
             if pool_deadline is not None:
                 deadlines.append(pool_deadline)
@@ -240,6 +245,9 @@ class Master:
 
     def _timers(self) -> None:
         now = self.clock()
+        if self.orphans and now >= self.next_orphan_check:
+            self.next_orphan_check = now + 1.0
+            self._prune_orphans()
         if self.control is not None:
             self.control.expire(self.sel, now)
         if self.stopping:
@@ -293,8 +301,7 @@ class Master:
     def _accept_batch(self, lst: Listener) -> None:
         rt = lst.rt
         pool = rt.pool
-        limits = rt.service.limits
-        per_ip = bool(limits.max_child_per_ip or limits.max_cpm_per_ip)
+        admission = rt.admission
         for _ in range(ACCEPT_BATCH):
             if rt.at_max_child():
                 break
@@ -316,12 +323,12 @@ class Master:
                     break
                 continue  # ECONNABORTED, EPROTO...: that client is gone, the next one is not
             ip = addr[0] if isinstance(addr, tuple) else ""
-            if per_ip or limits.max_spawn_per_min:
-                why = self._refusal(rt, ip)
+            if admission.active:
+                why = admission.check(ip, self.clock())
                 if why:
                     os.close(fd)
                     self._refused(rt, ip, why)
-                    if rt.paused_until > self.clock():
+                    if admission.looping:
                         break
                     continue
             self._dispatch(rt, pid, fd, ip, worker.format_addr(addr))
@@ -345,43 +352,21 @@ class Master:
             os.close(conn)
         rt.accepted += 1
         rt.instances += 1
-        if ip and (rt.service.limits.max_child_per_ip or rt.service.limits.max_cpm_per_ip):
-            rt.per_ip[ip] = rt.per_ip.get(ip, 0) + 1
+        rt.admission.started(ip)
         self.conns[conn_id] = ConnRecord(rt, pid, ip)
         if rt.pool.assign(pid):
             log.info("worker_retire", service=rt.service.name, pid=pid, reason="max_requests")
             self._send_stop(handle)
 
-    def _refusal(self, rt: ServiceRuntime, ip: str) -> str:
-        """Why this connection is refused by the per-IP and rate limits, or ""."""
-        limits = rt.service.limits
-        now = self.clock()
-        if limits.max_spawn_per_min:
-            hist = rt.spawn_history
-            while hist and hist[0] <= now - _RATE_WINDOW:
-                hist.popleft()
-            if len(hist) >= limits.max_spawn_per_min:
-                # inetd's "looping" rule: the service rests, then comes back by itself.
-                rt.paused_until = now + LOOPING_PAUSE
-                rt.last_error = f"more than {limits.max_spawn_per_min} connections a minute"
-                log.error("service_looping", service=rt.service.name,
-                          limit=limits.max_spawn_per_min, pause=LOOPING_PAUSE)
-                return "max_spawn_per_min"
-            hist.append(now)
-        if ip and limits.max_child_per_ip and rt.per_ip.get(ip, 0) >= limits.max_child_per_ip:
-            return "max_child_per_ip"
-        if ip and limits.max_cpm_per_ip:
-            iph = rt.ip_history.setdefault(ip, deque())
-            while iph and iph[0] <= now - _RATE_WINDOW:
-                iph.popleft()
-            if len(iph) >= limits.max_cpm_per_ip:
-                return "max_cpm_per_ip"
-            iph.append(now)
-        return ""
-
     def _refused(self, rt: ServiceRuntime, ip: str, why: str) -> None:
         rt.refused += 1
         now = self.clock()
+        if rt.admission.looping:
+            limit = rt.service.limits.max_spawn_per_min
+            rt.last_error = f"more than {limit} connections a minute"
+            log.error("service_looping", service=rt.service.name, limit=limit,
+                      pause=LOOPING_PAUSE)
+            return
         if now - rt.last_refusal_log >= 10.0:
             rt.last_refusal_log = now
             log.warning("conn_refused", service=rt.service.name, peer=ip, reason=why,
@@ -424,7 +409,7 @@ class Master:
         if not self.stopping and not rt.retired:
             for _ in range(rt.pool.spawns_needed(now)):
                 self._spawn_worker(rt)
-        can_take = (not self.stopping and not rt.retired and rt.paused_until <= now
+        can_take = (not self.stopping and not rt.retired and rt.resting_until <= now
                     and not rt.at_max_child() and rt.pool.pick() is not None)
         for lst in rt.listeners:
             if rt.lends and rt.service.internal is not None:
@@ -511,12 +496,8 @@ class Master:
             return False
         rt = rec.rt
         rt.instances -= 1
-        if rec.ip and rec.ip in rt.per_ip:
-            left = rt.per_ip[rec.ip] - 1
-            if left > 0:
-                rt.per_ip[rec.ip] = left
-            else:
-                del rt.per_ip[rec.ip]
+        if rec.ip:
+            rt.admission.ended(rec.ip)
         lst = rec.listener
         if lst is not None and lst.lend_id == conn_id:
             lst.lent_to = lst.lend_id = 0
@@ -539,9 +520,11 @@ class Master:
         for conn_id, rec in list(self.conns.items()):
             if rec.worker_pid != handle.pid:
                 continue
-            if rec.program_pid:
+            if rec.program_pid and _exists(rec.program_pid):
                 # The program outlives its worker; as subreaper we will reap it.
                 self.orphans[rec.program_pid] = conn_id
+                log.info("program_orphaned", service=rt.service.name, pid=rec.program_pid,
+                         worker=handle.pid, reason=reason)
             else:
                 self._end_conn(conn_id, from_worker=False)
         if slot is not None and slot.state is WorkerState.BOOTING:
@@ -604,6 +587,22 @@ class Master:
                     self._maintain(rec.rt)
                 continue
             log.debug("reaped_unknown", pid=pid, status=code)
+
+    def _prune_orphans(self) -> None:
+        """Forget orphans that no longer exist without our reaping them.
+
+        A program's exit is normally reported by its worker (DONE) or reaped
+        here (subreaper). Should neither happen (the pid was reaped elsewhere),
+        waiting for it forever would block a stop; counting it forever would
+        hold max_child.
+        """
+        for pid, conn_id in list(self.orphans.items()):
+            if not _exists(pid):
+                del self.orphans[pid]
+                rec = self.conns.get(conn_id)
+                self._end_conn(conn_id, from_worker=False)
+                log.warning("orphan_vanished", pid=pid,
+                            service=rec.rt.service.name if rec else "?")
 
     # -- signals ---------------------------------------------------------------
     def _on_signals(self) -> None:
@@ -749,7 +748,7 @@ class Master:
                 "service": rt.service.name,
                 "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
                 "state": ("retiring" if rt.retired else "failing" if pool.failing
-                          else "paused" if rt.paused_until > now else "serving"),
+                          else "paused" if rt.resting_until > now else "serving"),
                 "listeners": [f"{lst.bound.address}:{lst.bound.port}" if lst.bound.port
                               else lst.bound.address for lst in rt.listeners],
                 "workers": pool.counts(),
@@ -787,6 +786,17 @@ class Master:
 def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def _exists(pid: int) -> bool:
+    """True if ``pid`` is a live process (zombies included: they still await a reap)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _become_subreaper() -> None:

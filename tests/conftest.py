@@ -159,6 +159,27 @@ def start_server(tmp_path: Path, conf_text: str, *args: str, mode: str = "pool",
 
 
 @pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can traverse (pytest's tmp_path is under a 0700 dir),
+    for programs and files that services running as ``nobody`` must reach."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="poolinetd-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """True if the server closes (or resets) a fresh connection without a byte."""
+    try:
+        return tcp_exchange(port, b"", host) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``serve(conf_text, *args, mode=...)`` starts poolinetd; every one is stopped at teardown."""
     started: list[Server] = []

@@ -22,6 +22,7 @@ from conftest import (
     TEST_USER,
     children_of,
     fd_targets,
+    refused,
     tcp_exchange,
     udp_exchange,
     wait_until,
@@ -414,3 +415,52 @@ def test_process_titles(serve) -> None:
         wait_until(lambda: f"127.0.0.1:{port}".encode()
                    in Path(f"/proc/{worker}/cmdline").read_bytes(), 5, "title with the peer")
     assert children_of(server.pid) == [worker]
+
+
+def test_program_options_env_and_stderr_to_log(served, public_dir: Path) -> None:
+    script = public_dir / "both.sh"
+    script.write_text("#!/bin/sh\necho \"out $GREETING\"\necho 'err line' >&2\n")
+    script.chmod(0o755)
+    server = served(
+        f"127.0.0.1:0 on socktype=stream, wait=no, user={U}, exec={script}, args=both,\n"
+        f"    env=\"GREETING=hello world\", stderr=log;\n"
+        f"127.0.0.1:0 on socktype=stream, wait=no, user={U}, exec={script}, args=both2;\n")
+    assert tcp_exchange(server.port(0)) == b"out hello world\n"  # stderr went to the log
+    wait_until(lambda: "err line" in server.log(), 5, "the program's stderr in the log")
+    assert tcp_exchange(server.port(1)) == b"out \nerr line\n"  # inetd's contract: fd 2 = socket
+
+
+def test_per_ip_rate_limit_refuses_and_logs(served) -> None:
+    server = served(f"127.0.0.1:0 stream tcp nowait/0/3 {U} internal echo\n")
+    assert [tcp_exchange(server.port(), b"r") for _ in range(3)] == [b"r"] * 3
+    assert refused(server.port()) and refused(server.port())  # over 3 a minute from this IP
+    wait_until(lambda: "max_cpm_per_ip" in server.log(), 5, "the refusal log line")
+    assert server.service_status(server.listeners[0]["service"])["refused"] == 2
+
+
+def test_spawn_rate_rests_a_looping_service(served) -> None:
+    server = served(f"127.0.0.1:0 stream tcp nowait.3 {U} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} internal daytime\n")
+    for _ in range(3):
+        assert tcp_exchange(server.port(0), b"x") == b"x"
+    assert refused(server.port(0))  # the 4th in a minute trips it
+    wait_until(lambda: "service_looping" in server.log(), 5)
+    status = server.service_status(server.listeners[0]["service"])
+    assert status["state"] == "paused"
+    assert tcp_exchange(server.port(1)).endswith(b"\r\n")  # other services unaffected
+
+
+def test_unix_socket_owner_and_mode_prefix(served, tmp_path: Path) -> None:
+    path = tmp_path / "perm.sock"
+    server = served(f":{U}::0660:{path} stream unix nowait {U} internal echo\n")
+    st = os.stat(path)
+    assert oct(st.st_mode & 0o777) == "0o660"
+    if IS_ROOT:
+        assert st.st_uid == 65534
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(b"perm")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b"perm"
+    server.stop()
