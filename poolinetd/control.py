@@ -9,6 +9,7 @@ a deadline, so no client can block or pin the master.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 import socket
@@ -79,6 +80,7 @@ class ControlServer:
         self.path = path
         self.master = master
         self.clients: list[ControlConn] = []
+        self.resume_at = 0.0  # > 0 while accepting rests after EMFILE
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -102,7 +104,12 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of fds: stop polling for a second instead of spinning on a
+                    # listener that stays readable.
+                    sel.unregister(self.sock)
+                    self.resume_at = time.monotonic() + 1.0
                 return
             if len(self.clients) >= MAX_CLIENTS:
                 conn.close()
@@ -127,17 +134,24 @@ class ControlServer:
             self.clients.remove(client)
 
     def next_deadline(self) -> float | None:
-        return min((c.deadline for c in self.clients), default=None)
+        times = [c.deadline for c in self.clients]
+        if self.resume_at:
+            times.append(self.resume_at)
+        return min(times, default=None)
 
     def expire(self, sel: selectors.BaseSelector, now: float) -> None:
+        if self.resume_at and now >= self.resume_at:
+            self.resume_at = 0.0
+            sel.register(self.sock, selectors.EVENT_READ, self)
         for client in [c for c in self.clients if c.deadline <= now]:
             self.drop(sel, client)
 
     def close(self, sel: selectors.BaseSelector) -> None:
         for client in list(self.clients):
             self.drop(sel, client)
-        with contextlib.suppress(KeyError, ValueError):
-            sel.unregister(self.sock)
+        if not self.resume_at:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(self.sock)
         listeners.close_listener(self.sock)
 
 

@@ -464,3 +464,42 @@ def test_unix_socket_owner_and_mode_prefix(served, tmp_path: Path) -> None:
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(10) == b"perm"
     server.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_fds_pauses_the_listener_then_recovers(served) -> None:
+    server = served(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    assert tcp_exchange(server.port(), b"warm") == b"warm"
+    if "pool" in server.args:
+        server.status()  # one loop turn: the ready fd is closed
+    used = len(fd_targets(server.pid))
+    limit = ["prlimit", "--pid", str(server.pid)]
+    soft = int(Path(f"/proc/{server.pid}/limits").read_text().split("Max open files")[1].split()[0])
+    # Only the soft limit moves: raising a hard limit back needs CAP_SYS_RESOURCE.
+    subprocess.run([*limit, f"--nofile={used}:"], check=True, timeout=10)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as sock:
+            sock.sendall(b"waiting")
+            wait_until(lambda: "accept_failed" in server.log(), 5, "the EMFILE log line")
+            cpu = _cpu_seconds(server.pid)
+            time.sleep(1.0)  # over this second a spinning master would burn a whole core
+            assert _cpu_seconds(server.pid) - cpu < 0.3
+            assert server.proc.poll() is None
+            subprocess.run([*limit, f"--nofile={soft}:"], check=True, timeout=10)
+            assert recv_exact(sock, 7) == b"waiting"  # served once fds are available again
+    finally:
+        subprocess.run([*limit, f"--nofile={soft}:"], check=False, timeout=10)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
