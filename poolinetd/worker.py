@@ -444,7 +444,7 @@ class Worker:
             peer = next(iter(self.conns.values())).peer
             state = peer.replace(" ", ":") if peer else "1 connection"
         else:
-            state = f"{busy} connections"
+            state = f"{busy} connection{'' if busy == 1 else 's'}"
         if state != self.title_state:
             self.title_state = state
             spawn.set_title(f"poolinetd: {self.service.name} worker {state}")

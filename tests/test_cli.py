@@ -1,0 +1,155 @@
+"""The command line as a new user meets it: the default config, a non-root start, usage errors."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import IS_ROOT, REPO, tcp_exchange, udp_exchange
+
+pytestmark = pytest.mark.process
+
+
+def _port_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _run(args: list[str], tmp_path: Path, prefix: tuple[str, ...] = ()) -> tuple[
+        subprocess.Popen[bytes], dict[str, object], Path]:
+    rfd, wfd = os.pipe()
+    log_path = tmp_path / "log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "poolinetd", *args,
+                                 "--ready-fd", str(wfd)], pass_fds=(wfd,), stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+    os.close(wfd)
+    try:
+        ready, _, _ = select.select([rfd], [], [], 20)
+        line = os.read(rfd, 65536) if ready else b""
+    finally:
+        os.close(rfd)
+    if not line:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"not ready: {log_path.read_text()}")
+    return proc, orjson.loads(line), log_path
+
+
+def test_no_config_serves_the_builtin_default_on_localhost(tmp_path: Path) -> None:
+    from poolinetd.cli import DEFAULT_PORTS
+
+    if not all(_port_free(p) for p in DEFAULT_PORTS.values()):
+        pytest.skip("a default port (7007-7037) is in use on this machine")
+    proc, info, log_path = _run(["--no-control"], tmp_path)
+    try:
+        listeners = info["listeners"]
+        assert isinstance(listeners, list) and len(listeners) == 10
+        assert {(lst["address"], lst["port"]) for lst in listeners} == {
+            ("127.0.0.1", p) for p in DEFAULT_PORTS.values()}
+        assert tcp_exchange(DEFAULT_PORTS["echo"], b"first try") == b"first try"
+        assert tcp_exchange(DEFAULT_PORTS["daytime"]).endswith(b"\r\n")
+        assert udp_exchange(DEFAULT_PORTS["echo"], b"udp") == b"udp"
+        text = log_path.read_text()
+        assert text.count("info listening") == 10 and "port=7007" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def _python_usable_by_nobody() -> bool:
+    if not IS_ROOT or not Path("/usr/bin/setpriv").exists():
+        return False
+    probe = subprocess.run(["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup",
+                            "--clear-groups", sys.executable, "-c", "import poolinetd, orjson"],
+                           cwd=REPO, capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _python_usable_by_nobody(),
+                    reason="needs root to start as nobody, and a Python nobody can run")
+def test_started_as_a_normal_user_serves_only_that_users_services(public_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    conf = public_dir / "mixed.conf"
+    conf.write_text("127.0.0.1:0 stream tcp nowait nobody internal echo\n"
+                    "127.0.0.1:0 stream tcp nowait root internal daytime\n")
+    conf.chmod(0o644)
+    log_dir = public_dir / "run"
+    log_dir.mkdir(mode=0o777)
+    proc, info, log_path = _run(["-c", str(conf), "--control", str(log_dir / "ctl.sock")],
+                                log_dir, ("/usr/bin/setpriv", "--reuid=nobody",
+                                          "--regid=nogroup", "--clear-groups"))
+    try:
+        listeners = info["listeners"]
+        assert isinstance(listeners, list) and len(listeners) == 1
+        assert tcp_exchange(int(listeners[0]["port"]), b"as nobody") == b"as nobody"
+        text = log_path.read_text()
+        assert "service_skipped" in text and "daytime" in text and "cannot switch" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_bad_config_at_start_lists_every_error_and_exits_78(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.conf"
+    conf.write_text("echo stream tcp nowait nobody internal\n"
+                    "daytime stream tpc nowait nobody internal\n"
+                    "chargen stream tcp nowait no-such-user internal\n")
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "poolinetd", "-c", str(conf), "--no-control"],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 78
+    assert f"{conf}:2: field 3 'tpc'" in result.stderr
+    assert f"{conf}:3: field 5 'no-such-user'" in result.stderr
+    assert time.monotonic() - start < 20
+
+
+def test_listener_in_use_exits_71_naming_the_address(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        conf = tmp_path / "busy.conf"
+        conf.write_text(f"127.0.0.1:{port} stream tcp nowait nobody internal echo\n")
+        result = subprocess.run([sys.executable, "-m", "poolinetd", "-c", str(conf),
+                                 "--no-control"], capture_output=True, text=True, timeout=30,
+                                cwd=REPO)
+    assert result.returncode == 71
+    assert f"127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
+
+
+def test_status_without_a_master_says_so() -> None:
+    result = subprocess.run([sys.executable, "-m", "poolinetd", "status", "--control",
+                             "/nonexistent/ctl.sock"], capture_output=True, text=True,
+                            timeout=30, cwd=REPO)
+    assert result.returncode == 69 and "cannot reach the master" in result.stderr
+
+
+def test_servable_keeps_only_own_services_when_not_root(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same rule at the OS seam (geteuid/getuid), for machines where the e2e test skips."""
+    from poolinetd import cli, log, resolve
+
+    loaded = resolve.load_text("127.0.0.1:0 stream tcp nowait nobody internal echo\n"
+                               "127.0.0.1:0 stream tcp nowait root internal daytime\n", "t.conf")
+    assert not loaded.errors
+    log.setup("text", 20, stream=sys.stderr)
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(os, "getuid", lambda: 65534)
+    kept = cli._servable(loaded.services)
+    assert [s.user_name for s in kept] == ["nobody"]
+    err = capsys.readouterr().err
+    assert "service_skipped" in err and "daytime:0/tcp" in err and "t.conf:2" in err
