@@ -386,8 +386,7 @@ class Classic:
             "source": f"{s.service.spec.source}:{s.service.spec.lineno}",
             "state": ("retiring" if s.retired else "paused" if s.resting_until > time.monotonic()
                       else "serving"),
-            "listeners": [f"{lst.bound.address}:{lst.bound.port}" if lst.bound.port
-                          else lst.bound.address for lst in s.listeners],
+            "listeners": [str(lst.bound) for lst in s.listeners],
             "workers": {"booting": 0, "idle": 0, "busy": len(s.children), "draining": 0},
             "pool_min": 0, "pool_max": 0, "accepted": s.accepted, "refused": s.refused,
             "active": len(s.children), "programs": len(s.children), "restarts": 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import pwd
 import socket
@@ -268,8 +269,9 @@ def _run(args: argparse.Namespace) -> int:
                             graceful_timeout=args.graceful_timeout,
                             log_connections=args.log_connections, title=title)
     except OSError as exc:
+        hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,
-                  hint="another poolinetd may be running; use --control PATH or --no-control")
+                  hint=hint + "use --control PATH or --no-control")
         for _, socks in opened:
             for sock in socks:
                 listeners.close_listener(sock)

@@ -37,6 +37,13 @@ class Bound:
     address: str
     port: int
 
+    def __str__(self) -> str:
+        """As an operator writes it: ``127.0.0.1:7``, ``[::1]:7``, or the unix path."""
+        if self.family == "unix":
+            return self.address
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
 
 def family_name(family: int) -> str:
     if family == socket.AF_INET:

@@ -749,8 +749,7 @@ class Master:
                 "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
                 "state": ("retiring" if rt.retired else "failing" if pool.failing
                           else "paused" if rt.resting_until > now else "serving"),
-                "listeners": [f"{lst.bound.address}:{lst.bound.port}" if lst.bound.port
-                              else lst.bound.address for lst in rt.listeners],
+                "listeners": [str(lst.bound) for lst in rt.listeners],
                 "workers": pool.counts(),
                 "pool_min": pool.settings.pool_min,
                 "pool_max": pool.settings.pool_max,

@@ -21,11 +21,13 @@ def drop(uid: int, gid: int, groups: tuple[int, ...]) -> None:
     As any other user: succeeds only if we already are ``uid`` (nothing to
     change); anything else raises PrivilegeError.
     """
-    if (os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid)
-            and sorted(os.getgroups()) == sorted(set(groups) or {gid})):
-        return  # already exactly that identity (e.g. a root service under a root master)
+    same_ids = os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid)
     if os.geteuid() != 0:
+        if same_ids:
+            return  # a normal user serving its own services: nothing can or need change
         raise PrivilegeError(f"cannot switch to uid {uid}: not running as root")
+    if same_ids and sorted(os.getgroups()) == sorted(set(groups) or {gid}):
+        return  # already exactly that identity (a root service under a root master)
     try:
         os.setgroups(list(groups) or [gid])
         os.setgid(gid)

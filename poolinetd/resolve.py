@@ -543,7 +543,14 @@ def _find_duplicates(services: Iterable[Service]) -> tuple[list[Service], list[D
         if clash is None and svc.key.label:
             twin = labelled.setdefault(svc.key, svc)
             if twin is not svc:
-                clash = (twin, svc.key.endpoints[0])
+                where = svc.spec.loc("service")
+                diags.append(Diagnostic(
+                    svc.spec.source, where.lineno, where.field, where.token,
+                    f"duplicate service: {svc.name} has the same name and address as the "
+                    f"port-0 entry at {twin.spec.source}:{twin.spec.lineno}, so a reload could "
+                    "not tell them apart",
+                    "give one a fixed port, another address, or another argv[0]"))
+                continue
         if clash is None:
             kept.append(svc)
             for ep in svc.key.endpoints:

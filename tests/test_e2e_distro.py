@@ -415,8 +415,6 @@ def test_real_clients_under_load_pool(serve, served: Path, tmp_path: Path) -> No
 # --------------------------------------------------------------------------- found bugs
 
 
-@pytest.mark.xfail(strict=True, reason="status prints an IPv6 listener as '::1:PORT', not "
-                   "'[::1]:PORT' (master.py status(), classic.py status())")
 @pytest.mark.parametrize("mode", MODES)
 def test_status_shows_ipv6_listener_bracketed(serve, served: Path, mode: str) -> None:
     """An operator serving rsync on 127.0.0.1 and ::1 (two services, both named

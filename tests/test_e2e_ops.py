@@ -40,7 +40,7 @@ def alive(pid: int) -> bool:
 def listener_port(server, service_prefix: str) -> int:
     for svc in server.status()["services"]:
         if svc["service"].startswith(service_prefix) and svc["state"] != "retiring":
-            return int(svc["listeners"][0].rsplit(":", 1)[1])
+            return int(svc["listeners"][0].rsplit(":", 1)[1])  # "127.0.0.1:PORT"
     raise KeyError(service_prefix)
 
 
