@@ -11,6 +11,7 @@ Master -> worker:  CONN(conn_id, peer, local) + the accepted socket
 Worker -> master:  READY(pid)
                    DONE(ids...)  connections or loans that ended (batched)
                    SPAWNED(conn_id, pid)  a program was launched for conn_id
+                   BOOT_FAILED(reason)  the worker cannot serve; it exits next
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ STOP = 3
 READY = 10
 DONE = 11
 SPAWNED = 12
+BOOT_FAILED = 13
 
 _HEAD = struct.Struct("!BB")  # kind, version
 _ID = struct.Struct("!Q")
@@ -81,6 +83,10 @@ def encode_spawned(conn_id: int, pid: int) -> bytes:
     return _HEAD.pack(SPAWNED, VERSION) + _ID_PID.pack(conn_id, pid)
 
 
+def encode_boot_failed(reason: str) -> bytes:
+    return _HEAD.pack(BOOT_FAILED, VERSION) + reason.encode("utf-8", "replace")[:1024]
+
+
 def decode(data: bytes) -> Message:
     """Parse one message; raises ProtocolError on anything malformed."""
     if len(data) < _HEAD.size:
@@ -107,6 +113,8 @@ def decode(data: bytes) -> Message:
         if kind == SPAWNED:
             ident, pid = _ID_PID.unpack(body)
             return Message(SPAWNED, ident, pid=pid)
+        if kind == BOOT_FAILED:
+            return Message(BOOT_FAILED, peer=body.decode("utf-8", "replace"))
     except (struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed message kind {kind}: {exc}") from None
     raise ProtocolError(f"unknown message kind {kind} ({len(body)} byte body)")

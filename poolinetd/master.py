@@ -68,6 +68,7 @@ class WorkerHandle:
     closed: bool = False  # channel EOF seen and channel closed
     stop_sent: bool = False
     killed: bool = False
+    boot_error: str = ""  # why it could not get ready (BOOT_FAILED)
 
 
 @dataclass(slots=True, eq=False)
@@ -481,6 +482,8 @@ class Master:
                 rec = self.conns.get(msg.ident)
                 if rec is not None:
                     rec.program_pid = msg.pid
+            elif msg.kind == fdpass.BOOT_FAILED:
+                handle.boot_error = msg.peer
             elif msg.kind == fdpass.READY and rt.pool.mark_ready(handle.pid, now):
                 log.debug("worker_ready", service=rt.service.name, pid=handle.pid)
                 if handle.stop_sent or rt.retired or self.stopping:
@@ -566,10 +569,10 @@ class Master:
             if handle is not None:
                 self._worker_gone(handle, f"exited with status {code}")
                 rt = handle.rt
-                if code != 0:
+                if handle.boot_error:
+                    rt.last_error = rt.pool.last_failure = handle.boot_error
+                elif code != 0:
                     rt.last_error = f"worker {pid} exited with status {code}"
-                if code == spawn.EX_WORKER_BOOT:
-                    rt.pool.last_failure = "worker could not drop privileges"
                 if code != 0 or not (handle.stop_sent or self.stopping):
                     log.warning("worker_exit", service=rt.service.name, pid=pid, status=code)
                 else:

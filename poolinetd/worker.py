@@ -452,15 +452,29 @@ class Worker:
 
 def run_worker(channel: socket.socket, service: Service, internal_ports: frozenset[int],
                log_connections: bool) -> int:
-    """The body of a worker child: drop privileges, then serve. Returns the exit code.
+    """The body of a worker child: drop privileges, check it can serve, then serve.
 
-    Boot failures (privileges) exit with spawn.EX_WORKER_BOOT before READY, so
-    the master puts the service into backoff instead of respawning in a loop.
+    Returns the exit code. A worker that cannot serve (privileges refused, the
+    program not executable by the service's user) says BOOT_FAILED with the
+    reason and exits EX_WORKER_BOOT before READY, so the master puts the
+    service into backoff instead of respawning in a loop, and shows the reason
+    in status. Fixing the cause needs no restart: the next probe succeeds.
     """
     spawn.set_title(f"poolinetd: {service.name} worker booting")
     try:
         privileges.drop(service.uid, service.gid, service.groups)
     except privileges.PrivilegeError as exc:
-        log.error("worker_boot_failed", service=service.name, pid=os.getpid(), error=str(exc))
-        return spawn.EX_WORKER_BOOT
+        return _boot_failed(channel, service, str(exc))
+    # Checked here, as the service's user: a program every connection would fail
+    # to exec (mode, a directory on the path nobody can search) is one clear error.
+    if service.program is not None and not os.access(service.program, os.X_OK):
+        return _boot_failed(channel, service, f"{service.program} is not executable by "
+                                              f"{service.user_name}")
     return Worker(channel, service, internal_ports, log_connections).run()
+
+
+def _boot_failed(channel: socket.socket, service: Service, reason: str) -> int:
+    log.error("worker_boot_failed", service=service.name, pid=os.getpid(), error=reason)
+    with contextlib.suppress(OSError):
+        fdpass.send(channel, fdpass.encode_boot_failed(reason))
+    return spawn.EX_WORKER_BOOT

@@ -387,11 +387,10 @@ def test_silent_client_is_timed_out(served) -> None:
         assert 0.5 < time.monotonic() - start < 5
 
 
-def test_program_that_cannot_exec_is_logged_and_worker_survives(served, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.sh"
-    bad.write_text("#!/nonexistent/interpreter\n")
+def test_program_that_cannot_exec_is_logged_and_worker_survives(served, public_dir: Path) -> None:
+    bad = public_dir / "bad.sh"
+    bad.write_text("#!/nonexistent/interpreter\n")  # executable, but exec fails (ENOENT)
     bad.chmod(0o755)
-    tmp_path.chmod(0o755)
     server = served(f"127.0.0.1:0 stream tcp nowait {U} {bad} bad\n"
                    f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
     workers = server.workers() if "pool" in server.args else []
@@ -503,3 +502,24 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
             break
         data += chunk
     return data
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs a program the service user cannot reach")
+def test_unreachable_program_fails_boot_then_recovers_when_fixed(serve, public_dir: Path) -> None:
+    hidden = public_dir / "hidden"
+    hidden.mkdir(mode=0o700)  # nobody cannot search it
+    prog = hidden / "hello.sh"
+    prog.write_text("#!/bin/sh\necho hello\n")
+    prog.chmod(0o755)
+    server = serve(f"127.0.0.1:0 stream tcp nowait nobody {prog} hello\n"
+                   f"127.0.0.1:0 stream tcp nowait nobody internal echo\n")
+    name = server.listeners[0]["service"]
+    state = wait_until(lambda: (s := server.service_status(name))["boot_failures"] >= 2 and s,
+                       10, "boot failures")
+    assert state["state"] == "failing"
+    assert state["last_error"] == f"{prog} is not executable by nobody"
+    assert "worker_boot_failed" in server.log()
+    assert tcp_exchange(server.port(1), b"others serve") == b"others serve"
+    hidden.chmod(0o755)  # the operator fixes it; no restart, no reload
+    wait_until(lambda: server.service_status(name)["state"] == "serving", 20, "recovery")
+    assert tcp_exchange(server.port(0)) == b"hello\n"
