@@ -30,9 +30,7 @@ import orjson
 from poolinetd import control, internal, listeners, log, privileges, reloadplan, spawn, worker
 from poolinetd.admission import Admission
 from poolinetd.signals import SignalPipe
-from poolinetd.spec import Diagnostic, Service, Severity, SocketType, StderrRoute
-
-LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
+from poolinetd.spec import Service, SocketType, StderrRoute
 
 EMFILE_PAUSE = 1.0
 FAST_STOP_TIMEOUT = 2.0
@@ -72,7 +70,8 @@ class Classic:
     def __init__(self, services: list[tuple[Service, list[socket.socket]]], *,
                  ready_fd: int | None = None, title: str = "poolinetd: master (classic)",
                  graceful_timeout: float = 30.0, log_connections: bool = False,
-                 control_path: str | None = None, load_config: LoadConfig | None = None,
+                 control_path: str | None = None,
+                 load_config: reloadplan.LoadConfig | None = None,
                  open_sockets: Callable[[Service], list[socket.socket]] | None = None) -> None:
         self.ready_fd = ready_fd
         self.load_config = load_config
@@ -107,11 +106,8 @@ class Classic:
         return state
 
     def _internal_ports(self) -> frozenset[int]:
-        ports = set(internal.BUILTIN_PORTS)
-        for state in self.states:
-            if state.service.internal is not None:
-                ports.update(lst.bound.port for lst in state.listeners if lst.bound.port)
-        return frozenset(ports)
+        return internal.guarded_ports(lst.bound.port for s in self.states
+                                      if s.service.internal is not None for lst in s.listeners)
 
     def run(self) -> int:
         spawn.set_title(self.title)
@@ -334,25 +330,13 @@ class Classic:
         """Re-read the config and apply it all or nothing; running children are never cut."""
         if self.load_config is None or self.open_sockets is None or self.stopping:
             return False
-        services, diagnostics = self.load_config()
-        errors = [d for d in diagnostics if d.severity is Severity.ERROR]
-        for diag in diagnostics:
-            log.event(40 if diag in errors else 30, "config_diagnostic", message=str(diag))
-        if errors:
-            log.error("reload_failed", errors=len(errors), action="kept the running config")
+        prepared = reloadplan.prepare(
+            self.load_config,
+            {s.service.key: (s, s.service) for s in self.states if not s.retired},
+            self.open_sockets)
+        if prepared is None:
             return False
-        diff = reloadplan.plan({s.service.key: (s, s.service) for s in self.states
-                                if not s.retired}, services)
-        opened: list[tuple[Service, list[socket.socket]]] = []
-        for service in diff.added:  # open everything new before closing anything
-            try:
-                opened.append((service, self.open_sockets(service)))
-            except listeners.ListenError as exc:
-                for _, socks in opened:
-                    for sock in socks:
-                        listeners.close_listener(sock)
-                log.error("reload_failed", error=str(exc), action="kept the running config")
-                return False
+        diff, services, opened = prepared
         for service, socks in opened:
             self._add_state(service, socks)
         for old, service in diff.changed:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 VERSION = 1
 
+EOF = 0  # not on the wire: what ``receive`` returns when the peer is gone
 CONN = 1
 LEND = 2
 STOP = 3
@@ -159,3 +160,30 @@ def recv(channel: socket.socket) -> tuple[bytes, int | None]:
             f"{len(fds)} fds in one message")
         raise ProtocolError(reason)
     return data, (fds[0] if fds else None)
+
+
+def receive(channel: socket.socket) -> tuple[Message, int | None] | None:
+    """The next message on a non-blocking channel and the fd it carries.
+
+    None when nothing is waiting; ``Message(EOF)`` when the peer is gone.
+    A malformed message raises ProtocolError after closing any fd that came
+    with it, so the caller can log it and read on. The caller owns the fd.
+    """
+    try:
+        data, fd = recv(channel)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except ProtocolError:
+        raise
+    except OSError:
+        return Message(EOF), None
+    if not data:
+        if fd is not None:
+            os.close(fd)
+        return Message(EOF), None
+    try:
+        return decode(data), fd
+    except ProtocolError:
+        if fd is not None:
+            os.close(fd)
+        raise

@@ -17,7 +17,7 @@ import selectors
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # Seconds from 1900-01-01 (RFC 868's epoch) to 1970-01-01.
 RFC868_OFFSET = 2_208_988_800
@@ -229,6 +229,11 @@ def answer(name: str, data: bytes, now: float, rng: random.Random | None = None)
 # Well-known ports of the classic built-ins: a datagram from one of these is
 # most likely another inetd's built-in, i.e. the start of a loop.
 BUILTIN_PORTS = frozenset({7, 9, 13, 19, 37})
+
+
+def guarded_ports(builtin_ports: Iterable[int]) -> frozenset[int]:
+    """The source ports the loop guard refuses: the well-known built-ins plus ours."""
+    return BUILTIN_PORTS | frozenset(p for p in builtin_ports if p)
 
 
 def loop_guard(peer_port: int, internal_ports: frozenset[int]) -> str | None:

@@ -37,13 +37,12 @@ from poolinetd import control, fdpass, internal, listeners, log, reloadplan, spa
 from poolinetd.admission import LOOPING_PAUSE, Admission
 from poolinetd.pool import Pool, WorkerState
 from poolinetd.signals import SignalPipe
-from poolinetd.spec import Diagnostic, Service, SocketType
+from poolinetd.spec import Service, SocketType
 
 ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 FAST_STOP_TIMEOUT = 2.0
 
-LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
 
 
 @dataclass(slots=True, eq=False)
@@ -124,7 +123,7 @@ class Master:
         self,
         services: list[tuple[Service, list[socket.socket]]],
         *,
-        load_config: LoadConfig | None = None,
+        load_config: reloadplan.LoadConfig | None = None,
         open_sockets: Callable[[Service], list[socket.socket]] | None = None,
         ready_fd: int | None = None,
         control_path: str | None = None,
@@ -169,11 +168,8 @@ class Master:
         return rt
 
     def _internal_ports(self) -> frozenset[int]:
-        ports = set(internal.BUILTIN_PORTS)
-        for rt in self.runtimes:
-            if rt.service.internal is not None:
-                ports.update(lst.bound.port for lst in rt.listeners if lst.bound.port)
-        return frozenset(ports)
+        return internal.guarded_ports(lst.bound.port for rt in self.runtimes
+                                      if rt.service.internal is not None for lst in rt.listeners)
 
     def listener_report(self) -> list[dict[str, object]]:
         """What is listened on, in config order (for --ready-fd, startup log, status)."""
@@ -456,24 +452,18 @@ class Master:
         now = self.clock()
         for _ in range(256):
             try:
-                data, fd = fdpass.recv(handle.channel)
-            except (BlockingIOError, InterruptedError):
-                break
+                got = fdpass.receive(handle.channel)
             except fdpass.ProtocolError as exc:
                 log.error("wire_error", service=rt.service.name, pid=handle.pid, error=str(exc))
                 continue
-            except OSError:
-                data, fd = b"", None
+            if got is None:
+                break
+            msg, fd = got
             if fd is not None:
                 os.close(fd)  # workers never send fds
-            if not data:
+            if msg.kind == fdpass.EOF:
                 self._worker_gone(handle, "channel closed")
                 break
-            try:
-                msg = fdpass.decode(data)
-            except fdpass.ProtocolError as exc:
-                log.error("wire_error", service=rt.service.name, pid=handle.pid, error=str(exc))
-                continue
             if msg.kind == fdpass.DONE:
                 for conn_id in msg.ids:
                     if self._end_conn(conn_id, from_worker=True):
@@ -675,29 +665,14 @@ class Master:
         """Re-read the config; apply it all or nothing. True if applied."""
         if self.load_config is None or self.open_sockets is None or self.stopping:
             return False
-        services, diagnostics = self.load_config()
-        errors = [d for d in diagnostics if d.severity.value == "error"]
-        for diag in diagnostics:
-            log.event(40 if diag in errors else 30, "config_diagnostic", message=str(diag))
-        if errors:
-            log.error("reload_failed", errors=len(errors), action="kept the running config")
-            return False
-        diff = reloadplan.plan(
+        prepared = reloadplan.prepare(
+            self.load_config,
             {rt.service.key: (rt, rt.service) for rt in self.runtimes if not rt.retired},
-            services)
+            self.open_sockets)
+        if prepared is None:
+            return False
+        diff, services, opened = prepared
         added, removed, changed = diff.added, diff.removed, diff.changed
-        # Open every new listener before anything is closed: a reload that
-        # cannot bind changes nothing.
-        opened: list[tuple[Service, list[socket.socket]]] = []
-        for service in added:
-            try:
-                opened.append((service, self.open_sockets(service)))
-            except listeners.ListenError as exc:
-                for _, socks in opened:
-                    for sock in socks:
-                        listeners.close_listener(sock)
-                log.error("reload_failed", error=str(exc), action="kept the running config")
-                return False
         order = {s.key: i for i, s in enumerate(services)}
         for service, socks in opened:
             self._add_runtime(service, socks)

@@ -1,6 +1,8 @@
 """What a reload changes: the diff of running services against a new config, by identity.
 
-Pure. A service's identity is its ServiceKey (socket type and endpoints):
+``plan`` is pure. ``prepare`` (shared by pool and classic mode) runs the
+loader and socket opener it is given and logs; it changes nothing that runs.
+A service's identity is its ServiceKey (socket type and endpoints):
 same key and equal Service = unchanged (listener and workers untouched);
 same key, different Service = changed (keeps its listener, new workers);
 key only in the new config = added; key only in the running one = removed.
@@ -8,11 +10,13 @@ key only in the new config = added; key only in the running one = removed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import socket
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from poolinetd.spec import Service, ServiceKey
+from poolinetd import listeners, log
+from poolinetd.spec import Diagnostic, Service, ServiceKey, Severity
 
 T = TypeVar("T")
 
@@ -37,3 +41,40 @@ def plan(running: Mapping[ServiceKey, tuple[T, Service]], wanted: Sequence[Servi
                     if k in running and running[k][1] != s)
     unchanged = len(by_key) - len(added) - len(changed)
     return ReloadPlan(added, removed, changed, unchanged)
+
+
+LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
+Opened = list[tuple[Service, list[socket.socket]]]
+
+
+def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Service]],
+            open_sockets: Callable[[Service], list[socket.socket]]
+            ) -> tuple[ReloadPlan[T], tuple[Service, ...], Opened] | None:
+    """Load the new config, diff it, and open every listener it adds.
+
+    Returns (plan, new services in config order, opened sockets of the added
+    services; the caller owns them), or None, after logging every reason, when
+    the reload must change nothing: a config error, or an added listener that
+    cannot be opened (those opened so far are closed again). Nothing running
+    is touched here, so the caller applies the plan all or nothing.
+    """
+    services, diagnostics = load_config()
+    errors = [d for d in diagnostics if d.severity is Severity.ERROR]
+    for diag in diagnostics:
+        log.event(40 if diag.severity is Severity.ERROR else 30, "config_diagnostic",
+                  message=str(diag))
+    if errors:
+        log.error("reload_failed", errors=len(errors), action="kept the running config")
+        return None
+    diff = plan(running, services)
+    opened: Opened = []
+    for service in diff.added:
+        try:
+            opened.append((service, open_sockets(service)))
+        except listeners.ListenError as exc:
+            for _, socks in opened:
+                for sock in socks:
+                    listeners.close_listener(sock)
+            log.error("reload_failed", error=str(exc), action="kept the running config")
+            return None
+    return diff, services, opened

@@ -231,24 +231,16 @@ class Worker:
     def _on_channel(self) -> None:
         for _ in range(256):  # bounded: connections already here get served too
             try:
-                data, fd = fdpass.recv(self.channel)
-            except (BlockingIOError, InterruptedError):
-                return
+                got = fdpass.receive(self.channel)
             except fdpass.ProtocolError as exc:
                 log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
                 continue
-            except OSError:
-                data, fd = b"", None
-            if not data:
+            if got is None:
+                return
+            msg, fd = got
+            if msg.kind == fdpass.EOF:
                 self._begin_stop(STOP_GRACE_ON_MASTER_LOSS)
                 return
-            try:
-                msg = fdpass.decode(data)
-            except fdpass.ProtocolError as exc:
-                if fd is not None:
-                    os.close(fd)
-                log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
-                continue
             if msg.kind == fdpass.CONN and fd is not None:
                 self._on_conn_msg(msg, fd)
             elif msg.kind == fdpass.LEND and fd is not None:

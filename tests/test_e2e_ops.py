@@ -203,8 +203,10 @@ def test_status_counts_match_the_traffic(serve) -> None:
         assert echo["workers"]["idle"] + echo["workers"]["busy"] == 2
         assert echo["workers"]["busy"] >= 1 and echo["restarts"] == 0
         assert echo["state"] == "serving" and echo["last_error"] == ""
-        cat = server.service_status(cat_name)
-        assert (cat["accepted"], cat["refused"], cat["active"], cat["programs"]) == (1, 1, 1, 1)
+        # (SPAWNED may reach the master a moment after the status request.)
+        wait_until(lambda: [server.service_status(cat_name)[k]
+                            for k in ("accepted", "refused", "active", "programs")] == [1, 1, 1, 1],
+                   5, "cat's counters")
         # The same through the command line, as an operator reads it.
         text = subprocess.run([sys.executable, "-m", "poolinetd", "status", "--control",
                                str(server.control)], capture_output=True, text=True,
