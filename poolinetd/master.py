@@ -39,6 +39,7 @@ from poolinetd.pool import Pool, WorkerState
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType
 
+_NEVER = float("inf")
 ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 FAST_STOP_TIMEOUT = 2.0
@@ -147,6 +148,7 @@ class Master:
         self.conns: dict[int, ConnRecord] = {}
         self.orphans: dict[int, int] = {}  # program pid -> conn_id (its worker died first)
         self.next_orphan_check = 0.0
+        self.next_sweep = 0.0  # when _sweep must next run (see _wake_at)
         self.ids = itertools.count(1)
         self.stopping = False
         self.stop_deadline = 0.0
@@ -223,12 +225,8 @@ class Master:
 
     def _next_timeout(self, now: float) -> float | None:
         deadlines: list[float] = []
-        for rt in self.runtimes:
-            if rt.resting_until > now:
-                deadlines.append(rt.resting_until)
-            pool_deadline = rt.pool.next_deadline(now)
-            if pool_deadline is not None:
-                deadlines.append(pool_deadline)
+        if self.next_sweep != _NEVER:
+            deadlines.append(self.next_sweep)
         if self.stopping:
             deadlines.append(self.stop_deadline)
             deadlines.append(now + 0.5)  # stop progress (kill, reap) is checked often
@@ -251,11 +249,30 @@ class Master:
             if now >= self.stop_deadline:
                 self._kill_remaining()
             return
+        if now >= self.next_sweep:
+            self._sweep(now)
+
+    def _wake_at(self, when: float) -> None:
+        """Make sure the loop sweeps the pools by ``when`` (a pause or backoff ends, a
+        worker may be retired). Cheap: the hot path calls it instead of sweeping."""
+        if when < self.next_sweep:
+            self.next_sweep = when
+
+    def _sweep(self, now: float) -> None:
+        """Per-service housekeeping: retire idle surplus workers, start what pools
+        need, resume rested listeners. Runs only when a deadline is due, so its
+        cost does not grow with the number of services on every loop turn."""
+        self.next_sweep = _NEVER
         for rt in self.runtimes:
             for pid in rt.pool.surplus(now):
                 log.info("worker_retire", service=rt.service.name, pid=pid, reason="idle")
                 self._stop_worker(rt, pid)
             self._maintain(rt)
+            if rt.resting_until > now:
+                self._wake_at(rt.resting_until)
+            deadline = rt.pool.next_deadline(now)
+            if deadline is not None:
+                self._wake_at(deadline)
 
     def _all_listeners(self) -> list[Listener]:
         return [lst for rt in self.runtimes for lst in rt.listeners]
@@ -314,6 +331,7 @@ class Master:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     rt.paused_until = self.clock() + EMFILE_PAUSE
+                    self._wake_at(rt.paused_until)
                     rt.last_error = f"accept: {exc.strerror}"
                     log.error("accept_failed", service=rt.service.name, error=exc.strerror,
                               pause=EMFILE_PAUSE)
@@ -359,6 +377,7 @@ class Master:
         rt.refused += 1
         now = self.clock()
         if rt.admission.looping:
+            self._wake_at(rt.admission.paused_until)
             limit = rt.service.limits.max_spawn_per_min
             rt.last_error = f"more than {limit} connections a minute"
             log.error("service_looping", service=rt.service.name, limit=limit,
@@ -438,6 +457,7 @@ class Master:
             rt.last_error = f"fork: {exc.strerror}"
             log.error("fork_failed", service=service.name, error=exc.strerror)
             rt.pool.backoff_until = self.clock() + EMFILE_PAUSE
+            self._wake_at(rt.pool.backoff_until)
             return
         theirs.close()
         ours.setblocking(False)
@@ -476,10 +496,12 @@ class Master:
                 handle.boot_error = msg.peer
             elif msg.kind == fdpass.READY and rt.pool.mark_ready(handle.pid, now):
                 log.debug("worker_ready", service=rt.service.name, pid=handle.pid)
+                self._wake_at(now + rt.pool.settings.idle_timeout)
                 if handle.stop_sent or rt.retired or self.stopping:
                     self._send_stop(handle)
         if released:
             rt.pool.release(handle.pid, released, now)
+            self._wake_at(now + rt.pool.settings.idle_timeout)  # it may now be surplus
         self._maintain(rt)
 
     def _end_conn(self, conn_id: int, from_worker: bool) -> bool:
@@ -506,6 +528,7 @@ class Master:
         if handle.closed:
             return
         handle.closed = True
+        self._wake_at(self.clock())  # a backoff may have started: the sweep plans its end
         self.sel.unregister(handle.channel)
         handle.channel.close()
         rt = handle.rt
@@ -622,6 +645,7 @@ class Master:
             new_min = max(0, min(settings.pool_max, settings.pool_min + delta))
             rt.pool.settings = replace(settings, pool_min=new_min)
             log.info("pool_resized", service=rt.service.name, pool_min=new_min)
+            self._wake_at(self.clock())
             if delta < 0:
                 live = [s for s in rt.pool.workers.values() if s.state is not WorkerState.DRAINING]
                 spare = [s for s in live if s.state is WorkerState.BOOTING or s.load == 0]
@@ -693,6 +717,7 @@ class Master:
         for rt in self.runtimes:
             self._maintain(rt)
         self.reloads += 1
+        self._wake_at(self.clock())
         log.info("reloaded", added=len(added), changed=len(changed), removed=len(removed),
                  unchanged=diff.unchanged)
         return True
