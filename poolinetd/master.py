@@ -346,25 +346,40 @@ class Master:
                     if admission.looping:
                         break
                     continue
-            self._dispatch(rt, pid, fd, ip, worker.format_addr(addr))
+            try:
+                self._dispatch(rt, pid, fd, ip, worker.format_addr(addr))
+            finally:
+                os.close(fd)  # sent (the worker has its own reference) or given up
 
     def _dispatch(self, rt: ServiceRuntime, pid: int, conn: int, ip: str, peer: str) -> None:
-        """Send fd ``conn`` to worker ``pid``; the master's copy is closed on every path."""
+        """Send fd ``conn`` to worker ``pid``, or to another if that one cannot take it.
+
+        The caller keeps ownership of ``conn`` and closes it afterwards. A worker
+        whose channel is broken (it just died) is written off and the next one
+        tried, so a crash loses only what that worker was already serving.
+        """
         handle = self.workers[pid]
-        conn_id = next(self.ids)
-        try:
-            fdpass.send(handle.channel, fdpass.encode_conn(conn_id, peer, ""), conn)
-        except BlockingIOError:
+        conn_id = 0
+        for _ in range(4):
+            conn_id = next(self.ids)
+            try:
+                fdpass.send(handle.channel, fdpass.encode_conn(conn_id, peer, ""), conn)
+                break
+            except BlockingIOError:
+                log.warning("worker_congested", service=rt.service.name, pid=pid, peer=peer)
+                self._send_stop(handle)  # takes nothing more; a replacement is started
+            except OSError as exc:
+                log.warning("worker_unreachable", service=rt.service.name, pid=pid,
+                            error=exc.strerror)
+                self._worker_gone(handle, f"channel: {exc.strerror}")
+            next_pid = rt.pool.pick()
+            if next_pid is None:
+                rt.refused += 1
+                return
+            pid, handle = next_pid, self.workers[next_pid]
+        else:
             rt.refused += 1
-            log.warning("worker_congested", service=rt.service.name, pid=pid, peer=peer)
             return
-        except OSError as exc:
-            rt.refused += 1
-            log.warning("worker_unreachable", service=rt.service.name, pid=pid,
-                        error=exc.strerror)
-            return
-        finally:
-            os.close(conn)
         rt.accepted += 1
         rt.instances += 1
         rt.admission.started(ip)
@@ -407,7 +422,8 @@ class Master:
         self._set_polled(lst, False)
         rt.pool.assign(pid)
         rt.instances += 1
-        rt.accepted += 1
+        if rt.service.internal is None:
+            rt.accepted += 1  # a wait program started; a built-in's loan is not a connection
         self.conns[lend_id] = ConnRecord(rt, pid, "", listener=lst)
 
     def _set_polled(self, lst: Listener, want: bool) -> None:

@@ -51,6 +51,7 @@ class Pool:
         self._rng = rng or random.Random()
         self._clock = 0  # pick sequence
         self._current: WorkerSlot | None = None
+        self._draining = 0  # how many workers are DRAINING (kept so sizing is O(1) when idle)
 
     # -- lifecycle -------------------------------------------------------
     def add_booting(self, pid: int, now: float) -> None:
@@ -79,6 +80,8 @@ class Pool:
             return None
         if self._current is slot:
             self._current = None
+        if slot.state is WorkerState.DRAINING:
+            self._draining -= 1
         if slot.state is WorkerState.BOOTING:
             self.boot_failures += 1
             self.last_failure = reason or "worker exited before it was ready"
@@ -96,6 +99,7 @@ class Pool:
         if slot is None or slot.state is WorkerState.DRAINING:
             return False
         slot.state = WorkerState.DRAINING
+        self._draining += 1
         if self._current is slot:
             self._current = None
         return True
@@ -155,6 +159,9 @@ class Pool:
         """
         if now < self.backoff_until:
             return 0
+        if (not self.boot_failures and len(self.workers) - self._draining >= self.settings.pool_min
+                and self.pick() is not None):
+            return 0  # the common case, decided without walking the workers
         booting = sum(1 for s in self.workers.values() if s.state is WorkerState.BOOTING)
         ready = sum(1 for s in self.workers.values() if s.state is WorkerState.READY)
         live = booting + ready
