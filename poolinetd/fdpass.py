@@ -8,6 +8,7 @@ and the fd count, closes anything unexpected, and raises ProtocolError.
 Master -> worker:  CONN(conn_id, peer, local) + the accepted socket
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
+                   LOGFD + the reopened log file (after SIGUSR1)
 Worker -> master:  READY(pid)
                    DONE(ids...)  connections or loans that ended (batched)
                    SPAWNED(conn_id, pid)  a program was launched for conn_id
@@ -28,6 +29,7 @@ EOF = 0  # not on the wire: what ``receive`` returns when the peer is gone
 CONN = 1
 LEND = 2
 STOP = 3
+LOGFD = 4
 READY = 10
 DONE = 11
 SPAWNED = 12
@@ -65,6 +67,10 @@ def encode_lend(lend_id: int) -> bytes:
 
 def encode_stop() -> bytes:
     return _HEAD.pack(STOP, VERSION)
+
+
+def encode_logfd() -> bytes:
+    return _HEAD.pack(LOGFD, VERSION)
 
 
 def encode_ready(pid: int) -> bytes:
@@ -106,6 +112,8 @@ def decode(data: bytes) -> Message:
             return Message(LEND, ident)
         if kind == STOP and not body:
             return Message(STOP)
+        if kind == LOGFD and not body:
+            return Message(LOGFD)
         if kind == READY:
             (pid,) = _PID.unpack(body)
             return Message(READY, pid=pid)

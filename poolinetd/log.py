@@ -9,6 +9,7 @@ Keys that are always there: ``event``; usually ``service``, ``pid``,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -53,10 +54,14 @@ class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(open(path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
 
     def reopen(self) -> None:
+        self.adopt(open(self.path, "a", buffering=1, encoding="utf-8"))  # noqa: SIM115
+
+    def adopt(self, stream: TextIO) -> None:
+        """Write to ``stream`` from now on and close the old one."""
         self.acquire()
         try:
             old = self.stream
-            self.stream = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self.stream = stream
             old.close()
         finally:
             self.release()
@@ -83,6 +88,20 @@ def reopen() -> None:
     for handler in LOGGER.handlers:
         if isinstance(handler, _ReopenableHandler):
             handler.reopen()
+
+
+def adopt_fd(fd: int) -> None:
+    """A worker takes over the master's freshly reopened log file (passed as ``fd``).
+
+    Workers run as service users and usually could not open the log file
+    themselves; the master reopens it and hands each worker the new fd. The
+    caller's ``fd`` is owned by the log from now on.
+    """
+    for handler in LOGGER.handlers:
+        if isinstance(handler, _ReopenableHandler):
+            handler.adopt(open(fd, "a", buffering=1, encoding="utf-8", closefd=True))  # noqa: SIM115
+            return
+    os.close(fd)
 
 
 def log_fd() -> int:

@@ -650,8 +650,19 @@ class Master:
             elif sig == signal.SIGUSR1:
                 log.reopen()
                 log.info("log_reopened")
+                self._send_log_fd()
             elif sig in (signal.SIGTTIN, signal.SIGTTOU):
                 self._resize_pools(+1 if sig == signal.SIGTTIN else -1)
+
+    def _send_log_fd(self) -> None:
+        """Hand every worker the reopened log file (they cannot open it as their user)."""
+        fd = log.log_fd()
+        if fd <= 2:
+            return  # logging to stderr: nothing was reopened
+        for handle in self.workers.values():
+            if not handle.closed:
+                with contextlib.suppress(OSError):
+                    fdpass.send(handle.channel, fdpass.encode_logfd(), fd)
 
     def _resize_pools(self, delta: int) -> None:
         from dataclasses import replace

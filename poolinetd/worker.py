@@ -189,8 +189,12 @@ class Worker:
         self.sel.register(self.channel, selectors.EVENT_READ, None)
         # SIGTERM (e.g. sent to the whole process group) means what STOP means:
         # finish what is being served, then exit. SIGINT/SIGQUIT stay fatal.
+        # The signals an operator means for the master (reload, log reopen,
+        # resize) are ignored if they reach the whole group: the master acts.
         self.sigpipe = SignalPipe()
         self.sigpipe.install([signal.SIGTERM])
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
         self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
         self._set_title()
         fdpass.send(self.channel, fdpass.encode_ready(self.pid))
@@ -247,6 +251,8 @@ class Worker:
                 self._on_lend(msg.ident, fd)
             elif msg.kind == fdpass.STOP:
                 self._begin_stop(None)
+            elif msg.kind == fdpass.LOGFD and fd is not None:
+                log.adopt_fd(fd)
             else:
                 if fd is not None:
                     os.close(fd)

@@ -256,7 +256,7 @@ def test_pool_grows_under_load_and_shrinks_when_idle(serve) -> None:
 def test_sigttin_sigttou_resize_and_sigusr1_reopens_the_log(tmp_path: Path, serve) -> None:
     logfile = tmp_path / "poolinetd.log"
     server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
-                   "--log-file", str(logfile))
+                   "--log-file", str(logfile), "--log-connections")
     assert len(server.workers()) == 1
     server.send_signal(signal.SIGTTIN)
     wait_until(lambda: len(server.workers()) == 2, 10, "a second worker")
@@ -266,6 +266,16 @@ def test_sigttin_sigttou_resize_and_sigusr1_reopens_the_log(tmp_path: Path, serv
     server.send_signal(signal.SIGUSR1)
     wait_until(lambda: logfile.exists() and "log_reopened" in logfile.read_text(), 10)
     assert "pool_resized" in (tmp_path / "poolinetd.log.1").read_text()
+    # The workers (running as the service user) write to the new file too: the
+    # master hands them its reopened fd.
+    assert tcp_exchange(server.port(), b"after rotation") == b"after rotation"
+    wait_until(lambda: "conn_end" in logfile.read_text(), 5, "the worker's line in the new log")
+    # Signals meant for the master do not kill workers when sent to the whole group.
+    workers = server.workers()
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+        os.kill(workers[0], sig)
+    assert tcp_exchange(server.port(), b"alive") == b"alive"
+    assert workers[0] in server.workers()
 
 
 def test_json_logs(serve) -> None:
