@@ -230,7 +230,8 @@ class Classic:
         service = state.service
         fd = sock.fileno()
         try:
-            pid = spawn.fork_child(lambda: self._child(service, fd, peer), [fd])
+            keep = [fd, log.log_fd()]  # the log file too, if any, for the child's own errors
+            pid = spawn.fork_child(lambda: self._child(service, fd, peer), keep)
         except OSError as exc:
             log.error("fork_failed", service=service.name, error=exc.strerror)
             state.paused_until = time.monotonic() + EMFILE_PAUSE

@@ -152,6 +152,7 @@ class Master:
         self.ids = itertools.count(1)
         self.stopping = False
         self.stop_deadline = 0.0
+        self.kill_passes = 0
         self.started = time.time()
         self.reloads = 0
         self.control = control.ControlServer(control_path, self) if control_path else None
@@ -609,16 +610,20 @@ class Master:
                 self._maintain(rt)
                 self.collect_garbage()
                 continue
-            conn_id = self.orphans.pop(pid, None)
-            if conn_id is not None:
-                rec = self.conns.get(conn_id)
-                self._end_conn(conn_id, from_worker=False)
-                if rec is not None:
-                    log.info("program_exit", service=rec.rt.service.name, pid=pid, status=code,
-                             orphan=True)
-                    self._maintain(rec.rt)
+            if pid in self.orphans:
+                self._reap_orphan(pid, code)
                 continue
             log.debug("reaped_unknown", pid=pid, status=code)
+
+    def _reap_orphan(self, pid: int, code: int) -> None:
+        """A program whose worker died before it has exited (and been reaped by us)."""
+        conn_id = self.orphans.pop(pid)
+        rec = self.conns.get(conn_id)
+        self._end_conn(conn_id, from_worker=False)
+        if rec is not None:
+            log.info("program_exit", service=rec.rt.service.name, pid=pid, status=code,
+                     orphan=True)
+            self._maintain(rec.rt)
 
     def _prune_orphans(self) -> None:
         """Forget orphans that no longer exist without our reaping them.
@@ -629,6 +634,11 @@ class Master:
         hold max_child.
         """
         for pid, conn_id in list(self.orphans.items()):
+            with contextlib.suppress(ChildProcessError):
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped == pid:  # ours and exited, but its SIGCHLD went unnoticed
+                    self._reap_orphan(pid, os.waitstatus_to_exitcode(status))
+                    continue
             if not _exists(pid):
                 del self.orphans[pid]
                 rec = self.conns.get(conn_id)
@@ -709,6 +719,15 @@ class Master:
         programs = {rec.program_pid for rec in self.conns.values() if rec.program_pid}
         for pid in programs | set(self.orphans):
             _kill(pid, signal.SIGKILL)
+        self.kill_passes += 1
+        if self.kill_passes > 10:
+            # Everything was SIGKILLed 5 s ago and is still not reaped: something is
+            # wrong (a pid we wait for is not our child). Say what, and stop anyway
+            # rather than hang a shutdown forever.
+            log.error("stop_abandoned", workers=sorted(self.workers),
+                      orphans=sorted(self.orphans))
+            self.workers.clear()
+            self.orphans.clear()
         self.stop_deadline = self.clock() + 0.5
 
     # -- reload ------------------------------------------------------------------

@@ -287,3 +287,25 @@ def test_json_logs(serve) -> None:
     end = next(e for e in events if e["event"] == "conn_end")
     assert end["bytes_in"] == 5 and end["bytes_out"] == 5 and end["peer"].startswith("127.0.0.1")
     assert {"ts", "level", "pid", "service", "duration"} <= set(end)
+
+
+def test_program_outlives_its_crashed_worker_and_is_reaped_by_the_master(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait/1 {U} /bin/cat cat\n")
+    name = server.listeners[0]["service"]
+    (worker,) = server.workers()
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as client:
+        client.sendall(b"1")
+        assert client.recv(1) == b"1"
+        (cat,) = children_of(worker)
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: "program_orphaned" in server.log(), 10, "the orphan to be noticed")
+        # The connection lives on with its program, still counted against max_child.
+        client.sendall(b"2")
+        assert client.recv(1) == b"2"
+        assert cat in children_of(server.pid)  # the master is the subreaper
+        status = server.service_status(name)
+        assert (status["active"], status["programs"]) == (1, 1)
+    wait_until(lambda: server.service_status(name)["active"] == 0, 10, "the orphan's exit")
+    assert re.search(rf"program_exit .*pid={cat} .*orphan=True", server.log())
+    assert not alive(cat)
+    assert tcp_exchange(server.port(), b"next") == b"next"  # a new worker serves again
