@@ -110,12 +110,21 @@ class Pool:
 
         The most recently used worker below the cap (``worker_connections``)
         wins: it is warm, and idle workers stay idle long enough to be retired.
+        With ``settings.spread`` (programs) the least loaded one wins instead.
         """
         cap = self.settings.worker_connections
         cur = self._current
+        if self.settings.spread:
+            best = None
+            for slot in self.workers.values():
+                if slot.state is WorkerState.READY and slot.load < cap and (
+                    best is None or slot.load < best.load
+                ):
+                    best = slot
+            return None if best is None else best.pid
         if cur is not None and cur.load < cap:
             return cur.pid
-        best: WorkerSlot | None = None
+        best = None
         for slot in self.workers.values():
             if slot.state is WorkerState.READY and slot.load < cap and (
                 best is None or slot.last_used > best.last_used

@@ -25,6 +25,7 @@ from poolinetd.spec import (
     DEFAULT_MAX_REQUESTS,
     DEFAULT_POOL_MAX,
     DEFAULT_POOL_MIN,
+    DEFAULT_POOL_MIN_PROGRAM,
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
     Diagnostic,
@@ -452,12 +453,16 @@ class _SpecResolver:
             if is_internal
             else DEFAULT_WORKER_CONNECTIONS_PROGRAM
         )
+        pool_max = int(num("pool_max", DEFAULT_POOL_MAX))
+        # The program default never exceeds an explicit pool_max.
+        min_default = DEFAULT_POOL_MIN if is_internal else min(DEFAULT_POOL_MIN_PROGRAM, pool_max)
         pool = PoolSettings(
-            pool_min=int(num("pool_min", DEFAULT_POOL_MIN)),
-            pool_max=int(num("pool_max", DEFAULT_POOL_MAX)),
+            pool_min=int(num("pool_min", min_default)),
+            pool_max=pool_max,
             worker_connections=int(num("worker_connections", per_worker)),
             max_requests=int(num("max_requests", DEFAULT_MAX_REQUESTS)),
             idle_timeout=float(num("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+            spread=not is_internal,
         )
         if pool.pool_min > pool.pool_max:
             role = "pool_min" if self.spec.options.pool_min is not None else "pool_max"

@@ -127,6 +127,9 @@ class Options:
 
 # Built-in defaults (documented in README). Command-line flags override them.
 DEFAULT_POOL_MIN = 1
+# Launching a program blocks its worker for the exec (posix_spawn is vfork-like),
+# so a program service keeps two workers ready and spreads launches over them.
+DEFAULT_POOL_MIN_PROGRAM = 2
 DEFAULT_POOL_MAX = 16
 DEFAULT_WORKER_CONNECTIONS_INTERNAL = 256
 DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
@@ -275,6 +278,10 @@ class PoolSettings:
     worker_connections: int
     max_requests: int
     idle_timeout: float
+    # False: the most recently used worker below its cap takes the next connection
+    # (built-ins: one warm process serves many). True: the least loaded one does
+    # (programs: launches run in parallel on several cores).
+    spread: bool = False
 
 
 @dataclass(frozen=True, slots=True)

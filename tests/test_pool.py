@@ -175,3 +175,17 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_spread_pick_takes_the_least_loaded_worker() -> None:
+    pool = Pool(PoolSettings(2, 4, 8, 0, 10.0, spread=True))
+    for pid in (1, 2):
+        pool.add_booting(pid, 0)
+        pool.mark_ready(pid, 0)
+    picks = []
+    for _ in range(6):
+        pid = pool.pick()
+        assert pid is not None
+        pool.assign(pid)
+        picks.append(pid)
+    assert picks.count(1) == picks.count(2) == 3  # launches alternate between the workers
