@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios",
         type=_csv(str),
         default=list(SCENARIOS),
-        help=f"comma list from {','.join(SCENARIOS)}",
+        help=f"comma list from {','.join(SCENARIOS)}, plus 'growth' for the pool growth "
+        "burst (benchmarks/growth.py: 64 and 128 held connections, echo and cat)",
     )
     p.add_argument("--concurrency", type=_csv(int), default=None, help="comma list (1,16,64,256)")
     p.add_argument(
@@ -452,6 +453,13 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     if st["skipped_modes"]:
         out += ["", "Not run: " + "; ".join(f"{k}: {v}" for k, v in st["skipped_modes"].items())]
+    # A peer skips a built-in when its well-known port is busy: say so, never a silent "-".
+    skipped = sorted(
+        {(srv["mode"], scen, why) for srv in doc["servers"]
+         for scen, why in srv["skipped_scenarios"].items()}
+    )  # fmt: skip
+    if skipped:
+        out += ["", "Skipped cells: " + "; ".join(f"{m} {sc}: {w}" for m, sc, w in skipped)]
     return "\n".join(out) + "\n"
 
 
@@ -504,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see the module docstring for the exit status)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    want_growth = "growth" in args.scenarios
+    args.scenarios = [s for s in args.scenarios if s != "growth"]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
@@ -520,10 +530,30 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency = [1, 64] if args.quick else [1, 16, 64, 256]
     if args.reps < 1 or args.duration <= 0 or not args.concurrency:
         parser.error("need --reps >= 1, --duration > 0 and at least one concurrency")
+    if not args.scenarios and not want_growth:
+        parser.error("no scenario to run")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    status = 0
+    if args.scenarios:
+        status = _main_scenarios(args, log)
+    if want_growth:
+        from benchmarks import growth
+
+        gargs = growth.build_parser().parse_args(
+            ["--reps", str(args.reps), "--out", str(args.out)]
+            + (["--server-cmd", args.server_cmd] if args.server_cmd else [])
+        )
+        gdoc = growth.run(gargs, log)
+        print(growth.write(gdoc, args.out))
+        log(f"growth results: {args.out / 'growth.json'}, {args.out / 'growth.md'}")
+        status = max(status, 1 if gdoc["failures"] else 0)
+    return status
+
+
+def _main_scenarios(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     doc = run(args, log)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_bytes(

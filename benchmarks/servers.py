@@ -164,9 +164,35 @@ def start_poolinetd(
     extra_args: list[str] = [],  # noqa: B006 -- never mutated
 ) -> Server:
     """Start poolinetd in ``mode`` and wait for its ready line; ports in scenario order."""
-    conf = tmp / f"poolinetd-{mode}.conf"
-    conf.write_text(poolinetd_config(scenarios, tmp, extra))
-    log_path = tmp / f"poolinetd-{mode}.log"
+    return launch_poolinetd(
+        mode,
+        poolinetd_config(scenarios, tmp, extra),
+        [s.name for s in scenarios],
+        tmp,
+        cmd,
+        extra_args,
+    )
+
+
+def launch_poolinetd(
+    mode: str,
+    conf_text: str,
+    names: list[str],
+    tmp: Path,
+    cmd: list[str],
+    extra_args: list[str] = [],  # noqa: B006 -- never mutated
+    tag: str = "",
+) -> Server:
+    """Start poolinetd on ``conf_text`` and map its listeners, in config order, to ``names``.
+
+    The ready line names services by the engine's own rules (``echo:0/tcp``
+    for a built-in on a numeric port, ...), which are not ours to rely on:
+    the i-th listener reported is the i-th service line of the config.
+    """
+    stem = f"poolinetd-{mode}{tag}"
+    conf = tmp / f"{stem}.conf"
+    conf.write_text(conf_text)
+    log_path = tmp / f"{stem}.log"
     rfd, wfd = os.pipe()
     try:
         with open(log_path, "ab") as log:
@@ -193,9 +219,9 @@ def start_poolinetd(
     try:
         info = orjson.loads(line)
         listeners = info["listeners"]
-        if len(listeners) != len(scenarios):
-            raise ServerError(f"{len(listeners)} listeners reported, {len(scenarios)} configured")
-        server.ports = {s.name: int(li["port"]) for s, li in zip(scenarios, listeners, strict=True)}
+        if len(listeners) != len(names):
+            raise ServerError(f"{len(listeners)} listeners reported, {len(names)} configured")
+        server.ports = {n: int(li["port"]) for n, li in zip(names, listeners, strict=True)}
         server.pid = int(info.get("pid", proc.pid))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ServerError) as exc:
         server.stop()
@@ -313,6 +339,10 @@ def start_xinetd(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
         common = (
             "    socket_type = stream\n    protocol = tcp\n    wait = no\n"
             "    user = nobody\n    bind = 127.0.0.1\n"
+            # xinetd is built with libwrap: without this every connection runs
+            # a hosts_access() check the other servers do not do. (flags is not
+            # accepted in the defaults section: it must be per service.)
+            "    flags = NOLIBWRAP\n"
         )
         if s.builtin is not None:
             blocks.append(f"service {s.builtin}\n{{\n    type = INTERNAL\n{common}}}\n")
