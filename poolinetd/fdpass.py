@@ -5,7 +5,7 @@ message boundaries, so an fd can never be attached to the wrong header
 (systemd #15457 shows what stream framing does). ``recv`` checks MSG_CTRUNC
 and the fd count, closes anything unexpected, and raises ProtocolError.
 
-Master -> worker:  CONN(conn_id, peer, local) + the accepted socket
+Master -> worker:  CONN(conn_id, family, peer, local) + the accepted socket
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
                    LOGFD + the reopened log file (after SIGUSR1)
@@ -39,6 +39,7 @@ _HEAD = struct.Struct("!BB")  # kind, version
 _ID = struct.Struct("!Q")
 _PID = struct.Struct("!i")
 _ID_PID = struct.Struct("!Qi")
+_CONN = struct.Struct("!QB")  # conn_id, address family (saves the receiver three getsockopts)
 MAX_MESSAGE = 4096
 _MAX_DONE_IDS = (MAX_MESSAGE - _HEAD.size) // _ID.size
 
@@ -52,13 +53,14 @@ class Message:
     kind: int
     ident: int = 0  # conn_id / lend_id / pid
     pid: int = 0
+    family: int = 0
     ids: tuple[int, ...] = ()
     peer: str = ""
     local: str = ""
 
 
-def encode_conn(conn_id: int, peer: str, local: str) -> bytes:
-    return _HEAD.pack(CONN, VERSION) + _ID.pack(conn_id) + f"{peer}\0{local}".encode()
+def encode_conn(conn_id: int, family: int, peer: str, local: str) -> bytes:
+    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family) + f"{peer}\0{local}".encode()
 
 
 def encode_lend(lend_id: int) -> bytes:
@@ -104,9 +106,9 @@ def decode(data: bytes) -> Message:
     body = data[_HEAD.size :]
     try:
         if kind == CONN:
-            (ident,) = _ID.unpack_from(body)
-            peer, _, local = body[_ID.size :].decode().partition("\0")
-            return Message(CONN, ident, peer=peer, local=local)
+            ident, family = _CONN.unpack_from(body)
+            peer, _, local = body[_CONN.size :].decode().partition("\0")
+            return Message(CONN, ident, family=family, peer=peer, local=local)
         if kind == LEND:
             (ident,) = _ID.unpack(body)
             return Message(LEND, ident)

@@ -112,6 +112,8 @@ class Echo(StreamHandler):
             self._out += data
             if not self._flush():
                 return Want.NONE
+            if len(data) < _RECV:
+                break  # a short read drained the socket: skip the recv that would say EAGAIN
         if not self._flush():
             return Want.NONE
         if self._out:

@@ -41,6 +41,10 @@ from poolinetd.spec import Service, SocketType
 
 _NEVER = float("inf")
 ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
+# For programs, fewer: each launch costs its worker an exec, and connections left
+# in the kernel's FIFO backlog are served more fairly than ones queued in a
+# worker (measured: /bin/cat at c=64, p99 80 -> 62-68 ms, 1,840 -> 2,100 conn/s).
+ACCEPT_BATCH_PROGRAM = 4
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 FAST_STOP_TIMEOUT = 2.0
 
@@ -317,7 +321,7 @@ class Master:
         rt = lst.rt
         pool = rt.pool
         admission = rt.admission
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH if rt.service.internal is not None else ACCEPT_BATCH_PROGRAM):
             if rt.at_max_child():
                 break
             pid = pool.pick()
@@ -348,11 +352,12 @@ class Master:
                         break
                     continue
             try:
-                self._dispatch(rt, pid, fd, ip, worker.format_addr(addr))
+                self._dispatch(rt, pid, fd, lst.sock.family, ip, worker.format_addr(addr))
             finally:
                 os.close(fd)  # sent (the worker has its own reference) or given up
 
-    def _dispatch(self, rt: ServiceRuntime, pid: int, conn: int, ip: str, peer: str) -> None:
+    def _dispatch(self, rt: ServiceRuntime, pid: int, conn: int, family: int, ip: str,
+                  peer: str) -> None:
         """Send fd ``conn`` to worker ``pid``, or to another if that one cannot take it.
 
         The caller keeps ownership of ``conn`` and closes it afterwards. A worker
@@ -364,7 +369,7 @@ class Master:
         for _ in range(4):
             conn_id = next(self.ids)
             try:
-                fdpass.send(handle.channel, fdpass.encode_conn(conn_id, peer, ""), conn)
+                fdpass.send(handle.channel, fdpass.encode_conn(conn_id, family, peer, ""), conn)
                 break
             except BlockingIOError:
                 log.warning("worker_congested", service=rt.service.name, pid=pid, peer=peer)
@@ -528,7 +533,7 @@ class Master:
             return False
         rt = rec.rt
         rt.instances -= 1
-        if rec.ip:
+        if rec.ip and rt.admission.active:
             rt.admission.ended(rec.ip)
         lst = rec.listener
         if lst is not None and lst.lend_id == conn_id:

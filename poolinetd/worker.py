@@ -182,6 +182,8 @@ class Worker:
         self.stop_deadline: float | None = None
         self.title_state = ""
         self.pid = os.getpid()
+        self.sock_type = (socket.SOCK_SEQPACKET if service.socket_type is SocketType.SEQPACKET
+                          else socket.SOCK_STREAM)
 
     # -- main loop --------------------------------------------------------
     def run(self) -> int:
@@ -278,7 +280,8 @@ class Worker:
     # -- connections --------------------------------------------------------
     def _on_conn_msg(self, msg: fdpass.Message, fd: int) -> None:
         try:
-            sock = socket.socket(fileno=fd)
+            # Family and type given: the socket module need not ask the kernel.
+            sock = socket.socket(msg.family or -1, self.sock_type, 0, fileno=fd)
         except OSError as exc:
             os.close(fd)
             log.error("bad_fd", service=self.service.name, pid=self.pid, error=exc.strerror)

@@ -88,7 +88,8 @@ def test_started_as_a_normal_user_serves_only_that_users_services(public_dir: Pa
                     "127.0.0.1:0 stream tcp nowait root internal daytime\n")
     conf.chmod(0o644)
     log_dir = public_dir / "run"
-    log_dir.mkdir(mode=0o777)
+    log_dir.mkdir()
+    log_dir.chmod(0o777)  # nobody creates its control socket and log here
     proc, info, log_path = _run(["-c", str(conf), "--control", str(log_dir / "ctl.sock")],
                                 log_dir, ("/usr/bin/setpriv", "--reuid=nobody",
                                           "--regid=nogroup", "--clear-groups"))

@@ -225,7 +225,7 @@ def test_status_counts_match_the_traffic(serve) -> None:
 
 def test_max_requests_recycles_workers(serve) -> None:
     server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, exec={PROGRAMS}/report.sh, "
-                   f"args=report.sh, wait=no, max_requests=4;\n")
+                   f"args=report.sh, wait=no, max_requests=4, pool_min=1;\n")
     parents = []
     for _ in range(20):
         out = tcp_exchange(server.port()).decode()
@@ -292,10 +292,10 @@ def test_json_logs(serve) -> None:
 def test_program_outlives_its_crashed_worker_and_is_reaped_by_the_master(serve) -> None:
     server = serve(f"127.0.0.1:0 stream tcp nowait/1 {U} /bin/cat cat\n")
     name = server.listeners[0]["service"]
-    (worker,) = server.workers()
     with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as client:
         client.sendall(b"1")
         assert client.recv(1) == b"1"
+        (worker,) = [w for w in server.workers() if children_of(w)]
         (cat,) = children_of(worker)
         os.kill(worker, signal.SIGKILL)
         wait_until(lambda: "program_orphaned" in server.log(), 10, "the orphan to be noticed")

@@ -19,8 +19,9 @@ from poolinetd import fdpass
 @given(st.integers(0, 2**64 - 1), st.text(max_size=60).filter(lambda s: "\0" not in s),
        st.text(max_size=60).filter(lambda s: "\0" not in s))
 def test_conn_round_trip(conn_id: int, peer: str, local: str) -> None:
-    msg = fdpass.decode(fdpass.encode_conn(conn_id, peer, local))
-    assert (msg.kind, msg.ident, msg.peer, msg.local) == (fdpass.CONN, conn_id, peer, local)
+    msg = fdpass.decode(fdpass.encode_conn(conn_id, 10, peer, local))
+    assert (msg.kind, msg.ident, msg.family, msg.peer, msg.local) == (
+        fdpass.CONN, conn_id, 10, peer, local)
 
 
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=2000))
