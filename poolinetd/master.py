@@ -202,7 +202,7 @@ class Master:
                      pool_min=lst.rt.service.pool.pool_min, pool_max=lst.rt.service.pool.pool_max)
         for rt in self.runtimes:
             self._maintain(rt)
-        ready_reported = self.ready_fd is None
+        ready_reported = False
         while True:
             if not ready_reported and self._all_ready():
                 self._report_ready()
@@ -298,14 +298,14 @@ class Master:
     def _report_ready(self) -> None:
         import orjson
 
-        assert self.ready_fd is not None
-        line = orjson.dumps({"pid": os.getpid(), "listeners": self.listener_report()}) + b"\n"
-        try:
-            os.write(self.ready_fd, line)
-            os.close(self.ready_fd)
-        except OSError as exc:
-            log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)
-        self.ready_fd = None
+        if self.ready_fd is not None:
+            line = orjson.dumps({"pid": os.getpid(), "listeners": self.listener_report()}) + b"\n"
+            try:
+                os.write(self.ready_fd, line)
+                os.close(self.ready_fd)
+            except OSError as exc:
+                log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)
+            self.ready_fd = None
         log.info("ready", services=len(self.runtimes), workers=len(self.workers))
 
     # -- listeners -------------------------------------------------------------
@@ -608,7 +608,8 @@ class Master:
                     rt.last_error = rt.pool.last_failure = handle.boot_error
                 elif code != 0:
                     rt.last_error = f"worker {pid} exited with status {code}"
-                if code != 0 or not (handle.stop_sent or self.stopping):
+                expected = self.stopping or (handle.stop_sent and code == 0)
+                if not expected:
                     log.warning("worker_exit", service=rt.service.name, pid=pid, status=code)
                 else:
                     log.debug("worker_exit", service=rt.service.name, pid=pid, status=code)

@@ -190,12 +190,13 @@ class Worker:
         self.channel.setblocking(False)
         self.sel.register(self.channel, selectors.EVENT_READ, None)
         # SIGTERM (e.g. sent to the whole process group) means what STOP means:
-        # finish what is being served, then exit. SIGINT/SIGQUIT stay fatal.
-        # The signals an operator means for the master (reload, log reopen,
-        # resize) are ignored if they reach the whole group: the master acts.
+        # finish what is being served, then exit. Signals an operator means for
+        # the master (Ctrl-C, reload, log reopen, resize) are ignored when they
+        # reach the whole group: the master acts on them and tells the workers.
         self.sigpipe = SignalPipe()
         self.sigpipe.install([signal.SIGTERM])
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
+                    signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
         self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
         self._set_title()
