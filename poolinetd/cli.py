@@ -110,6 +110,21 @@ def _options(args: argparse.Namespace) -> Options:
                    idle_timeout=args.idle_timeout, conn_timeout=args.conn_timeout)
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as busy daemons do (inherited by workers).
+
+    A worker serving hundreds of connections at once must not run out of fds
+    while receiving one (the kernel would drop it: MSG_CTRUNC).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _ensure_stdio() -> None:
     """Open /dev/null on any of fds 0-2 that is closed.
 
@@ -220,6 +235,7 @@ def _open_sockets(service: Service) -> list[socket.socket]:
 
 def _run(args: argparse.Namespace) -> int:
     _ensure_stdio()
+    _raise_fd_limit()
     if args.conf:
         args.conf = os.path.abspath(args.conf)  # reloads must find it after the chdir below
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]

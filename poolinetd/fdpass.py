@@ -18,6 +18,7 @@ Worker -> master:  READY(pid)
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import struct
@@ -45,7 +46,16 @@ _MAX_DONE_IDS = (MAX_MESSAGE - _HEAD.size) // _ID.size
 
 
 class ProtocolError(Exception):
-    """A message on the wire broke the protocol (truncated fds, bad header, ...)."""
+    """A message on the wire broke the protocol (truncated fds, bad header, ...).
+
+    ``message`` is the decoded header when only the fd part was wrong (e.g. the
+    receiver had no fd to spare): the receiver can still account for it.
+    """
+
+    def __init__(self, reason: str, data: bytes = b"") -> None:
+        super().__init__(reason)
+        self.data = data
+        self.message: Message | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +178,7 @@ def recv(channel: socket.socket) -> tuple[bytes, int | None]:
             os.close(fd)
         reason = "control data truncated (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else (
             f"{len(fds)} fds in one message")
-        raise ProtocolError(reason)
+        raise ProtocolError(reason, data)
     return data, (fds[0] if fds else None)
 
 
@@ -183,7 +193,10 @@ def receive(channel: socket.socket) -> tuple[Message, int | None] | None:
         data, fd = recv(channel)
     except (BlockingIOError, InterruptedError):
         return None
-    except ProtocolError:
+    except ProtocolError as exc:
+        if exc.data:
+            with contextlib.suppress(ProtocolError):
+                exc.message = decode(exc.data)
         raise
     except OSError:
         return Message(EOF), None

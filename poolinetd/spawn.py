@@ -54,7 +54,7 @@ def close_fds_except(keep: Iterable[int]) -> None:
     for fd in sorted(k for k in set(keep) if k >= 3):
         os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, 65536)
+    os.closerange(low, max(65536, os.sysconf("SC_OPEN_MAX")))
 
 
 def fork_child(body: Callable[[], int], keep: Iterable[int]) -> int:

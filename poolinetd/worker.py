@@ -241,6 +241,9 @@ class Worker:
                 got = fdpass.receive(self.channel)
             except fdpass.ProtocolError as exc:
                 log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
+                lost = exc.message
+                if lost is not None and lost.kind in (fdpass.CONN, fdpass.LEND):
+                    self.done.append(lost.ident)  # the master must not count it forever
                 continue
             if got is None:
                 return

@@ -99,3 +99,33 @@ def test_ctrunc_when_the_receiver_has_no_fd_to_spare() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "MSG_CTRUNC" in out.stdout
+
+
+def test_a_conn_whose_fd_was_dropped_is_still_identified() -> None:
+    """MSG_CTRUNC: the header survives, so the worker can report the connection DONE."""
+    code = textwrap.dedent("""
+        import os, resource, socket, sys
+        from poolinetd import fdpass
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        b.setblocking(False)
+        r, w = os.pipe()
+        fdpass.send(a, fdpass.encode_conn(77, socket.AF_INET, "192.0.2.1 5", ""), r)
+        top = max(int(x) for x in os.listdir('/proc/self/fd'))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+        while True:
+            try:
+                os.dup(0)
+            except OSError:
+                break
+        try:
+            fdpass.receive(b)
+        except fdpass.ProtocolError as exc:
+            assert exc.message is not None and exc.message.ident == 77, exc.message
+            print('identified')
+            sys.exit(0)
+        sys.exit(1)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "identified" in out.stdout
