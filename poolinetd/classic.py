@@ -185,11 +185,10 @@ class Classic:
                     self.sel.unregister(lst.sock)
                 lst.polled = want
 
-    def _state_of(self, lst: _Listener) -> _ServiceState:
-        return next(s for s in self.states if lst in s.listeners)
-
     def _on_listener(self, lst: _Listener) -> None:
-        state = self._state_of(lst)
+        state = next((s for s in self.states if lst in s.listeners), None)
+        if state is None or lst.sock.fileno() < 0:
+            return  # a stale event for a listener a stop or reload closed in this batch
         service = state.service
         if service.internal is not None and service.socket_type is SocketType.DGRAM:
             worker.DgramResponder(lst.sock, service, self.internal_ports).on_readable()
@@ -259,6 +258,7 @@ class Classic:
         local = worker.format_addr(sock.getsockname()) if peer else ""
         env = worker.connection_env(service, peer, local)
         sock.setblocking(True)
+        spawn.restore_fd_limit()
         os.setsid()
         saved_log = os.dup(log.log_fd())  # close-on-exec: only used if exec fails
         os.dup2(fd, 0)
@@ -307,7 +307,8 @@ class Classic:
                 self.states.remove(state)
             if lst is not None:
                 lst.lent_to = 0
-                lst.sock.setblocking(False)
+                if lst.sock.fileno() >= 0:  # a stop or reload may have closed it meanwhile
+                    lst.sock.setblocking(False)
             code = os.waitstatus_to_exitcode(status)
             if self.log_connections or code != 0:
                 log.event(20 if code == 0 else 30, "program_exit", service=state.service.name,

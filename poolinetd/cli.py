@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from poolinetd import __version__, check, control, listeners, log, resolve
+from poolinetd import __version__, check, control, listeners, log, resolve, spawn
 from poolinetd.classic import Classic
 from poolinetd.master import Master
 from poolinetd.spec import Diagnostic, Options, Service, Severity
@@ -123,6 +123,7 @@ def _raise_fd_limit() -> None:
     if soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            spawn.original_nofile = soft  # programs get the original back
 
 
 def _ensure_stdio() -> None:

@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ class WorkerHandle:
     stop_sent: bool = False
     killed: bool = False
     boot_error: str = ""  # why it could not get ready (BOOT_FAILED)
+    stop_pending: bool = False  # STOP could not be sent yet (channel full)
 
 
 @dataclass(slots=True, eq=False)
@@ -211,22 +213,28 @@ class Master:
                 break
             now = self.clock()
             timeout = self._next_timeout(now)
-            for key, _mask in self.sel.select(timeout):
-                data = key.data
-                if isinstance(data, Listener):
-                    self._on_listener(data)
-                elif isinstance(data, WorkerHandle):
-                    self._on_worker(data)
-                elif data is self.sigpipe:
-                    self._on_signals()
-                elif isinstance(data, control.ControlServer):
-                    data.on_accept(self.sel)
-                elif isinstance(data, control.ControlConn):
-                    data.on_event(self.sel, _mask)
+            for key, mask in self.sel.select(timeout):
+                try:
+                    self._dispatch_event(key.data, mask)
+                except Exception:  # the last line of defence: one event's bug
+                    # must not take every service down with the master.
+                    log.error("internal_error", traceback=traceback.format_exc())
             self._timers()
         self._close_all()
         log.info("stopped", pid=os.getpid())
         return 0
+
+    def _dispatch_event(self, data: object, mask: int) -> None:
+        if isinstance(data, Listener):
+            self._on_listener(data)
+        elif isinstance(data, WorkerHandle):
+            self._on_worker(data)
+        elif data is self.sigpipe:
+            self._on_signals()
+        elif isinstance(data, control.ControlServer):
+            data.on_accept(self.sel)
+        elif isinstance(data, control.ControlConn):
+            data.on_event(self.sel, mask)
 
     def _next_timeout(self, now: float) -> float | None:
         deadlines: list[float] = []
@@ -426,7 +434,9 @@ class Master:
             return
         lst.lent_to, lst.lend_id = pid, lend_id
         self._set_polled(lst, False)
-        rt.pool.assign(pid)
+        if rt.pool.assign(pid):
+            log.info("worker_retire", service=rt.service.name, pid=pid, reason="max_requests")
+            self._send_stop(handle)
         rt.instances += 1
         if rt.service.internal is None:
             rt.accepted += 1  # a wait program started; a built-in's loan is not a connection
@@ -524,6 +534,9 @@ class Master:
         if released:
             rt.pool.release(handle.pid, released, now)
             self._wake_at(now + rt.pool.settings.idle_timeout)  # it may now be surplus
+        if handle.stop_pending and not handle.closed:
+            handle.stop_pending = False
+            self._send_stop(handle)
         self._maintain(rt)
 
     def _end_conn(self, conn_id: int, from_worker: bool) -> bool:
@@ -538,8 +551,9 @@ class Master:
         lst = rec.listener
         if lst is not None and lst.lend_id == conn_id:
             lst.lent_to = lst.lend_id = 0
-            if rt.service.internal is None:
+            if rt.service.internal is None and lst.sock.fileno() >= 0:
                 # The program may have left the listener blocking (shared file status).
+                # (A stop or reload may have closed the listener during the loan.)
                 lst.sock.setblocking(False)
             if lst.rt is not rt:
                 self._maintain(lst.rt)  # a reload moved it to a new generation
@@ -579,7 +593,9 @@ class Master:
         try:
             fdpass.send(handle.channel, fdpass.encode_stop())
         except BlockingIOError:
-            handle.stop_sent = False  # retried by the next stop pass
+            # Its queue is full: retried when it next reports (see _on_worker).
+            handle.stop_sent = False
+            handle.stop_pending = True
         except OSError:
             pass  # already gone: EOF will follow
 
@@ -602,6 +618,11 @@ class Master:
             code = os.waitstatus_to_exitcode(status)
             handle = self.workers.pop(pid, None)
             if handle is not None:
+                # Read what it sent before it died (DONE, SPAWNED) before closing.
+                for _ in range(64):
+                    if handle.closed:
+                        break
+                    self._on_worker(handle)
                 self._worker_gone(handle, f"exited with status {code}")
                 rt = handle.rt
                 if handle.boot_error:
@@ -770,6 +791,7 @@ class Master:
             self._maintain(rt)
         self.reloads += 1
         self._wake_at(self.clock())
+        self.collect_garbage()
         log.info("reloaded", added=len(added), changed=len(changed), removed=len(removed),
                  unchanged=diff.unchanged)
         return True

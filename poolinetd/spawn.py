@@ -22,6 +22,22 @@ from collections.abc import Callable, Iterable, Mapping
 from poolinetd import signals
 
 EX_SOFTWARE = 70  # an unexpected exception in a child
+
+# The soft RLIMIT_NOFILE poolinetd was started with (cli raises its own); a
+# process that will run a program goes back to it, so programs that use
+# select() or close every fd up to the limit see what they would under inetd.
+original_nofile: int | None = None
+
+
+def restore_fd_limit() -> None:
+    """Put the soft fd limit back to what poolinetd was started with (if it was raised)."""
+    if original_nofile is None:
+        return
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (original_nofile, hard))
 EX_WORKER_BOOT = 3  # the child could not get ready (privileges, setup)
 
 # Signals a launched program gets back at their default disposition, whatever

@@ -94,10 +94,13 @@ class DgramResponder:
                 return
             except OSError:
                 return  # e.g. an ICMP error queued on the socket
-            why = internal.loop_guard(addr[1], self.internal_ports)
-            if why is not None:
-                self._refused(addr, why)
-                continue
+            if isinstance(addr, tuple):
+                why = internal.loop_guard(addr[1], self.internal_ports)
+                if why is not None:
+                    self._refused(addr, why)
+                    continue
+            elif not addr:
+                continue  # a unix client with no bound address cannot be answered
             reply = internal.answer(name, data, time.time())
             if reply is not None:
                 try:
@@ -475,6 +478,8 @@ def run_worker(channel: socket.socket, service: Service, internal_ports: frozens
     if service.program is not None and not os.access(service.program, os.X_OK):
         return _boot_failed(channel, service, f"{service.program} is not executable by "
                                               f"{service.user_name}")
+    if service.program is not None:
+        spawn.restore_fd_limit()  # launched programs inherit it; this worker needs few fds
     return Worker(channel, service, internal_ports, log_connections).run()
 
 

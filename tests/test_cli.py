@@ -154,3 +154,25 @@ def test_servable_keeps_only_own_services_when_not_root(monkeypatch: pytest.Monk
     assert [s.user_name for s in kept] == ["nobody"]
     err = capsys.readouterr().err
     assert "service_skipped" in err and "daytime:0/tcp" in err and "t.conf:2" in err
+
+
+def test_programs_get_the_fd_limit_poolinetd_was_started_with(tmp_path: Path) -> None:
+    hard = int(subprocess.run(["sh", "-c", "ulimit -Hn"], capture_output=True, text=True,
+                              timeout=10).stdout)
+    if hard <= 512:
+        pytest.skip("hard fd limit too low to tell a raised soft limit apart")
+    conf = tmp_path / "limits.conf"
+    conf.write_text("127.0.0.1:0 stream tcp nowait root /bin/sh sh -c 'ulimit -n'\n")
+    for mode in ("pool", "classic"):
+        proc, info, _ = _run(["-c", str(conf), "--no-control", "--mode", mode], tmp_path,
+                             ("prlimit", "--nofile=512:"))
+        try:
+            listeners = info["listeners"]
+            assert isinstance(listeners, list)
+            assert tcp_exchange(int(listeners[0]["port"])) == b"512\n", mode
+            limits = Path(f"/proc/{proc.pid}/limits").read_text()
+            soft = int(limits.split("Max open files")[1].split()[0])
+            assert soft == hard  # the master itself raised its soft limit
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0

@@ -523,3 +523,50 @@ def test_unreachable_program_fails_boot_then_recovers_when_fixed(serve, public_d
     hidden.chmod(0o755)  # the operator fixes it; no restart, no reload
     wait_until(lambda: server.service_status(name)["state"] == "serving", 20, "recovery")
     assert tcp_exchange(server.port(0)) == b"hello\n"
+
+
+def test_stream_wait_program_gets_the_listener(served) -> None:
+    server = served(f"127.0.0.1:0 stream tcp wait {U} {PROGRAMS}/accept_once.py accept\n")
+    first = tcp_exchange(server.port(), b"one").split()
+    second = tcp_exchange(server.port(), b"two").split()
+    assert first[1] == b"one" and second[1] == b"two"
+    assert first[0] != second[0]  # a fresh server per connection, each accept()ing itself
+
+
+def test_stop_while_a_wait_program_holds_the_listener(served) -> None:
+    server = served(f"127.0.0.1:0 stream tcp wait {U} /bin/sleep sleep 1\n")
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=5):
+        wait_until(lambda: server.service_status(server.listeners[0]["service"])["active"] == 1,
+                   5, "the program to hold the listener")
+        assert server.stop() == 0  # the listener is closed while lent; no crash when it returns
+    assert "Traceback" not in server.log() and "internal_error" not in server.log()
+
+
+def test_unix_datagram_builtin_answers_bound_clients_only(served, public_dir: Path) -> None:
+    # (public_dir: the worker answers as the service user, who must reach the client's path)
+    path = public_dir / "dg.sock"
+    server = served(f"{path} dgram unix wait {U} internal echo\n")
+    os.chmod(path, 0o666)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as anon:
+        anon.sendto(b"no return address", str(path))  # must not crash anything
+    client_path = public_dir / "client.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        client.bind(str(client_path))
+        os.chmod(client_path, 0o666)
+        client.settimeout(5)
+        client.sendto(b"hello unix", str(path))
+        assert client.recv(100) == b"hello unix"
+    assert server.proc.poll() is None
+    assert "Traceback" not in server.log() and "worker_exit" not in server.log()
+
+
+def test_max_requests_recycles_workers_of_a_wait_service(serve) -> None:
+    server = serve(f"127.0.0.1:0 on socktype=stream, wait=yes, user={U}, "
+                   f"exec={PROGRAMS}/accept_once.py, args=accept, max_requests=1, pool_min=1;\n")
+    name = server.listeners[0]["service"]
+    for i in range(6):
+        assert tcp_exchange(server.port(), b"r%d" % i).endswith(b"r%d" % i)
+    # Each worker is retired after its loan; none lingers, the pool does not grow.
+    wait_until(lambda: server.service_status(name)["workers"]["draining"] == 0, 10,
+               "retired workers to exit")
+    assert len(server.workers()) <= 2
