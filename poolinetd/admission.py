@@ -29,14 +29,20 @@ class Admission:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.active = bool(limits.max_child_per_ip or limits.max_cpm_per_ip
-                           or limits.max_spawn_per_min)
+        self.active = False
+        self.update(limits)
         self.per_ip: dict[str, int] = {}
         self.ip_history: dict[str, deque[float]] = {}
         self.spawn_history: deque[float] = deque()
         self.paused_until = 0.0
         self.looping = False  # True right after a check tripped max_spawn_per_min
         self._next_sweep = 0.0
+
+    def update(self, limits: Limits) -> None:
+        """New limits (a reload changed the service); counts and windows carry over."""
+        self.limits = limits
+        self.active = bool(limits.max_child_per_ip or limits.max_cpm_per_ip
+                           or limits.max_spawn_per_min)
 
     def check(self, ip: str, now: float) -> str:
         """Why a connection from ``ip`` is refused now, or "" if it is admitted.

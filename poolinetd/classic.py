@@ -55,6 +55,7 @@ class _ServiceState:
     retired: bool = False  # removed or replaced by a reload; its children run on
     refused: int = 0
     admission: Admission = field(init=False)
+    predecessors: list[_ServiceState] = field(default_factory=list)  # still-busy older ones
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.service.limits)
@@ -173,7 +174,8 @@ class Classic:
         limit = state.service.limits.max_child
         can = (not self.stopping and not state.retired
                and state.resting_until <= time.monotonic()
-               and not (limit and len(state.children) >= limit))
+               and not (limit and len(state.children)
+                        + sum(len(p.children) for p in state.predecessors) >= limit))
         for lst in state.listeners:
             want = can and not lst.lent_to
             if state.service.internal is not None and state.service.socket_type is SocketType.DGRAM:
@@ -343,6 +345,10 @@ class Classic:
             self._add_state(service, socks)
         for old, service in diff.changed:
             new = self._add_state(service, [])
+            # Limits span generations: running children and per-IP counts carry over.
+            new.predecessors = [p for p in (old, *old.predecessors) if p.children]
+            new.admission = old.admission
+            new.admission.update(service.limits)
             for lst in old.listeners:
                 lst.service = service
                 new.listeners.append(lst)

@@ -99,6 +99,8 @@ class ServiceRuntime:
     admission: Admission = field(init=False)
     paused_until: float = 0.0
     retired: bool = False  # removed or replaced by a reload: no new connections
+    predecessors: list[ServiceRuntime] = field(default_factory=list)  # still-busy older ones
+    successor: ServiceRuntime | None = None  # the generation that replaced this one
     accepted: int = 0
     refused: int = 0
     last_error: str = ""
@@ -120,7 +122,12 @@ class ServiceRuntime:
 
     def at_max_child(self) -> bool:
         limit = self.service.limits.max_child
-        return bool(limit) and self.instances >= (limit or 0)
+        if not limit:
+            return False
+        # Instances of older generations (before a reload changed the service)
+        # still run and still count.
+        running = self.instances + sum(p.instances for p in self.predecessors)
+        return running >= limit
 
 
 class Master:
@@ -546,6 +553,10 @@ class Master:
             return False
         rt = rec.rt
         rt.instances -= 1
+        successor = rt.successor
+        while successor is not None:  # its max_child counted this instance too
+            self._maintain(successor)
+            successor = successor.successor
         if rec.ip and rt.admission.active:
             rt.admission.ended(rec.ip)
         lst = rec.listener
@@ -777,6 +788,11 @@ class Master:
             # Same endpoints: the sockets move to a new generation with fresh
             # workers; the old workers finish what they serve and exit.
             new = self._add_runtime(service, [])
+            # Limits span generations: running instances and per-IP counts carry over.
+            new.predecessors = [p for p in (old, *old.predecessors) if p.instances]
+            old.successor = new
+            new.admission = old.admission
+            new.admission.update(service.limits)
             for lst in old.listeners:
                 self._set_polled(lst, False)
                 lst.rt = new  # a lent one comes back through its loan's DONE

@@ -309,3 +309,26 @@ def test_program_outlives_its_crashed_worker_and_is_reaped_by_the_master(serve) 
     assert re.search(rf"program_exit .*pid={cat} .*orphan=True", server.log())
     assert not alive(cat)
     assert tcp_exchange(server.port(), b"next") == b"next"  # a new worker serves again
+
+
+def test_max_child_spans_a_reload_that_changes_the_service(serve) -> None:
+    before = (f"127.0.0.1:0 on socktype=stream, wait=no, user={U}, exec=/bin/cat, args=cat, "
+              "max_child=1;\n")
+    server = serve(before)
+    name = server.listeners[0]["service"]
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as first:
+        first.sendall(b"a")
+        assert first.recv(1) == b"a"
+        server.conf.write_text(before.replace("args=cat,", "args=cat, pool_max=4,"))
+        server.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded added=0 changed=1" in server.log(), 10)
+        # The old generation's cat still runs: the new one may not start a second.
+        with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as second:
+            second.sendall(b"b")
+            second.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                second.recv(1)
+            first.close()  # the old instance ends: the waiting client is served
+            second.settimeout(5)
+            assert second.recv(1) == b"b"
+    wait_until(lambda: server.service_status(name)["active"] == 0, 10)
