@@ -337,7 +337,7 @@ class Classic:
         prepared = reloadplan.prepare(
             self.load_config,
             {s.service.key: (s, s.service) for s in self.states if not s.retired},
-            self.open_sockets)
+            self.open_sockets, self._release_listeners)
         if prepared is None:
             return False
         diff, services, opened = prepared
@@ -370,6 +370,27 @@ class Classic:
         log.info("reloaded", added=len(diff.added), changed=len(diff.changed),
                  removed=len(diff.removed), unchanged=diff.unchanged)
         return True
+
+    def _release_listeners(self, state: _ServiceState) -> Callable[[], None]:
+        """Close a removed service's listeners ahead of the reload; returns how to reopen."""
+        for lst in state.listeners:
+            if lst.polled:
+                self.sel.unregister(lst.sock)
+                lst.polled = False
+            listeners.close_listener(lst.sock)
+        state.listeners = []
+
+        def restore() -> None:
+            assert self.open_sockets is not None
+            try:
+                socks = self.open_sockets(state.service)
+            except listeners.ListenError as exc:
+                log.error("restore_failed", service=state.service.name, error=str(exc))
+                return
+            state.listeners = [_Listener(s, state.service, listeners.bound_address(s))
+                               for s in socks]
+
+        return restore
 
     def status(self) -> dict[str, object]:
         """The same document as pool mode's status; classic has no workers to count."""

@@ -94,7 +94,12 @@ def bound_address(sock: socket.socket) -> Bound:
 
 
 def close_listener(sock: socket.socket) -> None:
-    """Close a listener; a unix socket's path is unlinked (only if it is still ours)."""
+    """Close a listener; a unix socket's path is unlinked (only if it is still ours).
+
+    Closing an already closed listener does nothing.
+    """
+    if sock.fileno() < 0:
+        return
     path = None
     if sock.family == socket.AF_UNIX:
         name = sock.getsockname()

@@ -776,7 +776,7 @@ class Master:
         prepared = reloadplan.prepare(
             self.load_config,
             {rt.service.key: (rt, rt.service) for rt in self.runtimes if not rt.retired},
-            self.open_sockets)
+            self.open_sockets, self._release_listeners)
         if prepared is None:
             return False
         diff, services, opened = prepared
@@ -811,6 +811,26 @@ class Master:
         log.info("reloaded", added=len(added), changed=len(changed), removed=len(removed),
                  unchanged=diff.unchanged)
         return True
+
+    def _release_listeners(self, rt: ServiceRuntime) -> Callable[[], None]:
+        """Close a removed service's listeners ahead of the reload (its address is
+        wanted by an added one); returns how to reopen them if the reload fails."""
+        for lst in rt.listeners:
+            self._set_polled(lst, False)
+            listeners.close_listener(lst.sock)
+        rt.listeners = []
+
+        def restore() -> None:
+            assert self.open_sockets is not None
+            try:
+                socks = self.open_sockets(rt.service)
+            except listeners.ListenError as exc:
+                log.error("restore_failed", service=rt.service.name, error=str(exc))
+                return
+            rt.listeners = [Listener(s, rt, listeners.bound_address(s)) for s in socks]
+            self._maintain(rt)
+
+        return restore
 
     def _retire(self, rt: ServiceRuntime, close_listeners: bool) -> None:
         rt.retired = True

@@ -47,8 +47,16 @@ LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
 Opened = list[tuple[Service, list[socket.socket]]]
 
 
+def _same_address(a: Service, b: Service) -> bool:
+    """Whether two services want the same socket address (so one must let go first)."""
+    def addresses(s: Service) -> set[tuple[str, int, bool]]:
+        return {(e.address, e.port, s.spec.protocol.is_udp) for e in s.key.endpoints}
+    return bool(addresses(a) & addresses(b))
+
+
 def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Service]],
-            open_sockets: Callable[[Service], list[socket.socket]]
+            open_sockets: Callable[[Service], list[socket.socket]],
+            release: Callable[[T], Callable[[], None]] | None = None,
             ) -> tuple[ReloadPlan[T], tuple[Service, ...], Opened] | None:
     """Load the new config, diff it, and open every listener it adds.
 
@@ -56,7 +64,11 @@ def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Servi
     services; the caller owns them), or None, after logging every reason, when
     the reload must change nothing: a config error, or an added listener that
     cannot be opened (those opened so far are closed again). Nothing running
-    is touched here, so the caller applies the plan all or nothing.
+    is touched here, so the caller applies the plan all or nothing; with one
+    exception: when an added service wants the address of a removed one (a unix
+    socket changing type, a port moving from tcp to tcp46), ``release(record)``
+    closes the removed one's listeners early and returns how to reopen them,
+    which is done if the reload fails after all.
     """
     services, diagnostics = load_config()
     errors = [d for d in diagnostics if d.severity is Severity.ERROR]
@@ -68,13 +80,26 @@ def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Servi
         return None
     diff = plan(running, services)
     opened: Opened = []
+    restores: list[Callable[[], None]] = []
+    removed = {id(rec): (rec, svc) for rec, svc in running.values() if rec in diff.removed}
     for service in diff.added:
         try:
-            opened.append((service, open_sockets(service)))
+            try:
+                opened.append((service, open_sockets(service)))
+            except listeners.ListenError:
+                holders = [rec for rec, svc in removed.values() if _same_address(svc, service)]
+                if release is None or not holders:
+                    raise
+                for rec in holders:  # hand the address over, then try once more
+                    restores.append(release(rec))
+                    del removed[id(rec)]
+                opened.append((service, open_sockets(service)))
         except listeners.ListenError as exc:
             for _, socks in opened:
                 for sock in socks:
                     listeners.close_listener(sock)
+            for restore in restores:
+                restore()
             log.error("reload_failed", error=str(exc), action="kept the running config")
             return None
     return diff, services, opened

@@ -332,3 +332,31 @@ def test_max_child_spans_a_reload_that_changes_the_service(serve) -> None:
             second.settimeout(5)
             assert second.recv(1) == b"b"
     wait_until(lambda: server.service_status(name)["active"] == 0, 10)
+
+
+def _unix_echo(path: Path, kind: int, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, kind) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        return sock.recv(100)
+
+
+@pytest.mark.parametrize("mode", ["pool", "classic"])
+def test_reload_hands_an_address_to_the_entry_that_replaces_it(serve, tmp_path: Path,
+                                                                mode: str) -> None:
+    path = tmp_path / "svc.sock"
+    stream = f"{path} stream unix nowait {U} internal echo\n"
+    server = serve(stream, mode=mode)
+    assert _unix_echo(path, socket.SOCK_STREAM, b"as stream") == b"as stream"
+    # A reload that fails after the hand-over puts the old socket back.
+    server.conf.write_text(f"{path} seqpacket unix nowait {U} internal echo\n"
+                           f"{tmp_path}/no/such/dir.sock stream unix nowait {U} internal echo\n")
+    server.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload_failed" in server.log(), 10)
+    assert _unix_echo(path, socket.SOCK_STREAM, b"restored") == b"restored"
+    # The same change alone goes through: the removed entry lets go of the path first.
+    server.conf.write_text(f"{path} seqpacket unix nowait {U} internal echo\n")
+    server.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded added=1 changed=0 removed=1" in server.log(), 10)
+    assert _unix_echo(path, socket.SOCK_SEQPACKET, b"as seqpacket") == b"as seqpacket"
