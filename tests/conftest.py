@@ -238,3 +238,30 @@ def fd_targets(pid: int) -> list[str]:
         with contextlib.suppress(OSError):
             out.append(f"{entry.name}:{os.readlink(entry)}")
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in children_of(pid):
+        out.append(child)
+        out.extend(descendants(child))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

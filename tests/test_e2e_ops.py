@@ -13,28 +13,20 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import REPO, TEST_USER, children_of, tcp_exchange, wait_until
+from conftest import (
+    REPO,
+    TEST_USER,
+    alive,
+    children_of,
+    descendants,
+    recv_exact,
+    tcp_exchange,
+    wait_until,
+)
 
 pytestmark = pytest.mark.process
 PROGRAMS = Path(__file__).parent / "programs"
 U = TEST_USER
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    for child in children_of(pid):
-        out.append(child)
-        out.extend(descendants(child))
-    return out
-
-
-def alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def listener_port(server, service_prefix: str) -> int:
@@ -42,16 +34,6 @@ def listener_port(server, service_prefix: str) -> int:
         if svc["service"].startswith(service_prefix) and svc["state"] != "retiring":
             return int(svc["listeners"][0].rsplit(":", 1)[1])  # "127.0.0.1:PORT"
     raise KeyError(service_prefix)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 RELOAD_BEFORE = f"""

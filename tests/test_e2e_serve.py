@@ -21,7 +21,9 @@ from conftest import (
     IS_ROOT,
     TEST_USER,
     children_of,
+    descendants,
     fd_targets,
+    recv_exact,
     refused,
     tcp_exchange,
     udp_exchange,
@@ -48,14 +50,6 @@ def _has_ipv6() -> bool:
 def served(request: pytest.FixtureRequest, serve):
     """Like ``serve`` but once per mode."""
     return lambda conf, *args: serve(conf, *args, mode=request.param)
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    for child in children_of(pid):
-        out.append(child)
-        out.extend(descendants(child))
-    return out
 
 
 BUILTINS_CONF = f"""
@@ -492,16 +486,6 @@ def test_out_of_fds_pauses_the_listener_then_recovers(served) -> None:
             assert recv_exact(sock, 7) == b"waiting"  # served once fds are available again
     finally:
         subprocess.run([*limit, f"--nofile={soft}:"], check=False, timeout=10)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs a program the service user cannot reach")
