@@ -15,6 +15,7 @@ import pwd
 import socket
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from poolinetd import __version__, check, control, listeners, log, resolve, spawn
 from poolinetd.classic import Classic
@@ -61,8 +62,16 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
                        help="seconds a built-in connection may stay silent (default 300)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits EX_USAGE (64) like the other sysexits codes."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="poolinetd",
         description="An inetd that serves inetd.conf from pools of pre-forked workers.",
         epilog="Commands: run (default), check, status, reload. 'poolinetd COMMAND -h' for each.")

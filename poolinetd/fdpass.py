@@ -5,7 +5,8 @@ message boundaries, so an fd can never be attached to the wrong header
 (systemd #15457 shows what stream framing does). ``recv`` checks MSG_CTRUNC
 and the fd count, closes anything unexpected, and raises ProtocolError.
 
-Master -> worker:  CONN(conn_id, family, peer, local) + the accepted socket
+Master -> worker:  CONN(conn_id, family, peer) + the accepted socket (the worker asks
+                   getsockname itself, and only for programs that need TCPLOCALIP)
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
                    LOGFD + the reopened log file (after SIGUSR1)
@@ -66,11 +67,10 @@ class Message:
     family: int = 0
     ids: tuple[int, ...] = ()
     peer: str = ""
-    local: str = ""
 
 
-def encode_conn(conn_id: int, family: int, peer: str, local: str) -> bytes:
-    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family) + f"{peer}\0{local}".encode()
+def encode_conn(conn_id: int, family: int, peer: str) -> bytes:
+    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family) + peer.encode()
 
 
 def encode_lend(lend_id: int) -> bytes:
@@ -117,8 +117,7 @@ def decode(data: bytes) -> Message:
     try:
         if kind == CONN:
             ident, family = _CONN.unpack_from(body)
-            peer, _, local = body[_CONN.size :].decode().partition("\0")
-            return Message(CONN, ident, family=family, peer=peer, local=local)
+            return Message(CONN, ident, family=family, peer=body[_CONN.size :].decode())
         if kind == LEND:
             (ident,) = _ID.unpack(body)
             return Message(LEND, ident)

@@ -55,7 +55,7 @@ def time_bytes(now: float) -> bytes:
 class StreamHandler:
     """One built-in stream connection. The worker owns ``sock`` and closes it when done.
 
-    ``step(readable, writable)`` does as much work as it can without blocking
+    ``step()`` does as much work as it can without blocking (whichever event woke it)
     and returns what it waits for next. ``bytes_in``/``bytes_out`` feed the
     per-connection log line.
     """
@@ -65,7 +65,7 @@ class StreamHandler:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    def step(self, readable: bool, writable: bool) -> Want:
+    def step(self) -> Want:
         raise NotImplementedError
 
     def _recv(self) -> bytes | None:
@@ -99,7 +99,7 @@ class Echo(StreamHandler):
         self._out = bytearray()
         self._eof = False
 
-    def step(self, readable: bool, writable: bool) -> Want:
+    def step(self) -> Want:
         # The request is usually already queued when the fd arrives, so
         # always try both directions: most connections finish in one call.
         while not self._eof and len(self._out) < _ECHO_HIGH_WATER:
@@ -135,7 +135,7 @@ class Echo(StreamHandler):
 class Discard(StreamHandler):
     """RFC 863: read and throw away until the client closes."""
 
-    def step(self, readable: bool, writable: bool) -> Want:
+    def step(self) -> Want:
         while True:
             data = self._recv()
             if data is None:
@@ -156,7 +156,7 @@ class Chargen(StreamHandler):
         self._line = 0
         self._pending = memoryview(b"")
 
-    def step(self, readable: bool, writable: bool) -> Want:
+    def step(self) -> Want:
         while True:  # drain input: detects the client's close
             data = self._recv()
             if data is None:
@@ -184,7 +184,7 @@ class _OneShot(StreamHandler):
         super().__init__(sock)
         self._reply = memoryview(reply)
 
-    def step(self, readable: bool, writable: bool) -> Want:
+    def step(self) -> Want:
         while self._reply:
             sent = self._send(self._reply)
             if sent is None:
@@ -261,7 +261,7 @@ def serve_blocking(sock: socket.socket, name: str, timeout: float) -> tuple[int,
     """
     sock.setblocking(False)
     handler = STREAM[name](sock)
-    want = handler.step(True, True)
+    want = handler.step()
     with selectors.DefaultSelector() as sel:
         while want:
             events = 0
@@ -274,7 +274,5 @@ def serve_blocking(sock: socket.socket, name: str, timeout: float) -> tuple[int,
             sel.unregister(sock)
             if not ready:
                 break
-            mask = ready[0][1]
-            want = handler.step(bool(mask & selectors.EVENT_READ),
-                                bool(mask & selectors.EVENT_WRITE))
+            want = handler.step()
     return handler.bytes_in, handler.bytes_out

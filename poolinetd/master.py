@@ -384,7 +384,7 @@ class Master:
         for _ in range(4):
             conn_id = next(self.ids)
             try:
-                fdpass.send(handle.channel, fdpass.encode_conn(conn_id, family, peer, ""), conn)
+                fdpass.send(handle.channel, fdpass.encode_conn(conn_id, family, peer), conn)
                 break
             except BlockingIOError:
                 log.warning("worker_congested", service=rt.service.name, pid=pid, peer=peer)

@@ -208,7 +208,7 @@ class Worker:
         while not (self.stopping and not self.conns and not self.children):
             now = self.clock()
             timeout = max(0.0, next_scan - now) if self.conns or self.stopping else None
-            for key, mask in self.sel.select(timeout):
+            for key, _ in self.sel.select(timeout):
                 data = key.data
                 if data is None:
                     self._on_channel()
@@ -216,7 +216,7 @@ class Worker:
                     if signal.SIGTERM in self.sigpipe.drain():
                         self._begin_stop(None)
                 elif isinstance(data, _Conn):
-                    self._on_conn(data, mask)
+                    self._on_conn(data)
                 elif isinstance(data, _Child):
                     self._on_child(data)
                 elif isinstance(data, _DgramLoan):
@@ -309,12 +309,11 @@ class Worker:
         handler = internal.STREAM[self.service.internal](sock)
         now = self.clock()
         conn = _Conn(conn_id, sock, handler, peer, now, now + self.service.conn_timeout)
-        self._advance(conn, handler.step(True, True), registered=False)
+        self._advance(conn, handler.step(), registered=False)
 
-    def _on_conn(self, conn: _Conn, mask: int) -> None:
+    def _on_conn(self, conn: _Conn) -> None:
         conn.deadline = self.clock() + self.service.conn_timeout
-        want = conn.handler.step(bool(mask & selectors.EVENT_READ),
-                                 bool(mask & selectors.EVENT_WRITE))
+        want = conn.handler.step()
         self._advance(conn, want, registered=True)
 
     def _advance(self, conn: _Conn, want: internal.Want, registered: bool) -> None:

@@ -176,3 +176,11 @@ def test_programs_get_the_fd_limit_poolinetd_was_started_with(tmp_path: Path) ->
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
+
+
+def test_usage_errors_exit_64() -> None:
+    for args in (["--mode", "threads"], ["check", "--no-such-flag"]):
+        result = subprocess.run([sys.executable, "-m", "poolinetd", *args], capture_output=True,
+                                text=True, timeout=30, cwd=REPO)
+        assert result.returncode == 64, (args, result.stderr)
+        assert "usage:" in result.stderr

@@ -16,12 +16,10 @@ from hypothesis import strategies as st
 from poolinetd import fdpass
 
 
-@given(st.integers(0, 2**64 - 1), st.text(max_size=60).filter(lambda s: "\0" not in s),
-       st.text(max_size=60).filter(lambda s: "\0" not in s))
-def test_conn_round_trip(conn_id: int, peer: str, local: str) -> None:
-    msg = fdpass.decode(fdpass.encode_conn(conn_id, 10, peer, local))
-    assert (msg.kind, msg.ident, msg.family, msg.peer, msg.local) == (
-        fdpass.CONN, conn_id, 10, peer, local)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 255), st.text(max_size=60))
+def test_conn_round_trip(conn_id: int, family: int, peer: str) -> None:
+    msg = fdpass.decode(fdpass.encode_conn(conn_id, family, peer))
+    assert (msg.kind, msg.ident, msg.family, msg.peer) == (fdpass.CONN, conn_id, family, peer)
 
 
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=2000))
@@ -109,7 +107,7 @@ def test_a_conn_whose_fd_was_dropped_is_still_identified() -> None:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         b.setblocking(False)
         r, w = os.pipe()
-        fdpass.send(a, fdpass.encode_conn(77, socket.AF_INET, "192.0.2.1 5", ""), r)
+        fdpass.send(a, fdpass.encode_conn(77, socket.AF_INET, "192.0.2.1 5"), r)
         top = max(int(x) for x in os.listdir('/proc/self/fd'))
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
