@@ -10,7 +10,7 @@ and classic mode so both enforce the same inetd.conf numbers:
                        and rests (``paused_until``), as inetd does
 
 (max_child, the concurrent cap, is backpressure, not refusal: the listener is
-simply not polled; see master.py.)
+simply not polled; see engine.py.)
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ class Admission:
         return ""
 
     def started(self, ip: str) -> None:
-        if ip and self.limits.max_child_per_ip:
+        """Count a running instance from ``ip``, whatever the limits are: a reload may
+        add max_child_per_ip while it runs, and must then see it (and never the
+        reverse: a limit removed and added again must not find a count that
+        was never decremented)."""
+        if ip:
             self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
 
     def ended(self, ip: str) -> None:

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from poolinetd import __version__, check, control, listeners, log, resolve, spawn
-from poolinetd.classic import Classic
-from poolinetd.master import Master
+from poolinetd.engine import Engine
+from poolinetd.forkdispatch import ForkDispatcher
+from poolinetd.pooldispatch import PoolDispatcher
 from poolinetd.spec import Diagnostic, Options, Service, Severity
 
 EX_USAGE = 64
@@ -282,18 +283,13 @@ def _run(args: argparse.Namespace) -> int:
         return tuple(_servable(again.services)), again.diagnostics
 
     control_path = None if args.no_control else (args.control or default_control_path())
-    server: Master | Classic
+    dispatcher = ForkDispatcher() if args.mode == "classic" else PoolDispatcher()
     try:
-        if args.mode == "classic":
-            server = Classic(opened, ready_fd=args.ready_fd, title=title + " (classic)",
-                             graceful_timeout=args.graceful_timeout,
-                             log_connections=args.log_connections, control_path=control_path,
-                             load_config=reload_config, open_sockets=_open_sockets)
-        else:
-            server = Master(opened, load_config=reload_config, open_sockets=_open_sockets,
-                            ready_fd=args.ready_fd, control_path=control_path,
-                            graceful_timeout=args.graceful_timeout,
-                            log_connections=args.log_connections, title=title)
+        server = Engine(opened, dispatcher, load_config=reload_config,
+                        open_sockets=_open_sockets, ready_fd=args.ready_fd,
+                        control_path=control_path, graceful_timeout=args.graceful_timeout,
+                        log_connections=args.log_connections,
+                        title=title + (" (classic)" if args.mode == "classic" else ""))
     except OSError as exc:
         hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,

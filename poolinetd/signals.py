@@ -82,3 +82,10 @@ def reset_in_child() -> None:
                 signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def set_default(sigs: Iterable[int]) -> None:
+    """Default dispositions and an empty mask, as a program must find them after exec."""
+    for sig in sigs:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from poolinetd import signals
 
 EX_SOFTWARE = 70  # an unexpected exception in a child
+Body = Callable[[], int]  # what a forked child runs; its result is the exit code
 
 # The soft RLIMIT_NOFILE poolinetd was started with (cli raises its own); a
 # process that will run a program goes back to it, so programs that use
@@ -99,6 +100,11 @@ def fork_child(body: Callable[[], int], keep: Iterable[int]) -> int:
         os._exit(code)
 
 
+def _fd_plan(sock_fd: int, stderr_fd: int | None) -> list[tuple[int, int]]:
+    """inetd's contract: the connection on fds 0 and 1, and on 2 unless routed to the log."""
+    return [(sock_fd, 0), (sock_fd, 1), (sock_fd if stderr_fd is None else stderr_fd, 2)]
+
+
 def launch(
     program: str,
     argv: tuple[str, ...],
@@ -113,13 +119,10 @@ def launch(
     caller is close-on-exec (Python's default, and received fds are created
     with MSG_CMSG_CLOEXEC). The caller keeps ownership of ``sock_fd`` and
     should close it once this returns. Returns the pid; raises OSError (with
-    errno) when the program cannot be executed.
+    errno) when the program cannot be executed. ``exec_in_place`` applies the
+    same rules to the calling process (classic mode's child).
     """
-    actions: list[tuple[int, int, int]] = [
-        (os.POSIX_SPAWN_DUP2, sock_fd, 0),
-        (os.POSIX_SPAWN_DUP2, sock_fd, 1),
-        (os.POSIX_SPAWN_DUP2, sock_fd if stderr_fd is None else stderr_fd, 2),
-    ]
+    actions = [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in _fd_plan(sock_fd, stderr_fd)]
     return os.posix_spawn(
         program,
         list(argv),
@@ -129,3 +132,24 @@ def launch(
         setsigdef=_DEFAULT_SIGNALS,
         setsigmask=(),
     )
+
+
+def exec_in_place(
+    program: str,
+    argv: tuple[str, ...],
+    env: Mapping[str, str],
+    sock_fd: int,
+    stderr_fd: int | None = None,
+) -> None:
+    """Become ``program`` under ``launch``'s rules (new session, fds, signals, mask).
+
+    For a forked child that has nothing else to do (classic mode). Every fd
+    but 0, 1, 2 must already be close-on-exec or closed. Returns only by
+    raising OSError when the exec fails; fds 0-2 are then already replaced,
+    so the caller logs through the log's own fd, not stderr.
+    """
+    os.setsid()
+    for src, dst in _fd_plan(sock_fd, stderr_fd):
+        os.dup2(src, dst, inheritable=True)
+    signals.set_default(_DEFAULT_SIGNALS)
+    os.execve(program, list(argv), dict(env))

@@ -1,0 +1,800 @@
+"""The engine: the master's one thread and one selector loop, the same for both modes.
+
+Touches the OS: select, accept, recv (preambles), signals, the control
+socket; fork, waitpid and kill only through a ``System`` (system.py); how a
+connection is served only through a ``Dispatcher`` (dispatch.py):
+pooldispatch (pre-forked workers) or forkdispatch (a child per connection).
+
+    Engine(services, dispatcher, ...).run() -> exit code
+
+Each turn: select (timeout = the next deadline) -> one handler per event,
+each behind the one error guard -> timers -> refresh the services whose
+capacity changed (the dispatcher starts what they need; exactly the
+listeners that can be served are polled).
+
+The accept path, in order, for both modes:
+
+1. accept, in bounded batches, only while the service has room (instances
+   below max_child and the dispatcher able to take one): backpressure, so
+   clients wait in the kernel backlog and a connection is never accepted
+   without somewhere to go;
+2. admission (admission.py, pure): a refused client is closed at once;
+3. preamble (preamble.py), only where the service reads one: non-blocking
+   peeks under a deadline, exact consumption, then admission again on the
+   address it gave. With no preamble configured this stage costs nothing;
+4. ``Dispatcher.hand_off``.
+
+fd ownership: the engine owns every listener, the signal pipe and the
+control socket. An accepted connection is the engine's from accept() until
+``hand_off`` returns (the engine closes its copy then, on every path); one
+in the preamble stage is the engine's until handed off or dropped. A lent
+listener stays the engine's; it is only not polled while the loan lasts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import itertools
+import os
+import selectors
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from poolinetd import control, internal, jsonsafe, listeners, log, reloadplan, spawn
+from poolinetd import preamble as pre
+from poolinetd.admission import LOOPING_PAUSE, Admission
+from poolinetd.dispatch import Dispatcher
+from poolinetd.signals import SignalPipe
+from poolinetd.spec import Service, SocketType
+from poolinetd.system import System
+
+_NEVER = float("inf")
+ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
+# For programs, fewer: each launch costs its worker an exec, and connections left
+# in the kernel's FIFO backlog are served more fairly than ones queued in a
+# worker (measured: /bin/cat at c=64, p99 80 -> 62-68 ms, 1,840 -> 2,100 conn/s).
+ACCEPT_BATCH_PROGRAM = 4
+EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
+FAST_STOP_TIMEOUT = 2.0
+REFUSAL_LOG_INTERVAL = 10.0  # at most one conn_refused line per service this often
+KILL_PASSES = 10  # SIGKILL passes (0.5 s apart) before a stop gives up waiting
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+           signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+
+
+@dataclass(slots=True, eq=False)
+class Listener:
+    """One listening (or bound datagram) socket of a service; the engine owns ``sock``."""
+
+    sock: socket.socket
+    rt: ServiceRuntime
+    bound: listeners.Bound
+    polled: bool = False
+    lent: int = 0  # the instance id of the loan holding it; 0 = not lent
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    """A connection or loan being served, counted until the dispatcher says it ended."""
+
+    iid: int
+    rt: ServiceRuntime
+    ip: str
+    started: float
+    listener: Listener | None = None  # set for loans
+    program_pid: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A connection in the preamble stage; the engine owns ``sock`` until it moves on."""
+
+    sock: socket.socket
+    lst: Listener
+    peer: tuple[str, int] | None
+    reader: pre.Preamble
+    deadline: float
+
+
+@dataclass(slots=True, eq=False)
+class ServiceRuntime:
+    """Everything the engine tracks for one generation of one service."""
+
+    service: Service
+    listeners: list[Listener] = field(default_factory=list)
+    instances: int = 0  # connections and loans being served
+    programs: int = 0  # of those, how many a program serves
+    pending: int = 0  # connections in the preamble stage
+    admission: Admission = field(init=False)
+    paused_until: float = 0.0  # EMFILE rest
+    retired: bool = False  # removed or replaced by a reload: takes nothing new
+    predecessors: list[ServiceRuntime] = field(default_factory=list)  # older, still busy
+    successor: ServiceRuntime | None = None  # the generation that replaced this one
+    preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
+    accepted: int = 0
+    refused: int = 0
+    refused_by: dict[str, int] = field(default_factory=dict)
+    last_error: str = ""
+    last_refusal_log: float = -REFUSAL_LOG_INTERVAL
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.service.limits)
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def lends(self) -> bool:
+        """Whether its listeners are lent (wait services, datagram built-ins), not accepted on."""
+        return self.service.wait or self.service.socket_type is SocketType.DGRAM
+
+    @property
+    def resting_until(self) -> float:
+        """Until when its listeners rest (EMFILE pause, or the looping rule)."""
+        return max(self.paused_until, self.admission.paused_until)
+
+    def at_max_child(self) -> bool:
+        limit = self.service.limits.max_child
+        if not limit:
+            return False
+        # Instances of older generations (before a reload changed the service)
+        # still run and still count.
+        running = self.instances + sum(p.instances for p in self.predecessors)
+        return running >= limit
+
+
+Opened = list[tuple[Service, list[socket.socket]]]
+
+
+class Engine:
+    """The master of either mode. Owns the sockets it is given and closes them."""
+
+    def __init__(
+        self,
+        services: Opened,
+        dispatcher: Dispatcher,
+        *,
+        system: System | None = None,
+        load_config: reloadplan.LoadConfig | None = None,
+        open_sockets: Callable[[Service], list[socket.socket]] | None = None,
+        ready_fd: int | None = None,
+        control_path: str | None = None,
+        graceful_timeout: float = 30.0,
+        log_connections: bool = False,
+        title: str = "poolinetd: master",
+        preambles: Callable[[Service], Callable[[], pre.Preamble] | None] | None = None,
+    ) -> None:
+        self.system = system or System()
+        self.dispatcher = dispatcher
+        self.load_config = load_config
+        self.open_sockets = open_sockets
+        self.ready_fd = ready_fd
+        self.graceful_timeout = graceful_timeout
+        self.log_connections = log_connections
+        self.title = title
+        self.preambles = preambles
+        self.sel: selectors.BaseSelector = selectors.DefaultSelector()
+        self.sigpipe = SignalPipe()
+        self.sigpipe.install(SIGNALS)
+        self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
+        self.runtimes: list[ServiceRuntime] = []
+        self.instances: dict[int, Instance] = {}
+        self.pending: dict[int, Pending] = {}  # by fd
+        self.pending_order: collections.deque[Pending] = collections.deque()  # by deadline
+        self.dirty: set[ServiceRuntime] = set()  # capacity changed this turn
+        self.ids = itertools.count(1)
+        self.next_sweep = 0.0
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.kill_passes = 0
+        self.ready_reported = False
+        self.started = time.time()
+        self.reloads = 0
+        self.internal_ports: frozenset[int] = frozenset()
+        self.control = control.ControlServer(control_path, self) if control_path else None
+        if self.control is not None:
+            self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
+        dispatcher.attach(self)
+        for service, socks in services:
+            self._add_runtime(service, socks)
+        self.internal_ports = self._internal_ports()
+
+    # -- setup ---------------------------------------------------------------
+    def _add_runtime(self, service: Service, socks: list[socket.socket]) -> ServiceRuntime:
+        rt = ServiceRuntime(service)
+        rt.preamble = self.preambles(service) if self.preambles is not None else None
+        for sock in socks:
+            rt.listeners.append(Listener(sock, rt, listeners.bound_address(sock)))
+        self.runtimes.append(rt)
+        self.dispatcher.add(rt)
+        self.dirty.add(rt)
+        return rt
+
+    def _internal_ports(self) -> frozenset[int]:
+        return internal.guarded_ports(lst.bound.port for rt in self.runtimes
+                                      if rt.service.internal is not None for lst in rt.listeners)
+
+    def listener_report(self) -> list[dict[str, object]]:
+        """What is listened on, in config order (for --ready-fd, startup log, status)."""
+        return [{"service": rt.name, "family": lst.bound.family, "address": lst.bound.address,
+                 "port": lst.bound.port, "socket_type": rt.service.socket_type.value,
+                 "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}"}
+                for rt in self.runtimes if not rt.retired for lst in rt.listeners]
+
+    # -- the loop --------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until stopped; returns the exit code (0 after a clean stop)."""
+        spawn.set_title(self.title)
+        _become_subreaper()
+        for rt in self.runtimes:
+            for lst in rt.listeners:
+                log.info("listening", service=rt.name, family=lst.bound.family,
+                         address=lst.bound.address, port=lst.bound.port,
+                         mode=self.dispatcher.mode)
+        self._refresh_dirty()
+        while not (self.stopping and not self.dispatcher.busy()):
+            self.run_once()
+        self._close_all()
+        log.info("stopped", pid=os.getpid())
+        return 0
+
+    def run_once(self) -> None:
+        """One turn of the loop (``run`` repeats it; unit tests call it directly)."""
+        if not self.ready_reported and self._all_ready():
+            self._report_ready()
+        timeout = self._next_timeout(self.system.clock())
+        for key, mask in self.sel.select(timeout):
+            try:
+                self._on_event(key.data, mask)
+            except Exception:  # the last line of defence: one event's bug
+                # must not take every service down with the master.
+                log.error("internal_error", traceback=traceback.format_exc())
+        try:
+            self._timers()
+            self._refresh_dirty()
+        except Exception:
+            log.error("internal_error", traceback=traceback.format_exc())
+
+    def _on_event(self, data: object, mask: int) -> None:
+        if isinstance(data, Listener):
+            if data.polled:  # else a stale event: a stop or reload closed it in this batch
+                self._on_listener(data)
+        elif isinstance(data, Pending):
+            self._on_pending(data)
+        elif data is self.sigpipe:
+            self._on_signals()
+        elif isinstance(data, control.ControlServer):
+            data.on_accept(self.sel)
+        elif isinstance(data, control.ControlConn):
+            data.on_event(self.sel, mask)
+        else:
+            handler = getattr(data, "on_event", None)  # a dispatcher's fd (a worker channel)
+            if handler is not None:
+                handler(mask)
+
+    def _next_timeout(self, now: float) -> float | None:
+        deadline = self.next_sweep
+        if self.stopping:
+            deadline = min(deadline, self.stop_deadline, now + 0.5)
+        if self.pending_order:
+            deadline = min(deadline, self.pending_order[0].deadline)
+        if self.control is not None:
+            when = self.control.next_deadline()
+            if when is not None:
+                deadline = min(deadline, when)
+        if self.dirty:
+            deadline = now
+        return None if deadline == _NEVER else max(0.0, deadline - now)
+
+    def _timers(self) -> None:
+        now = self.system.clock()
+        if self.control is not None:
+            self.control.expire(self.sel, now)
+        while self.pending_order and self.pending_order[0].deadline <= now:
+            item = self.pending_order.popleft()
+            if item.sock.fileno() in self.pending and self.pending[item.sock.fileno()] is item:
+                self._drop_pending(item, "preamble_timeout")
+        if self.stopping and now >= self.stop_deadline:
+            self._kill_remaining()
+        if now >= self.next_sweep:
+            self._sweep(now)
+
+    def wake_at(self, when: float) -> None:
+        """Run the sweep by ``when`` (a pause or backoff ends, a worker may be retired)."""
+        if when < self.next_sweep:
+            self.next_sweep = when
+
+    def _sweep(self, now: float) -> None:
+        """Per-service deadlines: rests that end, and the dispatcher's housekeeping.
+
+        Runs only when a deadline is due, so its cost does not grow with the
+        number of services on every loop turn.
+        """
+        self.next_sweep = _NEVER
+        self.dispatcher.sweep(now)
+        self.collect_garbage()
+        for rt in self.runtimes:
+            rest = rt.resting_until
+            if rest > now:
+                self.wake_at(rest)
+            elif rest:
+                self.dirty.add(rt)  # a rest is over: poll again
+                rt.paused_until = rt.admission.paused_until = 0.0
+
+    def refresh(self, rt: ServiceRuntime) -> None:
+        """``rt``'s capacity may have changed; re-decided at the end of this turn."""
+        self.dirty.add(rt)
+
+    def _refresh_dirty(self) -> None:
+        while self.dirty:
+            rt = self.dirty.pop()
+            self._refresh(rt)
+
+    def _refresh(self, rt: ServiceRuntime) -> None:
+        """Start what ``rt`` needs, then poll exactly the listeners that can be served."""
+        now = self.system.clock()
+        open_ = not self.stopping and not rt.retired
+        if open_:
+            self.dispatcher.maintain(rt, now)
+        can_take = open_ and self._has_room(rt, now)
+        for lst in rt.listeners:
+            self._set_polled(lst, can_take and not lst.lent)
+
+    def _has_room(self, rt: ServiceRuntime, now: float) -> bool:
+        if rt.resting_until > now or rt.at_max_child():
+            return False
+        if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
+            return False
+        return self.dispatcher.can_take(rt)
+
+    def _set_polled(self, lst: Listener, want: bool) -> None:
+        if want == lst.polled:
+            return
+        if want:
+            self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+        else:
+            self.sel.unregister(lst.sock)
+        lst.polled = want
+
+    def _all_ready(self) -> bool:
+        return all(self.dispatcher.ready(rt) for rt in self.runtimes if not rt.retired)
+
+    def _report_ready(self) -> None:
+        self.ready_reported = True
+        if self.ready_fd is not None:
+            doc = {"pid": os.getpid(), "mode": self.dispatcher.mode,
+                   "listeners": self.listener_report()}
+            try:
+                os.write(self.ready_fd, jsonsafe.dumps(doc) + b"\n")
+                os.close(self.ready_fd)
+            except OSError as exc:
+                log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)
+            self.ready_fd = None
+        log.info("ready", services=len(self.runtimes), mode=self.dispatcher.mode)
+
+    # -- the accept path -------------------------------------------------------
+    def _on_listener(self, lst: Listener) -> None:
+        rt = lst.rt
+        if rt.lends:
+            self._lend(lst)
+        else:
+            self._accept_batch(lst)
+        self.dirty.add(rt)
+
+    def _accept_batch(self, lst: Listener) -> None:
+        rt = lst.rt
+        batch = ACCEPT_BATCH if rt.service.internal is not None else ACCEPT_BATCH_PROGRAM
+        # _accept() gives the bare fd: no socket object per connection, the
+        # engine only forwards it and closes it.
+        accept = lst.sock._accept  # type: ignore[attr-defined]
+        family = lst.sock.family
+        for _ in range(batch):
+            now = self.system.clock()
+            if not self._has_room(rt, now):
+                break
+            try:
+                fd, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self.rest(rt, f"accept: {exc.strerror}", now)
+                    log.error("accept_failed", service=rt.name, error=exc.strerror,
+                              pause=EMFILE_PAUSE)
+                    break
+                continue  # ECONNABORTED, EPROTO...: that client is gone, the next one is not
+            peer = addr if isinstance(addr, tuple) else None
+            ip = peer[0] if peer else ""
+            why = rt.admission.check(ip, now) if rt.admission.active else ""
+            if why:
+                os.close(fd)
+                self._refused(rt, ip, why, now)
+                if rt.admission.looping:
+                    break
+                continue
+            if rt.preamble is not None:
+                self._begin_preamble(lst, fd, family, peer, now)
+            else:
+                self._hand_off(rt, fd, family, ip, _wire_peer(peer), now)
+
+    def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, ip: str, peer: str,
+                  now: float) -> None:
+        """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
+        iid = next(self.ids)
+        try:
+            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid)
+        finally:
+            os.close(fd)  # sent (the worker or child has its own copy) or given up
+        if not handed:
+            self._count_refusal(rt, "no_room")
+            return
+        rt.accepted += 1
+        rt.instances += 1
+        rt.admission.started(ip)
+        self.instances[iid] = Instance(iid, rt, ip, now)
+
+    def rest(self, rt: ServiceRuntime, why: str, now: float | None = None) -> None:
+        """Out of a resource: ``rt``'s listeners rest EMFILE_PAUSE instead of spinning."""
+        now = self.system.clock() if now is None else now
+        rt.paused_until = now + EMFILE_PAUSE
+        rt.last_error = why
+        self.wake_at(rt.paused_until)
+
+    def _count_refusal(self, rt: ServiceRuntime, why: str) -> None:
+        rt.refused += 1
+        rt.refused_by[why] = rt.refused_by.get(why, 0) + 1
+
+    def _refused(self, rt: ServiceRuntime, ip: str, why: str, now: float) -> None:
+        self._count_refusal(rt, why)
+        if rt.admission.looping:
+            self.wake_at(rt.admission.paused_until)
+            limit = rt.service.limits.max_spawn_per_min
+            rt.last_error = f"more than {limit} connections a minute"
+            log.error("service_looping", service=rt.name, limit=limit, pause=LOOPING_PAUSE)
+            return
+        if now - rt.last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            rt.last_refusal_log = now
+            log.warning("conn_refused", service=rt.name, peer=ip, reason=why,
+                        refused_total=rt.refused)
+
+    def _lend(self, lst: Listener) -> None:
+        """Lend ``lst`` (a wait program gets it on fd 0; a datagram built-in answers on it)."""
+        rt = lst.rt
+        now = self.system.clock()
+        if lst.lent or not self._has_room(rt, now):
+            return
+        iid = next(self.ids)
+        if not self.dispatcher.lend(rt, lst, iid):
+            return
+        lst.lent = iid
+        self._set_polled(lst, False)
+        rt.instances += 1
+        if rt.service.internal is None:
+            rt.accepted += 1  # a wait program started; a built-in's loan is not a connection
+        self.instances[iid] = Instance(iid, rt, "", now, listener=lst)
+
+    # -- the preamble stage ------------------------------------------------------
+    def _begin_preamble(self, lst: Listener, fd: int, family: int,
+                        peer: tuple[str, int] | None, now: float) -> None:
+        rt = lst.rt
+        assert rt.preamble is not None
+        sock = socket.socket(family, lst.sock.type, 0, fileno=fd)
+        item = Pending(sock, lst, peer, rt.preamble(), now + pre.DEADLINE)
+        self.pending[fd] = item
+        self.pending_order.append(item)
+        rt.pending += 1
+        self._on_pending(item)  # the header is usually there already
+        if fd in self.pending:
+            self.sel.register(sock, selectors.EVENT_READ, item)
+
+    def _on_pending(self, item: Pending) -> None:
+        rt = item.lst.rt
+        try:
+            data = item.sock.recv(item.reader.limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop_pending(item, "preamble_reset")
+            return
+        result = item.reader.feed(data, eof=not data)
+        if isinstance(result, pre.NeedMore):
+            if not data or len(data) >= item.reader.limit:
+                self._drop_pending(item, "preamble_incomplete")
+            return
+        if isinstance(result, pre.Refuse):
+            self._drop_pending(item, result.reason)
+            return
+        # Consume exactly the preamble: it was peeked, so recv returns all of it.
+        try:
+            got = item.sock.recv(result.consumed, socket.MSG_DONTWAIT) if result.consumed else b""
+            if result.reply:
+                item.sock.send(result.reply, socket.MSG_DONTWAIT)
+        except OSError:
+            self._drop_pending(item, "preamble_reset")
+            return
+        if len(got) != result.consumed:
+            self._drop_pending(item, "preamble_incomplete")
+            return
+        peer = result.peer or item.peer
+        ip = peer[0] if peer else ""
+        now = self.system.clock()
+        self._forget_pending(item)
+        why = rt.admission.check(ip, now) if rt.admission.active else ""
+        if why or rt.retired or self.stopping or not self._has_room(rt, now):
+            item.sock.close()
+            if why:
+                self._refused(rt, ip, why, now)
+            else:
+                self._count_refusal(rt, "no_room")
+            return
+        fd = item.sock.detach()
+        self._hand_off(rt, fd, item.sock.family, ip, _wire_peer(peer), now)
+
+    def _forget_pending(self, item: Pending) -> None:
+        fd = item.sock.fileno()
+        if self.pending.pop(fd, None) is None:
+            return
+        item.lst.rt.pending -= 1
+        self.dirty.add(item.lst.rt)
+        with contextlib.suppress(KeyError, ValueError):  # not registered if decided at once
+            self.sel.unregister(item.sock)
+
+    def _drop_pending(self, item: Pending, why: str) -> None:
+        rt = item.lst.rt
+        self._forget_pending(item)
+        ip = item.peer[0] if item.peer else ""
+        item.sock.close()
+        self._refused(rt, ip, why, self.system.clock())
+
+    # -- what dispatchers report ---------------------------------------------------
+    def ended(self, iid: int) -> None:
+        """Instance ``iid`` is over: uncount it, give a lent listener back."""
+        inst = self.instances.pop(iid, None)
+        if inst is None:
+            return
+        rt = inst.rt
+        rt.instances -= 1
+        if inst.program_pid:
+            rt.programs -= 1
+        rt.admission.ended(inst.ip)
+        self.dirty.add(rt)
+        successor = rt.successor
+        while successor is not None:  # its max_child counted this instance too
+            self.dirty.add(successor)
+            successor = successor.successor
+        lst = inst.listener
+        if lst is not None and lst.lent == iid:
+            lst.lent = 0
+            if rt.service.internal is None and lst.sock.fileno() >= 0:
+                # The program may have left the listener blocking (shared file
+                # status); a stop or reload may have closed it during the loan.
+                lst.sock.setblocking(False)
+            self.dirty.add(lst.rt)  # a reload may have moved it to a new generation
+
+    def program_started(self, iid: int, pid: int) -> None:
+        inst = self.instances.get(iid)
+        if inst is not None and not inst.program_pid:
+            inst.program_pid = pid
+            inst.rt.programs += 1
+
+    # -- signals ---------------------------------------------------------------
+    def _on_signals(self) -> None:
+        for sig in self.sigpipe.drain():
+            if sig == signal.SIGCHLD:
+                self._reap()
+            elif sig == signal.SIGHUP:
+                self.reload()
+            elif sig == signal.SIGTERM:
+                self.begin_stop(self.graceful_timeout, "SIGTERM")
+            elif sig in (signal.SIGINT, signal.SIGQUIT):
+                self.begin_stop(FAST_STOP_TIMEOUT, sig.name, fast=True)
+            elif sig == signal.SIGUSR1:
+                log.reopen()
+                log.info("log_reopened")
+                self.dispatcher.reopen_log()
+            elif sig in (signal.SIGTTIN, signal.SIGTTOU):
+                self._resize(+1 if sig == signal.SIGTTIN else -1)
+
+    def _reap(self) -> None:
+        """Collect every exited child (one waitpid loop); the dispatcher says whose it was."""
+        while True:
+            try:
+                pid, status = self.system.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if not self.dispatcher.child_exited(pid, code):
+                log.debug("reaped_unknown", pid=pid, status=code)
+
+    def _resize(self, delta: int) -> None:
+        for rt in self.runtimes:
+            if rt.retired:
+                continue
+            new_min = self.dispatcher.resize(rt, delta)
+            if new_min is None:
+                log.info("resize_ignored", service=rt.name,
+                         reason=f"{self.dispatcher.mode} mode has no pools")
+                return
+            log.info("pool_resized", service=rt.name, pool_min=new_min)
+            self.dirty.add(rt)
+
+    # -- stop ------------------------------------------------------------------
+    def begin_stop(self, timeout: float, why: str, fast: bool = False) -> None:
+        """Stop accepting; let what runs finish within ``timeout``; then kill what is left."""
+        deadline = self.system.clock() + timeout
+        if self.stopping:
+            self.stop_deadline = min(self.stop_deadline, deadline)
+        else:
+            self.stopping = True
+            self.stop_deadline = deadline
+            log.info("stopping", reason=why, timeout=timeout, mode=self.dispatcher.mode)
+            for rt in self.runtimes:
+                self._close_listeners(rt)
+            for item in list(self.pending.values()):
+                self._forget_pending(item)
+                item.sock.close()
+            self.pending_order.clear()
+        self.dispatcher.begin_stop(fast)
+
+    def _kill_remaining(self) -> None:
+        """Past the stop deadline: SIGKILL what still runs; give up after KILL_PASSES."""
+        self.dispatcher.kill_remaining()
+        self.kill_passes += 1
+        if self.kill_passes > KILL_PASSES:
+            # Everything was SIGKILLed 5 s ago and is still not reaped: something is
+            # wrong (a pid we wait for is not our child). Say what, and stop anyway
+            # rather than hang a shutdown forever.
+            log.error("stop_abandoned", pids=self.dispatcher.abandon())
+        self.stop_deadline = self.system.clock() + 0.5
+
+    def _close_listeners(self, rt: ServiceRuntime) -> None:
+        for lst in rt.listeners:
+            self._set_polled(lst, False)
+            listeners.close_listener(lst.sock)
+        rt.listeners = []
+
+    # -- reload ------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config; apply it all or nothing. True if applied."""
+        if self.load_config is None or self.open_sockets is None or self.stopping:
+            return False
+        prepared = reloadplan.prepare(
+            self.load_config,
+            {rt.service.key: (rt, rt.service) for rt in self.runtimes if not rt.retired},
+            self.open_sockets, self._release_listeners)
+        if prepared is None:
+            return False
+        diff, services, opened = prepared
+        order = {s.key: i for i, s in enumerate(services)}
+        for service, socks in opened:
+            self._add_runtime(service, socks)
+        for old, service in diff.changed:
+            # Same endpoints: the sockets move to a new generation (new workers in
+            # pool mode); what the old one serves finishes on its own.
+            new = self._add_runtime(service, [])
+            # Limits span generations: running instances and per-source counts carry over.
+            new.predecessors = [p for p in (old, *old.predecessors) if p.instances]
+            old.successor = new
+            new.admission = old.admission
+            new.admission.update(service.limits)
+            new.refused_by = old.refused_by
+            for lst in old.listeners:
+                self._set_polled(lst, False)
+                lst.rt = new  # a lent one comes back when its loan ends
+                new.listeners.append(lst)
+            old.listeners = []
+            self._retire(old)
+        for rt in diff.removed:
+            self._close_listeners(rt)
+            self._retire(rt)
+        self.runtimes.sort(key=lambda rt: (rt.retired, order.get(rt.service.key, 0)))
+        self.internal_ports = self._internal_ports()
+        self.reloads += 1
+        self.wake_at(self.system.clock())
+        self.collect_garbage()
+        log.info("reloaded", added=len(diff.added), changed=len(diff.changed),
+                 removed=len(diff.removed), unchanged=diff.unchanged)
+        return True
+
+    def _release_listeners(self, rt: ServiceRuntime) -> Callable[[], None]:
+        """Close a removed service's listeners ahead of the reload (its address is
+        wanted by an added one); returns how to reopen them if the reload fails."""
+        self._close_listeners(rt)
+
+        def restore() -> None:
+            assert self.open_sockets is not None
+            try:
+                socks = self.open_sockets(rt.service)
+            except listeners.ListenError as exc:
+                log.error("restore_failed", service=rt.name, error=str(exc))
+                return
+            rt.listeners = [Listener(s, rt, listeners.bound_address(s)) for s in socks]
+            self.dirty.add(rt)
+
+        return restore
+
+    def _retire(self, rt: ServiceRuntime) -> None:
+        rt.retired = True
+        self.dispatcher.retire(rt)
+        self.dirty.add(rt)
+
+    def collect_garbage(self) -> None:
+        """Forget retired generations that serve nothing any more."""
+        self.runtimes = [rt for rt in self.runtimes if not rt.retired or rt.instances
+                         or rt.listeners or self.dispatcher.holds(rt)]
+        for rt in self.runtimes:
+            rt.predecessors = [p for p in rt.predecessors if p.instances]
+
+    # -- status -----------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        """The live state, as ``poolinetd status --json`` prints it (the same in both modes)."""
+        now = self.system.clock()
+        self.collect_garbage()
+        services = []
+        for rt in self.runtimes:
+            report = self.dispatcher.report(rt, now)
+            state = ("retiring" if rt.retired else "failing" if self.dispatcher.failing(rt)
+                     else "paused" if rt.resting_until > now else "serving")
+            services.append({
+                "service": rt.name,
+                "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
+                "state": state,
+                "listeners": [str(lst.bound) for lst in rt.listeners],
+                "accepted": rt.accepted,
+                "refused": rt.refused,
+                "refused_by": dict(rt.refused_by),
+                "active": rt.instances,
+                "programs": rt.programs,
+                "preamble": rt.pending,
+                **report,
+                "last_error": rt.last_error or report.get("last_error", ""),
+            })
+        return {"pid": os.getpid(), "mode": self.dispatcher.mode,
+                "uptime": round(time.time() - self.started, 3), "reloads": self.reloads,
+                "stopping": self.stopping, "services": services}
+
+    # -- teardown -------------------------------------------------------------
+    def _close_all(self) -> None:
+        for rt in self.runtimes:
+            self._close_listeners(rt)
+        for item in list(self.pending.values()):
+            self._forget_pending(item)
+            item.sock.close()
+        self.dispatcher.close()
+        if self.control is not None:
+            self.control.close(self.sel)
+        self.sel.unregister(self.sigpipe.reader)
+        self.sigpipe.close()
+        self.sel.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+
+def _wire_peer(peer: tuple[str, int] | None) -> str:
+    """The peer as the wire and the environment carry it: "HOST PORT" ("" for unix)."""
+    return f"{peer[0]} {peer[1]}" if peer else ""
+
+
+def _become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: programs whose worker died are reparented to us, not to init."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER = 36
+    except (OSError, AttributeError):
+        log.warning("subreaper_unavailable")
