@@ -247,11 +247,13 @@ class Engine:
         log.info("stopped", pid=os.getpid())
         return 0
 
-    def run_once(self) -> None:
-        """One turn of the loop (``run`` repeats it; unit tests call it directly)."""
+    def run_once(self, max_wait: float | None = None) -> None:
+        """One turn of the loop (``run`` repeats it; unit tests call it with ``max_wait``)."""
         if not self.ready_reported and self._all_ready():
             self._report_ready()
         timeout = self._next_timeout(self.system.clock())
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
         for key, mask in self.sel.select(timeout):
             try:
                 self._on_event(key.data, mask)

@@ -1,0 +1,172 @@
+"""A fake OS seam and a rig that drives a real Engine turn by turn (for tests/test_engine.py).
+
+``FakeSystem`` stands in for poolinetd.system.System: a settable clock, a
+fork that starts nothing (it keeps a copy of the first fd the child would
+keep: a worker's channel end, or a classic child's connection), a queue of
+exits for waitpid, a record of kills, and a settable unread count.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from conftest import TEST_USER
+from poolinetd import cli, fdpass, resolve
+from poolinetd.engine import Engine, Listener
+from poolinetd.spec import Service
+
+
+class FakeSystem:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.next_pid = 50_000
+        self.forked: list[tuple[int, int]] = []  # (pid, copy of the child's first kept fd)
+        self.alive: set[int] = set()
+        self.exits: collections.deque[tuple[int, int]] = collections.deque()
+        self.killed: list[tuple[int, int]] = []
+        self.unread_bytes = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def fork(self, body: Callable[[], int], keep: Iterable[int]) -> int:
+        pid = self.next_pid
+        self.next_pid += 1
+        first = next(iter(keep))
+        self.forked.append((pid, os.dup(first)))
+        self.alive.add(pid)
+        return pid
+
+    def exit(self, pid: int, code: int) -> None:
+        """Make ``pid`` reapable with exit status ``code``."""
+        self.exits.append((pid, code << 8))
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        for i, (dead, status) in enumerate(self.exits):
+            if pid in (-1, dead):
+                del self.exits[i]
+                self.alive.discard(dead)
+                return dead, status
+        if not self.alive and not self.exits:
+            raise ChildProcessError
+        return 0, 0
+
+    def kill(self, pid: int, sig: int) -> None:
+        self.killed.append((pid, sig))
+
+    def exists(self, pid: int) -> bool:
+        return pid in self.alive
+
+    def unread(self, sock: socket.socket) -> int:
+        return self.unread_bytes
+
+
+@dataclass
+class FakeWorker:
+    """The test's side of a worker's channel."""
+
+    pid: int
+    channel: socket.socket
+
+    def receive(self, timeout: float = 5.0) -> tuple[fdpass.Message, int | None]:
+        self.channel.settimeout(timeout)
+        data, fd = fdpass.recv(self.channel)
+        return fdpass.decode(data), fd
+
+    def receive_nowait(self) -> tuple[fdpass.Message, int | None] | None:
+        self.channel.setblocking(False)
+        got = fdpass.receive(self.channel)
+        self.channel.setblocking(True)
+        return got
+
+    def send(self, payload: bytes) -> None:
+        fdpass.send(self.channel, payload)
+
+
+def services_from(text: str) -> tuple[Service, ...]:
+    loaded = resolve.load_text(text.format(user=TEST_USER), "<test>")
+    assert not loaded.errors, [str(d) for d in loaded.errors]
+    return loaded.services
+
+
+@dataclass
+class Rig:
+    engine: Engine
+    system: FakeSystem
+    conf: list[str]
+    workers: list[FakeWorker] = field(default_factory=list)
+    clients: list[socket.socket] = field(default_factory=list)
+
+    def turn(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.engine.run_once(max_wait=0.05)
+
+    def boot_worker(self) -> FakeWorker:
+        """Let the pool fork its next worker, and have that worker say READY."""
+        taken = {w.pid for w in self.workers}
+        for _ in range(3):
+            fresh = [(pid, fd) for pid, fd in self.system.forked if pid not in taken]
+            if fresh:
+                break
+            self.turn()
+        assert fresh, "the pool started no worker"
+        pid, fd = fresh[0]
+        worker = FakeWorker(pid, socket.socket(fileno=fd))
+        self.workers.append(worker)
+        worker.send(fdpass.encode_ready(pid))
+        self.turn(2)
+        return worker
+
+    def listener(self) -> Listener:
+        for rt in self.engine.runtimes:
+            if not rt.retired and rt.listeners:
+                return rt.listeners[0]
+        raise AssertionError("no listener")
+
+    def connect(self) -> socket.socket:
+        port = self.listener().bound.port
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.clients.append(sock)
+        return sock
+
+    def reload(self, text: str) -> None:
+        self.conf[0] = text
+        assert self.engine.reload()
+
+    def signal_child(self) -> None:
+        """What SIGCHLD makes the engine do."""
+        self.engine._reap()
+        self.turn()
+
+    def close(self) -> None:
+        self.engine.dispatcher.close()
+        self.engine._close_all()
+        for worker in self.workers:
+            worker.channel.close()
+        for client in self.clients:
+            client.close()
+        taken = {w.pid for w in self.workers}
+        for pid, fd in self.system.forked:
+            if pid not in taken:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def make_rig(conf: str, dispatcher_cls: type, **engine_kw: object) -> Rig:
+    system = FakeSystem()
+    holder = [conf]
+
+    def load() -> tuple[tuple[Service, ...], tuple[object, ...]]:
+        return services_from(holder[0]), ()
+
+    opened = [(s, cli._open_sockets(s)) for s in services_from(conf)]
+    engine = Engine(opened, dispatcher_cls(system), system=system,  # type: ignore[arg-type]
+                    load_config=load, open_sockets=cli._open_sockets, **engine_kw)  # type: ignore[arg-type]
+    rig = Rig(engine, system, holder)
+    rig.turn()
+    return rig

@@ -1,0 +1,290 @@
+"""The engine and both dispatchers driven with a fake OS seam (no real children), in ms.
+
+Real: listening sockets on loopback, the channel socketpairs, the selector.
+Fake (tests/engine_fakes.FakeSystem): clock, fork, waitpid, kill, the unread
+count of a channel. A fake worker is the test holding the worker's end of
+its channel; a fake classic child is a pid whose exit the test queues.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from engine_fakes import Rig, make_rig
+from poolinetd import fdpass, preamble
+from poolinetd.forkdispatch import ForkDispatcher
+from poolinetd.pooldispatch import STALL_KILL, STALL_TIMEOUT, PoolDispatcher
+
+ECHO = "127.0.0.1:0 stream tcp nowait {user} internal echo\n"
+ECHO_KV = "127.0.0.1:0 on socktype=stream, user={user}, args=echo, {extra};\n"
+
+
+@pytest.fixture
+def rigs() -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for rig in reversed(made):  # each engine restores the signal setup it found
+        rig.close()
+
+
+def pool_rig(rigs: list[Rig], conf: str, **kw: object) -> Rig:
+    rig = make_rig(conf, PoolDispatcher, **kw)
+    rigs.append(rig)
+    return rig
+
+
+def fork_rig(rigs: list[Rig], conf: str, **kw: object) -> Rig:
+    rig = make_rig(conf, ForkDispatcher, **kw)
+    rigs.append(rig)
+    return rig
+
+
+def test_pool_hand_off_and_done(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO)
+    worker = rig.boot_worker()
+    lst = rig.listener()
+    assert lst.polled
+    client = rig.connect()
+    rig.turn()
+    msg, fd = worker.receive()
+    assert msg.kind == fdpass.CONN and fd is not None
+    os.close(fd)
+    rt = lst.rt
+    assert rt.instances == 1 and rt.accepted == 1
+    worker.send(fdpass.encode_done([msg.ident])[0])
+    rig.turn()
+    assert rt.instances == 0
+    assert rig.engine.status()["services"][0]["active"] == 0  # type: ignore[index]
+    client.close()
+
+
+def test_pool_backpressure_waits_in_the_backlog(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1, worker_connections=1"))
+    worker = rig.boot_worker()
+    first, second = rig.connect(), rig.connect()
+    rig.turn()
+    msg, fd = worker.receive()
+    assert fd is not None
+    os.close(fd)
+    lst = rig.listener()
+    assert not lst.polled  # the only worker is full: nothing more is accepted
+    rig.turn()
+    assert worker.receive_nowait() is None  # the second client waits in the kernel
+    worker.send(fdpass.encode_done([msg.ident])[0])
+    rig.turn()
+    rig.turn()
+    msg2, fd2 = worker.receive()
+    assert fd2 is not None
+    os.close(fd2)
+    first.close()
+    second.close()
+
+
+def test_pool_stop_sends_stop_then_kills_after_the_deadline(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO)
+    worker = rig.boot_worker()
+    rig.engine.begin_stop(5.0, "test")
+    assert rig.engine.runtimes[0].listeners == []
+    msg, _ = worker.receive()
+    assert msg.kind == fdpass.STOP
+    assert rig.engine.dispatcher.busy()
+    rig.system.now += 6.0
+    rig.turn()
+    assert (worker.pid, signal.SIGKILL) in rig.system.killed
+    rig.system.exit(worker.pid, 0)
+    rig.signal_child()
+    assert not rig.engine.dispatcher.busy()
+
+
+def test_pool_worker_that_stops_reading_is_replaced_then_killed(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_min=1, pool_max=4"))
+    worker = rig.boot_worker()
+    client = rig.connect()
+    rig.turn()
+    rig.system.unread_bytes = 768  # it never reads what it was sent
+    for _ in range(int(STALL_TIMEOUT) + 2):
+        rig.system.now += 1.0
+        rig.turn()
+    status = rig.engine.status()["services"][0]  # type: ignore[index]
+    assert status["workers"]["stalled"] == 1
+    assert len(rig.system.forked) == 2  # a replacement was started
+    pool = rig.engine.dispatcher.pools[rig.engine.runtimes[0]]  # type: ignore[attr-defined]
+    assert pool.pick() is None or pool.pick() != worker.pid
+    for _ in range(int(STALL_KILL) + 2):
+        rig.system.now += 1.0
+        rig.turn()
+    assert (worker.pid, signal.SIGKILL) in rig.system.killed
+    client.close()
+
+
+def test_pool_busy_worker_that_keeps_reading_is_not_stalled(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO)
+    worker = rig.boot_worker()
+    rig.connect().close()
+    rig.turn()
+    rig.system.unread_bytes = 768
+    for _ in range(int(STALL_TIMEOUT) * 3):
+        rig.system.now += 1.0
+        worker.send(fdpass.encode_done([999_999])[0])  # it keeps talking: alive
+        rig.turn()
+    assert rig.system.killed == []
+    assert rig.engine.status()["services"][0]["workers"]["stalled"] == 0  # type: ignore[index]
+
+
+def test_fork_reaps_every_child_of_one_sigchld(rigs: list[Rig]) -> None:
+    rig = fork_rig(rigs, ECHO)
+    clients = [rig.connect() for _ in range(3)]
+    rig.turn()
+    assert len(rig.system.forked) == 3
+    rt = rig.engine.runtimes[0]
+    assert rt.instances == 3
+    for pid, _ in rig.system.forked:
+        rig.system.exit(pid, 0)
+    rig.system.exit(424242, 0)  # not ours: logged, ignored
+    rig.signal_child()
+    assert rt.instances == 0
+    for c in clients:
+        c.close()
+
+
+def test_fork_max_child_spans_a_reload(rigs: list[Rig]) -> None:
+    conf = ECHO_KV.format(user="{user}", extra="max_child=1")
+    rig = fork_rig(rigs, conf)
+    c1 = rig.connect()
+    rig.turn()
+    (pid, _), = rig.system.forked
+    assert not rig.listener().polled
+    rig.reload(conf.replace("max_child=1", "max_child=1, conn_timeout=5"))
+    assert len(rig.engine.runtimes) == 2
+    new = rig.listener()
+    assert new.rt is not rig.engine.runtimes[-1]  # the listener moved to the new generation
+    rig.turn()
+    assert not new.polled  # the old generation's instance still counts
+    rig.system.exit(pid, 0)
+    rig.signal_child()
+    rig.turn()
+    assert new.polled
+    c1.close()
+
+
+def test_per_source_counts_survive_reloads_that_drop_the_limit(rigs: list[Rig]) -> None:
+    limited = ECHO_KV.format(user="{user}", extra="max_child_per_ip=2")
+    rig = fork_rig(rigs, limited)
+    clients = [rig.connect(), rig.connect()]
+    rig.turn()
+    pids = [pid for pid, _ in rig.system.forked]
+    rig.reload(ECHO_KV.format(user="{user}", extra="conn_timeout=7"))
+    for pid in pids:
+        rig.system.exit(pid, 0)
+    rig.signal_child()
+    rig.reload(limited)
+    late = rig.connect()
+    rig.turn(2)
+    rt = rig.listener().rt
+    assert rt.refused_by == {}, rt.admission.per_ip
+    assert len(rig.system.forked) == 3  # served: the old connections were uncounted
+    for c in [*clients, late]:
+        c.close()
+
+
+def test_an_exception_in_one_event_is_logged_not_fatal(rigs: list[Rig],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    rig = fork_rig(rigs, ECHO)
+    calls = {"n": 0}
+    real = rig.engine.dispatcher.hand_off
+
+    def flaky(*args: object) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(*args)  # type: ignore[arg-type]
+
+    rig.engine.dispatcher.hand_off = flaky  # type: ignore[method-assign]
+    a = rig.connect()
+    rig.turn()
+    b = rig.connect()
+    rig.turn()
+    assert "internal_error" in [r.msg for r in caplog.records]
+    assert len(rig.system.forked) == 1
+    a.close()
+    b.close()
+
+
+class _Hello:
+    """A preamble reader wanting the line ``HELLO\\n``."""
+
+    limit = 16
+
+    def feed(self, data: bytes, eof: bool) -> preamble.Result:
+        if data.startswith(b"HELLO\n"):
+            return preamble.Proceed(6, peer=("192.0.2.7", 4242))
+        if b"HELLO\n".startswith(data) and not eof:
+            return preamble.NeedMore()
+        return preamble.Refuse("bad_hello")
+
+
+@pytest.mark.parametrize("dispatcher", ["pool", "fork"])
+def test_preamble_is_consumed_exactly_and_gives_the_peer(rigs: list[Rig], dispatcher: str) -> None:
+    make = pool_rig if dispatcher == "pool" else fork_rig
+    rig = make(rigs, ECHO, preambles=lambda service: _Hello)
+    worker = rig.boot_worker() if dispatcher == "pool" else None
+    client = rig.connect()
+    client.sendall(b"HEL")
+    rig.turn()
+    assert rig.engine.runtimes[0].pending == 1
+    client.sendall(b"LO\nrest of the data")
+    rig.turn()
+    if worker is not None:
+        msg, fd = worker.receive()
+        assert msg.peer == "192.0.2.7 4242"
+    else:
+        fd = os.dup(rig.system.forked[0][1])
+    assert fd is not None
+    with socket.socket(fileno=fd) as conn:
+        conn.settimeout(5)
+        assert conn.recv(100) == b"rest of the data"
+    assert rig.engine.instances[next(iter(rig.engine.instances))].ip == "192.0.2.7"
+    client.close()
+
+
+def test_preamble_refusals_and_the_deadline(rigs: list[Rig]) -> None:
+    rig = fork_rig(rigs, ECHO, preambles=lambda service: _Hello)
+    bad = rig.connect()
+    bad.sendall(b"GET / HTTP/1.0\r\n")
+    silent = rig.connect()
+    rig.turn()
+    rt = rig.engine.runtimes[0]
+    assert rt.refused_by.get("bad_hello") == 1
+    assert rt.pending == 1
+    rig.system.now += preamble.DEADLINE + 1
+    rig.turn()
+    assert rt.refused_by.get("preamble_timeout") == 1
+    assert rt.pending == 0 and rig.system.forked == []
+    bad.close()
+    silent.close()
+
+
+def test_status_has_the_same_shape_in_both_modes(rigs: list[Rig]) -> None:
+    pool = pool_rig(rigs, ECHO).engine.status()
+    fork = fork_rig(rigs, ECHO).engine.status()
+    assert pool["mode"] == "pool" and fork["mode"] == "classic"
+    assert set(pool["services"][0]) == set(fork["services"][0])  # type: ignore[index]
+
+
+def test_a_limit_added_by_reload_sees_the_running_connections(rigs: list[Rig]) -> None:
+    rig = fork_rig(rigs, ECHO_KV.format(user="{user}", extra="conn_timeout=7"))
+    clients = [rig.connect(), rig.connect()]
+    rig.turn()
+    assert len(rig.system.forked) == 2
+    rig.reload(ECHO_KV.format(user="{user}", extra="max_child_per_ip=2"))
+    third = rig.connect()
+    rig.turn(2)
+    assert len(rig.system.forked) == 2
+    assert rig.listener().rt.refused_by == {"max_child_per_ip": 1}
+    for c in [*clients, third]:
+        c.close()
