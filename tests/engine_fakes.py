@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from conftest import TEST_USER
+
 from poolinetd import cli, fdpass, resolve
 from poolinetd.engine import Engine, Listener
 from poolinetd.spec import Service

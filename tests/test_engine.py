@@ -14,8 +14,8 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-
 from engine_fakes import Rig, make_rig
+
 from poolinetd import fdpass, preamble
 from poolinetd.forkdispatch import ForkDispatcher
 from poolinetd.pooldispatch import STALL_KILL, STALL_TIMEOUT, PoolDispatcher
@@ -78,7 +78,7 @@ def test_pool_backpressure_waits_in_the_backlog(rigs: list[Rig]) -> None:
     worker.send(fdpass.encode_done([msg.ident])[0])
     rig.turn()
     rig.turn()
-    msg2, fd2 = worker.receive()
+    _msg2, fd2 = worker.receive()
     assert fd2 is not None
     os.close(fd2)
     first.close()
