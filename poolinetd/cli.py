@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from poolinetd import __version__, check, control, listeners, log, resolve, spawn
+from poolinetd import __version__, check, control, internal, listeners, log, resolve, spawn
 from poolinetd.classic import Classic
 from poolinetd.master import Master
 from poolinetd.spec import Diagnostic, Options, Service, Severity
@@ -28,15 +28,17 @@ EX_OSERR = 71
 EX_CONFIG = 78
 
 DEFAULT_CONF = "/etc/inetd.conf"
-DEFAULT_PORTS = {"echo": 7007, "discard": 7009, "daytime": 7013, "chargen": 7019, "time": 7037}
+DEFAULT_PORTS = {b.name: b.default_port for b in internal.TABLE}
 
 
 def default_config_text(user: str) -> str:
     """The config served when no ``-c`` is given: every built-in on 127.0.0.1, tcp and udp."""
     lines = ["# poolinetd built-in default: the inetd built-ins on localhost, unprivileged ports"]
-    for name, port in DEFAULT_PORTS.items():
-        lines.append(f"127.0.0.1:{port} stream tcp nowait {user} internal {name}")
-        lines.append(f"127.0.0.1:{port} dgram  udp wait   {user} internal {name}")
+    for b in internal.TABLE:
+        if b.stream is not None:
+            lines.append(f"127.0.0.1:{b.default_port} stream tcp nowait {user} internal {b.name}")
+        if b.datagram is not None:
+            lines.append(f"127.0.0.1:{b.default_port} dgram  udp wait   {user} internal {b.name}")
     return "\n".join(lines) + "\n"
 
 
