@@ -20,6 +20,16 @@ Contract, shaped for a non-blocking reader that must consume EXACTLY the header:
   ``AF_UNIX`` (accepted as the spec's "fall back to UNSPEC" for a family this
   server does not implement: a unix path means nothing as a TCP peer).
 
+Reading without spinning: ``NeedMore`` guarantees every byte of ``buf`` belongs to the
+header (it is a strict prefix of any header it can become), so the reader may
+``recv(len(peek))`` those bytes for real into its own buffer; otherwise a level-
+triggered selector reports the unconsumed bytes readable forever. The loop is:
+
+    peek = recv(fd, max_header - len(mine), MSG_PEEK); r = parse(mine + peek)
+    NeedMore -> mine += recv(fd, len(peek))      (exactly; then wait for readable)
+    Header   -> recv(fd, r.consumed - len(mine)) (exactly; the rest is client data)
+    Invalid  -> refuse; EOF on the peek before a verdict -> refuse (truncated)
+
 The parser never raises and never returns ``NeedMore`` once ``len(buf) >= max_header``,
 so a reader that peeks ``max_header`` bytes always gets a verdict. ``max_header``
 defaults to ``MAX_HEADER`` (4096): a v1 line is at most 107 bytes, and a v2 header is

@@ -13,6 +13,10 @@ Pure. Contract, shaped like proxyproto's for the same non-blocking preamble read
   it reaches the sub-service intact. ``name_lower`` is the service name lower-cased
   (names are case-insensitive); ``is_help`` says it is ``HELP``.
 
+As with proxyproto, ``NeedMore`` guarantees every byte so far belongs to the request
+line, so the reader may ``recv`` them for real and parse its buffer plus the next peek
+(no spinning on a level-triggered selector; see proxyproto's module doc).
+
 The line ends in CRLF or, as FreeBSD's inetd accepts, a bare LF. A CR not followed by
 LF is Invalid (accepting it would leave the LF in the stream for the program). Spaces
 and tabs around the name are ignored; the name itself is printable ASCII without

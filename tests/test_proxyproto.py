@@ -21,6 +21,7 @@ from poolinetd.proxyproto import (
     V2_MAX_HEADER,
     V2_SIGNATURE,
     Address,
+    Family,
     Header,
     Invalid,
     NeedMore,
@@ -218,7 +219,7 @@ def valid_headers(draw: st.DrawFn) -> tuple[bytes, Header]:
         raw = encode_v2(None, None, tlvs=draw(TLVS))
         return raw, Header(len(raw), 2, "PROXY", "unspec", None, None)
     src, dst = draw(PAIR)
-    family = "inet" if ipaddress.ip_address(src[0]).version == 4 else "inet6"
+    family: Family = "inet" if ipaddress.ip_address(src[0]).version == 4 else "inet6"
     if kind == "v1":
         raw = encode_v1(src, dst)
         return raw, Header(len(raw), 1, "PROXY", family, _canon(src), _canon(dst))
@@ -301,7 +302,9 @@ def test_a_corrupted_signature_is_invalid(case: tuple[bytes, Header], data: st.D
     bad = data.draw(st.integers(0, 255).filter(lambda b: b != raw[i]))
     corrupted = raw[:i] + bytes([bad]) + raw[i + 1 :]
     assert isinstance(parse(corrupted), Invalid)
-    assert isinstance(parse(corrupted[: i + 1]), Invalid)  # and as early as that byte
+    # ... and as early as that byte, unless it turned into the other version's first byte.
+    if i > 0 or bad not in (V1_SIGNATURE[0], V2_SIGNATURE[0]):
+        assert isinstance(parse(corrupted[: i + 1]), Invalid)
 
 
 @given(valid_headers(), st.data())
