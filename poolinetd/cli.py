@@ -308,15 +308,29 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _with_pidfile(path: str | None, body: object) -> int:
+    """Run ``body`` holding the pidfile at ``path`` (rules in poolinetd/pidfile.py).
+
+    A live or unusable pidfile is EX_OSERR with one log line; at exit only
+    the file this process created is removed.
+    """
     assert callable(body)
-    if path:
-        with open(path, "w", encoding="ascii") as fh:
-            fh.write(f"{os.getpid()}\n")
+    from poolinetd import pidfile
+
+    holder = pidfile.Pidfile(path) if path else None
+    if holder is not None:
+        try:
+            holder.acquire()
+        except pidfile.PidfileInUse as exc:
+            log.error("pidfile_in_use", path=path, pid=exc.pid, error=str(exc),
+                      hint="another poolinetd is running; stop it or use another --pidfile")
+            return EX_OSERR
+        except pidfile.PidfileError as exc:
+            log.error("pidfile_failed", path=path, error=str(exc))
+            return EX_OSERR
     try:
         result = body()
         assert isinstance(result, int)
         return result
     finally:
-        if path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        if holder is not None:
+            holder.release()
