@@ -61,6 +61,7 @@ from typing import Any
 
 import orjson
 
+from benchmarks.machine import machine_facts
 from benchmarks.procstat import children_of
 from benchmarks.servers import Server, ServerError, launch_poolinetd, python_cmd
 
@@ -505,8 +506,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, log: Any = None) -> dict[str, Any]:
     """Every repetition x service x burst size; the results document."""
-    from benchmarks.run import machine_facts  # late: run imports this module
-
     def say(msg: str) -> None:
         if log is not None:
             log(msg)

@@ -25,10 +25,7 @@ Exit status: 0 when every server ran, 1 when a poolinetd mode failed to start
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,7 +37,9 @@ from typing import Any
 
 import orjson
 
+from benchmarks import growth
 from benchmarks.loadgen import LoadResult, pattern_payload, run_load
+from benchmarks.machine import machine_facts
 from benchmarks.procstat import TreeStat, snapshot
 from benchmarks.servers import (
     Scenario,
@@ -77,34 +76,6 @@ POOL_MODES = ("pool", "classic")
 # many distinct source addresses; from one source it works.
 SINGLE_SOURCE = {("xinetd", "echo")}
 PEERS = ("xinetd", "openbsd-inetd")
-
-
-def machine_facts() -> dict[str, Any]:
-    """CPU model, core count, kernel, Python, date, and the TCP sysctls that matter here."""
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    sysctl: dict[str, str] = {}
-    for key in ("tcp_tw_reuse", "ip_local_port_range", "tcp_max_tw_buckets"):
-        with contextlib.suppress(OSError):
-            sysctl[key] = Path(f"/proc/sys/net/ipv4/{key}").read_text().split("\n")[0]
-    with contextlib.suppress(OSError):
-        sysctl["somaxconn"] = Path("/proc/sys/net/core/somaxconn").read_text().strip()
-    return {
-        "cpu_model": cpu,
-        "nproc": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "sysctl": sysctl,
-    }
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -540,8 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenarios:
         status = _main_scenarios(args, log)
     if want_growth:
-        from benchmarks import growth
-
         gargs = growth.build_parser().parse_args(
             ["--reps", str(args.reps), "--out", str(args.out)]
             + (["--server-cmd", args.server_cmd] if args.server_cmd else [])

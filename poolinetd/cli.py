@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from poolinetd import __version__, check, control, listeners, log, resolve, spawn
+from poolinetd import __version__, check, control, internal, listeners, log, resolve, spawn
 from poolinetd.engine import Engine
 from poolinetd.forkdispatch import ForkDispatcher
 from poolinetd.pooldispatch import PoolDispatcher
@@ -29,15 +29,17 @@ EX_OSERR = 71
 EX_CONFIG = 78
 
 DEFAULT_CONF = "/etc/inetd.conf"
-DEFAULT_PORTS = {"echo": 7007, "discard": 7009, "daytime": 7013, "chargen": 7019, "time": 7037}
+DEFAULT_PORTS = {b.name: b.default_port for b in internal.TABLE}
 
 
 def default_config_text(user: str) -> str:
     """The config served when no ``-c`` is given: every built-in on 127.0.0.1, tcp and udp."""
     lines = ["# poolinetd built-in default: the inetd built-ins on localhost, unprivileged ports"]
-    for name, port in DEFAULT_PORTS.items():
-        lines.append(f"127.0.0.1:{port} stream tcp nowait {user} internal {name}")
-        lines.append(f"127.0.0.1:{port} dgram  udp wait   {user} internal {name}")
+    for b in internal.TABLE:
+        if b.stream is not None:
+            lines.append(f"127.0.0.1:{b.default_port} stream tcp nowait {user} internal {b.name}")
+        if b.datagram is not None:
+            lines.append(f"127.0.0.1:{b.default_port} dgram  udp wait   {user} internal {b.name}")
     return "\n".join(lines) + "\n"
 
 
@@ -302,15 +304,29 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _with_pidfile(path: str | None, body: object) -> int:
+    """Run ``body`` holding the pidfile at ``path`` (rules in poolinetd/pidfile.py).
+
+    A live or unusable pidfile is EX_OSERR with one log line; at exit only
+    the file this process created is removed.
+    """
     assert callable(body)
-    if path:
-        with open(path, "w", encoding="ascii") as fh:
-            fh.write(f"{os.getpid()}\n")
+    from poolinetd import pidfile
+
+    holder = pidfile.Pidfile(path) if path else None
+    if holder is not None:
+        try:
+            holder.acquire()
+        except pidfile.PidfileInUse as exc:
+            log.error("pidfile_in_use", path=path, pid=exc.pid, error=str(exc),
+                      hint="another poolinetd is running; stop it or use another --pidfile")
+            return EX_OSERR
+        except pidfile.PidfileError as exc:
+            log.error("pidfile_failed", path=path, error=str(exc))
+            return EX_OSERR
     try:
         result = body()
         assert isinstance(result, int)
         return result
     finally:
-        if path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        if holder is not None:
+            holder.release()

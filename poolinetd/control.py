@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import selectors
 import socket
 import time
@@ -81,22 +80,15 @@ class ControlServer:
         self.master = master
         self.clients: list[ControlConn] = []
         self.resume_at = 0.0  # > 0 while accepting rests after EMFILE
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The same rules as unix listeners: only a stale *socket* is ever removed
+        # (anything else at the path is an error), the file is born 0600 and
+        # proven to be ours before use. OSError keeps the CLI's error path.
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(path) and not _alive(path):
-                    os.unlink(path)
-            old = os.umask(0o077)  # never a window where others could connect
-            try:
-                self.sock.bind(path)
-            finally:
-                os.umask(old)
-            os.chmod(path, 0o600)
-            self.sock.listen(16)
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
+            self.sock = listeners.bind_unix(path, socket.SOCK_STREAM, mode=0o600, backlog=16)
+        except listeners.SocketInUse as exc:
+            raise OSError(errno.EADDRINUSE, str(exc)) from exc
+        except listeners.ListenError as exc:
+            raise OSError(errno.EEXIST, str(exc)) from exc
 
     def on_accept(self, sel: selectors.BaseSelector) -> None:
         for _ in range(MAX_CLIENTS):
@@ -153,17 +145,6 @@ class ControlServer:
             with contextlib.suppress(KeyError, ValueError):
                 sel.unregister(self.sock)
         listeners.close_listener(self.sock)
-
-
-def _alive(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def request(path: str, command: str, timeout: float = 10.0) -> dict[str, object]:

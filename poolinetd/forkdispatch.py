@@ -27,7 +27,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from poolinetd import internal, log, privileges, spawn, worker
+from poolinetd import dgramserve, internal, log, privileges, spawn, worker
 from poolinetd.dispatch import Hooks
 from poolinetd.engine import Listener, ServiceRuntime
 from poolinetd.spec import Service, SocketType, StderrRoute
@@ -216,7 +216,7 @@ def _answer_datagrams(service: Service, fd: int, internal_ports: frozenset[int])
         return spawn.EX_WORKER_BOOT
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    responder = worker.DgramResponder(sock, service, internal_ports)
+    responder = dgramserve.DgramResponder(sock, service, internal_ports)
     for _ in range(_DGRAM_BATCHES):
         if responder.on_readable():
             break  # drained

@@ -58,7 +58,8 @@ class Pool:
         limit = self.settings.max_requests
         if limit:
             # gunicorn's jitter: workers started together do not all recycle together.
-            limit += self._rng.randint(0, max(1, limit // 10))
+            # At most 10 % of the limit, so none below 10 (a small limit is meant exactly).
+            limit += self._rng.randint(0, limit // 10)
         self.workers[pid] = WorkerSlot(pid, WorkerState.BOOTING, now, idle_since=now,
                                        request_limit=limit)
 

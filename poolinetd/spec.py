@@ -328,5 +328,8 @@ class Service:
         return self.spec.wait
 
 
-# The built-ins poolinetd implements, each for stream and dgram (internal.py).
+# Transitional mirror of internal.NAMES (the table of built-ins lives in internal.py,
+# which imports this module, so this pure module cannot derive it). Only resolve.py
+# reads it; once resolve validates against internal.find(name, socket_type), delete
+# it. tests/test_builtins_table.py fails if the two ever differ.
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")

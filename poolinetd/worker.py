@@ -33,13 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from poolinetd import fdpass, internal, log, privileges, spawn
+from poolinetd.dgramserve import DgramResponder as DgramResponder  # re-exported (classic mode)
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType, StderrRoute
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STOP_GRACE_ON_MASTER_LOSS = 10.0  # seconds to finish built-in connections if the master dies
-_GUARD_LOG_INTERVAL = 60.0
-_DGRAM_BATCH = 64
 _TIMEOUT_SCAN = 1.0
 
 
@@ -65,57 +64,6 @@ class _Child:
     pidfd: int
     peer: str
     started: float
-
-
-class DgramResponder:
-    """Answers a datagram built-in on one bound socket, behind the loop guard.
-
-    Used by workers (on a lent socket) and by classic mode's master. Does not
-    own ``sock``. Refusals are logged at most once per interval, with a count.
-    """
-
-    def __init__(self, sock: socket.socket, service: Service, internal_ports: frozenset[int],
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        assert service.internal is not None
-        self.sock = sock
-        self.service = service
-        self.internal_ports = internal_ports
-        self.clock = clock
-        self.refused = 0
-        self.last_guard_log = -_GUARD_LOG_INTERVAL
-
-    def on_readable(self) -> None:
-        name = self.service.internal
-        assert name is not None
-        for _ in range(_DGRAM_BATCH):  # bounded: a flood cannot starve the rest of the loop
-            try:
-                data, addr = self.sock.recvfrom(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # e.g. an ICMP error queued on the socket
-            if isinstance(addr, tuple):
-                why = internal.loop_guard(addr[1], self.internal_ports)
-                if why is not None:
-                    self._refused(addr, why)
-                    continue
-            elif not addr:
-                continue  # a unix client with no bound address cannot be answered
-            reply = internal.answer(name, data, time.time())
-            if reply is not None:
-                try:
-                    self.sock.sendto(reply, addr)
-                except OSError:
-                    continue
-
-    def _refused(self, addr: tuple[str, int], why: str) -> None:
-        self.refused += 1
-        now = self.clock()
-        if now - self.last_guard_log >= _GUARD_LOG_INTERVAL:
-            log.warning("dgram_refused", service=self.service.name, pid=os.getpid(),
-                        peer=f"{addr[0]} {addr[1]}", reason=why, refused_since_last=self.refused)
-            self.refused = 0
-            self.last_guard_log = now
 
 
 @dataclass(slots=True)
@@ -306,7 +254,7 @@ class Worker:
     def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
         assert self.service.internal is not None
         sock.setblocking(False)
-        handler = internal.STREAM[self.service.internal](sock)
+        handler = internal.new_handler(self.service.internal, sock)
         now = self.clock()
         conn = _Conn(conn_id, sock, handler, peer, now, now + self.service.conn_timeout)
         self._advance(conn, handler.step(), registered=False)
@@ -322,7 +270,7 @@ class Worker:
             if registered:
                 self.sel.unregister(conn.sock)
                 del self.conns[conn.sock.fileno()]
-            self._finish_builtin(conn, "done")
+            self._finish_builtin(conn, conn.handler.end_reason)
             return
         events = (selectors.EVENT_READ if want & internal.Want.READ else 0) | (
             selectors.EVENT_WRITE if want & internal.Want.WRITE else 0)

@@ -85,6 +85,22 @@ def test_max_requests_drains_with_jitter() -> None:
     assert pool.pick() is None
 
 
+def test_max_requests_jitter_is_at_most_ten_percent() -> None:
+    """The README's promise: a worker recycles after N to N + 10 % connections."""
+    rng = random.Random(7)
+    seen: dict[int, set[int]] = {}
+    for limit in (1, 2, 4, 9, 10, 19, 20, 100, 1000):
+        for pid in range(200):
+            pool = Pool(settings_(max_requests=limit), rng=rng)
+            pool.add_booting(pid, 0)
+            seen.setdefault(limit, set()).add(pool.workers[pid].request_limit - limit)
+    for limit, jitters in seen.items():
+        assert min(jitters) >= 0 and max(jitters) <= limit // 10, (limit, sorted(jitters))
+    assert seen[1] == seen[4] == seen[9] == {0}  # 10 % rounds to 0: exactly N
+    assert seen[10] == seen[19] == {0, 1}
+    assert len(seen[100]) == 11  # every value 0..10 occurs: the spread is real
+
+
 def test_surplus_idle_workers_retire_down_to_min() -> None:
     pool = Pool(settings_(pool_min=1, pool_max=4, idle=5.0))
     for pid in (1, 2, 3):

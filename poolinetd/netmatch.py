@@ -1,0 +1,302 @@
+"""Access lists (``only_from``/``no_access``) and per-source tracking keys.
+
+Pure: no I/O. Two halves with different costs:
+
+* config time: ``parse_cidr`` turns one ``ADDR[/LEN]`` word into a ``Network``
+  or an error message; ``AddressList(networks)`` compiles a list once.
+* connection time (the hot path): ``parse_ip`` turns a peer address string
+  (as ``getpeername``/``recvfrom`` report it) into an ``Addr``;
+  ``AddressList.matches``, ``decide`` and ``source_key`` judge it. These avoid
+  ``ipaddress`` objects (about ten times slower than ``socket.inet_pton`` plus
+  ``int.from_bytes``; see benchmarks/bench_admission.py).
+
+An ``Addr`` is one int in IPv6 space: an IPv4 address a.b.c.d is the
+IPv4-mapped ``::ffff:a.b.c.d``. So a ``tcp46`` listener's mapped peers and a
+``tcp`` listener's plain IPv4 peers are the same address, match IPv4 entries
+and share one tracking key. Native IPv6 entries never match IPv4 peers (not
+even ``::/0``: write ``0.0.0.0/0`` for "every IPv4 client"); an entry written
+inside ``::ffff:0:0/96`` is read as the IPv4 network it denotes.
+
+Matching costs one shift and one set lookup per distinct prefix length in the
+list (at most 33 for IPv4, 129 for IPv6), whatever the number of entries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from socket import AF_INET, AF_INET6, inet_pton
+
+Addr = int  # an address in IPv6 space (IPv4 as ::ffff:a.b.c.d), from parse_ip
+SourceKey = int | str  # from source_key: an int for IP peers, the peer string otherwise
+
+_MAPPED = 0xFFFF << 32  # ::ffff:0.0.0.0, the IPv4-mapped prefix as an Addr
+_V4_MASK = 0xFFFFFFFF
+_from_bytes = int.from_bytes
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Network:
+    """One CIDR network: ``version`` 4 or 6, ``value`` the network address as
+    an int (host bits zero; IPv4 as a plain 32-bit int), ``prefix`` its length.
+
+    ``note`` is not part of the value: "" or a remark a config diagnostic may
+    show as a warning (the text had host bits set and they were cleared).
+    """
+
+    version: int
+    value: int
+    prefix: int
+    note: str = field(default="", compare=False)
+
+    @property
+    def bits(self) -> int:
+        return 32 if self.version == 4 else 128
+
+    def __str__(self) -> str:
+        if self.version == 4:
+            return f"{ipaddress.IPv4Address(self.value)}/{self.prefix}"
+        return f"{ipaddress.IPv6Address(self.value)}/{self.prefix}"
+
+    def contains(self, other: Network) -> bool:
+        """True if every address of ``other`` is in this network."""
+        if other.version != self.version or other.prefix < self.prefix:
+            return False
+        shift = self.bits - self.prefix
+        return other.value >> shift == self.value >> shift
+
+    def as_addr_range(self) -> tuple[int, int]:
+        """(first, last) Addr of this network, inclusive, in IPv6 space."""
+        base = self.value | _MAPPED if self.version == 4 else self.value
+        return base, base | ((1 << (self.bits - self.prefix)) - 1)
+
+
+def parse_cidr(text: str) -> Network | str:
+    """``ADDR`` or ``ADDR/LEN`` (IPv4 or IPv6) -> a Network, or an error message.
+
+    A bare address is a /32 or /128. LEN is decimal, 0-32 for IPv4 and 0-128
+    for IPv6. Host bits set (``10.1.2.3/8``) are accepted and cleared, as
+    ``ipaddress``'s non-strict mode and most access-list tools do, and the
+    Network's ``note`` says so, so ``check`` can warn without failing. Host
+    names, netmask notation, brackets and IPv6 scope ids are refused with a
+    message that says which. The message never includes file or line: the
+    caller adds ``file:line:field``.
+    """
+    addr_text, slash, len_text = text.partition("/")
+    if not addr_text:
+        return f"{text!r}: missing address before '/'" if slash else "empty address"
+    if addr_text.startswith("["):
+        return f"{text!r}: write IPv6 networks without brackets (2001:db8::/32)"
+    if "%" in addr_text:
+        return f"{text!r}: IPv6 scope ids (%...) are not accepted in access lists"
+    try:
+        addr = ipaddress.ip_address(addr_text)
+    except ValueError:
+        return (
+            f"{text!r}: {addr_text!r} is not an IPv4 or IPv6 address"
+            " (host names are not accepted)"
+        )
+    bits: int = addr.max_prefixlen
+    family = f"IPv{addr.version}"
+    if not slash:
+        prefix = bits
+    elif not len_text:
+        return f"{text!r}: missing prefix length after '/'"
+    elif not (len_text.isascii() and len_text.isdigit()):
+        return (
+            f"{text!r}: prefix length {len_text!r} is not a number 0-{bits}"
+            + (" (netmask notation is not accepted)" if "." in len_text or ":" in len_text else "")
+        )
+    else:
+        prefix = int(len_text)
+        if prefix > bits:
+            return f"{text!r}: prefix length {prefix} out of range 0-{bits} for {family}"
+    value = int(addr)
+    version = addr.version
+    if version == 6 and prefix >= 96 and value >> 32 == 0xFFFF:
+        # an IPv4-mapped network: mapped peers are judged as IPv4, so it is one
+        version, value, prefix, bits = 4, value & _V4_MASK, prefix - 96, 32
+    shift = bits - prefix
+    masked = value >> shift << shift
+    note = ""
+    if masked != value:
+        note = f"host bits set: {text} is taken as {Network(version, masked, prefix)}"
+    return Network(version, masked, prefix, note)
+
+
+def parse_ip(ip: str) -> Addr | None:
+    """A peer address string -> its Addr, or None if it is not an IP address.
+
+    Accepts what the kernel reports: dotted quad, IPv6 text (mapped or not),
+    and an IPv6 scope suffix (``fe80::1%eth0``, ignored). Unix-socket peers
+    ("" or a path) give None.
+    """
+    if ":" in ip:
+        if "%" in ip:
+            ip = ip.partition("%")[0]
+        try:
+            return _from_bytes(inet_pton(AF_INET6, ip))
+        except (OSError, ValueError):
+            return None
+    try:
+        return _MAPPED | _from_bytes(inet_pton(AF_INET, ip))
+    except (OSError, ValueError):
+        return None
+
+
+def is_v4(addr: Addr) -> bool:
+    return addr >> 32 == 0xFFFF
+
+
+def format_addr(addr: Addr) -> str:
+    """An Addr as text (IPv4 as dotted quad); for logs, not the hot path."""
+    if is_v4(addr):
+        return str(ipaddress.IPv4Address(addr & _V4_MASK))
+    return str(ipaddress.IPv6Address(addr))
+
+
+Table = tuple[tuple[int, frozenset[int]], ...]  # (shift, {addr >> shift}) per prefix length
+
+
+class AddressList:
+    """A compiled, immutable CIDR list. Empty is falsy (``decide``: "everyone").
+
+    ``networks`` keeps the entries as given (sorted, duplicates removed) for
+    display and for ``==`` (reload compares lists); the lookup tables drop
+    entries already covered by a wider entry of the same list.
+    """
+
+    __slots__ = ("_v4", "_v6", "networks")
+
+    def __init__(self, networks: Iterable[Network] = ()) -> None:
+        self.networks: tuple[Network, ...] = tuple(sorted(set(networks)))
+        kept: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
+        for net in sorted(self.networks, key=lambda n: n.prefix):  # widest first
+            if self._covered(kept[net.version], net):
+                continue
+            shift = net.bits - net.prefix
+            kept[net.version].setdefault(shift, set()).add(net.value >> shift)
+        # IPv4 tables hold mapped values, so a lookup needs no masking: the
+        # shift keeps the ::ffff marker bits on both sides
+        self._v4: Table = tuple(
+            (shift, frozenset((_MAPPED | v << shift) >> shift for v in vals))
+            for shift, vals in sorted(kept[4].items(), reverse=True)
+        )
+        self._v6: Table = tuple(
+            (shift, frozenset(vals)) for shift, vals in sorted(kept[6].items(), reverse=True)
+        )
+
+    @staticmethod
+    def _covered(tables: dict[int, set[int]], net: Network) -> bool:
+        base = net.bits - net.prefix
+        return any(
+            net.value >> shift in vals for shift, vals in tables.items() if shift >= base
+        )
+
+    def __len__(self) -> int:
+        return len(self.networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AddressList) and self.networks == other.networks
+
+    def __hash__(self) -> int:
+        return hash(self.networks)
+
+    def __repr__(self) -> str:
+        return f"AddressList([{', '.join(map(str, self.networks))}])"
+
+    @property
+    def prefix_lengths(self) -> int:
+        """How many set lookups a miss costs (distinct prefix lengths kept)."""
+        return len(self._v4) + len(self._v6)
+
+    def matches_addr(self, addr: Addr) -> bool:
+        """True if ``addr`` (from parse_ip) is in one of the networks."""
+        for shift, vals in self._v4 if addr >> 32 == 0xFFFF else self._v6:
+            if addr >> shift in vals:
+                return True
+        return False
+
+    def matches(self, ip: str) -> bool:
+        """True if the peer address string is in one of the networks (never for non-IP peers)."""
+        addr = parse_ip(ip)
+        return addr is not None and self.matches_addr(addr)
+
+    def covering(self, net: Network) -> Network | None:
+        """An entry of this list that contains all of ``net``, or None (config checks).
+
+        Same cost as a lookup: one probe per prefix length no longer than net's."""
+        if net.version == 4:
+            addr, table, bits = _MAPPED | net.value, self._v4, 32
+        else:
+            addr, table, bits = net.value, self._v6, 128
+        for shift, vals in table:
+            if shift >= bits - net.prefix and addr >> shift in vals:
+                value = (addr >> shift << shift) & ((1 << bits) - 1)
+                return Network(net.version, value, bits - shift)
+        return None
+
+
+def access_reason(only_from: AddressList, no_access: AddressList, addr: Addr | None) -> str:
+    """Why a peer is refused by the lists: "no_access", "only_from", or "" if allowed.
+
+    ``no_access`` wins over ``only_from``; an empty ``only_from`` allows everyone.
+    A peer that is not an IP address (None) matches no entry, so it is refused
+    exactly when ``only_from`` is non-empty (fail closed).
+    """
+    if addr is None:
+        return "only_from" if only_from else ""
+    if no_access and no_access.matches_addr(addr):
+        return "no_access"
+    if only_from and not only_from.matches_addr(addr):
+        return "only_from"
+    return ""
+
+
+def decide(only_from: AddressList, no_access: AddressList, ip: str) -> bool:
+    """True if a peer (address string) may connect; see ``access_reason``."""
+    return not access_reason(only_from, no_access, parse_ip(ip))
+
+
+def shadowed(only_from: AddressList, no_access: AddressList) -> list[tuple[Network, Network]]:
+    """(only_from entry, no_access entry containing it) for each only_from entry that
+    allows nobody; if every only_from entry is listed the service refuses every
+    client, which ``check`` should report as contradictory lists. Config time."""
+    out = []
+    for net in only_from.networks:
+        cover = no_access.covering(net)
+        if cover is not None:
+            out.append((net, cover))
+    return out
+
+
+def source_key_addr(addr: Addr, v4_prefix: int, v6_prefix: int) -> int:
+    """The tracking key of ``addr``: its network at ``v4_prefix`` (IPv4 and mapped
+    peers) or ``v6_prefix`` (native IPv6), as one int. Prefixes must be in range
+    (0-32, 0-128; config validates). Keys of different families or prefix lengths
+    never collide: the low byte holds the prefix length in IPv6 space."""
+    plen = 96 + v4_prefix if addr >> 32 == 0xFFFF else v6_prefix
+    return (addr >> (128 - plen)) << 8 | plen
+
+
+def source_key(ip: str, v4_prefix: int, v6_prefix: int) -> SourceKey:
+    """``source_key_addr`` of a peer address string; a non-IP peer is its own key."""
+    addr = parse_ip(ip)
+    if addr is None:
+        return ip
+    return source_key_addr(addr, v4_prefix, v6_prefix)
+
+
+def format_key(key: SourceKey) -> str:
+    """A tracking key as CIDR text for logs and status (``192.0.2.0/24``, ``2001:db8::/48``)."""
+    if isinstance(key, str):
+        return key
+    plen = key & 0xFF
+    value = (key >> 8) << (128 - plen)
+    if plen >= 96 and value >> 32 == 0xFFFF:
+        return f"{ipaddress.IPv4Address(value & _V4_MASK)}/{plen - 96}"
+    return f"{ipaddress.IPv6Address(value)}/{plen}"
