@@ -9,6 +9,8 @@ with every other endpoint on its port.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import socket
 from collections.abc import Iterable
 
@@ -22,16 +24,32 @@ _WILDCARDS = ("0.0.0.0", "::")
 _Holder = tuple[int, Service, Endpoint]  # (order kept, service, its endpoint)
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical(address: str, version: int) -> tuple[str, str | None]:
+    """(canonical text, the IPv4 address it maps) of a numeric address; as written otherwise."""
+    try:
+        ip = ipaddress.IPv4Address(address) if version == 4 else ipaddress.IPv6Address(address)
+    except ValueError:
+        return address, None
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(ip), None if mapped is None else str(mapped)
+
+
 def coverage(ep: Endpoint) -> list[tuple[int, str]]:
-    """(IP version, address) pairs an endpoint takes; a non-v6only '::' also takes IPv4."""
+    """(IP version, address) pairs an endpoint takes, in canonical form.
+
+    A non-v6only '::' also takes IPv4's 0.0.0.0, and a non-v6only
+    ``::ffff:a.b.c.d`` (however it is written) takes a.b.c.d.
+    """
     if ep.family == _AF_INET:
-        return [(4, ep.address)]
-    out = [(6, ep.address)]
+        return [(4, _canonical(ep.address, 4)[0])]
+    text, mapped = _canonical(ep.address, 6)
+    out = [(6, text)]
     if not ep.v6only:
-        if ep.address == "::":
+        if text == "::":
             out.append((4, "0.0.0.0"))
-        elif ep.address.startswith("::ffff:") and "." in ep.address:
-            out.append((4, ep.address[len("::ffff:") :]))
+        elif mapped is not None:
+            out.append((4, mapped))
     return out
 
 
