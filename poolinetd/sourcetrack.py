@@ -27,7 +27,8 @@ s: never refused while it had fewer than N admitted connections in the last
 source would be exact but costs up to N floats per source; this costs one.
 Refused connections do not fill the bucket. The rate is only metered while a
 rate limit is set (the bucket needs N); a reload that changes N keeps ``tat``,
-i.e. keeps how many seconds of "minute" the source has used.
+i.e. the share of its minute the source has used (a source whose bucket was
+full under the old N waits at most one new 60/N interval).
 
 A source that goes over its rate is refused ("max_cpm_per_ip") and, if
 ``block_time`` is set, refused ("blocked") until ``now + block_time``; then
@@ -40,7 +41,8 @@ so their counts stay exact. Idle sources live in least-recently-seen order
 and the oldest go when ``len(tracker) > cap``; so ``len(tracker) <=
 max(cap, busy sources)``. Idle sources whose bucket has drained and whose
 block has expired are also dropped as new sources arrive. Every operation is
-O(1) (amortised).
+O(1) (amortised). While busy sources alone fill the cap, a new source's rate
+state is dropped at once (its concurrency is still exact).
 """
 
 from __future__ import annotations
