@@ -205,7 +205,7 @@ class _Parser:
         self.includes: list[Include] = []
         self.default_addrs: tuple[str, ...] = ()
         self.defaults: dict[str, object] = {}
-        self.env_defaults: list[tuple[str, str]] = []
+        self.env_defaults: dict[str, str] = {}  # insertion-ordered; O(1) twice-checks
         self.entry_failed = False
 
     # diagnostics ---------------------------------------------------------------------------
@@ -761,7 +761,7 @@ class _Parser:
     def kv_entry(self, svc: _Tok, onoff: _Tok, opts: list[_Opt]) -> None:
         f = _Fields()
         seen: dict[str, _Opt] = {}
-        env: list[tuple[str, str]] = []
+        env: dict[str, str] = {}
         option_values: dict[str, object] = {}
         limit_values: dict[str, int] = {}
         for opt in opts:
@@ -781,7 +781,7 @@ class _Parser:
             f.locs[key] = FieldLoc(opt.lineno, opt.field, _short(opt.raw))
             self.kv_entry_option(opt, key, f, env, option_values, limit_values)
         if env:
-            option_values["env"] = tuple(env)
+            option_values["env"] = tuple(env.items())
         f.options = Options(**option_values)  # type: ignore[arg-type]
         f.limits = Limits(**limit_values)
         self.kv_complete(svc, onoff, f, seen)
@@ -793,7 +793,7 @@ class _Parser:
         opt: _Opt,
         key: str,
         f: _Fields,
-        env: list[tuple[str, str]],
+        env: dict[str, str],
         option_values: dict[str, object],
         limit_values: dict[str, int],
     ) -> None:
@@ -924,7 +924,7 @@ class _Parser:
     def build_defaults(self) -> Options:
         values = dict(self.defaults)
         if self.env_defaults:
-            values["env"] = tuple(self.env_defaults)
+            values["env"] = tuple(self.env_defaults.items())
         return Options(**values)  # type: ignore[arg-type]
 
     # option values -------------------------------------------------------------------------
@@ -939,17 +939,17 @@ class _Parser:
             return None
         return opt.values[0]
 
-    def env_values(self, opt: _Opt, env: list[tuple[str, str]]) -> None:
+    def env_values(self, opt: _Opt, env: dict[str, str]) -> None:
         if not opt.values:
             self.opt_error(opt, "env needs NAME=VALUE", 'write env="NAME=value"')
         for item in opt.values:
             name, eq, value = item.partition("=")
             if not eq or _ENV_NAME.fullmatch(name) is None:
                 self.opt_error(opt, f"bad environment entry {item!r}", 'write env="NAME=value"')
-            elif any(existing == name for existing, _ in env):
+            elif name in env:
                 self.opt_error(opt, f"environment variable {name} set twice", "keep one")
             else:
-                env.append((name, value))
+                env[name] = value
 
     def option_value(self, opt: _Opt, key: str, value: str) -> object | None:
         """Parse one poolinetd option value; None after reporting an error."""

@@ -19,13 +19,53 @@ import orjson
 LOGGER = logging.getLogger("poolinetd")
 
 
+def safe_text(value: str) -> str:
+    """``value`` as valid UTF-8: lone surrogates (undecodable bytes) become ``\\xNN`` escapes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape" if _only_escapes(value) else
+                            "backslashreplace").decode("utf-8", "backslashreplace")
+    return value
+
+
+def _only_escapes(value: str) -> bool:
+    """Whether every surrogate in ``value`` came from surrogateescape (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
+
+
+def _safe(value: object, depth: int = 0) -> object:
+    """A copy of ``value`` that orjson always accepts: every str valid, odd types as text."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if depth < 32 and isinstance(value, dict):
+        return {safe_text(str(k)): _safe(v, depth + 1) for k, v in value.items()}
+    if depth < 32 and isinstance(value, list | tuple | set | frozenset):
+        return [_safe(v, depth + 1) for v in value]
+    return safe_text(str(value))
+
+
+def json_bytes(doc: object, option: int = 0) -> bytes:
+    """orjson.dumps that never raises: a document orjson refuses (lone surrogates, huge ints,
+    non-str keys, odd types) is made safe first, escaping what is not valid text."""
+    try:
+        return orjson.dumps(doc, default=str, option=option)
+    except (orjson.JSONEncodeError, TypeError, ValueError):
+        return orjson.dumps(_safe(doc), option=option)
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        parts = [f"{stamp} poolinetd[{record.process}] {record.levelname.lower()} {record.msg}"]
+        name = safe_text(str(record.msg))
+        parts = [f"{stamp} poolinetd[{record.process}] {record.levelname.lower()} {name}"]
         for key, value in fields.items():
-            text = str(value)
+            text = safe_text(str(value))
             if not text or any(c in text for c in ' "=\n'):
                 text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
                 text = f'"{text}"'
@@ -43,7 +83,7 @@ class _JsonFormatter(logging.Formatter):
             "event": record.msg,
             **fields,
         }
-        return orjson.dumps(doc, default=str).decode()
+        return json_bytes(doc).decode()
 
 
 class _ReopenableHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -141,4 +181,16 @@ def debug(name: str, **fields: Any) -> None:
     event(logging.DEBUG, name, **fields)
 
 
-__all__ = ["debug", "enabled", "error", "event", "info", "log_fd", "reopen", "setup", "warning"]
+__all__ = [
+    "debug",
+    "enabled",
+    "error",
+    "event",
+    "info",
+    "json_bytes",
+    "log_fd",
+    "reopen",
+    "safe_text",
+    "setup",
+    "warning",
+]

@@ -8,7 +8,6 @@ problem is a Diagnostic. Entry points: ``resolve``, ``load_file``, ``load_text``
 
 from __future__ import annotations
 
-import glob
 import grp
 import ipaddress
 import os
@@ -17,7 +16,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from poolinetd import inetdconf
+from poolinetd import includes, overlap
 from poolinetd.spec import (
     BUILTINS,
     DEFAULT_CONN_TIMEOUT,
@@ -58,8 +57,10 @@ __all__ = [
 _LOOKUP_FAILURES = (LookupError, OSError, ValueError)
 # Built-ins other inetds have and poolinetd does not, for a clearer message.
 _FOREIGN_BUILTINS = ("tcpmux", "auth", "ident")
+# Bound on the sum of every service's env variables in one load (each service carries its
+# whole environment, so a big ``defaults env=`` times many entries would be quadratic).
+MAX_ENV_TOTAL = 2_000_000
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
-_MAX_INCLUDE_DEPTH = 16
 # Plain ints: Endpoint stays free of the socket module's IntEnum (and compares/prints as numbers).
 _AF_INET, _AF_INET6, _AF_UNIX = int(socket.AF_INET), int(socket.AF_INET6), int(socket.AF_UNIX)
 _NO_OPTIONS = Options()  # frozen, so one shared default is safe
@@ -146,10 +147,13 @@ class LoadedConfig:
 class _SpecResolver:
     """Resolves one enabled spec; collects diagnostics instead of raising."""
 
-    def __init__(self, spec: ServiceSpec, chain: tuple[Options, ...], lookups: Lookups) -> None:
+    def __init__(self, spec: ServiceSpec, chain: tuple[Options, ...], lookups: Lookups,
+                 base_env: tuple[tuple[str, str], ...] | None = None) -> None:
         self.spec = spec
         self.chain = chain  # entry options, file defaults, command line: first set wins
         self.lk = lookups
+        # The env of everything but the entry, merged once per load (not once per entry).
+        self.base_env = _merged_env(chain[1:]) if base_env is None else base_env
         self.diags: list[Diagnostic] = []
         self.failed = False
 
@@ -472,39 +476,18 @@ class _SpecResolver:
                 "raise pool_max or lower pool_min",
             )
         stderr = self.pick("stderr")
-        env: dict[str, str] = {}
-        for options in reversed(self.chain):  # later (more specific) sources override
-            env.update(options.env)
+        env = self.base_env
+        if self.spec.options.env:
+            env = _merged_env((*self.chain[:1], Options(env=self.base_env)))
         return (
             pool,
             float(num("conn_timeout", DEFAULT_CONN_TIMEOUT)),
             stderr if isinstance(stderr, StderrRoute) else StderrRoute.SOCKET,
-            tuple(env.items()),
+            env,
         )
 
 
-# -- duplicates --------------------------------------------------------------------------
-
-
-def _coverage(ep: Endpoint) -> list[tuple[int, str]]:
-    """(IP version, address) pairs an endpoint takes; a non-v6only '::' also takes IPv4."""
-    if ep.family == _AF_INET:
-        return [(4, ep.address)]
-    out = [(6, ep.address)]
-    if not ep.v6only:
-        if ep.address == "::":
-            out.append((4, "0.0.0.0"))
-        elif ep.address.startswith("::ffff:") and "." in ep.address:
-            out.append((4, ep.address[len("::ffff:") :]))
-    return out
-
-
-def _overlap(a: Endpoint, b: Endpoint) -> bool:
-    for va, aa in _coverage(a):
-        for vb, ab in _coverage(b):
-            if va == vb and (aa == ab or aa in ("0.0.0.0", "::") or ab in ("0.0.0.0", "::")):
-                return True
-    return False
+# -- names -------------------------------------------------------------------------------
 
 
 def display_name(spec: ServiceSpec, internal: str | None, argv: tuple[str, ...]) -> str:
@@ -518,65 +501,6 @@ def display_name(spec: ServiceSpec, internal: str | None, argv: tuple[str, ...])
         what = internal or os.path.basename(argv[0] if argv else spec.server)
         return f"{what}:{spec.service}/{proto}"
     return f"{spec.service}/{proto}"
-
-
-def _find_duplicates(services: Iterable[Service]) -> tuple[list[Service], list[Diagnostic]]:
-    """Drop every service that overlaps an earlier one; one error per drop naming both lines.
-
-    Port 0 ("any free port") never overlaps, but two such entries with the same
-    name and address could not be told apart on a reload: that is an error too.
-    """
-    kept: list[Service] = []
-    diags: list[Diagnostic] = []
-    labelled: dict[ServiceKey, Service] = {}
-    # Buckets by transport and port keep this linear for big files.
-    buckets: dict[tuple[str, int | str], list[tuple[Service, Endpoint]]] = {}
-    for svc in services:
-        proto = svc.spec.protocol
-        transport = "unix" if proto.is_unix else ("udp" if proto.is_udp else "tcp")
-        clash: tuple[Service, Endpoint] | None = None
-        for ep in svc.key.endpoints:
-            key: tuple[str, int | str] = (transport, ep.address if proto.is_unix else ep.port)
-            if not proto.is_unix and ep.port == 0:
-                continue  # "any free port" never clashes
-            for other, other_ep in buckets.get(key, ()):
-                if proto.is_unix or _overlap(ep, other_ep):
-                    clash = (other, ep)
-                    break
-            if clash:
-                break
-        if clash is None and svc.key.label:
-            twin = labelled.setdefault(svc.key, svc)
-            if twin is not svc:
-                where = svc.spec.loc("service")
-                diags.append(Diagnostic(
-                    svc.spec.source, where.lineno, where.field, where.token,
-                    f"duplicate service: {svc.name} has the same name and address as the "
-                    f"port-0 entry at {twin.spec.source}:{twin.spec.lineno}, so a reload could "
-                    "not tell them apart",
-                    "give one a fixed port, another address, or another argv[0]"))
-                continue
-        if clash is None:
-            kept.append(svc)
-            for ep in svc.key.endpoints:
-                key = (transport, ep.address if proto.is_unix else ep.port)
-                buckets.setdefault(key, []).append((svc, ep))
-            continue
-        other, ep = clash
-        where = svc.spec.loc("service")
-        at = f"{ep.address}" if proto.is_unix else f"{transport} {ep.address} port {ep.port}"
-        diags.append(
-            Diagnostic(
-                svc.spec.source,
-                where.lineno,
-                where.field,
-                where.token,
-                f"duplicate service: {svc.name} overlaps {other.name} "
-                f"at {other.spec.source}:{other.spec.lineno} ({at})",
-                "remove one, or give them different addresses or ports",
-            )
-        )
-    return kept, diags
 
 
 # -- entry points ------------------------------------------------------------------------
@@ -594,104 +518,37 @@ def resolve(
     """
     services: list[Service] = []
     diags: list[Diagnostic] = []
+    base_env = _merged_env((parsed.defaults, cli_defaults))
+    env_total = 0
     for spec in parsed.specs:
         if not spec.enabled:
             continue  # "off" entries are parsed, not resolved: they may name absent users
-        resolver = _SpecResolver(spec, (spec.options, parsed.defaults, cli_defaults), lookups)
+        resolver = _SpecResolver(spec, (spec.options, parsed.defaults, cli_defaults), lookups,
+                                 base_env)
         service = resolver.run()
         diags.extend(resolver.diags)
-        if service is not None:
-            services.append(service)
-    kept, dup_diags = _find_duplicates(services)
+        if service is None:
+            continue
+        env_total += len(service.env)
+        if env_total > MAX_ENV_TOTAL:
+            # Every service carries its whole environment: bound what a load can build.
+            where = spec.loc("service")
+            diags.append(Diagnostic(
+                spec.source, where.lineno, where.field, where.token,
+                f"the services' environments add up to more than {MAX_ENV_TOTAL} variables",
+                "set fewer env= variables, especially in defaults"))
+            break
+        services.append(service)
+    kept, dup_diags = overlap.find_duplicates(services)
     return tuple(kept), tuple(diags) + tuple(dup_diags)
 
 
-def _read(path: str) -> tuple[str | None, Diagnostic | None]:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        return None, Diagnostic(
-            path, 0, 0, "", f"cannot read the file: {reason}", "check the path and its permissions"
-        )
-    # Old files carry Latin-1 comments; surrogateescape keeps every byte so an
-    # argument goes back to exec exactly as written (os.fsencode undoes it).
-    return data.decode("utf-8", "surrogateescape"), None
-
-
-def _merge_options(first: Options, second: Options) -> Options:
-    """Field-wise: ``first``'s value where set, else ``second``'s; env merged by name."""
-    values: dict[str, object] = {}
-    for name in Options.__dataclass_fields__:
-        a, b = getattr(first, name), getattr(second, name)
-        values[name] = a if a is not None else b
-    env = dict(second.env)
-    env.update(first.env)
-    values["env"] = tuple(env.items())
-    return Options(**values)  # type: ignore[arg-type]
-
-
-def _expand(parsed: ParsedConfig, stack: tuple[str, ...]) -> ParsedConfig:
-    """Splice ``.include`` files into ``parsed`` (relative to the including file, globbed)."""
-    if not parsed.includes:
-        return parsed
-    specs: list[ServiceSpec] = []
-    diags = list(parsed.diagnostics)
-    defaults = parsed.defaults
-    done = 0
-    for inc in parsed.includes:
-        specs.extend(parsed.specs[done : inc.position])
-        done = inc.position
-        base = os.path.dirname(inc.source)
-        pattern = os.path.join(base, inc.pattern)
-        paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not paths:
-            diags.append(
-                Diagnostic(
-                    inc.source,
-                    inc.lineno,
-                    2,
-                    inc.pattern,
-                    ".include matched no files",
-                    "check the pattern",
-                    Severity.WARNING,
-                )
-            )
-        for path in paths:
-            real = os.path.realpath(path)
-            if real in stack or len(stack) > _MAX_INCLUDE_DEPTH:
-                diags.append(
-                    Diagnostic(
-                        inc.source,
-                        inc.lineno,
-                        2,
-                        inc.pattern,
-                        f"include cycle or nesting too deep at {path}",
-                        "remove the .include",
-                    )
-                )
-                continue
-            text, problem = _read(path)
-            if problem is not None:
-                diags.append(
-                    replace(
-                        problem,
-                        source=inc.source,
-                        lineno=inc.lineno,
-                        field=2,
-                        token=inc.pattern,
-                        message=f"{path}: {problem.message}",
-                    )
-                )
-                continue
-            assert text is not None
-            sub = _expand(inetdconf.parse(text, path), (*stack, real))
-            specs.extend(sub.specs)
-            diags.extend(sub.diagnostics)
-            defaults = _merge_options(defaults, sub.defaults)
-    specs.extend(parsed.specs[done:])
-    return ParsedConfig(tuple(specs), defaults, tuple(diags))
+def _merged_env(chain: Iterable[Options]) -> tuple[tuple[str, str], ...]:
+    """The env of ``chain`` (most specific first): the first source that sets a name wins."""
+    env: dict[str, str] = {}
+    for options in reversed(tuple(chain)):  # later (more specific) sources override
+        env.update(options.env)
+    return tuple(env.items())
 
 
 def _ordered(diags: Iterable[Diagnostic], sources: list[str]) -> tuple[Diagnostic, ...]:
@@ -710,21 +567,29 @@ def load_text(
     cli_defaults: Options = _NO_OPTIONS,
     lookups: Lookups | None = None,
 ) -> LoadedConfig:
-    """Parse and resolve ``text`` (``.include`` paths relative to ``source``'s directory)."""
-    parsed = _expand(inetdconf.parse(text, source), (os.path.realpath(source),))
-    services, diags = resolve(
-        parsed, cli_defaults, lookups if lookups is not None else system_lookups()
-    )
-    sources = [source, *(s.source for s in parsed.specs)]
-    return LoadedConfig(services, _ordered((*parsed.diagnostics, *diags), sources))
+    """Parse and resolve ``text`` (``.include`` paths relative to ``source``'s directory).
+
+    Reading follows the rules of ``poolinetd.includes`` (regular files only,
+    bounded, each once, UTF-8 outside comments).
+    """
+    return _finish(includes.load_text(text, source), source, cli_defaults, lookups)
 
 
 def load_file(
     path: str, cli_defaults: Options = _NO_OPTIONS, lookups: Lookups | None = None
 ) -> LoadedConfig:
-    """Read, parse and resolve the config at ``path``; an unreadable file is a diagnostic."""
-    text, problem = _read(path)
-    if problem is not None:
-        return LoadedConfig((), (problem,))
-    assert text is not None
-    return load_text(text, path, cli_defaults, lookups)
+    """Read, parse and resolve the config at ``path``; an unreadable file is a diagnostic.
+
+    A FIFO, device or directory given as ``path`` is refused without
+    waiting on it (see ``poolinetd.includes``).
+    """
+    return _finish(includes.load_path(path), path, cli_defaults, lookups)
+
+
+def _finish(parsed: ParsedConfig, source: str, cli_defaults: Options,
+            lookups: Lookups | None) -> LoadedConfig:
+    services, diags = resolve(
+        parsed, cli_defaults, lookups if lookups is not None else system_lookups()
+    )
+    sources = [source, *(s.source for s in parsed.specs)]
+    return LoadedConfig(services, _ordered((*parsed.diagnostics, *diags), sources))

@@ -27,7 +27,8 @@ s: never refused while it had fewer than N admitted connections in the last
 source would be exact but costs up to N floats per source; this costs one.
 Refused connections do not fill the bucket. The rate is only metered while a
 rate limit is set (the bucket needs N); a reload that changes N keeps ``tat``,
-i.e. keeps how many seconds of "minute" the source has used.
+i.e. the share of its minute the source has used (a source whose bucket was
+full under the old N waits at most one new 60/N interval).
 
 A source that goes over its rate is refused ("max_cpm_per_ip") and, if
 ``block_time`` is set, refused ("blocked") until ``now + block_time``; then
@@ -39,8 +40,9 @@ others ("idle", which only remember a rate or a block) and are never evicted,
 so their counts stay exact. Idle sources live in least-recently-seen order
 and the oldest go when ``len(tracker) > cap``; so ``len(tracker) <=
 max(cap, busy sources)``. Idle sources whose bucket has drained and whose
-block has expired are also dropped as ``check`` passes by. Every operation is
-O(1) (amortised).
+block has expired are also dropped as new sources arrive. Every operation is
+O(1) (amortised). While busy sources alone fill the cap, a new source's rate
+state is dropped at once (its concurrency is still exact).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ MAX_CPM_PER_IP = "max_cpm_per_ip"
 BLOCKED = "blocked"
 REASONS = (MAX_CHILD_PER_IP, MAX_CPM_PER_IP, BLOCKED)
 
-_EXPIRE_PER_CHECK = 2  # idle entries examined for expiry per check: O(1), still drains
+_EXPIRE_PER_NEW = 2  # idle entries examined for expiry per new source: O(1), and > 1 drains
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +148,6 @@ class Tracker:
         nothing if it is not. Marks ``key`` as recently seen.
         """
         idle = self._idle
-        if idle:
-            self._expire(now)
         src = self._busy.get(key)
         if src is None:
             src = idle.get(key)
@@ -156,8 +156,7 @@ class Tracker:
         if src is not None and src.until:
             if now < src.until:
                 return BLOCKED
-            src.until = 0.0
-            src.tat = 0.0  # the block is over: judged afresh
+            src.until = 0.0  # over; the bucket was emptied when the block began
         max_child = limits.max_child_per_ip
         if max_child is not None and (src.count if src is not None else 0) >= max_child:
             return MAX_CHILD_PER_IP
@@ -167,10 +166,13 @@ class Tracker:
         if max_cpm <= 0:
             return MAX_CPM_PER_IP  # nothing allowed: no state needed
         interval = RATE_WINDOW / max_cpm
-        if src is None:
+        if src is None:  # a new source: the only way memory grows
+            if idle:
+                self._expire(now)
             src = _Source()
             idle[key] = src
-            self._evict()
+            if len(self._busy) + len(idle) > self.cap:
+                self._evict()
         tat = src.tat if src.tat > now else now
         if tat + interval - now > RATE_WINDOW + interval * _SLACK:
             if limits.block_time > 0:
@@ -188,7 +190,8 @@ class Tracker:
             if src is None:
                 src = _Source()
                 self._busy[key] = src
-                self._evict()  # a new source: keep len <= max(cap, busy sources)
+                if len(self._busy) + len(self._idle) > self.cap:
+                    self._evict()  # keep len <= max(cap, busy sources)
             else:
                 self._busy[key] = src
         src.count += 1
@@ -204,7 +207,8 @@ class Tracker:
             del self._busy[key]
             if src.tat or src.until:  # it remembers a rate or a block: keep it a while
                 self._idle[key] = src
-                self._evict()
+                if len(self._busy) + len(self._idle) > self.cap:
+                    self._evict()
         return True
 
     def _evict(self) -> None:
@@ -215,10 +219,11 @@ class Tracker:
             over -= 1
 
     def _expire(self, now: float) -> None:
-        """Drop up to _EXPIRE_PER_CHECK of the least recently seen idle sources if
-        they remember nothing any more (bucket drained, block over)."""
+        """Drop up to _EXPIRE_PER_NEW of the least recently seen idle sources if
+        they remember nothing any more (bucket drained, block over): each new
+        source pays for the expiry of up to that many old ones."""
         idle = self._idle
-        for _ in range(_EXPIRE_PER_CHECK):
+        for _ in range(_EXPIRE_PER_NEW):
             if not idle:
                 return
             key, src = next(iter(idle.items()))

@@ -171,6 +171,38 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+PROGRAMS_SRC = REPO / "tests" / "programs"
+
+
+@pytest.fixture(scope="session")
+def staged_programs() -> Iterator[Path]:
+    """tests/programs/ copied into a fresh 0755 directory under /tmp, for the session.
+
+    Services run these as ``nobody``, who cannot reach them inside a checkout
+    under a 0700 directory (root's home): use ``staged_programs / "report.sh"``
+    in configs, never a path inside the repository. The Python programs start
+    with ``#!/usr/bin/env python3`` and import only the standard library, so
+    they run under the system interpreter found on the launch PATH (a venv
+    under /root would not be reachable by ``nobody`` either). The directory is
+    created by ``mkdtemp`` (ours alone, so nobody can swap it) and removed at
+    the end of the session.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="poolinetd-programs-", dir="/tmp"))
+    try:
+        path.chmod(0o755)
+        for src in sorted(PROGRAMS_SRC.iterdir()):
+            if src.is_file() and not src.is_symlink():
+                dst = path / src.name
+                shutil.copyfile(src, dst)
+                dst.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def refused(port: int, host: str = "127.0.0.1") -> bool:
     """True if the server closes (or resets) a fresh connection without a byte."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import select
 import signal
 import socket
@@ -16,11 +17,16 @@ import pytest
 from conftest import IS_ROOT, REPO, tcp_exchange, udp_exchange
 
 pytestmark = pytest.mark.process
+MODES = ["pool", "classic"]
 
 
 def _port_free(port: int) -> bool:
+    """Whether poolinetd could bind ``port`` on 127.0.0.1 for TCP and UDP (its TCP
+    listeners set SO_REUSEADDR, so a TIME_WAIT left by a previous run is no obstacle)."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as sock:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -49,12 +55,13 @@ def _run(args: list[str], tmp_path: Path, prefix: tuple[str, ...] = ()) -> tuple
     return proc, orjson.loads(line), log_path
 
 
-def test_no_config_serves_the_builtin_default_on_localhost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_no_config_serves_the_builtin_default_on_localhost(tmp_path: Path, mode: str) -> None:
     from poolinetd.cli import DEFAULT_PORTS
 
     if not all(_port_free(p) for p in DEFAULT_PORTS.values()):
         pytest.skip("a default port (7007-7037) is in use on this machine")
-    proc, info, log_path = _run(["--no-control"], tmp_path)
+    proc, info, log_path = _run(["--no-control", "--mode", mode], tmp_path)
     try:
         listeners = info["listeners"]
         assert isinstance(listeners, list) and len(listeners) == 10
@@ -80,17 +87,24 @@ def _python_usable_by_nobody() -> bool:
 
 
 @pytest.mark.skipif(not _python_usable_by_nobody(),
-                    reason="needs root to start as nobody, and a Python nobody can run")
+                    reason="needs root to start as nobody, and a Python (with poolinetd and "
+                    "its dependencies) that nobody can run: not a venv under a 0700 directory")
+@pytest.mark.parametrize("mode", MODES)
 def test_started_as_a_normal_user_serves_only_that_users_services(public_dir: Path,
-                                                                  tmp_path: Path) -> None:
+                                                                  tmp_path: Path,
+                                                                  mode: str) -> None:
     conf = public_dir / "mixed.conf"
     conf.write_text("127.0.0.1:0 stream tcp nowait nobody internal echo\n"
                     "127.0.0.1:0 stream tcp nowait root internal daytime\n")
     conf.chmod(0o644)
     log_dir = public_dir / "run"
-    log_dir.mkdir()
-    log_dir.chmod(0o777)  # nobody creates its control socket and log here
-    proc, info, log_path = _run(["-c", str(conf), "--control", str(log_dir / "ctl.sock")],
+    log_dir.mkdir(mode=0o755)
+    # nobody creates its control socket and log here: its own directory (one
+    # writable by others is refused for a socket, which could be swapped there).
+    nobody = pwd.getpwnam("nobody")
+    os.chown(log_dir, nobody.pw_uid, nobody.pw_gid)
+    proc, info, log_path = _run(["-c", str(conf), "--control", str(log_dir / "ctl.sock"),
+                                 "--mode", mode],
                                 log_dir, ("/usr/bin/setpriv", "--reuid=nobody",
                                           "--regid=nogroup", "--clear-groups"))
     try:

@@ -1,4 +1,9 @@
-"""Operations against a running server: reload, stop, self-sizing pools, status, signals."""
+"""Operations against a running server: reload, stop, self-sizing pools, status, signals.
+
+Tests parametrized over ``mode`` run in pool and classic mode (the README and
+the commit messages promise both); assertions about workers are pool-only.
+The rest are about pool mode's workers.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.process
-PROGRAMS = Path(__file__).parent / "programs"
 U = TEST_USER
+MODES = ["pool", "classic"]
 
 
 def listener_port(server, service_prefix: str) -> int:
@@ -48,12 +53,15 @@ RELOAD_AFTER = f"""
 """
 
 
-def test_reload_adds_changes_removes_without_cutting_50_connections(serve) -> None:
-    server = serve(RELOAD_BEFORE)
+@pytest.mark.parametrize("mode", MODES)
+def test_reload_adds_changes_removes_without_cutting_50_connections(serve, mode: str) -> None:
+    server = serve(RELOAD_BEFORE, mode=mode)
+    pool = mode == "pool"
     echo, daytime, discard = server.port(0), server.port(1), server.port(2)
-    old_workers = set(server.workers())
-    daytime_worker = _workers_titled(server, b"daytime")
-    assert len(old_workers) == 3 and len(daytime_worker) == 1
+    old_workers = set(server.workers()) if pool else set()
+    daytime_worker = _workers_titled(server, b"daytime") if pool else set()
+    if pool:
+        assert len(old_workers) == 3 and len(daytime_worker) == 1
     clients = [socket.create_connection(("127.0.0.1", echo), timeout=10) for _ in range(50)]
     sinks = [socket.create_connection(("127.0.0.1", discard), timeout=10) for _ in range(3)]
     try:
@@ -85,11 +93,15 @@ def test_reload_adds_changes_removes_without_cutting_50_connections(serve) -> No
     assert len(tcp_exchange(listener_port(server, "time"))) == 4
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", discard), timeout=5).close()
-    # Old workers of the changed and removed services exit once their clients are done;
-    # the unchanged service keeps its worker.
-    retiring = old_workers - daytime_worker
-    wait_until(lambda: not retiring & set(server.workers()), 10, "old workers to exit")
-    assert daytime_worker <= set(server.workers())
+    if pool:
+        # Old workers of the changed and removed services exit once their clients are done;
+        # the unchanged service keeps its worker.
+        retiring = old_workers - daytime_worker
+        wait_until(lambda: not retiring & set(server.workers()), 10, "old workers to exit")
+        assert daytime_worker <= set(server.workers())
+    else:
+        # Every per-connection child of the old generation exits with its client.
+        wait_until(lambda: not server.workers(), 10, "the old connections' children to exit")
     wait_until(lambda: all(s["state"] != "retiring" for s in server.status()["services"]), 10,
                "retired generations to be forgotten")
 
@@ -98,9 +110,10 @@ def _workers_titled(server, word: bytes) -> set[int]:
     return {p for p in server.workers() if word in Path(f"/proc/{p}/cmdline").read_bytes()}
 
 
-def test_reload_with_a_broken_file_keeps_the_running_config(serve) -> None:
-    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
-    workers = server.workers()
+@pytest.mark.parametrize("mode", MODES)
+def test_reload_with_a_broken_file_keeps_the_running_config(serve, mode: str) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n", mode=mode)
+    workers = server.workers()  # (classic: none while idle)
     server.conf.write_text(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
                            f"127.0.0.1:0 stream bogus nowait {U} internal echo\n"
                            f"127.0.0.1:0 stream tcp nowait no-such-user-xyz internal daytime\n")
@@ -120,8 +133,9 @@ def test_reload_with_a_broken_file_keeps_the_running_config(serve) -> None:
     assert tcp_exchange(server.port(), b"ok") == b"ok"
 
 
-def test_sigterm_lets_a_slow_client_finish(serve) -> None:
-    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+@pytest.mark.parametrize("mode", MODES)
+def test_sigterm_lets_a_slow_client_finish(serve, mode: str) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n", mode=mode)
     port = server.port()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
         slow.sendall(b"first half ")
@@ -139,18 +153,20 @@ def test_sigterm_lets_a_slow_client_finish(serve) -> None:
     assert server.proc.wait(10) == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_leaves_no_zombies_and_no_orphans(serve, sig: int) -> None:
+def test_stop_leaves_no_zombies_and_no_orphans(serve, sig: int, mode: str) -> None:
     server = serve(f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n"
                    f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
-                   "--graceful-timeout", "1")
+                   "--graceful-timeout", "1", mode=mode)
     held = [socket.create_connection(("127.0.0.1", server.port(0)), timeout=5) for _ in range(3)]
     try:
         for sock in held:
             sock.sendall(b"x")
             assert sock.recv(1) == b"x"
         tree = descendants(server.pid)
-        assert len(tree) >= 5  # two workers, three cats
+        # pool: two workers and three cats; classic: the three cats
+        assert len(tree) >= (5 if mode == "pool" else 3), tree
         start = time.monotonic()
         assert server.stop(sig) == 0
         assert time.monotonic() - start < 8
@@ -160,9 +176,10 @@ def test_stop_leaves_no_zombies_and_no_orphans(serve, sig: int) -> None:
             sock.close()
 
 
-def test_status_counts_match_the_traffic(serve) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_status_counts_match_the_traffic(serve, mode: str) -> None:
     server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, args=echo, pool_min=2;\n"
-                   f"127.0.0.1:0 stream tcp nowait/10/0/1 {U} /bin/cat cat\n")
+                   f"127.0.0.1:0 stream tcp nowait/10/0/1 {U} /bin/cat cat\n", mode=mode)
     echo_name = server.listeners[0]["service"]
     cat_name = server.listeners[1]["service"]
     for i in range(10):
@@ -181,9 +198,10 @@ def test_status_counts_match_the_traffic(serve) -> None:
             assert refused.recv(10) == b""
         echo = wait_until(lambda: (s := server.service_status(echo_name))["active"] == 3 and s,
                           5, "three active echo connections")
-        assert echo["accepted"] == 13 and echo["refused"] == 0
-        assert echo["workers"]["idle"] + echo["workers"]["busy"] == 2
-        assert echo["workers"]["busy"] >= 1 and echo["restarts"] == 0
+        assert echo["accepted"] == 13 and echo["refused"] == 0 and echo["restarts"] == 0
+        if mode == "pool":
+            assert echo["workers"]["idle"] + echo["workers"]["busy"] == 2
+            assert echo["workers"]["busy"] >= 1
         assert echo["state"] == "serving" and echo["last_error"] == ""
         # (SPAWNED may reach the master a moment after the status request.)
         wait_until(lambda: [server.service_status(cat_name)[k]
@@ -205,17 +223,17 @@ def test_status_counts_match_the_traffic(serve) -> None:
         cat1.close()
 
 
-def test_max_requests_recycles_workers(serve) -> None:
-    server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, exec={PROGRAMS}/report.sh, "
+def test_max_requests_recycles_workers(serve, staged_programs: Path) -> None:
+    server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, exec={staged_programs}/report.sh, "
                    f"args=report.sh, wait=no, max_requests=4, pool_min=1;\n")
     parents = []
     for _ in range(20):
         out = tcp_exchange(server.port()).decode()
         parents.append(int(re.search(r"ppid: (\d+)", out).group(1)))  # type: ignore[union-attr]
-    # 4 (+ up to 10% jitter, i.e. at most 1) connections per worker.
-    assert len(set(parents)) >= 4
+    # 4 connections per worker: up to 10 % jitter rounds to none for so small a limit.
+    assert len(set(parents)) >= 5
     for pid in set(parents):
-        assert parents.count(pid) <= 5
+        assert parents.count(pid) <= 4
     wait_until(lambda: len(server.workers()) == 1, 10, "retired workers to exit")
 
 
@@ -235,23 +253,14 @@ def test_pool_grows_under_load_and_shrinks_when_idle(serve) -> None:
     assert "reason=idle" in server.log()
 
 
-def test_sigttin_sigttou_resize_and_sigusr1_reopens_the_log(tmp_path: Path, serve) -> None:
-    logfile = tmp_path / "poolinetd.log"
-    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
-                   "--log-file", str(logfile), "--log-connections")
+def test_sigttin_sigttou_resize_the_pools(serve) -> None:
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
     assert len(server.workers()) == 1
     server.send_signal(signal.SIGTTIN)
     wait_until(lambda: len(server.workers()) == 2, 10, "a second worker")
     server.send_signal(signal.SIGTTOU)
     wait_until(lambda: len(server.workers()) == 1, 10, "back to one worker")
-    os.rename(logfile, tmp_path / "poolinetd.log.1")
-    server.send_signal(signal.SIGUSR1)
-    wait_until(lambda: logfile.exists() and "log_reopened" in logfile.read_text(), 10)
-    assert "pool_resized" in (tmp_path / "poolinetd.log.1").read_text()
-    # The workers (running as the service user) write to the new file too: the
-    # master hands them its reopened fd.
-    assert tcp_exchange(server.port(), b"after rotation") == b"after rotation"
-    wait_until(lambda: "conn_end" in logfile.read_text(), 5, "the worker's line in the new log")
+    assert "pool_resized" in server.log()
     # Signals meant for the master do not kill workers when sent to the whole group.
     workers = server.workers()
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
@@ -260,14 +269,69 @@ def test_sigttin_sigttou_resize_and_sigusr1_reopens_the_log(tmp_path: Path, serv
     assert workers[0] in server.workers()
 
 
-def test_json_logs(serve) -> None:
-    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n",
-                   "--log-format", "json", "--log-connections")
-    assert tcp_exchange(server.port(), b"hello") == b"hello"
-    wait_until(lambda: "conn_end" in server.log(), 5)
-    events = [orjson.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    end = next(e for e in events if e["event"] == "conn_end")
-    assert end["bytes_in"] == 5 and end["bytes_out"] == 5 and end["peer"].startswith("127.0.0.1")
+def _stopped(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] in "Tt"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigttin_sigttou_never_stop_the_master(serve, mode: str) -> None:
+    """The README's signal table holds in both modes: SIGTTIN and SIGTTOU are the
+    master's (pool sizes), never the default action (stop the process)."""
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n", mode=mode)
+    try:
+        for sig in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGTTIN, signal.SIGTTOU):
+            server.send_signal(sig)
+            assert tcp_exchange(server.port(), b"still serving") == b"still serving"
+        assert not _stopped(server.pid)
+        assert server.proc.poll() is None
+    finally:
+        if _stopped(server.pid):
+            server.send_signal(signal.SIGCONT)  # let the teardown stop it quickly
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigusr1_reopens_the_log(tmp_path: Path, serve, mode: str) -> None:
+    logfile = tmp_path / "poolinetd.log"
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n",
+                   "--log-file", str(logfile), "--log-connections", mode=mode)
+    wait_until(lambda: "listening" in logfile.read_text(), 10, "the first log lines")
+    os.rename(logfile, tmp_path / "poolinetd.log.1")
+    server.send_signal(signal.SIGUSR1)
+    wait_until(lambda: logfile.exists() and "log_reopened" in logfile.read_text(), 10)
+    assert "log_reopened" not in (tmp_path / "poolinetd.log.1").read_text()
+    # Whoever logs a connection (workers running as the service user, or the
+    # master) writes to the new file: the master hands workers its reopened fd.
+    assert tcp_exchange(server.port(1), b"cat after rotation") == b"cat after rotation"
+    wait_until(lambda: "program_exit" in logfile.read_text(), 5, "the program's line")
+    assert tcp_exchange(server.port(0), b"after rotation") == b"after rotation"
+    wait_until(lambda: "conn_end" in logfile.read_text(), 5, "the built-in's line in the new log")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_json_logs(serve, mode: str) -> None:
+    """--log-connections as the README states it, in both modes: ``program_exit``
+    with status and duration for a program, ``conn_end`` with the byte counts for
+    a built-in."""
+    server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {U} /bin/cat cat\n",
+                   "--log-format", "json", "--log-connections", mode=mode)
+
+    def events() -> list[dict[str, object]]:
+        return [orjson.loads(line) for line in server.log().splitlines()
+                if line.startswith("{")]
+
+    assert tcp_exchange(server.port(1), b"meow") == b"meow"
+    wait_until(lambda: any(e["event"] == "program_exit" for e in events()), 5, "program_exit")
+    prog = next(e for e in events() if e["event"] == "program_exit")
+    assert prog["status"] == 0 and prog["service"] == server.listeners[1]["service"]
+    assert {"ts", "level", "pid", "duration"} <= set(prog)
+    assert tcp_exchange(server.port(0), b"hello") == b"hello"
+    wait_until(lambda: any(e["event"] == "conn_end" for e in events()), 5, "conn_end")
+    end = next(e for e in events() if e["event"] == "conn_end")
+    assert end["bytes_in"] == 5 and end["bytes_out"] == 5
+    assert isinstance(end["peer"], str) and end["peer"].startswith("127.0.0.1")
     assert {"ts", "level", "pid", "service", "duration"} <= set(end)
 
 
@@ -293,10 +357,11 @@ def test_program_outlives_its_crashed_worker_and_is_reaped_by_the_master(serve) 
     assert tcp_exchange(server.port(), b"next") == b"next"  # a new worker serves again
 
 
-def test_max_child_spans_a_reload_that_changes_the_service(serve) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_max_child_spans_a_reload_that_changes_the_service(serve, mode: str) -> None:
     before = (f"127.0.0.1:0 on socktype=stream, wait=no, user={U}, exec=/bin/cat, args=cat, "
               "max_child=1;\n")
-    server = serve(before)
+    server = serve(before, mode=mode)
     name = server.listeners[0]["service"]
     with socket.create_connection(("127.0.0.1", server.port()), timeout=10) as first:
         first.sendall(b"a")
@@ -324,7 +389,7 @@ def _unix_echo(path: Path, kind: int, payload: bytes) -> bytes:
         return sock.recv(100)
 
 
-@pytest.mark.parametrize("mode", ["pool", "classic"])
+@pytest.mark.parametrize("mode", MODES)
 def test_reload_hands_an_address_to_the_entry_that_replaces_it(serve, tmp_path: Path,
                                                                 mode: str) -> None:
     path = tmp_path / "svc.sock"

@@ -409,11 +409,15 @@ def test_include_cycle(tmp_path: Path) -> None:
     assert len(loaded.services) == 1 and "include cycle" in loaded.errors[0].message
 
 
-def test_latin1_bytes_survive(tmp_path: Path) -> None:
+def test_latin1_comment_is_fine_latin1_argument_is_an_error(tmp_path: Path) -> None:
     conf = tmp_path / "l1.conf"
-    conf.write_bytes(b"# caf\xe9\nftp stream tcp nowait root /usr/libexec/ftpd ftpd -m caf\xe9\n")
-    (svc,) = load_file(str(conf), Options(), fake_lookups()).services
-    assert os.fsencode(svc.argv[-1]) == b"caf\xe9"
+    conf.write_bytes(b"# caf\xe9\nftp stream tcp nowait root /usr/libexec/ftpd ftpd -m caf\xe9\n"
+                     b"echo stream tcp nowait root internal\n")
+    loaded = load_file(str(conf), Options(), fake_lookups())
+    (err,) = loaded.errors
+    assert (err.lineno, err.field) == (2, 9) and "0xe9" in err.message
+    assert "\udce9" not in err.token and err.token == "caf\\xe9"
+    assert [s.name for s in loaded.services] == ["echo/tcp"]  # the bad line yields nothing
 
 
 # -- the real system -------------------------------------------------------------------------

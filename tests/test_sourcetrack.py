@@ -82,6 +82,13 @@ def test_rate_burst_then_steady() -> None:
     assert [tr.check(A, 200, lim) for _ in range(4)] == ["", "", "", MAX_CPM_PER_IP]
 
 
+@pytest.mark.parametrize("now", [0.0, 12345.678, 1e6 + 0.1])
+def test_a_burst_is_exactly_n_despite_float_rounding(now: float) -> None:
+    for n in range(1, 200):
+        tr, lim = Tracker(), SourceLimits(max_cpm_per_ip=n)
+        assert [tr.check(A, now, lim) for _ in range(n + 1)] == [""] * n + [MAX_CPM_PER_IP], n
+
+
 def test_refused_connections_do_not_fill_the_bucket() -> None:
     tr, lim = Tracker(), SourceLimits(max_cpm_per_ip=1)
     assert tr.check(A, 0, lim) == ""
@@ -180,14 +187,14 @@ def test_update_cap_shrinks_now() -> None:
         Tracker(-1)
 
 
-def test_drained_sources_expire_as_checks_pass() -> None:
+def test_drained_sources_expire_as_new_ones_arrive() -> None:
     tr, lim = Tracker(cap=1000), SourceLimits(max_cpm_per_ip=10)
     for i in range(100):
         tr.check(i, 0, lim)
     assert len(tr) == 100
-    for j in range(60):  # one later client per second; each check expires a few old ones
-        tr.check(1000 + j, 100 + j, lim)
-    assert len(tr) < 100
+    for j in range(60):  # new clients, later; each expires up to two old ones
+        tr.check(1000 + j, 100.0, lim)
+    assert len(tr) == 60  # the 100 drained ones are gone, two per new source
 
 
 # --- properties ---
