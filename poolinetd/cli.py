@@ -17,7 +17,19 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from poolinetd import __version__, check, control, internal, listeners, log, resolve, spawn
+from poolinetd import (
+    __version__,
+    adopt,
+    check,
+    control,
+    internal,
+    listeners,
+    log,
+    metricshttp,
+    resolve,
+    sdnotify,
+    spawn,
+)
 from poolinetd.engine import Engine
 from poolinetd.forkdispatch import ForkDispatcher
 from poolinetd.pooldispatch import PoolDispatcher
@@ -100,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-control", action="store_true", help="no control socket")
     run.add_argument("--graceful-timeout", type=float, default=30.0, metavar="SEC",
                      help="SIGTERM: seconds busy workers get to finish (default 30)")
+    run.add_argument("--metrics", metavar="ADDR:PORT",
+                     help="serve Prometheus metrics at http://ADDR:PORT/metrics")
     _add_pool_options(run)
 
     chk = sub.add_parser("check", help="check a config file; exit 78 on any error")
@@ -113,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rel = sub.add_parser("reload", help="make the running master re-read its config")
     rel.add_argument("--control", metavar="PATH")
+
+    met = sub.add_parser("metrics", help="print the running master's Prometheus metrics")
+    met.add_argument("--control", metavar="PATH")
+
+    upg = sub.add_parser("upgrade", help="start a new master from the installed poolinetd on "
+                                         "the same sockets; the old one drains and exits")
+    upg.add_argument("--control", metavar="PATH")
     return parser
 
 
@@ -156,15 +177,30 @@ def _ensure_stdio() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0] not in ("run", "check", "status", "reload", "-h", "--help",
-                                             "--version"):
+    if not args_list or args_list[0] not in ("run", "check", "status", "reload", "metrics",
+                                             "upgrade", "-h", "--help", "--version"):
         args_list.insert(0, "run")
     args = build_parser().parse_args(args_list)
     if args.command == "check":
         sys.exit(check.run_check(args.conf, args.json, sys.stdout, sys.stderr, _options(args)))
-    if args.command in ("status", "reload"):
+    if args.command in ("status", "reload", "metrics", "upgrade"):
         sys.exit(_client(args))
-    sys.exit(_run(args))
+    sys.exit(_run(args, _without_ready_fd(args_list)))
+
+
+def _without_ready_fd(args_list: list[str]) -> list[str]:
+    """The command line a new master is started with in an upgrade: ours, less --ready-fd
+    (the new master tells us it is ready on a pipe of its own)."""
+    out: list[str] = []
+    skip = False
+    for arg in args_list:
+        if skip:
+            skip = False
+        elif arg == "--ready-fd":
+            skip = True
+        elif not arg.startswith("--ready-fd="):
+            out.append(arg)
+    return out
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -179,6 +215,15 @@ def _client(args: argparse.Namespace) -> int:
         ok = bool(answer.get("ok"))
         print("reloaded" if ok else "reload failed: the master kept its config (see its log)")
         return 0 if ok else EX_CONFIG
+    if args.command == "upgrade":
+        if answer.get("ok"):
+            print("upgrade started: the new master takes over once it is ready (see the log)")
+            return 0
+        print(f"upgrade refused: {answer.get('error')}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.command == "metrics":
+        sys.stdout.write(str(answer.get("text", "")))
+        return 0
     if args.json:
         import orjson
 
@@ -233,26 +278,38 @@ def _servable(services: Sequence[Service]) -> list[Service]:
     return kept
 
 
-def _open_sockets(service: Service) -> list[socket.socket]:
-    """Open every endpoint of ``service``; all or nothing (raises ListenError)."""
+def _open_sockets(service: Service, passed: adopt.Passed | None = None) -> list[socket.socket]:
+    """Open every endpoint of ``service`` (adopting what was passed); all or nothing.
+
+    Raises ListenError.
+    """
+    taken = passed.take(service) if passed is not None else {}
     socks: list[socket.socket] = []
     try:
-        for endpoint in service.key.endpoints:
-            socks.append(listeners.open_endpoint(service, endpoint))
+        for i, endpoint in enumerate(service.key.endpoints):
+            sock = taken.pop(i, None)
+            socks.append(sock if sock is not None else listeners.open_endpoint(service, endpoint))
     except listeners.ListenError:
-        for sock in socks:
+        for sock in [*socks, *taken.values()]:
             listeners.close_listener(sock)
         raise
     return socks
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     _ensure_stdio()
     _raise_fd_limit()
+    start_dir = os.getcwd()
     if args.conf:
         args.conf = os.path.abspath(args.conf)  # reloads must find it after the chdir below
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
     log.setup(args.log_format, level, args.log_file)
+    # What systemd (or the master we take over from) gave us; no worker or program may
+    # inherit it, so it leaves the environment here, before anything forks.
+    passed = adopt.Passed.from_env(os.environ)
+    notifier = sdnotify.Notifier.from_env(os.environ)
+    watchdog = sdnotify.watchdog_interval(os.environ)
+    sdnotify.forget_environment(os.environ)
     loaded = _load(args)
     for diag in loaded.diagnostics:
         log.event(40 if diag.severity is Severity.ERROR else 30, "config_diagnostic",
@@ -264,16 +321,27 @@ def _run(args: argparse.Namespace) -> int:
     if not services:
         log.error("nothing_to_serve", conf=args.conf or "<built-in>")
         return EX_UNAVAILABLE
+    ready_fd = args.ready_fd
+    if ready_fd is None:
+        ready_fd = passed.own_fd(adopt.READY_NAME)  # an upgrade: the old master waits on it
+    own_control = passed.own_fd(adopt.CONTROL_NAME)
+    own_metrics = passed.own_fd(adopt.METRICS_NAME)
     opened: list[tuple[Service, list[socket.socket]]] = []
+    metrics_sock: socket.socket | None = None
     try:
         for service in services:
-            opened.append((service, _open_sockets(service)))
-    except listeners.ListenError as exc:
+            opened.append((service, _open_sockets(service, passed)))
+        if own_metrics is not None:
+            metrics_sock = socket.socket(fileno=own_metrics)
+        elif args.metrics:
+            metrics_sock = metricshttp.open_listener(*metricshttp.parse_address(args.metrics))
+    except (listeners.ListenError, OSError, ValueError) as exc:
         log.error("listen_failed", error=str(exc))
         for _, socks in opened:
             for sock in socks:
                 listeners.close_listener(sock)
         return EX_OSERR
+    passed.close_unused()
     # Like inetd: work from /, so programs start there and no mount point is held busy.
     os.chdir("/")
     title = f"poolinetd: master{' -c ' + args.conf if args.conf else ''}"
@@ -285,13 +353,18 @@ def _run(args: argparse.Namespace) -> int:
         return tuple(_servable(again.services)), again.diagnostics
 
     control_path = None if args.no_control else (args.control or default_control_path())
+    control_sock = socket.socket(fileno=own_control) if own_control is not None else None
     dispatcher = ForkDispatcher() if args.mode == "classic" else PoolDispatcher()
     try:
         server = Engine(opened, dispatcher, load_config=reload_config,
-                        open_sockets=_open_sockets, ready_fd=args.ready_fd,
+                        open_sockets=_open_sockets, ready_fd=ready_fd,
                         control_path=control_path, graceful_timeout=args.graceful_timeout,
                         log_connections=args.log_connections,
-                        title=title + (" (classic)" if args.mode == "classic" else ""))
+                        title=title + (" (classic)" if args.mode == "classic" else ""),
+                        notifier=notifier, watchdog_interval=watchdog,
+                        metrics_sock=metrics_sock, control_sock=control_sock,
+                        upgrade_argv=[sys.executable, "-m", "poolinetd", *argv],
+                        upgrade_cwd=start_dir)
     except OSError as exc:
         hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,
@@ -299,11 +372,13 @@ def _run(args: argparse.Namespace) -> int:
         for _, socks in opened:
             for sock in socks:
                 listeners.close_listener(sock)
+        if metrics_sock is not None:
+            metrics_sock.close()
         return EX_OSERR
-    return _with_pidfile(args.pidfile, server.run)
+    return _with_pidfile(args.pidfile, server.run, replaces=passed.from_master)
 
 
-def _with_pidfile(path: str | None, body: object) -> int:
+def _with_pidfile(path: str | None, body: object, replaces: int = 0) -> int:
     """Run ``body`` holding the pidfile at ``path`` (rules in poolinetd/pidfile.py).
 
     A live or unusable pidfile is EX_OSERR with one log line; at exit only
@@ -312,7 +387,7 @@ def _with_pidfile(path: str | None, body: object) -> int:
     assert callable(body)
     from poolinetd import pidfile
 
-    holder = pidfile.Pidfile(path) if path else None
+    holder = pidfile.Pidfile(path, replaces) if path else None
     if holder is not None:
         try:
             holder.acquire()

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import orjson
 
-from poolinetd import listeners
+from poolinetd import jsonsafe, listeners
 
 REQUEST_MAX = 256
 CLIENT_TIMEOUT = 5.0
@@ -30,6 +30,10 @@ class Controlled(Protocol):
     def status(self) -> dict[str, object]: ...
 
     def reload(self) -> bool: ...
+
+    def render_metrics(self) -> bytes: ...
+
+    def upgrade(self) -> str: ...
 
 
 class ControlConn:
@@ -56,7 +60,7 @@ class ControlConn:
         if data and b"\n" not in self.request and len(self.request) < REQUEST_MAX:
             return
         command = self.request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
-        self.reply = memoryview(orjson.dumps(self.server.answer(command)) + b"\n")
+        self.reply = memoryview(jsonsafe.dumps(self.server.answer(command)) + b"\n")
         sel.modify(self.sock, selectors.EVENT_WRITE, self)
         self._write(sel)
 
@@ -75,11 +79,17 @@ class ControlConn:
 class ControlServer:
     """Owns the control listener and its clients."""
 
-    def __init__(self, path: str, master: Controlled) -> None:
+    def __init__(self, path: str, master: Controlled, sock: socket.socket | None = None) -> None:
+        """Bind ``path``, or adopt ``sock`` (already listening there: handed over by the
+        previous master in an upgrade, so the control socket never goes away)."""
         self.path = path
         self.master = master
         self.clients: list[ControlConn] = []
         self.resume_at = 0.0  # > 0 while accepting rests after EMFILE
+        if sock is not None:
+            sock.setblocking(False)
+            self.sock = sock
+            return
         # The same rules as unix listeners: only a stale *socket* is ever removed
         # (anything else at the path is an error), the file is born 0600 and
         # proven to be ours before use. OSError keeps the CLI's error path.
@@ -116,7 +126,13 @@ class ControlServer:
             return {"ok": True, **self.master.status()}
         if command == "reload":
             return {"ok": self.master.reload()}
-        return {"ok": False, "error": f"unknown command {command!r} (use status or reload)"}
+        if command == "metrics":
+            return {"ok": True, "text": self.master.render_metrics().decode()}
+        if command == "upgrade":
+            why = self.master.upgrade()
+            return {"ok": not why, "error": why} if why else {"ok": True}
+        return {"ok": False, "error": f"unknown command {command!r} "
+                                      "(use status, reload, metrics or upgrade)"}
 
     def drop(self, sel: selectors.BaseSelector, client: ControlConn) -> None:
         with contextlib.suppress(KeyError, ValueError):

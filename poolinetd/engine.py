@@ -46,13 +46,27 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from poolinetd import control, internal, jsonsafe, listeners, log, reloadplan, spawn
+from poolinetd import (
+    adopt,
+    control,
+    internal,
+    jsonsafe,
+    listeners,
+    log,
+    metrics,
+    metricshttp,
+    reloadplan,
+    spawn,
+)
 from poolinetd import preamble as pre
 from poolinetd.admission import LOOPING_PAUSE, Admission
 from poolinetd.dispatch import Dispatcher
+from poolinetd.sdnotify import Notifier
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType
 from poolinetd.system import System
+from poolinetd.upgrade import TIMEOUT as UPGRADE_TIMEOUT
+from poolinetd.upgrade import Upgrade
 
 _NEVER = float("inf")
 ACCEPT_BATCH = 64  # connections accepted per readable event before other work runs
@@ -67,7 +81,7 @@ KILL_PASSES = 10  # SIGKILL passes (0.5 s apart) before a stop gives up waiting
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-           signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+           signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
 @dataclass(slots=True, eq=False)
@@ -102,6 +116,37 @@ class Pending:
     peer: tuple[str, int] | None
     reader: pre.Preamble
     deadline: float
+    got: bytes = b""  # preamble bytes already taken off the socket
+
+
+@dataclass(slots=True, eq=False)
+class ServiceStats:
+    """Counters of one service that live as long as the master, across reload generations
+    (a Prometheus counter must never go back)."""
+
+    accepted: int = 0
+    refused: int = 0
+    refused_by: dict[str, int] = field(default_factory=dict)
+    builtin_bytes_in: int = 0
+    builtin_bytes_out: int = 0
+    program_exits: dict[str, int] = field(default_factory=dict)
+    handoff: metrics.Histogram = field(
+        default_factory=lambda: metrics.Histogram(metrics.HANDOFF_BUCKETS))
+    program_run: metrics.Histogram = field(
+        default_factory=lambda: metrics.Histogram(metrics.RUN_TIME_BUCKETS))
+
+    def program_exit(self, code: int, seconds: float) -> None:
+        """Count a program's exit: its exit code, or the signal's name (negative code)."""
+        key = str(code) if code >= 0 else _signal_name(-code)
+        self.program_exits[key] = self.program_exits.get(key, 0) + 1
+        self.program_run.observe(seconds)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 @dataclass(slots=True, eq=False)
@@ -119,9 +164,7 @@ class ServiceRuntime:
     predecessors: list[ServiceRuntime] = field(default_factory=list)  # older, still busy
     successor: ServiceRuntime | None = None  # the generation that replaced this one
     preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
-    accepted: int = 0
-    refused: int = 0
-    refused_by: dict[str, int] = field(default_factory=dict)
+    stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
     last_refusal_log: float = -REFUSAL_LOG_INTERVAL
 
@@ -172,6 +215,12 @@ class Engine:
         log_connections: bool = False,
         title: str = "poolinetd: master",
         preambles: Callable[[Service], Callable[[], pre.Preamble] | None] | None = None,
+        notifier: Notifier | None = None,
+        watchdog_interval: float | None = None,
+        metrics_sock: socket.socket | None = None,
+        control_sock: socket.socket | None = None,
+        upgrade_argv: list[str] | None = None,
+        upgrade_cwd: str | None = None,
     ) -> None:
         self.system = system or System()
         self.dispatcher = dispatcher
@@ -182,6 +231,10 @@ class Engine:
         self.log_connections = log_connections
         self.title = title
         self.preambles = preambles
+        self.notifier = notifier
+        self.watchdog_interval = watchdog_interval
+        self.next_watchdog = 0.0 if watchdog_interval else _NEVER
+        self.loop_turn = metrics.Histogram(metrics.LOOP_TURN_BUCKETS)
         self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         self.sigpipe = SignalPipe()
         self.sigpipe.install(SIGNALS)
@@ -200,9 +253,17 @@ class Engine:
         self.started = time.time()
         self.reloads = 0
         self.internal_ports: frozenset[int] = frozenset()
-        self.control = control.ControlServer(control_path, self) if control_path else None
+        self.upgrade_argv = upgrade_argv
+        self.upgrade_cwd = upgrade_cwd
+        self.upgrading: Upgrade | None = None
+        self.handed_over = False  # an upgrade's new master serves now; we drain
+        self.control = (control.ControlServer(control_path, self, control_sock)
+                        if control_path else None)
         if self.control is not None:
             self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
+        self.metrics = (metricshttp.MetricsServer(metrics_sock, self.sel, self.render_metrics,
+                                                  self.system.clock)
+                        if metrics_sock is not None else None)
         dispatcher.attach(self)
         for service, socks in services:
             self._add_runtime(service, socks)
@@ -254,7 +315,9 @@ class Engine:
         timeout = self._next_timeout(self.system.clock())
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
-        for key, mask in self.sel.select(timeout):
+        events = self.sel.select(timeout)
+        began = self.system.clock()
+        for key, mask in events:
             try:
                 self._on_event(key.data, mask)
             except Exception:  # the last line of defence: one event's bug
@@ -265,6 +328,7 @@ class Engine:
             self._refresh_dirty()
         except Exception:
             log.error("internal_error", traceback=traceback.format_exc())
+        self.loop_turn.observe(self.system.clock() - began)
 
     def _on_event(self, data: object, mask: int) -> None:
         if isinstance(data, Listener):
@@ -272,6 +336,8 @@ class Engine:
                 self._on_listener(data)
         elif isinstance(data, Pending):
             self._on_pending(data)
+        elif isinstance(data, Upgrade):
+            self._on_upgrade_pipe(data)
         elif data is self.sigpipe:
             self._on_signals()
         elif isinstance(data, control.ControlServer):
@@ -289,8 +355,11 @@ class Engine:
             deadline = min(deadline, self.stop_deadline, now + 0.5)
         if self.pending_order:
             deadline = min(deadline, self.pending_order[0].deadline)
-        if self.control is not None:
-            when = self.control.next_deadline()
+        deadline = min(deadline, self.next_watchdog)
+        if self.upgrading is not None:
+            deadline = min(deadline, self.upgrading.deadline)
+        for server in (self.control, self.metrics):
+            when = server.next_deadline() if server is not None else None
             if when is not None:
                 deadline = min(deadline, when)
         if self.dirty:
@@ -301,10 +370,18 @@ class Engine:
         now = self.system.clock()
         if self.control is not None:
             self.control.expire(self.sel, now)
+        if self.metrics is not None:
+            self.metrics.expire(now)
         while self.pending_order and self.pending_order[0].deadline <= now:
             item = self.pending_order.popleft()
             if item.sock.fileno() in self.pending and self.pending[item.sock.fileno()] is item:
                 self._drop_pending(item, "preamble_timeout")
+        if now >= self.next_watchdog and self.notifier is not None and self.watchdog_interval:
+            self.notifier.watchdog()
+            self.next_watchdog = now + self.watchdog_interval
+        if self.upgrading is not None and now >= self.upgrading.deadline:
+            self.system.kill(self.upgrading.pid, signal.SIGKILL)
+            self._upgrade_failed(f"the new master was not ready within {UPGRADE_TIMEOUT:g} s")
         if self.stopping and now >= self.stop_deadline:
             self._kill_remaining()
         if now >= self.next_sweep:
@@ -373,8 +450,10 @@ class Engine:
     def _report_ready(self) -> None:
         self.ready_reported = True
         if self.ready_fd is not None:
-            doc = {"pid": os.getpid(), "mode": self.dispatcher.mode,
-                   "listeners": self.listener_report()}
+            doc: dict[str, object] = {"pid": os.getpid(), "mode": self.dispatcher.mode,
+                                      "listeners": self.listener_report()}
+            if self.metrics is not None:
+                doc["metrics"] = {"address": self.metrics.address, "port": self.metrics.port}
             try:
                 os.write(self.ready_fd, jsonsafe.dumps(doc) + b"\n")
                 os.close(self.ready_fd)
@@ -382,6 +461,15 @@ class Engine:
                 log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)
             self.ready_fd = None
         log.info("ready", services=len(self.runtimes), mode=self.dispatcher.mode)
+        if self.notifier is not None:
+            self.notifier.ready(status=self.summary())
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: what is served and how busy it is."""
+        live = [rt for rt in self.runtimes if not rt.retired]
+        active = sum(rt.instances for rt in self.runtimes)
+        return (f"{self.dispatcher.mode} mode: {len(live)} services, {active} active, "
+                f"{sum(rt.stats.accepted for rt in live)} accepted, {self.reloads} reloads")
 
     # -- the accept path -------------------------------------------------------
     def _on_listener(self, lst: Listener) -> None:
@@ -439,7 +527,7 @@ class Engine:
         if not handed:
             self._count_refusal(rt, "no_room")
             return
-        rt.accepted += 1
+        rt.stats.accepted += 1
         rt.instances += 1
         rt.admission.started(ip)
         self.instances[iid] = Instance(iid, rt, ip, now)
@@ -452,8 +540,9 @@ class Engine:
         self.wake_at(rt.paused_until)
 
     def _count_refusal(self, rt: ServiceRuntime, why: str) -> None:
-        rt.refused += 1
-        rt.refused_by[why] = rt.refused_by.get(why, 0) + 1
+        stats = rt.stats
+        stats.refused += 1
+        stats.refused_by[why] = stats.refused_by.get(why, 0) + 1
 
     def _refused(self, rt: ServiceRuntime, ip: str, why: str, now: float) -> None:
         self._count_refusal(rt, why)
@@ -466,7 +555,7 @@ class Engine:
         if now - rt.last_refusal_log >= REFUSAL_LOG_INTERVAL:
             rt.last_refusal_log = now
             log.warning("conn_refused", service=rt.name, peer=ip, reason=why,
-                        refused_total=rt.refused)
+                        refused_total=rt.stats.refused)
 
     def _lend(self, lst: Listener) -> None:
         """Lend ``lst`` (a wait program gets it on fd 0; a datagram built-in answers on it)."""
@@ -481,7 +570,7 @@ class Engine:
         self._set_polled(lst, False)
         rt.instances += 1
         if rt.service.internal is None:
-            rt.accepted += 1  # a wait program started; a built-in's loan is not a connection
+            rt.stats.accepted += 1  # a wait program started; a built-in's loan is not a connection
         self.instances[iid] = Instance(iid, rt, "", now, listener=lst)
 
     # -- the preamble stage ------------------------------------------------------
@@ -499,31 +588,44 @@ class Engine:
             self.sel.register(sock, selectors.EVENT_READ, item)
 
     def _on_pending(self, item: Pending) -> None:
+        """Peek at what arrived and let the reader decide; never blocks, never over-reads.
+
+        Bytes the reader said were all preamble (NeedMore) are taken off the
+        socket for real, so a level-triggered selector does not wake the loop
+        again for bytes it has already seen.
+        """
         rt = item.lst.rt
+        room = item.reader.limit - len(item.got)
         try:
-            data = item.sock.recv(item.reader.limit, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = item.sock.recv(room, socket.MSG_PEEK | socket.MSG_DONTWAIT) if room else b""
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._drop_pending(item, "preamble_reset")
             return
-        result = item.reader.feed(data, eof=not data)
+        result = item.reader.feed(item.got + data, eof=not data)
         if isinstance(result, pre.NeedMore):
-            if not data or len(data) >= item.reader.limit:
+            if not data:  # EOF (or the limit) before a verdict
                 self._drop_pending(item, "preamble_incomplete")
+                return
+            try:
+                item.got += item.sock.recv(len(data), socket.MSG_DONTWAIT)
+            except OSError:
+                self._drop_pending(item, "preamble_reset")
             return
         if isinstance(result, pre.Refuse):
             self._drop_pending(item, result.reason)
             return
-        # Consume exactly the preamble: it was peeked, so recv returns all of it.
+        # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
+        need = result.consumed - len(item.got)
         try:
-            got = item.sock.recv(result.consumed, socket.MSG_DONTWAIT) if result.consumed else b""
+            got = item.sock.recv(need, socket.MSG_DONTWAIT) if need > 0 else b""
             if result.reply:
                 item.sock.send(result.reply, socket.MSG_DONTWAIT)
         except OSError:
             self._drop_pending(item, "preamble_reset")
             return
-        if len(got) != result.consumed:
+        if len(got) != max(0, need):
             self._drop_pending(item, "preamble_incomplete")
             return
         peer = result.peer or item.peer
@@ -603,6 +705,10 @@ class Engine:
                 log.reopen()
                 log.info("log_reopened")
                 self.dispatcher.reopen_log()
+            elif sig == signal.SIGUSR2:
+                why = self.upgrade()
+                if why:
+                    log.warning("upgrade_refused", reason=why)
             elif sig in (signal.SIGTTIN, signal.SIGTTOU):
                 self._resize(+1 if sig == signal.SIGTTIN else -1)
 
@@ -618,8 +724,13 @@ class Engine:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
-            if not self.dispatcher.child_exited(pid, code):
-                log.debug("reaped_unknown", pid=pid, status=code)
+            if self.dispatcher.child_exited(pid, code):
+                continue
+            if self.upgrading is not None and pid == self.upgrading.pid:
+                self.upgrading.exited(code)
+                self._upgrade_failed(f"the new master exited with status {code}")
+                continue
+            log.debug("reaped_unknown", pid=pid, status=code)
 
     def _resize(self, delta: int) -> None:
         for rt in self.runtimes:
@@ -643,6 +754,10 @@ class Engine:
             self.stopping = True
             self.stop_deadline = deadline
             log.info("stopping", reason=why, timeout=timeout, mode=self.dispatcher.mode)
+            if self.notifier is not None and not self.handed_over:
+                self.notifier.stopping()
+            if self.upgrading is not None:
+                self._upgrade_failed("this master is stopping")
             for rt in self.runtimes:
                 self._close_listeners(rt)
             for item in list(self.pending.values()):
@@ -673,6 +788,16 @@ class Engine:
         """Re-read the config; apply it all or nothing. True if applied."""
         if self.load_config is None or self.open_sockets is None or self.stopping:
             return False
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self.notifier is not None and not self.stopping:
+                self.notifier.ready(status=self.summary())
+
+    def _reload(self) -> bool:
+        assert self.load_config is not None and self.open_sockets is not None
         prepared = reloadplan.prepare(
             self.load_config,
             {rt.service.key: (rt, rt.service) for rt in self.runtimes if not rt.retired},
@@ -692,7 +817,7 @@ class Engine:
             old.successor = new
             new.admission = old.admission
             new.admission.update(service.limits)
-            new.refused_by = old.refused_by
+            new.stats = old.stats
             for lst in old.listeners:
                 self._set_polled(lst, False)
                 lst.rt = new  # a lent one comes back when its loan ends
@@ -740,6 +865,76 @@ class Engine:
         for rt in self.runtimes:
             rt.predecessors = [p for p in rt.predecessors if p.instances]
 
+    # -- upgrade -----------------------------------------------------------------
+    def upgrade(self) -> str:
+        """Start a new master on our sockets (see upgrade.py); "" if started, else why not."""
+        if self.upgrade_argv is None:
+            return "this master was not given a command line to start a new one with"
+        if self.stopping:
+            return "this master is stopping"
+        if self.upgrading is not None:
+            return f"an upgrade is already under way (new master {self.upgrading.pid})"
+        sockets = [(lst.sock.fileno(), adopt.endpoint_name(rt.service, i))
+                   for rt in self.runtimes if not rt.retired
+                   for i, lst in enumerate(rt.listeners)]
+        if self.control is not None:
+            sockets.append((self.control.sock.fileno(), adopt.CONTROL_NAME))
+        if self.metrics is not None:
+            sockets.append((self.metrics.sock.fileno(), adopt.METRICS_NAME))
+        env: dict[str, str] = {}
+        pid_variables = ["LISTEN_PID"]
+        if self.notifier is not None:
+            env["NOTIFY_SOCKET"] = self.notifier.address
+            if self.watchdog_interval:
+                env["WATCHDOG_USEC"] = str(int(self.watchdog_interval * 2_000_000))
+                pid_variables.append("WATCHDOG_PID")
+        try:
+            up = Upgrade.start(self.upgrade_argv, sockets, env, self.system.clock(),
+                                       pid_variables, self.upgrade_cwd)
+        except OSError as exc:
+            log.error("upgrade_failed", reason=f"cannot start a new master: {exc.strerror}",
+                      action="this master keeps serving")
+            return f"cannot start a new master: {exc.strerror}"
+        self.upgrading = up
+        self.sel.register(up.reader, selectors.EVENT_READ, up)
+        log.info("upgrade_started", new_pid=up.pid, listeners=len(sockets))
+        return ""
+
+    def _on_upgrade_pipe(self, up: Upgrade) -> None:
+        got = up.read()
+        if got is None:
+            return
+        if isinstance(got, str):
+            self._upgrade_failed(got)
+            return
+        # The new master serves every socket now: stop accepting, drain, exit.
+        self._forget_upgrade(up)
+        up.exited(0)  # it outlives us; it is not ours to reap or to warn about
+        self.handed_over = True
+        log.info("upgrade_ready", new_pid=up.pid)
+        if self.notifier is not None:
+            self.notifier.mainpid(up.pid, ready=True)
+        for rt in self.runtimes:
+            for lst in rt.listeners:
+                listeners.disown(lst.sock)  # its unix socket file is the new master's now
+        if self.control is not None:
+            listeners.disown(self.control.sock)
+        self.begin_stop(self.graceful_timeout, "upgrade")
+
+    def _upgrade_failed(self, why: str) -> None:
+        up = self.upgrading
+        if up is None:
+            return
+        self._forget_upgrade(up)
+        log.error("upgrade_failed", new_pid=up.pid, reason=why,
+                  action="this master keeps serving")
+
+    def _forget_upgrade(self, up: Upgrade) -> None:
+        self.upgrading = None
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(up.reader)
+        up.close()
+
     # -- status -----------------------------------------------------------------
     def status(self) -> dict[str, object]:
         """The live state, as ``poolinetd status --json`` prints it (the same in both modes)."""
@@ -755,9 +950,9 @@ class Engine:
                 "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
                 "state": state,
                 "listeners": [str(lst.bound) for lst in rt.listeners],
-                "accepted": rt.accepted,
-                "refused": rt.refused,
-                "refused_by": dict(rt.refused_by),
+                "accepted": rt.stats.accepted,
+                "refused": rt.stats.refused,
+                "refused_by": dict(rt.stats.refused_by),
                 "active": rt.instances,
                 "programs": rt.programs,
                 "preamble": rt.pending,
@@ -766,7 +961,51 @@ class Engine:
             })
         return {"pid": os.getpid(), "mode": self.dispatcher.mode,
                 "uptime": round(time.time() - self.started, 3), "reloads": self.reloads,
-                "stopping": self.stopping, "services": services}
+                "stopping": self.stopping,
+                "upgrading": self.upgrading.pid if self.upgrading is not None else 0,
+                "services": services}
+
+    def render_metrics(self) -> bytes:
+        return metrics.render(self.metrics_document())
+
+    def metrics_document(self) -> metrics.MetricsDocument:
+        """Every counter for ``render`` (the /metrics endpoint, ``poolinetd metrics``)."""
+        now = self.system.clock()
+        services: list[metrics.ServiceMetrics] = []
+        seen: dict[int, metrics.ServiceMetrics] = {}
+        for rt in self.runtimes:  # generations of one service share their stats
+            report = self.dispatcher.report(rt, now)
+            workers = report.get("workers", {})
+            assert isinstance(workers, dict)
+            entry = seen.get(id(rt.stats))
+            if entry is None:
+                stats = rt.stats
+                entry = {
+                    "service": rt.name, "accepted": stats.accepted,
+                    "refused": dict(stats.refused_by), "active_connections": 0,
+                    "running_programs": 0, "workers": {k: 0 for k in workers},
+                    "restarts": 0, "boot_failures": 0,
+                    "builtin_bytes_in": stats.builtin_bytes_in,
+                    "builtin_bytes_out": stats.builtin_bytes_out,
+                    "program_exits": dict(stats.program_exits),
+                    "handoff_seconds": stats.handoff.snapshot(),
+                    "program_run_seconds": stats.program_run.snapshot()}
+                seen[id(rt.stats)] = entry
+                services.append(entry)
+            entry["active_connections"] += rt.instances
+            entry["running_programs"] += rt.programs
+            for state, count in workers.items():
+                entry["workers"][state] = entry["workers"].get(state, 0) + int(count)
+            restarts, failures = report.get("restarts", 0), report.get("boot_failures", 0)
+            assert isinstance(restarts, int) and isinstance(failures, int)
+            entry["restarts"] += restarts
+            entry["boot_failures"] += failures
+        try:
+            open_fds = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            open_fds = 0
+        return {"engine": {"loop_turn_seconds": self.loop_turn.snapshot(), "open_fds": open_fds},
+                "services": services}
 
     # -- teardown -------------------------------------------------------------
     def _close_all(self) -> None:
@@ -778,6 +1017,8 @@ class Engine:
         self.dispatcher.close()
         if self.control is not None:
             self.control.close(self.sel)
+        if self.metrics is not None:
+            self.metrics.close()
         self.sel.unregister(self.sigpipe.reader)
         self.sigpipe.close()
         self.sel.close()

@@ -240,6 +240,12 @@ def close_listener(sock: socket.socket) -> None:
         os.close(dfd)
 
 
+def disown(sock: socket.socket) -> None:
+    """Never unlink ``sock``'s unix socket file: it was handed to another process (an
+    upgrade's new master), which serves on the same socket."""
+    _MADE.pop(sock, None)
+
+
 # -- OS helpers ----------------------------------------------------------------------------
 
 

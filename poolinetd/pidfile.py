@@ -46,8 +46,11 @@ class Pidfile:
     Also a context manager (acquire on enter, release on exit).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, replaces: int = 0) -> None:
+        """``replaces``: the pid of the master this one takes over from in an upgrade
+        (its pidfile is ours to replace although it still runs)."""
         self.path = path
+        self.replaces = replaces
         self._made: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we created
         self._owner_pid = 0
 
@@ -107,7 +110,7 @@ class Pidfile:
         if len(data) > _MAX_BYTES or not text.isdigit() or not text.isascii() or int(text) <= 0:
             raise PidfileError(f"{self.path} exists and does not hold a pid; remove it by hand")
         pid = int(text)
-        if pid != os.getpid() and _alive(pid):
+        if pid not in (os.getpid(), self.replaces) and _alive(pid):
             raise PidfileInUse(self.path, pid)
         try:
             again = os.lstat(self.path)

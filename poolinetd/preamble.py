@@ -6,7 +6,10 @@ service name (which service it wants). The engine drives a ``Preamble``
 without ever blocking: it peeks (MSG_PEEK) at what has arrived, at most
 ``limit`` bytes, and feeds all of it each time; the reader answers
 
-* ``NeedMore()``: not enough yet (the engine waits, under a deadline);
+* ``NeedMore()``: not enough yet (the engine waits, under a deadline). It
+  promises that every byte fed so far belongs to the preamble: the engine
+  then takes them off the socket (so the selector does not wake it again for
+  them) and feeds them again, with whatever follows, next time;
 * ``Refuse(reason)``: malformed or not allowed (the engine closes, counts
   ``reason``, and logs, throttled);
 * ``Proceed(consumed, ...)``: the engine reads exactly ``consumed`` bytes off
@@ -58,7 +61,7 @@ Result = NeedMore | Refuse | Proceed
 
 
 class Preamble(Protocol):
-    """One connection's reader. ``feed`` gets every byte peeked so far, each time."""
+    """One connection's reader. ``feed`` gets every byte of the connection so far, each time."""
 
     limit: int  # never peek more than this many bytes
 
