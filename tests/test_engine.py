@@ -55,7 +55,7 @@ def test_pool_hand_off_and_done(rigs: list[Rig]) -> None:
     assert msg.kind == fdpass.CONN and fd is not None
     os.close(fd)
     rt = lst.rt
-    assert rt.instances == 1 and rt.accepted == 1
+    assert rt.instances == 1 and rt.stats.accepted == 1
     worker.send(fdpass.encode_done([msg.ident])[0])
     rig.turn()
     assert rt.instances == 0
@@ -186,7 +186,7 @@ def test_per_source_counts_survive_reloads_that_drop_the_limit(rigs: list[Rig]) 
     late = rig.connect()
     rig.turn(2)
     rt = rig.listener().rt
-    assert rt.refused_by == {}, rt.admission.per_ip
+    assert rt.stats.refused_by == {}, rt.admission.per_ip
     assert len(rig.system.forked) == 3  # served: the old connections were uncounted
     for c in [*clients, late]:
         c.close()
@@ -259,11 +259,11 @@ def test_preamble_refusals_and_the_deadline(rigs: list[Rig]) -> None:
     silent = rig.connect()
     rig.turn()
     rt = rig.engine.runtimes[0]
-    assert rt.refused_by.get("bad_hello") == 1
+    assert rt.stats.refused_by.get("bad_hello") == 1
     assert rt.pending == 1
     rig.system.now += preamble.DEADLINE + 1
     rig.turn()
-    assert rt.refused_by.get("preamble_timeout") == 1
+    assert rt.stats.refused_by.get("preamble_timeout") == 1
     assert rt.pending == 0 and rig.system.forked == []
     bad.close()
     silent.close()
@@ -285,6 +285,6 @@ def test_a_limit_added_by_reload_sees_the_running_connections(rigs: list[Rig]) -
     third = rig.connect()
     rig.turn(2)
     assert len(rig.system.forked) == 2
-    assert rig.listener().rt.refused_by == {"max_child_per_ip": 1}
+    assert rig.listener().rt.stats.refused_by == {"max_child_per_ip": 1}
     for c in [*clients, third]:
         c.close()
