@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import MutableMapping
 
-from poolinetd import activation, log
+from poolinetd import activation, handoff, log
 from poolinetd.spec import Endpoint, Service
 
 READY_NAME = "poolinetd-ready"
@@ -35,8 +35,9 @@ _OWN = (READY_NAME, CONTROL_NAME, METRICS_NAME)
 
 
 def endpoint_name(service: Service, index: int) -> str:
-    """The LISTEN_FDNAMES entry an old master gives endpoint ``index`` of ``service``."""
-    return f"{service.name}#{index}"
+    """The LISTEN_FDNAMES entry an old master gives endpoint ``index`` of ``service``
+    (made safe for the protocol: no ':' and printable ASCII only)."""
+    return handoff.clean_name(f"{service.name}#{index}")
 
 
 class Passed:

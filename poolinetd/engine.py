@@ -65,6 +65,7 @@ from poolinetd.sdnotify import Notifier
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType
 from poolinetd.system import System
+from poolinetd.upgrade import EXIT_GRACE as UPGRADE_EXIT_GRACE
 from poolinetd.upgrade import TIMEOUT as UPGRADE_TIMEOUT
 from poolinetd.upgrade import Upgrade
 
@@ -381,7 +382,8 @@ class Engine:
             self.next_watchdog = now + self.watchdog_interval
         if self.upgrading is not None and now >= self.upgrading.deadline:
             self.system.kill(self.upgrading.pid, signal.SIGKILL)
-            self._upgrade_failed(f"the new master was not ready within {UPGRADE_TIMEOUT:g} s")
+            self._upgrade_failed(self.upgrading.failure or
+                                 f"the new master was not ready within {UPGRADE_TIMEOUT:g} s")
         if self.stopping and now >= self.stop_deadline:
             self._kill_remaining()
         if now >= self.next_sweep:
@@ -905,6 +907,12 @@ class Engine:
         if got is None:
             return
         if isinstance(got, str):
+            if up.eof:
+                # Most likely it is exiting: wait a moment for its status, which says more.
+                self.sel.unregister(up.reader)
+                up.deadline = min(up.deadline, self.system.clock() + UPGRADE_EXIT_GRACE)
+                up.failure = got
+                return
             self._upgrade_failed(got)
             return
         # The new master serves every socket now: stop accepting, drain, exit.

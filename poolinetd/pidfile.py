@@ -85,7 +85,10 @@ class Pidfile:
             return  # never ours, or a forked child: the master removes it
         try:
             st = os.lstat(self.path)
-            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == made:
+            # Same inode and still our pid: an upgrade's new master may have replaced
+            # the file, and a file system may give the new file the freed inode number.
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == made and (
+                    _read_pid(self.path) == self._owner_pid):
                 os.unlink(self.path)
         except OSError:
             pass  # gone already, or replaced: not ours to remove
@@ -138,3 +141,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, as another user
     return True
+
+
+def _read_pid(path: str) -> int:
+    """The pid a pidfile names (0 if it names none); never follows a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        text = os.read(fd, _MAX_BYTES + 1).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and len(text) <= _MAX_BYTES else 0

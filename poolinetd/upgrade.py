@@ -32,6 +32,7 @@ import orjson
 from poolinetd import adopt, handoff
 
 TIMEOUT = 60.0  # seconds the new master has to become ready
+EXIT_GRACE = 2.0  # after its pipe closes, how long to wait for its exit status
 _LINE_MAX = 1 << 20
 
 
@@ -43,7 +44,8 @@ class Upgrade:
     reader: int
     deadline: float
     buf: bytes = b""
-    done: bool = field(default=False)
+    eof: bool = field(default=False)  # the pipe closed without a ready line
+    failure: str = ""  # why, if it fails at its deadline
 
     @property
     def pid(self) -> int:
@@ -76,6 +78,7 @@ class Upgrade:
         except OSError as exc:
             return f"ready pipe: {exc.strerror}"
         if not data:
+            self.eof = True
             return "the new master closed its ready pipe without being ready"
         self.buf += data
         if b"\n" not in self.buf:
