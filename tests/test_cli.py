@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import IS_ROOT, REPO, tcp_exchange, udp_exchange
+from conftest import REPO, python_usable_by_nobody, tcp_exchange, udp_exchange
 
 pytestmark = pytest.mark.process
 MODES = ["pool", "classic"]
@@ -77,16 +77,7 @@ def test_no_config_serves_the_builtin_default_on_localhost(tmp_path: Path, mode:
         assert proc.wait(20) == 0
 
 
-def _python_usable_by_nobody() -> bool:
-    if not IS_ROOT or not Path("/usr/bin/setpriv").exists():
-        return False
-    probe = subprocess.run(["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup",
-                            "--clear-groups", sys.executable, "-c", "import poolinetd, orjson"],
-                           cwd=REPO, capture_output=True, timeout=30)
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _python_usable_by_nobody(),
+@pytest.mark.skipif(not python_usable_by_nobody("poolinetd", "orjson"),
                     reason="needs root to start as nobody, and a Python (with poolinetd and "
                     "its dependencies) that nobody can run: not a venv under a 0700 directory")
 @pytest.mark.parametrize("mode", MODES)

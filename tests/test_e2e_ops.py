@@ -299,7 +299,8 @@ def test_sigusr1_reopens_the_log(tmp_path: Path, serve, mode: str) -> None:
     wait_until(lambda: "listening" in logfile.read_text(), 10, "the first log lines")
     os.rename(logfile, tmp_path / "poolinetd.log.1")
     server.send_signal(signal.SIGUSR1)
-    wait_until(lambda: logfile.exists() and "log_reopened" in logfile.read_text(), 10)
+    wait_until(lambda: logfile.exists() and "log_reopened" in logfile.read_text(), 10,
+               "log_reopened in the new file")
     assert "log_reopened" not in (tmp_path / "poolinetd.log.1").read_text()
     # Whoever logs a connection (workers running as the service user, or the
     # master) writes to the new file: the master hands workers its reopened fd.
