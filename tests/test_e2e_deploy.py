@@ -311,12 +311,11 @@ def _families(text: str) -> dict[str, object]:
 
 
 def _value(families: dict[str, object], name: str, **labels: str) -> float:
-    family = families[name]
-    for sample in family.samples:  # type: ignore[attr-defined]
-        if sample.name == name + ("_total" if family.type == "counter" else "") or (  # type: ignore[attr-defined]
-                sample.name == name):
-            if all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
+    """The sample of metric ``name`` (counters: its ``_total``) with these labels."""
+    wanted = (name, name + "_total")
+    for sample in families[name].samples:  # type: ignore[attr-defined]
+        if sample.name in wanted and all(sample.labels.get(k) == v for k, v in labels.items()):
+            return float(sample.value)
     raise KeyError((name, labels))
 
 
