@@ -522,17 +522,28 @@ class Engine:
                   now: float) -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         iid = next(self.ids)
+        # Counted first: the dispatcher may report on it (program_started) at once.
+        self.instances[iid] = Instance(iid, rt, ip, now)
+        rt.instances += 1
+        handed = False
         try:
             handed = self.dispatcher.hand_off(rt, fd, family, peer, iid)
         finally:
             os.close(fd)  # sent (the worker or child has its own copy) or given up
+            if not handed:
+                self._uncount(iid)
         if not handed:
             self._count_refusal(rt, "no_room")
             return
         rt.stats.accepted += 1
-        rt.instances += 1
         rt.admission.started(ip)
-        self.instances[iid] = Instance(iid, rt, ip, now)
+
+    def _uncount(self, iid: int) -> None:
+        """Forget an instance the dispatcher could not take after all."""
+        inst = self.instances.pop(iid)
+        inst.rt.instances -= 1
+        if inst.program_pid:
+            inst.rt.programs -= 1
 
     def rest(self, rt: ServiceRuntime, why: str, now: float | None = None) -> None:
         """Out of a resource: ``rt``'s listeners rest EMFILE_PAUSE instead of spinning."""
@@ -566,14 +577,15 @@ class Engine:
         if lst.lent or not self._has_room(rt, now):
             return
         iid = next(self.ids)
+        self.instances[iid] = Instance(iid, rt, "", now, listener=lst)
+        rt.instances += 1
         if not self.dispatcher.lend(rt, lst, iid):
+            self._uncount(iid)
             return
         lst.lent = iid
         self._set_polled(lst, False)
-        rt.instances += 1
         if rt.service.internal is None:
             rt.stats.accepted += 1  # a wait program started; a built-in's loan is not a connection
-        self.instances[iid] = Instance(iid, rt, "", now, listener=lst)
 
     # -- the preamble stage ------------------------------------------------------
     def _begin_preamble(self, lst: Listener, fd: int, family: int,

@@ -34,6 +34,9 @@ from poolinetd.spec import Service, SocketType, StderrRoute
 from poolinetd.system import System
 
 _DGRAM_BATCHES = 16  # a datagram child answers at most this many batches, then exits
+# A datagram child's exit status when it logged a refusal: the next child, forked
+# with the time of that line, keeps the once-an-interval throttle across children.
+DGRAM_LOGGED = 10
 _SOCK_TYPES = {SocketType.STREAM: socket.SOCK_STREAM, SocketType.SEQPACKET: socket.SOCK_SEQPACKET,
                SocketType.DGRAM: socket.SOCK_DGRAM}
 
@@ -56,6 +59,7 @@ class ForkDispatcher:
     def __init__(self, system: System | None = None) -> None:
         self.system = system or System()
         self.children: dict[int, Child] = {}
+        self.guard_logged: dict[str, float] = {}  # service -> when a child last logged
         self.hooks: Hooks
 
     def attach(self, hooks: Hooks) -> None:
@@ -95,7 +99,9 @@ class ForkDispatcher:
         fd = lst.sock.fileno()
         if service.internal is not None:  # a datagram built-in
             ports = self.hooks.internal_ports
-            return self._fork(rt, iid, fd, False, lambda: _answer_datagrams(service, fd, ports))
+            logged = self.guard_logged.get(rt.name)
+            return self._fork(rt, iid, fd, False,
+                              lambda: _answer_datagrams(service, fd, ports, logged))
         return self._fork(rt, iid, fd, True, lambda: _serve_connection(service, fd, 0, "", False))
 
     def _fork(self, rt: ServiceRuntime, iid: int, fd: int, program: bool,
@@ -121,6 +127,8 @@ class ForkDispatcher:
         if child.program and (self.hooks.log_connections or code != 0):
             log.event(20 if code == 0 else 30, "program_exit", service=child.rt.name, pid=pid,
                       status=code, duration=round(self.system.clock() - child.started, 6))
+        elif not child.program and code == DGRAM_LOGGED and child.rt.lends:
+            self.guard_logged[child.rt.name] = time.monotonic()
         elif not child.program and code != 0:
             log.warning("child_exit", service=child.rt.name, pid=pid, status=code)
         self.hooks.ended(child.iid)
@@ -209,16 +217,24 @@ def _serve_connection(service: Service, fd: int, family: int, peer: str,
     return 127
 
 
-def _answer_datagrams(service: Service, fd: int, internal_ports: frozenset[int]) -> int:
-    """In the child: drop privileges, answer the queued datagrams, exit."""
+def _answer_datagrams(service: Service, fd: int, internal_ports: frozenset[int],
+                      logged: float | None) -> int:
+    """In the child: drop privileges, answer the queued datagrams, exit.
+
+    ``logged``: when an earlier child last logged a refusal (the log throttle
+    spans children); exits DGRAM_LOGGED if this one logged one.
+    """
     spawn.set_title(f"poolinetd: {service.name} datagrams")
     if not _drop(service):
         return spawn.EX_WORKER_BOOT
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     responder = dgramserve.DgramResponder(sock, service, internal_ports)
+    if logged is not None:
+        responder.last_guard_log = logged
+    before = responder.last_guard_log
     for _ in range(_DGRAM_BATCHES):
         if responder.on_readable():
             break  # drained
     sock.detach()  # the engine's listener: the child's copy closes at exit anyway
-    return 0
+    return DGRAM_LOGGED if responder.last_guard_log != before else 0
