@@ -1,4 +1,4 @@
-"""One worker, one full-duplex echo blaster, one interactive client: does the client still get served?
+"""One worker, an echo blaster and an interactive client: is the client still served promptly?
 
     python benchmarks/bench_fairness.py [--trips N] [--blasters B] [--pythonpath DIR] [--label L]
 
@@ -60,7 +60,8 @@ print(sent, got[0], got[1], time.monotonic() - start)
 """
 
 
-def start_server(conf: Path, workdir: Path, pythonpath: str | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(conf: Path, workdir: Path,
+                 pythonpath: str | None) -> tuple[subprocess.Popen[bytes], int]:
     rfd, wfd = os.pipe()
     env = dict(os.environ)
     if pythonpath:
@@ -68,9 +69,9 @@ def start_server(conf: Path, workdir: Path, pythonpath: str | None) -> tuple[sub
     cmd = [sys.executable, "-m", "poolinetd", "run", "-c", str(conf), "--mode", "pool",
            "--pool-max", "1", "--pool-min", "1", "--ready-fd", str(wfd),
            "--control", str(workdir / "ctl.sock")]
-    proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL,
-                            stdout=open(workdir / "log", "wb"), stderr=subprocess.STDOUT,
-                            cwd=pythonpath or REPO, env=env)
+    with open(workdir / "log", "wb") as logf:
+        proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, cwd=pythonpath or REPO, env=env)
     os.close(wfd)
     data = b""
     deadline = time.monotonic() + 30

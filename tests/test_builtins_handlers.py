@@ -206,7 +206,7 @@ def test_seqpacket_echo_ends_the_connection_rather_than_cut_a_message(seq_pair) 
     limit = server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * limit)
     client.send(b"fits")
-    client.send(b"L" * (limit + 1000))  # (the old code echoed its first 64 KiB)  # more than the server could send back in one piece
+    client.send(b"L" * (limit + 1000))  # more than the server could send back in one piece
     client.send(b"after")
     handler = internal.new_handler("echo", server)
     _drive(handler, Want.READ)

@@ -15,7 +15,7 @@ def test_the_table_lists_the_five_rfc_builtins_with_their_ports() -> None:
     assert internal.NAMES == ("echo", "discard", "chargen", "daytime", "time")
     assert {b.name: b.well_known_port for b in internal.TABLE} == {
         "echo": 7, "discard": 9, "chargen": 19, "daytime": 13, "time": 37}
-    assert internal.BUILTIN_PORTS == frozenset({7, 9, 13, 19, 37})
+    assert frozenset({7, 9, 13, 19, 37}) == internal.BUILTIN_PORTS
     assert [b.name for b in internal.TABLE if b.one_shot] == ["daytime", "time"]
     for b in internal.TABLE:
         assert b.socket_types == {SocketType.STREAM, SocketType.SEQPACKET, SocketType.DGRAM}
@@ -61,7 +61,7 @@ def test_answer_goes_through_the_table() -> None:
 
 
 def test_default_config_ports_come_from_the_table_and_resolve() -> None:
-    assert cli.DEFAULT_PORTS == {b.name: b.default_port for b in internal.TABLE}
+    assert {b.name: b.default_port for b in internal.TABLE} == cli.DEFAULT_PORTS
     text = cli.default_config_text("nobody")
     loaded = resolve.load_text(text, "<default>", lookups=fake_lookups())
     assert not loaded.errors, loaded.errors
