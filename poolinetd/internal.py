@@ -224,8 +224,8 @@ class MessageEcho(StreamHandler):
             if data is records.Status.AGAIN:
                 break
             if isinstance(data, records.Status):
-                if self.end_reason != "done":
-                    return Want.NONE  # a message was lost: do not echo what followed it
+                # EOF, or a message was lost (end_reason): echo what came before it,
+                # then end, so the client sees the connection end, not a gap.
                 self._eof = True
                 break
             taken += len(data)
@@ -233,7 +233,7 @@ class MessageEcho(StreamHandler):
             self._queued += len(data)
         if not self._flush():
             return Want.NONE
-        if self._out:
+        if self._out and self.end_reason == "done":
             return Want.WRITE  # full: woken when the peer has read some
         return Want.NONE if self._eof else Want.READ
 
