@@ -74,8 +74,13 @@ class Dispatcher(Protocol):
     def ready(self, rt: ServiceRuntime) -> bool:
         """Whether ``rt`` is ready to serve (for the ready report); a failing pool counts."""
 
-    def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int) -> bool:
-        """Serve connection ``fd`` (not taken: the engine closes it). False if it could not."""
+    def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
+                 local: str = "") -> bool:
+        """Serve connection ``fd`` (not taken: the engine closes it). False if it could not.
+
+        ``peer``/``local`` are "HOST PORT" ("" for unix); ``local`` is given only when a
+        PROXY header named the address the client connected to (else the socket's own).
+        """
 
     def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
         """Serve on the listener itself until instance ``iid`` ends. False if it could not."""

@@ -59,6 +59,7 @@ from poolinetd import (
     spawn,
 )
 from poolinetd import preamble as pre
+from poolinetd import preambles
 from poolinetd.admission import LOOPING_PAUSE, Admission
 from poolinetd.dispatch import Dispatcher
 from poolinetd.sdnotify import Notifier
@@ -165,6 +166,7 @@ class ServiceRuntime:
     predecessors: list[ServiceRuntime] = field(default_factory=list)  # older, still busy
     successor: ServiceRuntime | None = None  # the generation that replaced this one
     preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
+    engine_served: bool = False  # tcpmux: the engine reads the name; no dispatcher behind it
     stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
     last_refusal_log: float = -REFUSAL_LOG_INTERVAL
@@ -254,6 +256,7 @@ class Engine:
         self.started = time.time()
         self.reloads = 0
         self.internal_ports: frozenset[int] = frozenset()
+        self.tcpmux_routes: dict[str, ServiceRuntime] = {}
         self.upgrade_argv = upgrade_argv
         self.upgrade_cwd = upgrade_cwd
         self.upgrading: Upgrade | None = None
@@ -273,13 +276,27 @@ class Engine:
     # -- setup ---------------------------------------------------------------
     def _add_runtime(self, service: Service, socks: list[socket.socket]) -> ServiceRuntime:
         rt = ServiceRuntime(service)
-        rt.preamble = self.preambles(service) if self.preambles is not None else None
+        if self.preambles is not None:
+            rt.preamble = self.preambles(service)
+        else:
+            rt.preamble = preambles.for_service(service, self._tcpmux_names)
+        rt.engine_served = service.internal == "tcpmux"
         for sock in socks:
             rt.listeners.append(Listener(sock, rt, listeners.bound_address(sock)))
         self.runtimes.append(rt)
-        self.dispatcher.add(rt)
+        if not rt.engine_served:
+            self.dispatcher.add(rt)
         self.dirty.add(rt)
+        self._index_tcpmux()
         return rt
+
+    def _index_tcpmux(self) -> None:
+        """tcpmux sub-services by lower-cased name (the generation that is not retired)."""
+        self.tcpmux_routes = {rt.service.tcpmux_name: rt for rt in self.runtimes
+                              if rt.service.tcpmux_name and not rt.retired}
+
+    def _tcpmux_names(self) -> dict[str, bool]:
+        return {name: rt.service.tcpmux_plus for name, rt in self.tcpmux_routes.items()}
 
     def _internal_ports(self) -> frozenset[int]:
         return internal.guarded_ports(lst.bound.port for rt in self.runtimes
@@ -424,7 +441,7 @@ class Engine:
         """Start what ``rt`` needs, then poll exactly the listeners that can be served."""
         now = self.system.clock()
         open_ = not self.stopping and not rt.retired
-        if open_:
+        if open_ and not rt.engine_served:
             self.dispatcher.maintain(rt, now)
         can_take = open_ and self._has_room(rt, now)
         for lst in rt.listeners:
@@ -435,7 +452,7 @@ class Engine:
             return False
         if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
             return False
-        return self.dispatcher.can_take(rt)
+        return rt.engine_served or self.dispatcher.can_take(rt)
 
     def _set_polled(self, lst: Listener, want: bool) -> None:
         if want == lst.polled:
@@ -447,7 +464,8 @@ class Engine:
         lst.polled = want
 
     def _all_ready(self) -> bool:
-        return all(self.dispatcher.ready(rt) for rt in self.runtimes if not rt.retired)
+        return all(rt.engine_served or self.dispatcher.ready(rt)
+                   for rt in self.runtimes if not rt.retired)
 
     def _report_ready(self) -> None:
         self.ready_reported = True
@@ -506,7 +524,12 @@ class Engine:
                 continue  # ECONNABORTED, EPROTO...: that client is gone, the next one is not
             peer = addr if isinstance(addr, tuple) else None
             ip = peer[0] if peer else ""
-            why = rt.admission.check(ip, now) if rt.admission.active else ""
+            if rt.service.proxy_protocol:
+                # Only a trusted proxy may say who the client is; the client's own
+                # limits are judged once the header has said it.
+                why = "" if rt.service.proxy_from.matches(ip) else preambles.PROXY_UNTRUSTED
+            else:
+                why = rt.admission.check(ip, now) if rt.admission.active else ""
             if why:
                 os.close(fd)
                 self._refused(rt, ip, why, now)
@@ -519,7 +542,7 @@ class Engine:
                 self._hand_off(rt, fd, family, ip, _wire_peer(peer), now)
 
     def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, ip: str, peer: str,
-                  now: float) -> None:
+                  now: float, local: str = "") -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         iid = next(self.ids)
         # Counted first: the dispatcher may report on it (program_started) at once.
@@ -527,7 +550,7 @@ class Engine:
         rt.instances += 1
         handed = False
         try:
-            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid)
+            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local)
         finally:
             os.close(fd)  # sent (the worker or child has its own copy) or given up
             if not handed:
@@ -628,6 +651,9 @@ class Engine:
                 self._drop_pending(item, "preamble_reset")
             return
         if isinstance(result, pre.Refuse):
+            if result.reply:
+                with contextlib.suppress(OSError):  # best-effort, never blocking
+                    item.sock.send(result.reply, socket.MSG_DONTWAIT)
             self._drop_pending(item, result.reason)
             return
         # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
@@ -646,6 +672,14 @@ class Engine:
         ip = peer[0] if peer else ""
         now = self.system.clock()
         self._forget_pending(item)
+        if result.route is not None:  # tcpmux: the sub-service takes it, with its limits
+            target = self.tcpmux_routes.get(result.route)
+            if target is None:
+                item.sock.close()
+                self._refused(rt, ip, preambles.TCPMUX_UNKNOWN, now)
+                return
+            rt.stats.accepted += 1
+            rt = target
         why = rt.admission.check(ip, now) if rt.admission.active else ""
         if why or rt.retired or self.stopping or not self._has_room(rt, now):
             item.sock.close()
@@ -655,7 +689,8 @@ class Engine:
                 self._count_refusal(rt, "no_room")
             return
         fd = item.sock.detach()
-        self._hand_off(rt, fd, item.sock.family, ip, _wire_peer(peer), now)
+        self._hand_off(rt, fd, item.sock.family, ip, _wire_peer(peer), now,
+                       _wire_peer(result.local) if result.local else "")
 
     def _forget_pending(self, item: Pending) -> None:
         fd = item.sock.fileno()
@@ -748,7 +783,7 @@ class Engine:
 
     def _resize(self, delta: int) -> None:
         for rt in self.runtimes:
-            if rt.retired:
+            if rt.retired or rt.engine_served:
                 continue
             new_min = self.dispatcher.resize(rt, delta)
             if new_min is None:
@@ -843,6 +878,7 @@ class Engine:
             self._retire(rt)
         self.runtimes.sort(key=lambda rt: (rt.retired, order.get(rt.service.key, 0)))
         self.internal_ports = self._internal_ports()
+        self._index_tcpmux()
         self.reloads += 1
         self.wake_at(self.system.clock())
         self.collect_garbage()
@@ -869,13 +905,14 @@ class Engine:
 
     def _retire(self, rt: ServiceRuntime) -> None:
         rt.retired = True
-        self.dispatcher.retire(rt)
+        if not rt.engine_served:
+            self.dispatcher.retire(rt)
         self.dirty.add(rt)
 
     def collect_garbage(self) -> None:
         """Forget retired generations that serve nothing any more."""
         self.runtimes = [rt for rt in self.runtimes if not rt.retired or rt.instances
-                         or rt.listeners or self.dispatcher.holds(rt)]
+                         or rt.listeners or (not rt.engine_served and self.dispatcher.holds(rt))]
         for rt in self.runtimes:
             rt.predecessors = [p for p in rt.predecessors if p.instances]
 
@@ -962,8 +999,9 @@ class Engine:
         self.collect_garbage()
         services = []
         for rt in self.runtimes:
-            report = self.dispatcher.report(rt, now)
-            state = ("retiring" if rt.retired else "failing" if self.dispatcher.failing(rt)
+            report = self._report(rt, now)
+            state = ("retiring" if rt.retired else "failing" if (
+                not rt.engine_served and self.dispatcher.failing(rt))
                      else "paused" if rt.resting_until > now else "serving")
             services.append({
                 "service": rt.name,
@@ -985,6 +1023,13 @@ class Engine:
                 "upgrading": self.upgrading.pid if self.upgrading is not None else 0,
                 "services": services}
 
+    def _report(self, rt: ServiceRuntime, now: float) -> dict[str, object]:
+        if rt.engine_served:  # served by the engine itself: no workers, no children
+            return {"workers": {"booting": 0, "idle": 0, "busy": 0, "draining": 0,
+                                "stalled": 0}, "pool_min": 0, "pool_max": 0, "restarts": 0,
+                    "boot_failures": 0, "retry_in": 0.0}
+        return self.dispatcher.report(rt, now)
+
     def render_metrics(self) -> bytes:
         return metrics.render(self.metrics_document())
 
@@ -994,7 +1039,7 @@ class Engine:
         services: list[metrics.ServiceMetrics] = []
         seen: dict[int, metrics.ServiceMetrics] = {}
         for rt in self.runtimes:  # generations of one service share their stats
-            report = self.dispatcher.report(rt, now)
+            report = self._report(rt, now)
             workers = report.get("workers", {})
             assert isinstance(workers, dict)
             entry = seen.get(id(rt.stats))

@@ -67,10 +67,13 @@ class Message:
     family: int = 0
     ids: tuple[int, ...] = ()
     peer: str = ""
+    local: str = ""  # CONN: the address the client connected to, when a PROXY header said it
 
 
-def encode_conn(conn_id: int, family: int, peer: str) -> bytes:
-    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family) + peer.encode()
+def encode_conn(conn_id: int, family: int, peer: str, local: str = "") -> bytes:
+    """CONN: ``peer`` (and ``local``, if not the socket's own) as "HOST PORT", NUL-separated."""
+    text = f"{peer}\0{local}" if local else peer
+    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family) + text.encode()
 
 
 def encode_lend(lend_id: int) -> bytes:
@@ -117,7 +120,8 @@ def decode(data: bytes) -> Message:
     try:
         if kind == CONN:
             ident, family = _CONN.unpack_from(body)
-            return Message(CONN, ident, family=family, peer=body[_CONN.size :].decode())
+            peer, _, local = body[_CONN.size :].decode().partition("\0")
+            return Message(CONN, ident, family=family, peer=peer, local=local)
         if kind == LEND:
             (ident,) = _ID.unpack(body)
             return Message(LEND, ident)

@@ -88,11 +88,13 @@ class ForkDispatcher:
         return False
 
     # -- dispatch -------------------------------------------------------------------
-    def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int) -> bool:
+    def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
+                 local: str = "") -> bool:
         service = rt.service
         log_connections = self.hooks.log_connections
         return self._fork(rt, iid, fd, service.program is not None,
-                          lambda: _serve_connection(service, fd, family, peer, log_connections))
+                          lambda: _serve_connection(service, fd, family, peer, log_connections,
+                                                    local))
 
     def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
         service = rt.service
@@ -102,7 +104,8 @@ class ForkDispatcher:
             logged = self.guard_logged.get(rt.name)
             return self._fork(rt, iid, fd, False,
                               lambda: _answer_datagrams(service, fd, ports, logged))
-        return self._fork(rt, iid, fd, True, lambda: _serve_connection(service, fd, 0, "", False))
+        return self._fork(rt, iid, fd, True,
+                          lambda: _serve_connection(service, fd, 0, "", False, ""))
 
     def _fork(self, rt: ServiceRuntime, iid: int, fd: int, program: bool,
               body: spawn.Body) -> bool:
@@ -181,8 +184,11 @@ def _drop(service: Service) -> bool:
 
 
 def _serve_connection(service: Service, fd: int, family: int, peer: str,
-                      log_connections: bool) -> int:
-    """In the child: drop privileges, then serve ``fd`` (a connection, or a wait listener)."""
+                      log_connections: bool, local: str) -> int:
+    """In the child: drop privileges, then serve ``fd`` (a connection, or a wait listener).
+
+    ``local``: the address the client connected to, when a PROXY header said it.
+    """
     spawn.set_title(f"poolinetd: {service.name} {peer.replace(' ', ':') or 'wait'}")
     if not _drop(service):
         return spawn.EX_WORKER_BOOT
@@ -198,10 +204,11 @@ def _serve_connection(service: Service, fd: int, family: int, peer: str,
                      bytes_in=bytes_in, bytes_out=bytes_out)
         return 0
     assert service.program is not None
-    try:
-        local = worker.format_addr(sock.getsockname()) if peer else ""
-    except OSError:
-        local = ""
+    if peer and not local:
+        try:
+            local = worker.format_addr(sock.getsockname())
+        except OSError:
+            local = ""
     env = worker.connection_env(service, peer, local)
     sock.setblocking(True)  # the program expects a blocking socket
     spawn.restore_fd_limit()

@@ -123,14 +123,15 @@ class PoolDispatcher:
         return self.pools[rt].failing
 
     # -- dispatch ---------------------------------------------------------------
-    def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int) -> bool:
+    def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
+                 local: str = "") -> bool:
         """Send ``fd`` to the pool's pick, or to another if that one cannot take it.
 
         A worker whose channel is broken (it just died) is written off and the
         next one tried, so a crash loses only what it was already serving.
         """
         pool = self.pools[rt]
-        payload = fdpass.encode_conn(iid, family, peer)
+        payload = fdpass.encode_conn(iid, family, peer, local)
         for _ in range(4):
             pid = pool.pick()
             if pid is None:

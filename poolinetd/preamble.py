@@ -37,9 +37,13 @@ class NeedMore:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Close the connection; ``reason`` is counted in status and logged (throttled)."""
+    """Close the connection; ``reason`` is counted in status and logged (throttled).
+
+    ``reply`` is sent first, best-effort and never blocking (tcpmux's ``-`` line).
+    """
 
     reason: str
+    reply: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +52,15 @@ class Proceed:
 
     ``peer``/``local``: the client's and the server's address as the preamble
     says ((host, port)); None keeps the connection's own (PROXY ``LOCAL``,
-    ``UNKNOWN``). ``reply`` is sent to the client before the hand-off.
+    ``UNKNOWN``). ``reply`` is sent to the client before the hand-off. ``route``
+    names the service that takes the connection instead of the listener's own.
     """
 
     consumed: int
     peer: tuple[str, int] | None = None
     local: tuple[str, int] | None = None
     reply: bytes = b""
+    route: str | None = None  # tcpmux: the sub-service the connection goes to
 
 
 Result = NeedMore | Refuse | Proceed

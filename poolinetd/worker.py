@@ -245,10 +245,12 @@ class Worker:
         if self.service.internal is not None:
             self._start_builtin(msg.ident, sock, msg.peer)
         else:
-            try:
-                local = format_addr(sock.getsockname())
-            except OSError:
-                local = ""
+            local = msg.local  # what a PROXY header said, else the socket's own
+            if not local:
+                try:
+                    local = format_addr(sock.getsockname())
+                except OSError:
+                    local = ""
             self._launch(msg.ident, sock, msg.peer, local)
 
     def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
