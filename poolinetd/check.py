@@ -13,6 +13,7 @@ from typing import TextIO
 
 import orjson
 
+from poolinetd.netmatch import AddressList
 from poolinetd.resolve import load_file
 from poolinetd.spec import Diagnostic, Endpoint, Options, Service
 
@@ -38,6 +39,10 @@ def _endpoint(ep: Endpoint) -> dict[str, object]:
         "port": ep.port,
         "v6only": ep.v6only,
     }
+
+
+def _networks(networks: AddressList) -> list[str]:
+    return [str(n) for n in networks.networks]
 
 
 def service_to_dict(service: Service) -> dict[str, object]:
@@ -79,7 +84,18 @@ def service_to_dict(service: Service) -> dict[str, object]:
             "max_cpm_per_ip": lim.max_cpm_per_ip,
             "max_child_per_ip": lim.max_child_per_ip,
             "max_spawn_per_min": lim.max_spawn_per_min,
+            "unlimited": sorted(lim.unlimited),
         },
+        "only_from": _networks(service.only_from),
+        "no_access": _networks(service.no_access),
+        "source_v4_prefix": service.source_v4_prefix,
+        "source_v6_prefix": service.source_v6_prefix,
+        "block_time": service.block_time,
+        "reuseport": service.reuseport,
+        "proxy_protocol": service.proxy_protocol,
+        "proxy_from": _networks(service.proxy_from),
+        "tcpmux_name": service.tcpmux_name,
+        "tcpmux_plus": service.tcpmux_plus,
         "socket_owner": None
         if owner is None
         else {"uid": owner.uid, "gid": owner.gid, "mode": owner.mode},
@@ -106,7 +122,9 @@ def run_check(
 
     Every error and warning goes to ``err`` as ``FILE:LINE: field N 'TOKEN': message (hint)``,
     then a one-line summary. With ``as_json``, ``out`` gets one JSON object:
-    ``{"source", "services": [...], "diagnostics": [...]}`` (services that resolved).
+    ``{"source", "max_connections", "max_programs", "services": [...], "diagnostics": [...]}``
+    (services that resolved; limits are effective values: None = no limit, 0 = nothing
+    allowed; a cap of None = no cap).
     """
     loaded = load_file(path, cli_defaults)
     for diag in loaded.diagnostics:
@@ -120,6 +138,8 @@ def run_check(
     if as_json:
         doc = {
             "source": _text(path),
+            "max_connections": loaded.max_connections,
+            "max_programs": loaded.max_programs,
             "services": [service_to_dict(s) for s in loaded.services],
             "diagnostics": [diagnostic_to_dict(d) for d in loaded.diagnostics],
         }

@@ -36,7 +36,16 @@ import stat
 from dataclasses import dataclass, field
 
 from poolinetd import inetdconf
-from poolinetd.spec import Diagnostic, Include, Options, ParsedConfig, ServiceSpec, Severity
+from poolinetd.spec import (
+    LIMIT_NAMES,
+    Diagnostic,
+    Include,
+    Limits,
+    Options,
+    ParsedConfig,
+    ServiceSpec,
+    Severity,
+)
 
 __all__ = ["DEFAULT_LIMITS", "LoadLimits", "load_path", "load_text", "read_config"]
 
@@ -288,16 +297,24 @@ class _Loader:
             diags.extend(sub_diags)
 
     def merged_defaults(self) -> Options:
-        """Field by field, the first file (in include order) that sets it wins; env by name."""
+        """Field by field, the first file (in include order) that sets it wins; env by
+        name; each limit on its own (a limit written "unlimited" counts as set)."""
         values: dict[str, object] = {}
         env: dict[str, str] = {}
+        limits: dict[str, int | None] = {}
         for options in self.defaults:
             for name in Options.__dataclass_fields__:
-                if name != "env" and values.get(name) is None:
+                if name not in ("env", "limits") and values.get(name) is None:
                     values[name] = getattr(options, name)
             for key, value in options.env:
                 env.setdefault(key, value)
+            for name in LIMIT_NAMES:
+                if name not in limits and options.limits.given(name):
+                    limits[name] = getattr(options.limits, name)
         values["env"] = tuple(env.items())
+        values["limits"] = Limits(
+            **{k: v for k, v in limits.items() if v is not None},
+            unlimited=frozenset(k for k, v in limits.items() if v is None))
         return Options(**values)  # type: ignore[arg-type]
 
 

@@ -48,7 +48,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
+from poolinetd import netmatch
+from poolinetd.netmatch import AddressList
 from poolinetd.spec import (
+    LIMIT_NAMES,
     Diagnostic,
     FieldLoc,
     Include,
@@ -81,8 +84,13 @@ _TOKEN_MAX = 120
 
 _SOCKET_TYPES = ", ".join(t.value for t in SocketType)
 _PROTOCOLS = ", ".join(p.value for p in Protocol)
-_LIMIT_KEYS = ("max_child", "max_cpm_per_ip", "max_child_per_ip", "max_spawn_per_min")
-_OPTION_KEYS = tuple(f.name for f in fields(Options))
+_LIMIT_KEYS = LIMIT_NAMES
+# Options fields in the order docs list them; ``limits`` is written as the limit keys.
+_OPTION_KEYS = tuple(f.name for f in fields(Options) if f.name != "limits")
+_LIST_KEYS = ("only_from", "no_access", "proxy_from")
+_GLOBAL_KEYS = ("max_connections", "max_programs")  # defaults only: one cap for all services
+_ENTRY_ONLY_KEYS = ("proxy_protocol",)  # a per-listener decision, never a default
+UNLIMITED = "unlimited"
 # Every key a service definition accepts, in the order docs list them.
 ENTRY_KEYS: tuple[str, ...] = (
     "bind",
@@ -103,8 +111,11 @@ ENTRY_KEYS: tuple[str, ...] = (
     "recvbuf",
     "ipsec",
 )
-# What a ``defaults`` definition accepts: the per-service poolinetd options.
-DEFAULTS_KEYS: tuple[str, ...] = _OPTION_KEYS
+# What a ``defaults`` definition accepts: poolinetd's options and limits, the global caps.
+DEFAULTS_KEYS: tuple[str, ...] = (
+    *_LIMIT_KEYS,
+    *(k for k in _OPTION_KEYS if k not in _ENTRY_ONLY_KEYS),
+)
 # NetBSD names for the limits, mapped onto poolinetd's own.
 _KEY_ALIASES = {"service_max": "max_spawn_per_min", "ip_max": "max_cpm_per_ip"}
 _IGNORED_KEYS = {
@@ -206,6 +217,8 @@ class _Parser:
         self.default_addrs: tuple[str, ...] = ()
         self.defaults: dict[str, object] = {}
         self.env_defaults: dict[str, str] = {}  # insertion-ordered; O(1) twice-checks
+        self.limit_defaults: dict[str, int | None] = {}  # None = "unlimited" written
+        self.defaults_at: dict[str, _Opt] = {}  # where defaults set an address list
         self.entry_failed = False
 
     # diagnostics ---------------------------------------------------------------------------
@@ -522,6 +535,7 @@ class _Parser:
                 self.tok_error(tok, "too many /limits", "write nowait/MAX_CHILD/MAX_CPM/MAX_PER_IP")
                 return
             values: dict[str, int] = {}
+            lifted: set[str] = set()
             for name, part in zip(names, parts, strict=False):
                 number = _uint(part)
                 if number is None:
@@ -529,18 +543,26 @@ class _Parser:
                         tok, f"{name} must be an integer from 0 to {_INT_MAX}", "0 means no limit"
                     )
                     return
-                values[name] = number
-            f.limits = Limits(**values)
+                if number == 0:
+                    lifted.add(name)  # FreeBSD: /0 = no limit
+                else:
+                    values[name] = number
+            f.limits = Limits(**values, unlimited=frozenset(lifted))
         elif rest[0] in ".:":
             number = _uint(rest[1:])
             if number is None:
                 self.tok_error(
                     tok,
                     f"spawns per minute must be an integer from 0 to {_INT_MAX}",
-                    "write nowait.N or nowait:N; 0 means no limit",
+                    "write nowait.N or nowait:N",
                 )
                 return
-            f.limits = Limits(max_spawn_per_min=number)
+            if number == 0 and rest[0] == ".":
+                # GNU/BusyBox (and OpenBSD's spelling): .0 = no per-service limit.
+                f.limits = Limits(unlimited=frozenset({"max_spawn_per_min"}))
+            else:
+                # NetBSD's :N, like its service_max=N: 0 = nothing is started.
+                f.limits = Limits(max_spawn_per_min=number)
         else:
             self.tok_error(
                 tok,
@@ -638,9 +660,18 @@ class _Parser:
         return next_index
 
     def kv_scan(self, onoff: _Tok) -> tuple[list[_Opt], int]:
-        """Read ``key=value, ...;`` after the on/off token; return options and the next line."""
+        """Read ``key=value, ...;`` after the on/off token; return options and the next line.
+
+        As NetBSD reads it: blanks may surround ``=`` (``protocol = udp,``), and the
+        ``=`` and the values may be on the lines after their key. A line that starts
+        in column 1 continues the definition only while an option is open (after the
+        ``on``/``off``, a ``,``, a key or an ``=``); after a value it means the ``;``
+        is missing, which is reported rather than swallowing the next entry.
+        """
         opts: list[_Opt] = []
         cur: _Opt | None = None
+        pending: _Opt | None = None  # a key read, its '=' not yet
+        open_item = True  # the definition cannot end here: the next line continues it
         li, col = onoff.lineno - 1, onoff.end
         start_col = 0
 
@@ -653,8 +684,23 @@ class _Parser:
                 opts.append(cur)
                 cur = None
 
+        def no_equals(token: str) -> None:
+            nonlocal cur, pending
+            assert pending is not None
+            self.error(
+                pending.lineno,
+                pending.field,
+                pending.key,
+                f"expected key=value, not {pending.key!r}",
+                "separate options with ',' and end the definition with ';'",
+            )
+            cur, pending = pending, None
+            cur.bad = True
+
         while True:
             if li >= len(self.lines):
+                if pending is not None:
+                    no_equals("")
                 finish()
                 self.tok_error(
                     onoff,
@@ -666,7 +712,10 @@ class _Parser:
             if col >= len(line):
                 li, col = li + 1, 0
                 nxt = self.lines[li] if li < len(self.lines) else ""
-                if li < len(self.lines) and not (_is_blank(nxt) or nxt[0] in " \t#"):
+                continues = open_item or pending is not None
+                if li < len(self.lines) and not (
+                    continues or _is_blank(nxt) or nxt[0] in " \t#"
+                ):
                     finish()
                     self.tok_error(
                         onoff,
@@ -680,6 +729,12 @@ class _Parser:
                 col += 1
             elif c == "#":
                 col = len(line)
+            elif pending is not None:
+                if c == "=":
+                    cur, pending = pending, None
+                    col += 1
+                else:
+                    no_equals(c)  # the text goes on as the (bad) option's values
             elif c == ";":
                 finish()
                 rest = line[col + 1 :].strip(_WS)
@@ -692,14 +747,19 @@ class _Parser:
                 if cur is None:
                     self.error(li + 1, len(opts) + 3, ",", "empty option", "remove the extra ','")
                 finish()
+                open_item = True
                 col += 1
             elif cur is None:
                 m = _KEY.match(line, col)
                 assert m is not None  # the pattern matches the empty string
                 start_col, key = col, m.group()
-                if m.end() < len(line) and line[m.end()] == "=" and key:
+                after = line[m.end()] if m.end() < len(line) else ""
+                if key and after == "=":
                     cur = _Opt(key, [], li + 1, len(opts) + 3, "")
                     col = m.end() + 1
+                elif key and after in ("", " ", "\t", "#"):
+                    pending = _Opt(key, [], li + 1, len(opts) + 3, "")
+                    col = m.end()
                 else:
                     token = key or c
                     self.error(
@@ -711,14 +771,17 @@ class _Parser:
                     )
                     cur = _Opt(key, [], li + 1, len(opts) + 3, "", bad=True)
                     col = max(m.end(), col + 1)
+                open_item = True
             elif c in "\"'":
                 value, col = self.kv_quoted(li, col, cur)
                 cur.values.append(value)
+                open_item = False
             else:
                 m = _WORD.match(line, col)
                 assert m is not None  # c is none of the characters the pattern excludes
                 cur.values.append(m.group())
                 col = m.end()
+                open_item = False
 
     def kv_quoted(self, li: int, col: int, opt: _Opt) -> tuple[str, int]:
         line, quote = self.lines[li], self.lines[li][col]
@@ -763,7 +826,7 @@ class _Parser:
         seen: dict[str, _Opt] = {}
         env: dict[str, str] = {}
         option_values: dict[str, object] = {}
-        limit_values: dict[str, int] = {}
+        limit_values: dict[str, int | None] = {}
         for opt in opts:
             if opt.bad:
                 continue
@@ -782,8 +845,11 @@ class _Parser:
             self.kv_entry_option(opt, key, f, env, option_values, limit_values)
         if env:
             option_values["env"] = tuple(env.items())
+        only, deny = option_values.get("only_from"), option_values.get("no_access")
+        if isinstance(only, AddressList) and isinstance(deny, AddressList):
+            self.contradiction(seen["only_from"], only, deny)
         f.options = Options(**option_values)  # type: ignore[arg-type]
-        f.limits = Limits(**limit_values)
+        f.limits = _limits(limit_values)
         self.kv_complete(svc, onoff, f, seen)
         if not self.entry_failed:
             self.emit(f, svc.lineno, enabled=onoff.text == "on")
@@ -795,7 +861,7 @@ class _Parser:
         f: _Fields,
         env: dict[str, str],
         option_values: dict[str, object],
-        limit_values: dict[str, int],
+        limit_values: dict[str, int | None],
     ) -> None:
         if key in _IGNORED_KEYS:
             self.warn(opt.lineno, opt.field, opt.raw, f"{opt.key} ignored", _IGNORED_KEYS[key])
@@ -805,6 +871,18 @@ class _Parser:
             return
         if key == "env":
             self.env_values(opt, env)
+            return
+        if key in _GLOBAL_KEYS:
+            self.opt_error(
+                opt,
+                f"{key} is a global cap, not a per-service key",
+                f"set it in defaults (defaults on {key}=N;) or with --{key.replace('_', '-')}",
+            )
+            return
+        if key in _LIST_KEYS:
+            addresses = self.address_values(opt)
+            if addresses is not None:
+                option_values[key] = addresses
             return
         if key == "bind":
             if not opt.values:
@@ -842,13 +920,7 @@ class _Parser:
         elif key == "exec":
             self.server_field(tok, value, f)
         elif key in _LIMIT_KEYS:
-            number = _uint(value)
-            if number is None:
-                self.opt_error(
-                    opt, f"{key} must be an integer from 0 to {_INT_MAX}", "0 means no limit"
-                )
-            else:
-                limit_values[key] = number
+            self.limit_value(opt, key, value, limit_values)
         else:
             parsed = self.option_value(opt, key, value)
             if parsed is not None:
@@ -912,19 +984,33 @@ class _Parser:
             if opt.key == "env":
                 self.env_values(opt, self.env_defaults)
                 continue
-            if opt.key in self.defaults:
+            if opt.key in self.defaults or opt.key in self.limit_defaults:
                 self.opt_error(opt, f"defaults set {opt.key} twice", "keep one")
                 continue
+            if opt.key in _LIST_KEYS:
+                addresses = self.address_values(opt)
+                if addresses is not None:
+                    self.defaults[opt.key] = addresses
+                    self.defaults_at[opt.key] = opt
+                continue
             value = self.single(opt)
-            if value is not None:
-                parsed = self.option_value(opt, opt.key, value)
-                if parsed is not None:
-                    self.defaults[opt.key] = parsed
+            if value is None:
+                continue
+            if opt.key in _LIMIT_KEYS:
+                self.limit_value(opt, opt.key, value, self.limit_defaults)
+                continue
+            parsed = self.option_value(opt, opt.key, value)
+            if parsed is not None:
+                self.defaults[opt.key] = parsed
+        only, deny = self.defaults.get("only_from"), self.defaults.get("no_access")
+        if isinstance(only, AddressList) and isinstance(deny, AddressList):
+            self.contradiction(self.defaults_at["only_from"], only, deny)
 
     def build_defaults(self) -> Options:
         values = dict(self.defaults)
         if self.env_defaults:
             values["env"] = tuple(self.env_defaults.items())
+        values["limits"] = _limits(self.limit_defaults)
         return Options(**values)  # type: ignore[arg-type]
 
     # option values -------------------------------------------------------------------------
@@ -950,6 +1036,68 @@ class _Parser:
                 self.opt_error(opt, f"environment variable {name} set twice", "keep one")
             else:
                 env[name] = value
+
+    def limit_value(
+        self, opt: _Opt, key: str, value: str, into: dict[str, int | None]
+    ) -> None:
+        """A limit key's value: N, 0 (nothing allowed; for max_child: no limit) or unlimited.
+
+        ``into[key]`` becomes the number, or None for "no limit, written".
+        """
+        if value == UNLIMITED:
+            into[key] = None
+            return
+        number = _uint(value)
+        if number is None:
+            zero = "no limit" if key == "max_child" else "nothing allowed"
+            self.opt_error(
+                opt,
+                f"{key} must be an integer from 0 to {_INT_MAX} or unlimited, not {value!r}",
+                f"0 means {zero}; write {key}=unlimited for no limit",
+            )
+            return
+        into[key] = None if number == 0 and key == "max_child" else number
+
+    def address_values(self, opt: _Opt) -> AddressList | None:
+        """The ADDR[/LEN] words of an access list; None after an error (host bits: warning)."""
+        if not opt.values:
+            self.opt_error(
+                opt,
+                f"{opt.key} needs at least one ADDR[/LEN]",
+                f"write {opt.key}=192.0.2.0/24 2001:db8::/32"
+                + ("; for everyone write only_from=0.0.0.0/0 ::/0" if opt.key == "only_from"
+                   else ""),
+            )
+            return None
+        networks: list[netmatch.Network] = []
+        ok = True
+        for word in opt.values:
+            got = netmatch.parse_cidr(word)
+            if isinstance(got, str):
+                self.opt_error(opt, f"{opt.key}: {got}", "write ADDR or ADDR/LEN, e.g. 10.0.0.0/8")
+                ok = False
+                continue
+            if got.note:
+                self.warn(opt.lineno, opt.field, opt.raw, f"{opt.key}: {got.note}",
+                          f"write {got} to say what is meant")
+            networks.append(got)
+        return AddressList(networks) if ok else None
+
+    def contradiction(self, where: _Opt, only: AddressList, deny: AddressList) -> None:
+        """Diagnose only_from entries that no_access makes useless (all of them: an error)."""
+        dead = netmatch.shadowed(only, deny)
+        if not dead:
+            return
+        shown = ", ".join(str(n) for n in dead[:5]) + (", ..." if len(dead) > 5 else "")
+        if len(dead) == len(only):
+            self.error(where.lineno, where.field, _short(where.raw),
+                       "only_from and no_access contradict: no_access covers every only_from "
+                       f"entry ({shown}), so the service refuses every client",
+                       "remove the no_access entries that cover only_from, or fix only_from")
+        else:
+            self.warn(where.lineno, where.field, _short(where.raw),
+                      f"only_from entries inside no_access allow nobody: {shown}",
+                      "remove them from only_from")
 
     def option_value(self, opt: _Opt, key: str, value: str) -> object | None:
         """Parse one poolinetd option value; None after reporting an error."""
@@ -986,6 +1134,30 @@ def _stderr(text: str) -> StderrRoute | None:
         return None
 
 
+def _yes_no(text: str) -> bool | None:
+    return {"yes": True, "no": False}.get(text)
+
+
+def _prefix(bits: int) -> Callable[[str], int | None]:
+    def parse(text: str) -> int | None:
+        value = _uint(text)
+        return value if value is not None and value <= bits else None
+
+    return parse
+
+
+def _cap(text: str) -> int | None:
+    """A global cap: N >= 1, or unlimited (stored as 0: "explicitly no cap")."""
+    return 0 if text == UNLIMITED else _positive(text)
+
+
+def _limits(values: dict[str, int | None]) -> Limits:
+    """Limits from parsed limit keys (a None value = "unlimited" written)."""
+    numbers = {k: v for k, v in values.items() if v is not None}
+    lifted = frozenset(k for k, v in values.items() if v is None)
+    return Limits(**numbers, unlimited=lifted)
+
+
 _OPTION_PARSERS: dict[str, _OptionParser] = {
     "pool_min": _OptionParser(_uint, "an integer >= 0", "2"),
     "pool_max": _OptionParser(_positive, "an integer >= 1", "32"),
@@ -994,6 +1166,13 @@ _OPTION_PARSERS: dict[str, _OptionParser] = {
     "idle_timeout": _OptionParser(_ufloat, "a number of seconds >= 0", "60"),
     "conn_timeout": _OptionParser(_positive_float, "a number of seconds > 0", "300"),
     "stderr": _OptionParser(_stderr, "socket or log", "log"),
+    "source_v4_prefix": _OptionParser(_prefix(32), "a prefix length from 0 to 32", "24"),
+    "source_v6_prefix": _OptionParser(_prefix(128), "a prefix length from 0 to 128", "64"),
+    "block_time": _OptionParser(_ufloat, "a number of seconds >= 0", "60"),
+    "reuseport": _OptionParser(_yes_no, "yes or no", "yes"),
+    "proxy_protocol": _OptionParser(_yes_no, "yes or no", "yes"),
+    "max_connections": _OptionParser(_cap, "an integer >= 1 or unlimited", "10000"),
+    "max_programs": _OptionParser(_cap, "an integer >= 1 or unlimited", "512"),
 }
 
 
@@ -1080,16 +1259,28 @@ def _user_token(spec: ServiceSpec) -> str:
 
 
 def _wait_token(spec: ServiceSpec) -> str | None:
+    """The positional wait field for ``spec``, or None when positional form cannot say it."""
     word = "wait" if spec.wait else "nowait"
     lim = spec.limits
-    freebsd = (lim.max_child, lim.max_cpm_per_ip, lim.max_child_per_ip)
-    if lim.max_spawn_per_min is not None:
-        return f"{word}.{lim.max_spawn_per_min}" if freebsd == (None, None, None) else None
-    given = [v for v in freebsd if v is not None]
-    # The FreeBSD form is positional: a later number needs every earlier one.
-    if freebsd[: len(given)] != tuple(given):
+    names = ("max_child", "max_cpm_per_ip", "max_child_per_ip")
+    freebsd = [lim.given(n) for n in names]
+    if lim.given("max_spawn_per_min"):
+        if any(freebsd):
+            return None
+        if lim.max_spawn_per_min is None:
+            return f"{word}.0"  # GNU/BusyBox: .0 = no limit
+        return f"{word}:0" if lim.max_spawn_per_min == 0 else f"{word}.{lim.max_spawn_per_min}"
+    count = sum(freebsd)
+    # The FreeBSD form is positional: a later number needs every earlier one; 0 = no limit.
+    if freebsd[:count] != [True] * count:
         return None
-    return word + "".join(f"/{v}" for v in given)
+    parts: list[str] = []
+    for name in names[:count]:
+        value: int | None = getattr(lim, name)
+        if value == 0:
+            return None  # "nothing allowed" has no FreeBSD spelling
+        parts.append(f"/{value or 0}")
+    return word + "".join(parts)
 
 
 def format_spec(spec: ServiceSpec) -> str:
@@ -1132,13 +1323,21 @@ def _format_kv(spec: ServiceSpec) -> str:
         opts.append(f"exec={_kv_value(spec.server)}")
     if spec.argv:
         opts.append("args=" + " ".join(_kv_value(a) for a in spec.argv))
-    for name in _LIMIT_KEYS:
-        value = getattr(spec.limits, name)
-        if value is not None:
-            opts.append(f"{name}={value}")
+    opts.extend(_format_limits(spec.limits))
     opts.extend(_format_options(spec.options))
     state = "on" if spec.enabled else "off"
     return f"{_service_token(spec)} {state} " + ", ".join(opts) + ";"
+
+
+def _format_limits(limits: Limits) -> list[str]:
+    out: list[str] = []
+    for name in _LIMIT_KEYS:
+        value = getattr(limits, name)
+        if value is not None:
+            out.append(f"{name}={value}")
+        elif name in limits.unlimited:
+            out.append(f"{name}={UNLIMITED}")
+    return out
 
 
 def _format_options(options: Options) -> list[str]:
@@ -1148,8 +1347,14 @@ def _format_options(options: Options) -> list[str]:
         if name == "env":
             if value:
                 out.append("env=" + " ".join(_kv_value(f"{k}={v}") for k, v in value))
+        elif isinstance(value, AddressList):
+            out.append(f"{name}=" + " ".join(str(n) for n in value.networks))
         elif isinstance(value, StderrRoute):
             out.append(f"{name}={value.value}")
+        elif isinstance(value, bool):
+            out.append(f"{name}={'yes' if value else 'no'}")
+        elif name in _GLOBAL_KEYS and value == 0:
+            out.append(f"{name}={UNLIMITED}")
         elif isinstance(value, float):
             out.append(f"{name}={value!r}")
         elif value is not None:
@@ -1159,5 +1364,5 @@ def _format_options(options: Options) -> list[str]:
 
 def format_defaults(options: Options) -> str:
     """A ``defaults on ...;`` line for ``options`` ("" when nothing is set)."""
-    opts = _format_options(options)
+    opts = _format_limits(options.limits) + _format_options(options)
     return "defaults on " + ", ".join(opts) + ";" if opts else ""

@@ -97,8 +97,12 @@ def open_endpoint(service: Service, endpoint: Endpoint) -> socket.socket:
 
     TCP listeners get SO_REUSEADDR (a restart must not wait for TIME_WAIT);
     datagram sockets never do, so no other user can bind the same address
-    and port and take the service's datagrams. Unix sockets: see
-    ``bind_unix``. Raises ListenError naming the service and address.
+    and port and take the service's datagrams. SO_REUSEPORT is set (before
+    bind, TCP and UDP) only when ``service.reuseport``: then several
+    poolinetd instances running as the same user share the port and the
+    kernel spreads connections over them; the kernel refuses it to sockets of
+    other users. Unix sockets: see ``bind_unix``. Raises ListenError naming
+    the service and address.
     """
     stype = _SOCKTYPES.get(service.socket_type)
     if stype is None:
@@ -120,6 +124,8 @@ def open_endpoint(service: Service, endpoint: Endpoint) -> socket.socket:
     try:
         if stype == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if service.reuseport and stype in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if endpoint.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(endpoint.v6only))
         sock.bind((endpoint.address, endpoint.port))

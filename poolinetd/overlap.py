@@ -114,12 +114,18 @@ def find_duplicates(services: Iterable[Service]) -> tuple[list[Service], list[Di
 
     Port 0 ("any free port") never overlaps, but two such entries with the same
     name and address could not be told apart on a reload: that is an error too.
+    Services without endpoints (tcpmux sub-services) are kept and never compared.
     """
     kept: list[Service] = []
     diags: list[Diagnostic] = []
     labelled: dict[ServiceKey, Service] = {}
     index = _Index()
     for svc in services:
+        if not svc.key.endpoints:
+            # A tcpmux sub-service has no socket: nothing to overlap (resolve.py checks
+            # its name against the other sub-services).
+            kept.append(svc)
+            continue
         transport = _transport(svc)
         clash: tuple[Service, Endpoint] | None = None
         for ep in svc.key.endpoints:

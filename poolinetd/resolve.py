@@ -16,7 +16,8 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from poolinetd import includes, overlap
+from poolinetd import includes, netmatch, overlap, tcpmux
+from poolinetd.netmatch import AddressList
 from poolinetd.spec import (
     BUILTINS,
     DEFAULT_CONN_TIMEOUT,
@@ -25,10 +26,16 @@ from poolinetd.spec import (
     DEFAULT_POOL_MAX,
     DEFAULT_POOL_MIN,
     DEFAULT_POOL_MIN_PROGRAM,
+    DEFAULT_SOURCE_V4_PREFIX,
+    DEFAULT_SOURCE_V6_PREFIX,
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
+    LIMIT_NAMES,
+    SAFE_SHARE,
+    TCPMUX,
     Diagnostic,
     Endpoint,
+    Limits,
     Options,
     ParsedConfig,
     PoolSettings,
@@ -56,7 +63,11 @@ __all__ = [
 # ValueError/UnicodeError the C wrappers raise for NUL bytes or lone surrogates.
 _LOOKUP_FAILURES = (LookupError, OSError, ValueError)
 # Built-ins other inetds have and poolinetd does not, for a clearer message.
-_FOREIGN_BUILTINS = ("tcpmux", "auth", "ident")
+_FOREIGN_BUILTINS = ("auth", "ident")
+# What ``internal NAME`` may name: the table's built-ins and the tcpmux listener.
+_BUILTIN_NAMES = (*BUILTINS, TCPMUX)
+_TCP = frozenset({Protocol.TCP, Protocol.TCP4, Protocol.TCP6, Protocol.TCP46})
+_PER_SOURCE = ("max_cpm_per_ip", "max_child_per_ip")
 # Bound on the sum of every service's env variables in one load (each service carries its
 # whole environment, so a big ``defaults env=`` times many entries would be quadratic).
 MAX_ENV_TOTAL = 2_000_000
@@ -123,10 +134,16 @@ def system_lookups() -> Lookups:
 
 @dataclass(frozen=True, slots=True)
 class LoadedConfig:
-    """A config file read, parsed and resolved: the services and every diagnostic, in file order."""
+    """A config file read, parsed and resolved: the services and every diagnostic, in file order.
+
+    ``max_connections``/``max_programs``: the global caps (command line over the
+    file's ``defaults``); None = no cap.
+    """
 
     services: tuple[Service, ...]
     diagnostics: tuple[Diagnostic, ...]
+    max_connections: int | None = None
+    max_programs: int | None = None
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -176,8 +193,10 @@ class _SpecResolver:
     def run(self) -> Service | None:
         spec = self.spec
         self.check_kinds()
-        port = self.port()
-        endpoints = self.endpoints(port) if port is not None else ()
+        mux = self.tcpmux_name()
+        port = 0 if spec.tcpmux is not None else self.port()
+        # A tcpmux sub-service has no socket: it is reached through a tcpmux listener.
+        endpoints = self.endpoints(port) if port is not None and spec.tcpmux is None else ()
         internal, program, argv = self.server()
         user = self.user()
         owner = self.socket_owner()
@@ -193,16 +212,18 @@ class _SpecResolver:
             self.report("wait", "stream built-in served as nowait", "write nowait", warning=True)
             spec = replace(spec, wait=False)
         pool, conn_timeout, stderr, env = self.options(internal is not None)
+        traffic = self.traffic(spec)
+        limits = self.limits(spec, pool)
         if self.failed or user is None or port is None:
             return None
         pw, gid, groups = user
         name = display_name(spec, internal, argv)
         any_port = any(ep.port == 0 for ep in endpoints) and not spec.protocol.is_unix
+        label = name if any_port or mux is not None else ""
         return Service(
             spec=spec,
             name=name,
-            key=ServiceKey(spec.socket_type, spec.protocol.is_udp, endpoints,
-                           name if any_port else ""),
+            key=ServiceKey(spec.socket_type, spec.protocol.is_udp, endpoints, label),
             uid=pw.uid,
             gid=gid,
             groups=groups,
@@ -215,8 +236,18 @@ class _SpecResolver:
             conn_timeout=conn_timeout,
             stderr=stderr,
             env=env,
-            limits=spec.limits,
+            limits=limits,
             socket_owner=owner,
+            only_from=traffic.only_from,
+            no_access=traffic.no_access,
+            source_v4_prefix=traffic.source_v4_prefix,
+            source_v6_prefix=traffic.source_v6_prefix,
+            block_time=traffic.block_time,
+            reuseport=traffic.reuseport,
+            proxy_protocol=traffic.proxy_protocol,
+            proxy_from=traffic.proxy_from,
+            tcpmux_name=mux,
+            tcpmux_plus=spec.tcpmux_plus if mux is not None else False,
         )
 
     def check_kinds(self) -> None:
@@ -235,9 +266,34 @@ class _SpecResolver:
         elif st is SocketType.DGRAM and not (proto.is_udp or proto.is_unix):
             self.report("protocol", f"dgram does not go with {proto.value}", "use udp for dgram")
         if spec.tcpmux is not None:
-            self.report(
-                "service", "tcpmux services are not supported", "give the service its own port"
-            )
+            if st is not SocketType.STREAM:
+                self.report("socket_type", "a tcpmux sub-service is stream only",
+                            "write tcpmux/NAME stream tcp nowait ...")
+            elif proto not in _TCP:
+                self.report("protocol", "a tcpmux sub-service is reached over TCP",
+                            "write tcpmux/NAME stream tcp nowait ...")
+            if spec.wait:
+                self.report("wait", "a tcpmux sub-service is nowait: it has no socket to wait on",
+                            "write nowait")
+            if spec.addresses:
+                self.report("service", "listen address ignored: a tcpmux sub-service is "
+                            "reached through the tcpmux listener", "remove the address",
+                            warning=True)
+
+    def tcpmux_name(self) -> str | None:
+        """The lower-cased name of a ``tcpmux/NAME`` sub-service (None for other entries)."""
+        name = self.spec.tcpmux
+        if name is None:
+            return None
+        if not (name.isascii() and name.isprintable()) or len(name) > tcpmux.MAX_NAME:
+            self.report("service", "a tcpmux name is printable ASCII, at most "
+                        f"{tcpmux.MAX_NAME} characters", "rename the sub-service")
+            return None
+        lower = name.lower()
+        if lower == tcpmux.HELP:
+            self.report("service", "HELP is tcpmux's own request (it lists the sub-services)",
+                        "give the sub-service another name")
+        return lower
 
     def port(self) -> int | None:
         spec = self.spec
@@ -333,20 +389,32 @@ class _SpecResolver:
         name = self.builtin_name()
         if name is None:
             return None, None, ()
+        where = "argv" if spec.argv else "service"
         if name in _FOREIGN_BUILTINS:
             self.report(
-                "argv" if spec.argv else "service",
+                where,
                 f"built-in {name!r} is not supported by poolinetd",
-                "built-ins: " + ", ".join(BUILTINS),
+                "built-ins: " + ", ".join(_BUILTIN_NAMES),
             )
             return None, None, ()
-        if name not in BUILTINS:
+        if name not in _BUILTIN_NAMES:
             self.report(
-                "argv" if spec.argv else "service",
+                where,
                 f"no built-in service {name!r}",
-                "built-ins: " + ", ".join(BUILTINS) + "; name one with 'internal NAME'",
+                "built-ins: " + ", ".join(_BUILTIN_NAMES) + "; name one with 'internal NAME'",
             )
             return None, None, ()
+        if name == TCPMUX:
+            if spec.tcpmux is not None:
+                self.report(where, "a tcpmux sub-service cannot be the tcpmux listener",
+                            "name another built-in, or a program")
+            elif spec.socket_type is not SocketType.STREAM or spec.protocol not in _TCP:
+                self.report("protocol" if spec.socket_type is SocketType.STREAM
+                            else "socket_type", "the tcpmux built-in is stream tcp only",
+                            "write tcpmux stream tcp nowait root internal")
+        elif spec.tcpmux is not None and not spec.tcpmux_plus:
+            self.report("service", f"built-in {name} cannot send tcpmux's '+' reply itself",
+                        f"write tcpmux/+{spec.tcpmux}: poolinetd then sends it")
         if len(spec.argv) > 1:
             self.report("argv", f"built-in {name} takes no arguments", f"write internal {name}")
         return name, None, ()
@@ -357,9 +425,17 @@ class _SpecResolver:
         # GNU inetd writes "internal internal"; it names nothing.
         if spec.argv and spec.argv != ("internal",):
             return spec.argv[0]
+        if spec.tcpmux is not None:
+            # A sub-service has no port to look up: its name may be the built-in's.
+            lower = spec.tcpmux.lower()
+            if lower in BUILTINS:
+                return lower
+            self.report("server", f"no built-in named {spec.tcpmux!r}",
+                        f"name the built-in: internal {BUILTINS[0]}")
+            return None
         if spec.protocol.is_unix:
             return spec.service.rsplit("/", 1)[-1]  # FreeBSD: the last path component
-        if spec.service in BUILTINS or spec.service in _FOREIGN_BUILTINS:
+        if spec.service in _BUILTIN_NAMES or spec.service in _FOREIGN_BUILTINS:
             return spec.service
         # An alias ("sink") or a number ("7"): ask for the official name of its port.
         port = self.port_quiet()
@@ -486,6 +562,138 @@ class _SpecResolver:
             env,
         )
 
+    def address_list(self, name: str) -> AddressList | None:
+        value = self.pick(name)
+        return value if isinstance(value, AddressList) else None
+
+    def traffic(self, spec: ServiceSpec) -> _Traffic:
+        """Access lists, per-source keying, PROXY protocol and SO_REUSEPORT, defaults applied.
+
+        ``spec`` is the entry after the built-in wait rule (a stream built-in is nowait).
+        """
+        own = spec.options
+        only, deny = self.address_list("only_from"), self.address_list("no_access")
+        if spec.protocol.is_unix:
+            # Unix peers have no address: the socket file's mode decides who connects.
+            for key in ("only_from", "no_access"):
+                if getattr(own, key) is not None:
+                    self.report(key, f"{key} needs an IP service: unix peers have no address",
+                                "limit who may connect with the socket's :owner:group:mode:")
+            only = deny = None
+        elif only and deny and (own.only_from is None) != (own.no_access is None):
+            # One list is the entry's, the other from defaults (the parser judged the
+            # lists written together).
+            self.contradiction(only, deny, "only_from" if own.only_from is not None
+                               else "no_access")
+        proxy_protocol = own.proxy_protocol is True
+        proxy_from = self.address_list("proxy_from")
+        if proxy_protocol:
+            ok_kind = (spec.socket_type is SocketType.STREAM and not spec.wait
+                       and (spec.protocol in _TCP or spec.protocol.is_unix))
+            if spec.tcpmux is not None:
+                self.report("proxy_protocol", "a tcpmux sub-service reads no PROXY header",
+                            "set proxy_protocol=yes on the tcpmux listener")
+            elif not ok_kind:
+                self.report("proxy_protocol",
+                            "proxy_protocol=yes needs a stream tcp or unix nowait service",
+                            "a PROXY header starts a connection; datagram and wait services "
+                            "have none")
+            elif spec.protocol.is_unix:
+                if own.proxy_from is not None:
+                    self.report("proxy_from", "proxy_from needs an IP service: unix peers "
+                                "have no address", "the socket's :owner:group:mode: decides "
+                                "who may send the header")
+                proxy_from = None
+            elif not proxy_from:
+                self.report("proxy_protocol",
+                            "proxy_protocol=yes needs proxy_from=..., the proxies trusted to "
+                            "send the header", "write e.g. proxy_from=10.0.0.5 10.0.0.6")
+        else:
+            if own.proxy_from is not None:
+                self.report("proxy_from", "proxy_from without proxy_protocol=yes is ignored",
+                            "add proxy_protocol=yes or remove proxy_from", warning=True)
+            proxy_from = None
+        reuseport = self.pick("reuseport") is True
+        if spec.tcpmux is not None:
+            if own.reuseport is not None:
+                self.report("reuseport", "reuseport ignored: a tcpmux sub-service has no "
+                            "socket of its own", "set it on the tcpmux listener", warning=True)
+            reuseport = False
+        v4, v6, block = (self.pick("source_v4_prefix"), self.pick("source_v6_prefix"),
+                         self.pick("block_time"))
+        return _Traffic(
+            only_from=only or _EMPTY,
+            no_access=deny or _EMPTY,
+            source_v4_prefix=v4 if isinstance(v4, int) else DEFAULT_SOURCE_V4_PREFIX,
+            source_v6_prefix=v6 if isinstance(v6, int) else DEFAULT_SOURCE_V6_PREFIX,
+            block_time=float(block) if isinstance(block, int | float) else 0.0,
+            reuseport=reuseport,
+            proxy_protocol=proxy_protocol,
+            proxy_from=proxy_from or _EMPTY,
+        )
+
+    def contradiction(self, only: AddressList, deny: AddressList, role: str) -> None:
+        dead = netmatch.shadowed(only, deny)
+        if not dead:
+            return
+        shown = ", ".join(str(n) for n in dead[:5]) + (", ..." if len(dead) > 5 else "")
+        if len(dead) == len(only):
+            self.report(role, "only_from and no_access contradict: no_access covers every "
+                        f"only_from entry ({shown}), so the service refuses every client",
+                        "remove the no_access entries that cover only_from, or fix only_from "
+                        "(one of them comes from defaults)")
+        else:
+            self.report(role, f"only_from entries inside no_access allow nobody: {shown}",
+                        "remove them from only_from", warning=True)
+
+    def limits(self, spec: ServiceSpec, pool: PoolSettings) -> Limits:
+        """The entry's limits, then ``defaults``', then the command line's, limit by limit;
+        then the safe default for ``max_child_per_ip`` (docs/configuration.md, "Limits")."""
+        chain = (spec.limits, *(options.limits for options in self.chain[1:]))
+        values: dict[str, int] = {}
+        lifted: set[str] = set()
+        unix = spec.protocol.is_unix
+        for name in LIMIT_NAMES:
+            per_source = name in _PER_SOURCE
+            if unix and per_source and spec.limits.given(name):
+                self.report(name if name in dict(spec.locs) else "wait",
+                            f"{name} on a unix socket counts all clients as one source "
+                            "(unix peers have no address)", "use max_child or "
+                            "max_spawn_per_min for a limit on the whole service", warning=True)
+            # Unix peers have no address, so a per-source limit from defaults would
+            # silently become a limit on the whole service: only the entry's applies.
+            for limits in chain[:1] if unix and per_source else chain:
+                if limits.given(name):
+                    value: int | None = getattr(limits, name)
+                    if value is None:
+                        lifted.add(name)
+                    else:
+                        values[name] = value
+                    break
+        connections = (spec.socket_type is SocketType.STREAM and not spec.wait
+                       and not spec.protocol.is_unix)
+        if connections and "max_child_per_ip" not in values and "max_child_per_ip" not in lifted:
+            capacity = values.get("max_child") or pool.pool_max * pool.worker_connections
+            values["max_child_per_ip"] = max(1, capacity // SAFE_SHARE)
+        return Limits(**values, unlimited=frozenset(lifted))
+
+
+@dataclass(frozen=True, slots=True)
+class _Traffic:
+    """What ``_SpecResolver.traffic`` resolves (the Service fields of the same names)."""
+
+    only_from: AddressList
+    no_access: AddressList
+    source_v4_prefix: int
+    source_v6_prefix: int
+    block_time: float
+    reuseport: bool
+    proxy_protocol: bool
+    proxy_from: AddressList
+
+
+_EMPTY = AddressList()
+
 
 # -- names -------------------------------------------------------------------------------
 
@@ -497,6 +705,8 @@ def display_name(spec: ServiceSpec, internal: str | None, argv: tuple[str, ...])
     built-in's name or the program's argv[0] (``cat:0/tcp``).
     """
     proto = spec.protocol.value
+    if spec.tcpmux is not None:
+        return f"tcpmux/{spec.tcpmux.lower()}"  # also its reload identity (ServiceKey.label)
     if spec.service.isdigit():
         what = internal or os.path.basename(argv[0] if argv else spec.server)
         return f"{what}:{spec.service}/{proto}"
@@ -540,7 +750,37 @@ def resolve(
             break
         services.append(service)
     kept, dup_diags = overlap.find_duplicates(services)
-    return tuple(kept), tuple(diags) + tuple(dup_diags)
+    kept, mux_diags = _tcpmux_check(kept)
+    return tuple(kept), tuple(diags) + tuple(dup_diags) + tuple(mux_diags)
+
+
+def _tcpmux_check(services: list[Service]) -> tuple[list[Service], list[Diagnostic]]:
+    """Drop a tcpmux sub-service whose name (case-insensitive) an earlier one has; warn
+    about sub-services when no tcpmux listener is configured."""
+    kept: list[Service] = []
+    diags: list[Diagnostic] = []
+    names: dict[str, Service] = {}
+    listener = any(s.internal == TCPMUX for s in services)
+    for svc in services:
+        if svc.tcpmux_name is None:
+            kept.append(svc)
+            continue
+        where = svc.spec.loc("service")
+        first = names.setdefault(svc.tcpmux_name, svc)
+        if first is not svc:
+            diags.append(Diagnostic(
+                svc.spec.source, where.lineno, where.field, where.token,
+                f"duplicate tcpmux sub-service {svc.tcpmux_name!r}: also at "
+                f"{first.spec.source}:{first.spec.lineno} (tcpmux names are case-insensitive)",
+                "remove one or rename it"))
+            continue
+        kept.append(svc)
+        if not listener:
+            diags.append(Diagnostic(
+                svc.spec.source, where.lineno, where.field, where.token,
+                f"no tcpmux listener is configured, so {svc.name} cannot be reached",
+                "add: tcpmux stream tcp nowait root internal", Severity.WARNING))
+    return kept, diags
 
 
 def _merged_env(chain: Iterable[Options]) -> tuple[tuple[str, str], ...]:
@@ -592,4 +832,15 @@ def _finish(parsed: ParsedConfig, source: str, cli_defaults: Options,
         parsed, cli_defaults, lookups if lookups is not None else system_lookups()
     )
     sources = [source, *(s.source for s in parsed.specs)]
-    return LoadedConfig(services, _ordered((*parsed.diagnostics, *diags), sources))
+    return LoadedConfig(
+        services,
+        _ordered((*parsed.diagnostics, *diags), sources),
+        max_connections=global_cap(cli_defaults.max_connections, parsed.defaults.max_connections),
+        max_programs=global_cap(cli_defaults.max_programs, parsed.defaults.max_programs),
+    )
+
+
+def global_cap(cli: int | None, file: int | None) -> int | None:
+    """A global cap: the command line's if given, else the file's; None or 0 = no cap."""
+    value = cli if cli is not None else file
+    return value or None

@@ -14,6 +14,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from poolinetd.netmatch import AddressList
+
 
 class SocketType(enum.Enum):
     """Field 2 of an entry."""
@@ -84,19 +86,39 @@ class Diagnostic:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The numbers after ``wait``/``nowait``, each with its own meaning; None = not given.
+    """Connection limits of one service. Each number: None = no limit, 0 = nothing
+    allowed, N = at most N (``max_child`` is never 0: 0 means "no limit" there).
 
-    FreeBSD ``nowait/A/B/C``: A = max_child (concurrent instances, 0 = no
-    limit), B = max_cpm_per_ip (connections per minute from one IP),
-    C = max_child_per_ip (concurrent instances per IP). OpenBSD/GNU/BusyBox
-    ``nowait.N`` and NetBSD ``nowait:N``: N = max_spawn_per_min (instances
-    started per minute by the whole service). Nothing converts one into another.
+    ``max_child``: concurrent instances of the service. ``max_cpm_per_ip``:
+    connections (program starts) per minute from one source. ``max_child_per_ip``:
+    concurrent instances per source. ``max_spawn_per_min``: instances started per
+    minute by the whole service. Nothing converts one into another.
+
+    How each notation's 0 reads (docs/configuration.md, "Limits"): FreeBSD
+    ``nowait/A/B/C`` and GNU/BusyBox ``nowait.N``: 0 = no limit (None, recorded in
+    ``unlimited``); NetBSD ``nowait:N``, ``service_max=``, ``ip_max=`` and poolinetd's
+    own keys: 0 = nothing allowed (0). ``KEY=unlimited`` = no limit, written.
+
+    ``unlimited`` names the limits written as "no limit" explicitly. In a raw
+    ServiceSpec and in ``defaults`` it tells "lifted" from "not written", so a
+    lifted limit is not filled in from ``defaults`` or by the safe default
+    (``max_child_per_ip``, see resolve.py); in a resolved Service it is kept
+    for display. Its value is never None where its name is in ``unlimited``.
     """
 
     max_child: int | None = None
     max_cpm_per_ip: int | None = None
     max_child_per_ip: int | None = None
     max_spawn_per_min: int | None = None
+    unlimited: frozenset[str] = frozenset()
+
+    def given(self, name: str) -> bool:
+        """Whether limit ``name`` is written here (as a number or as "no limit")."""
+        value: int | None = getattr(self, name)
+        return value is not None or name in self.unlimited
+
+
+LIMIT_NAMES = ("max_child", "max_cpm_per_ip", "max_child_per_ip", "max_spawn_per_min")
 
 
 class StderrRoute(enum.Enum):
@@ -112,7 +134,10 @@ class Options:
 
     None means "not set here": resolution falls back to the file's
     ``defaults`` definition, then to the command line, then to the built-in
-    defaults below.
+    defaults below. Exceptions: ``max_connections``/``max_programs`` are
+    global caps (``defaults`` and command line only; the command line wins),
+    and ``limits`` is only set for ``defaults`` and the command line (an
+    entry's own limits are ``ServiceSpec.limits``).
     """
 
     pool_min: int | None = None  # workers kept booted even when idle
@@ -123,6 +148,17 @@ class Options:
     conn_timeout: float | None = None  # seconds a built-in connection may stay silent
     stderr: StderrRoute | None = None
     env: tuple[tuple[str, str], ...] = ()  # extra environment for launched programs
+    only_from: AddressList | None = None  # xinetd: only these sources may connect
+    no_access: AddressList | None = None  # xinetd: these sources may not (wins)
+    source_v4_prefix: int | None = None  # per-source limits count IPv4 sources by /N
+    source_v6_prefix: int | None = None  # ... and IPv6 sources by /N
+    block_time: float | None = None  # seconds a source over max_cpm_per_ip is refused
+    reuseport: bool | None = None  # SO_REUSEPORT on the listeners
+    proxy_protocol: bool | None = None  # PROXY v1/v2 header first (entries only)
+    proxy_from: AddressList | None = None  # the proxies trusted to send it
+    max_connections: int | None = None  # global cap (0 = explicitly none: lifts the file's)
+    max_programs: int | None = None  # global cap on running programs (0 as above)
+    limits: Limits = field(default_factory=Limits)  # defaults/command line only
 
 
 # Built-in defaults (documented in README). Command-line flags override them.
@@ -136,6 +172,11 @@ DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
 DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONN_TIMEOUT = 300.0
+DEFAULT_SOURCE_V4_PREFIX = 32  # per-source limits count each IPv4 address ...
+DEFAULT_SOURCE_V6_PREFIX = 128  # ... and each IPv6 address on its own
+# Safe default: without a per-source concurrency limit written anywhere, one source
+# may hold at most 1/SAFE_SHARE of a connection service's capacity (resolve.py).
+SAFE_SHARE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +339,11 @@ class Service:
     """A spec resolved to what the runtime needs.
 
     Exactly one of ``internal`` (a built-in's name, e.g. "echo") and
-    ``program`` (an absolute path, launched with ``argv``) is set.
+    ``program`` (an absolute path, launched with ``argv``) is set. The built-in
+    ``"tcpmux"`` is the RFC 1078 listener: the engine reads the request line and
+    hands the connection to the sub-service of that name. A sub-service
+    (``tcpmux_name`` set) has no endpoints (``key.endpoints == ()``) and is
+    reached only through a tcpmux listener.
     """
 
     spec: ServiceSpec
@@ -316,8 +361,18 @@ class Service:
     conn_timeout: float
     stderr: StderrRoute
     env: tuple[tuple[str, str], ...]
-    limits: Limits
+    limits: Limits  # resolved: defaults and the safe default applied (see Limits)
     socket_owner: SocketOwner | None = None  # unix sockets with a FreeBSD perms prefix
+    only_from: AddressList = field(default_factory=AddressList)  # empty = no list (everyone)
+    no_access: AddressList = field(default_factory=AddressList)  # empty = none; wins
+    source_v4_prefix: int = DEFAULT_SOURCE_V4_PREFIX  # 0-32
+    source_v6_prefix: int = DEFAULT_SOURCE_V6_PREFIX  # 0-128
+    block_time: float = 0.0  # seconds; 0 = refuse only what is over the rate
+    reuseport: bool = False  # listeners get SO_REUSEPORT
+    proxy_protocol: bool = False  # a PROXY v1/v2 header comes first
+    proxy_from: AddressList = field(default_factory=AddressList)  # who may send it (not unix)
+    tcpmux_name: str | None = None  # a tcpmux sub-service: its name, lower-cased
+    tcpmux_plus: bool = False  # tcpmux/+NAME: poolinetd sends "+Go" before handing over
 
     @property
     def socket_type(self) -> SocketType:
@@ -333,3 +388,6 @@ class Service:
 # reads it; once resolve validates against internal.find(name, socket_type), delete
 # it. tests/test_builtins_table.py fails if the two ever differ.
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
+# The RFC 1078 multiplexer: a built-in the engine answers in its preamble stage, so it
+# has no row (no handler) in internal.TABLE; resolve.py accepts it on stream tcp only.
+TCPMUX = "tcpmux"

@@ -137,6 +137,8 @@ def relative_doc(path: Path) -> tuple[bytes, str]:
     diags = [replace(d, source=name) for d in loaded.diagnostics]
     doc = {
         "source": name,
+        "max_connections": loaded.max_connections,
+        "max_programs": loaded.max_programs,
         "services": services,
         "diagnostics": [diagnostic_to_dict(d) for d in diags],
     }

@@ -46,9 +46,9 @@ SMALL_UDP = ["echo/udp", "discard/udp", "chargen/udp", "daytime/udp", "time/udp"
 EXPECTED: dict[str, tuple[list[str], list[tuple[int, str]]]] = {
     "4.4bsd-csrg-etc-inetd.conf": (
         ["ftp/tcp", "telnet/tcp", "shell/tcp", "login/tcp", "exec/tcp", "finger/tcp",
-         "comsat/udp", "talk/udp", "ntalk/udp", *SMALL_TCP, *SMALL_UDP,
+         "comsat/udp", "talk/udp", "ntalk/udp", "tcpmux/tcp", *SMALL_TCP, *SMALL_UDP,
          "klogin/tcp", "eklogin/tcp", "kshell/tcp"],
-        [(18, "built-in 'tcpmux' is not supported by poolinetd")],
+        [],  # line 18 is the tcpmux listener (RFC 1078), a built-in since issue 11
     ),
     "busybox-examples-inetd.conf": (
         ["echo/tcp", "echo/udp", "daytime/tcp", "daytime/udp", "time/tcp", "time/udp"], [],

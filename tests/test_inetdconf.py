@@ -225,7 +225,15 @@ def test_protocol_suffixes_and_netbsd_buffers() -> None:
         ("nowait/10/20/3", False, Limits(10, 20, 3)),
         ("nowait.100", False, Limits(max_spawn_per_min=100)),  # OpenBSD/GNU/BusyBox
         ("wait:100", True, Limits(max_spawn_per_min=100)),  # NetBSD
-        ("nowait/0", False, Limits(max_child=0)),
+        # FreeBSD /0 = no limit, recorded as written ("unlimited"), never as 0.
+        ("nowait/0", False, Limits(unlimited=frozenset({"max_child"}))),
+        ("nowait/0/0/0", False,
+         Limits(unlimited=frozenset({"max_child", "max_cpm_per_ip", "max_child_per_ip"}))),
+        ("nowait/5/0/2", False,
+         Limits(max_child=5, max_child_per_ip=2, unlimited=frozenset({"max_cpm_per_ip"}))),
+        # GNU/BusyBox .0 = no limit; NetBSD :0 = nothing is started (its inetd's meaning).
+        ("nowait.0", False, Limits(unlimited=frozenset({"max_spawn_per_min"}))),
+        ("nowait:0", False, Limits(max_spawn_per_min=0)),
     ],
 )
 def test_wait_limits_each_in_its_own_field(word: str, wait: bool, limits: Limits) -> None:
@@ -375,8 +383,10 @@ def test_defaults_definition_any_position() -> None:
 def test_defaults_refuses_entry_keys() -> None:
     assert errors("defaults on user=root;") == [
         "t.conf:1: field 3 'user=root': key not allowed in defaults 'user' (defaults accept: "
+        "max_child, max_cpm_per_ip, max_child_per_ip, max_spawn_per_min, "
         "pool_min, pool_max, worker_connections, max_requests, idle_timeout, conn_timeout, "
-        "stderr, env)"
+        "stderr, env, only_from, no_access, source_v4_prefix, source_v6_prefix, block_time, "
+        "reuseport, proxy_from, max_connections, max_programs)"
     ]
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import hypothesis_profiles  # noqa: F401  (registers and loads the profile)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolinetd.inetdconf import format_spec, parse
+from poolinetd import netmatch
+from poolinetd.inetdconf import format_defaults, format_spec, parse
 from poolinetd.spec import (
     Limits,
     Options,
@@ -24,10 +27,38 @@ NAME = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=8)
 WORD = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=10
 )
-SMALL = st.none() | st.integers(0, 2**31 - 1)
 IPV4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 ADDR = IPV4 | st.sampled_from(["::1", "::", "fe80::1", "localhost", "host.example"])
 ENV = st.lists(st.tuples(st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True), WORD), max_size=3)
+
+def _limits(draw: st.DrawFn, *, positional_zero: bool = True) -> Limits:
+    """Limits as parse can produce them: a number (0 = nothing allowed, never for
+    max_child), "unlimited" (None, named in ``unlimited``) or not written."""
+    values: dict[str, int] = {}
+    lifted: set[str] = set()
+    for name in ("max_child", "max_cpm_per_ip", "max_child_per_ip", "max_spawn_per_min"):
+        kind = draw(st.sampled_from(["absent", "number", "unlimited"]))
+        if kind == "number":
+            values[name] = draw(st.integers(1 if name == "max_child" else 0, 2**31 - 1))
+        elif kind == "unlimited":
+            lifted.add(name)
+    return Limits(**values, unlimited=frozenset(lifted))
+
+
+LIMITS = st.composite(_limits)()
+CIDR = (
+    st.tuples(IPV4, st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}")
+    | st.tuples(st.integers(0, 2**128 - 1), st.integers(0, 128)).map(
+        lambda t: f"{netmatch.format_addr(t[0]) if t[0] >> 32 != 0xFFFF else '::1'}/{t[1]}")
+)
+
+
+def _address_list(words: list[str]) -> netmatch.AddressList:
+    nets = [netmatch.parse_cidr(w) for w in words]
+    return netmatch.AddressList(n for n in nets if isinstance(n, netmatch.Network))
+
+
+ADDRESS_LIST = st.lists(CIDR, min_size=1, max_size=4).map(_address_list)
 
 OPTIONS = st.builds(
     Options,
@@ -39,7 +70,23 @@ OPTIONS = st.builds(
     conn_timeout=st.none() | st.floats(1e-3, 1e6, allow_nan=False),
     stderr=st.none() | st.sampled_from(list(StderrRoute)),
     env=ENV.map(lambda pairs: tuple(dict(pairs).items())),
+    only_from=st.none() | ADDRESS_LIST,
+    no_access=st.none() | ADDRESS_LIST,
+    source_v4_prefix=st.none() | st.integers(0, 32),
+    source_v6_prefix=st.none() | st.integers(0, 128),
+    block_time=st.none() | st.floats(0, 1e6, allow_nan=False),
+    reuseport=st.none() | st.booleans(),
+    proxy_protocol=st.none() | st.booleans(),
+    proxy_from=st.none() | ADDRESS_LIST,
 )
+
+
+def _consistent(options: Options) -> Options:
+    """Drop a no_access that contradicts only_from (parse reports that as an error)."""
+    only, deny = options.only_from, options.no_access
+    if only is not None and deny is not None and len(netmatch.shadowed(only, deny)) == len(only):
+        return replace(options, no_access=None)
+    return options
 
 
 @st.composite
@@ -76,11 +123,11 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         addresses=addresses,
         group=draw(st.none() | NAME),
         login_class=draw(st.none() | NAME),
-        limits=draw(st.builds(Limits, SMALL, SMALL, SMALL, SMALL)),
+        limits=draw(LIMITS),
         tcpmux=tcpmux,
         tcpmux_plus=plus,
         unix_perms=unix_perms,
-        options=draw(st.just(Options()) | OPTIONS),
+        options=_consistent(draw(st.just(Options()) | OPTIONS)),
         enabled=draw(st.booleans() | st.just(True)),
     )
 
@@ -90,6 +137,18 @@ def test_parse_never_raises_on_any_text(text: str) -> None:
     parsed = parse(text, "fuzz.conf")
     assert isinstance(parsed, ParsedConfig)
     assert all(d.lineno >= 1 for d in parsed.diagnostics)
+
+
+@given(OPTIONS, LIMITS, st.none() | st.integers(0, 10**6), st.none() | st.integers(0, 10**6))
+def test_format_defaults_then_parse_gives_the_defaults_back(
+    options: Options, limits: Limits, max_connections: int | None, max_programs: int | None
+) -> None:
+    defaults = replace(_consistent(options), proxy_protocol=None, limits=limits,
+                       max_connections=max_connections, max_programs=max_programs)
+    line = format_defaults(defaults)
+    parsed = parse(line, "x.conf")
+    assert parsed.errors == (), (line, [str(d) for d in parsed.errors])
+    assert parsed.defaults == defaults, line
 
 
 @given(specs())

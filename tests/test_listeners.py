@@ -229,3 +229,52 @@ def test_reuseaddr_on_tcp_only() -> None:
     finally:
         listeners.close_listener(t)
         listeners.close_listener(u)
+
+
+@pytest.mark.parametrize(("socktype", "protocol"), [("stream", "tcp"), ("dgram", "udp")])
+def test_reuseport_lets_two_listeners_share_a_port_and_only_with_it(
+    socktype: str, protocol: str
+) -> None:
+    me = _me()
+
+    def service(port: int, reuseport: bool) -> Service:
+        yes = "yes" if reuseport else "no"
+        return _service(f"127.0.0.1:{port} on socktype={socktype}, protocol={protocol}, "
+                        f"wait=no, user={me}, args=echo, reuseport={yes};")
+
+    first_svc = service(0, True)
+    first = listeners.open_endpoint(first_svc, first_svc.key.endpoints[0])
+    try:
+        port = first.getsockname()[1]
+        assert first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        if socktype == "dgram":
+            assert first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 0
+        shared = service(port, True)
+        second = listeners.open_endpoint(shared, shared.key.endpoints[0])
+        try:
+            assert second.getsockname() == first.getsockname()
+            alone = service(port, False)
+            assert not alone.reuseport
+            with pytest.raises(listeners.ListenError, match=r"cannot listen on 127\.0\.0\.1"):
+                listeners.open_endpoint(alone, alone.key.endpoints[0])
+        finally:
+            listeners.close_listener(second)
+    finally:
+        listeners.close_listener(first)
+
+
+def test_without_reuseport_a_second_listener_cannot_bind() -> None:
+    me = _me()
+    plain = _service(f"127.0.0.1:0 stream tcp nowait {me} internal echo")
+    assert not plain.reuseport
+    first = listeners.open_endpoint(plain, plain.key.endpoints[0])
+    try:
+        assert first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        port = first.getsockname()[1]
+        again = _service(f"127.0.0.1:{port} on protocol=tcp, user={me}, args=echo, "
+                         "reuseport=yes;")
+        # One side without SO_REUSEPORT is enough for the kernel to refuse the share.
+        with pytest.raises(listeners.ListenError):
+            listeners.open_endpoint(again, again.key.endpoints[0])
+    finally:
+        listeners.close_listener(first)

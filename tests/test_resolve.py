@@ -138,24 +138,13 @@ def test_builtin_worker_connections_default() -> None:
 
 
 def test_unsupported_builtins() -> None:
-    assert errs("tcpmux stream tcp nowait root internal") == [
-        "/etc/t.conf:1: field 1 'tcpmux': built-in 'tcpmux' is not supported by poolinetd "
-        "(built-ins: echo, discard, chargen, daytime, time)"
-    ]
     assert errs("auth stream tcp nowait root internal auth -r -f") == [
         "/etc/t.conf:1: field 7 'auth': built-in 'auth' is not supported by poolinetd "
-        "(built-ins: echo, discard, chargen, daytime, time)"
+        "(built-ins: echo, discard, chargen, daytime, time, tcpmux)"
     ]
     assert "no built-in service 'http'" in errs("http stream tcp nowait root internal")[0]
     assert "no built-in for port 7007" in errs("7007 stream tcp nowait root internal")[0]
     assert "takes no arguments" in errs("echo stream tcp nowait root internal echo -x")[0]
-
-
-def test_tcpmux_service_is_not_supported() -> None:
-    assert errs("tcpmux/+date stream tcp nowait root /bin/date date") == [
-        "/etc/t.conf:1: field 1 'tcpmux/+date': tcpmux services are not supported "
-        "(give the service its own port)"
-    ]
 
 
 def test_stream_builtin_wait_is_forced_nowait_with_warning() -> None:
