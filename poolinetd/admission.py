@@ -1,99 +1,115 @@
-"""Admission: the per-service limits a connection must pass before it is accepted for work.
+"""Admission: whether a connection from a source may be served, decided before hand-off.
 
-Pure: no I/O, no clock of its own (``now`` is passed in). Shared by pool
-and classic mode so both enforce the same inetd.conf numbers:
+Pure: no I/O, no clock of its own (``now`` is passed in). One ``Admission``
+per service, kept across reload generations (a blocked source stays
+blocked; running connections stay counted). The stages, in order:
 
-    max_child_per_ip   concurrent instances from one IP (FreeBSD 3rd /N)
-    max_cpm_per_ip     connections per minute from one IP (FreeBSD 2nd /N)
-    max_spawn_per_min  connections per minute for the whole service
-                       (OpenBSD .N, NetBSD :N); over it the service "loops"
-                       and rests (``paused_until``), as inetd does
+    access lists    no_access (wins), then only_from        "no_access", "only_from"
+    service rate    max_spawn_per_min (OpenBSD .N, NetBSD   "max_spawn_per_min"
+                    :N/service_max): over it the service
+                    "loops" and rests LOOPING_PAUSE, as inetd does
+    per source      max_child_per_ip, max_cpm_per_ip,       sourcetrack.REASONS
+                    block_time, counted by network
+                    (source_v4_prefix / source_v6_prefix)
 
-(max_child, the concurrent cap, is backpressure, not refusal: the listener is
-simply not polled; see engine.py.)
+Each limit: None = no limit, 0 = nothing allowed (spec.Limits). ``max_child``
+and the global caps are backpressure, not refusal: the listener is simply
+not polled (engine.py).
+
+Protocol: ``key = source(ip)``; ``why = check(key, ip, now)``; on "" hand
+over, then ``started(key)``; ``ended(key)`` when the instance ends, with the
+same key (a reload may change the prefix lengths meanwhile).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 
-from poolinetd.spec import Limits
+from poolinetd import netmatch, sourcetrack
+from poolinetd.netmatch import AddressList
+from poolinetd.spec import Limits, Service
 
 RATE_WINDOW = 60.0
 LOOPING_PAUSE = 60.0  # seconds a service rests after exceeding max_spawn_per_min
-_SWEEP_EVERY = 60.0
+MAX_SPAWN_PER_MIN = "max_spawn_per_min"
+NO_SOURCE = ""  # unix peers, or a datagram loan with no known source
+_NO_LISTS = "\0no lists"  # check() without the access lists (a start with no peer yet)
 
 
 class Admission:
-    """Counters for one service. ``check`` then ``started``; ``ended`` when the instance ends."""
+    """The admission state of one service (across its reload generations)."""
 
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.active = False
-        self.update(limits)
-        self.per_ip: dict[str, int] = {}
-        self.ip_history: dict[str, deque[float]] = {}
+    def __init__(self, service: Service, cap: int = sourcetrack.DEFAULT_CAP) -> None:
+        self.tracker = sourcetrack.Tracker(cap)
         self.spawn_history: deque[float] = deque()
         self.paused_until = 0.0
         self.looping = False  # True right after a check tripped max_spawn_per_min
-        self._next_sweep = 0.0
+        self.update(service)
 
-    def update(self, limits: Limits) -> None:
-        """New limits (a reload changed the service); counts and windows carry over."""
+    def update(self, service: Service) -> None:
+        """New settings (a reload changed the service); counts, rates and blocks carry over."""
+        limits: Limits = service.limits
         self.limits = limits
-        self.active = bool(limits.max_child_per_ip or limits.max_cpm_per_ip
-                           or limits.max_spawn_per_min)
+        self.only_from: AddressList = service.only_from
+        self.no_access: AddressList = service.no_access
+        self.v4_prefix = service.source_v4_prefix
+        self.v6_prefix = service.source_v6_prefix
+        self.source_limits = sourcetrack.SourceLimits(
+            limits.max_child_per_ip, limits.max_cpm_per_ip, service.block_time)
+        self.per_source = (limits.max_child_per_ip is not None
+                           or limits.max_cpm_per_ip is not None)
+        self.lists = bool(self.only_from or self.no_access)
 
-    def check(self, ip: str, now: float) -> str:
-        """Why a connection from ``ip`` is refused now, or "" if it is admitted.
+    def source(self, ip: str) -> Hashable:
+        """The tracking key of ``ip``: its network at the service's prefix length."""
+        if not ip:
+            return NO_SOURCE
+        return netmatch.source_key(ip, self.v4_prefix, self.v6_prefix)
+
+    def check(self, key: Hashable, ip: str, now: float) -> str:
+        """Why a connection from ``ip`` (tracking key ``key``) is refused now, or "".
 
         An admitted connection has been counted in the rate windows; call
-        ``started(ip)`` once it is really handed over. A "max_spawn_per_min"
-        refusal also sets ``paused_until`` (the service rests).
+        ``started(key)`` once it is really handed over. A "max_spawn_per_min"
+        refusal also sets ``paused_until`` and ``looping`` (the service rests).
         """
-        limits = self.limits
         self.looping = False
-        if now >= self._next_sweep:
-            self._sweep(now)
-        if limits.max_spawn_per_min:
+        if self.lists and ip is not _NO_LISTS:
+            why = netmatch.access_reason(self.only_from, self.no_access, netmatch.parse_ip(ip))
+            if why:
+                return why
+        limit = self.limits.max_spawn_per_min
+        if limit is not None:
             hist = self.spawn_history
             while hist and hist[0] <= now - RATE_WINDOW:
                 hist.popleft()
-            if len(hist) >= limits.max_spawn_per_min:
+            if len(hist) >= limit:
                 self.paused_until = now + LOOPING_PAUSE
                 self.looping = True
-                return "max_spawn_per_min"
-        if ip and limits.max_child_per_ip and self.per_ip.get(ip, 0) >= limits.max_child_per_ip:
-            return "max_child_per_ip"
-        if ip and limits.max_cpm_per_ip:
-            iph = self.ip_history.setdefault(ip, deque())
-            while iph and iph[0] <= now - RATE_WINDOW:
-                iph.popleft()
-            if len(iph) >= limits.max_cpm_per_ip:
-                return "max_cpm_per_ip"
-            iph.append(now)
-        if limits.max_spawn_per_min:
+                return MAX_SPAWN_PER_MIN
+        if self.per_source and key != NO_SOURCE:
+            why = self.tracker.check(key, now, self.source_limits)
+            if why:
+                return why
+        if limit is not None:
             self.spawn_history.append(now)
         return ""
 
-    def started(self, ip: str) -> None:
-        """Count a running instance from ``ip``, whatever the limits are: a reload may
-        add max_child_per_ip while it runs, and must then see it (and never the
-        reverse: a limit removed and added again must not find a count that
-        was never decremented)."""
-        if ip:
-            self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+    def check_start(self, now: float) -> str:
+        """The service-wide rate only, for a start with no known source (stream wait)."""
+        return self.check(NO_SOURCE, _NO_LISTS, now)
 
-    def ended(self, ip: str) -> None:
-        left = self.per_ip.get(ip, 0) - 1
-        if left > 0:
-            self.per_ip[ip] = left
-        else:
-            self.per_ip.pop(ip, None)
+    def started(self, key: Hashable) -> None:
+        """Count a running instance from ``key``, whatever the limits are: a reload may
+        add max_child_per_ip while it runs, and must then see it."""
+        if key != NO_SOURCE:
+            self.tracker.started(key)
 
-    def _sweep(self, now: float) -> None:
-        """Forget IPs not seen for a whole window: many one-off clients cost no memory."""
-        self._next_sweep = now + _SWEEP_EVERY
-        stale = [ip for ip, h in self.ip_history.items() if not h or h[-1] <= now - RATE_WINDOW]
-        for ip in stale:
-            del self.ip_history[ip]
+    def ended(self, key: Hashable) -> None:
+        if key != NO_SOURCE:
+            self.tracker.ended(key)
+
+    def blocked(self, now: float) -> int:
+        """How many sources are blocked now (for status; O(sources))."""
+        return self.tracker.blocked_sources(now)

@@ -75,6 +75,12 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
                        help="seconds a surplus idle worker lives (default 60)")
     group.add_argument("--conn-timeout", type=float, metavar="SEC",
                        help="seconds a built-in connection may stay silent (default 300)")
+    caps = parser.add_argument_group("global caps (over the config's defaults; 0 = none)")
+    caps.add_argument("--max-connections", type=int, metavar="N",
+                      help="connections and programs at once, all services; at the cap "
+                           "clients wait in the backlog")
+    caps.add_argument("--max-programs", type=int, metavar="N",
+                      help="programs running at once, all services")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> Options:
     return Options(pool_min=args.pool_min, pool_max=args.pool_max,
                    worker_connections=args.worker_connections, max_requests=args.max_requests,
-                   idle_timeout=args.idle_timeout, conn_timeout=args.conn_timeout)
+                   idle_timeout=args.idle_timeout, conn_timeout=args.conn_timeout,
+                   max_connections=args.max_connections, max_programs=args.max_programs)
 
 
 def _raise_fd_limit() -> None:
@@ -346,10 +353,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     os.chdir("/")
     title = f"poolinetd: master{' -c ' + args.conf if args.conf else ''}"
 
+    server: Engine | None = None
+
     def reload_config() -> tuple[tuple[Service, ...], tuple[Diagnostic, ...]]:
         again = _load(args)
         if again.errors:
             return (), again.diagnostics
+        if server is not None:  # the global caps follow the file's defaults too
+            server.set_caps(again.max_connections, again.max_programs)
         return tuple(_servable(again.services)), again.diagnostics
 
     control_path = None if args.no_control else (args.control or default_control_path())
@@ -364,7 +375,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                         notifier=notifier, watchdog_interval=watchdog,
                         metrics_sock=metrics_sock, control_sock=control_sock,
                         upgrade_argv=[sys.executable, "-m", "poolinetd", *argv],
-                        upgrade_cwd=start_dir)
+                        upgrade_cwd=start_dir, max_connections=loaded.max_connections,
+                        max_programs=loaded.max_programs)
     except OSError as exc:
         hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,

@@ -43,7 +43,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from poolinetd import (
@@ -55,11 +55,12 @@ from poolinetd import (
     log,
     metrics,
     metricshttp,
+    preambles,
     reloadplan,
     spawn,
+    throttle,
 )
 from poolinetd import preamble as pre
-from poolinetd import preambles
 from poolinetd.admission import LOOPING_PAUSE, Admission
 from poolinetd.dispatch import Dispatcher
 from poolinetd.sdnotify import Notifier
@@ -78,7 +79,8 @@ ACCEPT_BATCH = 64  # connections accepted per readable event before other work r
 ACCEPT_BATCH_PROGRAM = 4
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 FAST_STOP_TIMEOUT = 2.0
-REFUSAL_LOG_INTERVAL = 10.0  # at most one conn_refused line per service this often
+REFUSAL_LOG_INTERVAL = 10.0  # at most one conn_refused line per source and reason this often
+DGRAM_JUDGE_BATCH = 64  # datagrams judged (and refused) per event before other work runs
 KILL_PASSES = 10  # SIGKILL passes (0.5 s apart) before a stop gives up waiting
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -103,7 +105,7 @@ class Instance:
 
     iid: int
     rt: ServiceRuntime
-    ip: str
+    source: Hashable  # its admission key (the source's network), or "" for none
     started: float
     listener: Listener | None = None  # set for loans
     program_pid: int = 0
@@ -169,10 +171,9 @@ class ServiceRuntime:
     engine_served: bool = False  # tcpmux: the engine reads the name; no dispatcher behind it
     stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
-    last_refusal_log: float = -REFUSAL_LOG_INTERVAL
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.service.limits)
+        self.admission = Admission(self.service)
 
     @property
     def name(self) -> str:
@@ -224,6 +225,8 @@ class Engine:
         control_sock: socket.socket | None = None,
         upgrade_argv: list[str] | None = None,
         upgrade_cwd: str | None = None,
+        max_connections: int | None = None,
+        max_programs: int | None = None,
     ) -> None:
         self.system = system or System()
         self.dispatcher = dispatcher
@@ -257,6 +260,11 @@ class Engine:
         self.reloads = 0
         self.internal_ports: frozenset[int] = frozenset()
         self.tcpmux_routes: dict[str, ServiceRuntime] = {}
+        self.refusal_log = throttle.Throttle(REFUSAL_LOG_INTERVAL)
+        self.max_connections = max_connections  # None = no global cap
+        self.max_programs = max_programs
+        self.active = 0  # connections and programs, all services (the global caps count these)
+        self.active_programs = 0
         self.upgrade_argv = upgrade_argv
         self.upgrade_cwd = upgrade_cwd
         self.upgrading: Upgrade | None = None
@@ -450,6 +458,12 @@ class Engine:
     def _has_room(self, rt: ServiceRuntime, now: float) -> bool:
         if rt.resting_until > now or rt.at_max_child():
             return False
+        if not (rt.lends and rt.service.internal is not None):  # global caps
+            if self.max_connections is not None and self.active >= self.max_connections:
+                return False
+            if (self.max_programs is not None and rt.service.program is not None
+                    and self.active_programs >= self.max_programs):
+                return False
         if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
             return False
         return rt.engine_served or self.dispatcher.can_take(rt)
@@ -524,12 +538,14 @@ class Engine:
                 continue  # ECONNABORTED, EPROTO...: that client is gone, the next one is not
             peer = addr if isinstance(addr, tuple) else None
             ip = peer[0] if peer else ""
+            key: Hashable = ""
             if rt.service.proxy_protocol:
                 # Only a trusted proxy may say who the client is; the client's own
                 # limits are judged once the header has said it.
                 why = "" if rt.service.proxy_from.matches(ip) else preambles.PROXY_UNTRUSTED
             else:
-                why = rt.admission.check(ip, now) if rt.admission.active else ""
+                key = rt.admission.source(ip)
+                why = rt.admission.check(key, ip, now)
             if why:
                 os.close(fd)
                 self._refused(rt, ip, why, now)
@@ -539,15 +555,16 @@ class Engine:
             if rt.preamble is not None:
                 self._begin_preamble(lst, fd, family, peer, now)
             else:
-                self._hand_off(rt, fd, family, ip, _wire_peer(peer), now)
+                self._hand_off(rt, fd, family, key, _wire_peer(peer), now)
 
-    def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, ip: str, peer: str,
+    def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: str,
                   now: float, local: str = "") -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         iid = next(self.ids)
         # Counted first: the dispatcher may report on it (program_started) at once.
-        self.instances[iid] = Instance(iid, rt, ip, now)
+        self.instances[iid] = Instance(iid, rt, key, now)
         rt.instances += 1
+        self._count_active(rt, +1)
         handed = False
         try:
             handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local)
@@ -559,14 +576,36 @@ class Engine:
             self._count_refusal(rt, "no_room")
             return
         rt.stats.accepted += 1
-        rt.admission.started(ip)
+        rt.admission.started(key)
 
     def _uncount(self, iid: int) -> None:
         """Forget an instance the dispatcher could not take after all."""
         inst = self.instances.pop(iid)
         inst.rt.instances -= 1
+        self._count_active(inst.rt, -1)
         if inst.program_pid:
             inst.rt.programs -= 1
+
+    def set_caps(self, max_connections: int | None, max_programs: int | None) -> None:
+        """New global caps (a reload); every service re-decides whether it has room."""
+        self.max_connections, self.max_programs = max_connections, max_programs
+        self.dirty.update(self.runtimes)
+
+    def _count_active(self, rt: ServiceRuntime, delta: int) -> None:
+        """Keep the global counts (--max-connections, --max-programs) and wake every
+        service when one frees a slot at a cap (their listeners were not polled)."""
+        if rt.lends and rt.service.internal is not None:
+            return  # a datagram built-in's loan is not a connection
+        before = self.active
+        self.active += delta
+        at_cap = self.max_connections is not None and before >= self.max_connections
+        if rt.service.program is not None:
+            before_programs = self.active_programs
+            self.active_programs += delta
+            at_cap = at_cap or (self.max_programs is not None
+                                and before_programs >= self.max_programs)
+        if delta < 0 and at_cap:
+            self.dirty.update(self.runtimes)
 
     def rest(self, rt: ServiceRuntime, why: str, now: float | None = None) -> None:
         """Out of a resource: ``rt``'s listeners rest EMFILE_PAUSE instead of spinning."""
@@ -588,27 +627,75 @@ class Engine:
             rt.last_error = f"more than {limit} connections a minute"
             log.error("service_looping", service=rt.name, limit=limit, pause=LOOPING_PAUSE)
             return
-        if now - rt.last_refusal_log >= REFUSAL_LOG_INTERVAL:
-            rt.last_refusal_log = now
+        held = self.refusal_log.allow((rt.name, ip, why), now)
+        if held is not None:
             log.warning("conn_refused", service=rt.name, peer=ip, reason=why,
-                        refused_total=rt.stats.refused)
+                        refused_total=rt.stats.refused, held_back=held)
 
     def _lend(self, lst: Listener) -> None:
-        """Lend ``lst`` (a wait program gets it on fd 0; a datagram built-in answers on it)."""
+        """Lend ``lst`` (a wait program gets it on fd 0; a datagram built-in answers on it).
+
+        Each program start is admitted like a connection. For a datagram
+        ``wait`` program that means the datagram that would start it: its
+        source is peeked, and a refused one is dropped unanswered (as NetBSD's
+        inetd does); later datagrams are read by the program itself and cannot
+        be filtered here. A stream ``wait`` program accepts its own
+        connections, so only the service-wide rate applies to it.
+        """
         rt = lst.rt
         now = self.system.clock()
         if lst.lent or not self._has_room(rt, now):
             return
+        key: Hashable = ""
+        if rt.service.internal is None:
+            if rt.service.socket_type is SocketType.DGRAM:
+                admitted = self._admit_datagram(lst, now)
+                if admitted is None:
+                    return
+                key = admitted
+            else:
+                why = rt.admission.check_start(now)
+                if why:
+                    self._refused(rt, "", why, now)
+                    return
         iid = next(self.ids)
-        self.instances[iid] = Instance(iid, rt, "", now, listener=lst)
+        self.instances[iid] = Instance(iid, rt, key, now, listener=lst)
         rt.instances += 1
+        self._count_active(rt, +1)
         if not self.dispatcher.lend(rt, lst, iid):
             self._uncount(iid)
             return
+        rt.admission.started(key)
         lst.lent = iid
         self._set_polled(lst, False)
         if rt.service.internal is None:
             rt.stats.accepted += 1  # a wait program started; a built-in's loan is not a connection
+
+    def _admit_datagram(self, lst: Listener, now: float) -> Hashable | None:
+        """The admission key of the first queued datagram's source, dropping refused ones.
+
+        None when nothing admissible is queued (bounded: a flood of refused
+        datagrams is judged 64 at a time, between other events).
+        """
+        rt = lst.rt
+        for _ in range(DGRAM_JUDGE_BATCH):
+            try:
+                _, addr = lst.sock.recvfrom(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:  # an error queued on the socket (ICMP): now cleared
+                continue
+            ip = addr[0] if isinstance(addr, tuple) else ""
+            key = rt.admission.source(ip)
+            why = rt.admission.check(key, ip, now)
+            if not why:
+                return key
+            with contextlib.suppress(OSError):
+                lst.sock.recv(1, socket.MSG_DONTWAIT)  # drop it, unanswered
+            self._refused(rt, ip, why, now)
+            if rt.admission.looping:
+                return None
+        return None
 
     # -- the preamble stage ------------------------------------------------------
     def _begin_preamble(self, lst: Listener, fd: int, family: int,
@@ -652,8 +739,15 @@ class Engine:
             return
         if isinstance(result, pre.Refuse):
             if result.reply:
-                with contextlib.suppress(OSError):  # best-effort, never blocking
-                    item.sock.send(result.reply, socket.MSG_DONTWAIT)
+                with contextlib.suppress(OSError):
+                    # Read what was peeked first: closing with unread bytes would send a
+                    # reset, which can destroy the reply before the client reads it.
+                    item.sock.recv(len(data), socket.MSG_DONTWAIT)
+                    item.sock.send(result.reply, socket.MSG_DONTWAIT)  # best-effort
+            if result.reason in preambles.ANSWERED:  # e.g. tcpmux HELP: served, not refused
+                self._forget_pending(item)
+                item.sock.close()
+                return
             self._drop_pending(item, result.reason)
             return
         # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
@@ -680,7 +774,8 @@ class Engine:
                 return
             rt.stats.accepted += 1
             rt = target
-        why = rt.admission.check(ip, now) if rt.admission.active else ""
+        key = rt.admission.source(ip)
+        why = rt.admission.check(key, ip, now)
         if why or rt.retired or self.stopping or not self._has_room(rt, now):
             item.sock.close()
             if why:
@@ -689,7 +784,7 @@ class Engine:
                 self._count_refusal(rt, "no_room")
             return
         fd = item.sock.detach()
-        self._hand_off(rt, fd, item.sock.family, ip, _wire_peer(peer), now,
+        self._hand_off(rt, fd, item.sock.family, key, _wire_peer(peer), now,
                        _wire_peer(result.local) if result.local else "")
 
     def _forget_pending(self, item: Pending) -> None:
@@ -716,9 +811,10 @@ class Engine:
             return
         rt = inst.rt
         rt.instances -= 1
+        self._count_active(rt, -1)
         if inst.program_pid:
             rt.programs -= 1
-        rt.admission.ended(inst.ip)
+        rt.admission.ended(inst.source)
         self.dirty.add(rt)
         successor = rt.successor
         while successor is not None:  # its max_child counted this instance too
@@ -865,7 +961,7 @@ class Engine:
             new.predecessors = [p for p in (old, *old.predecessors) if p.instances]
             old.successor = new
             new.admission = old.admission
-            new.admission.update(service.limits)
+            new.admission.update(service)
             new.stats = old.stats
             for lst in old.listeners:
                 self._set_polled(lst, False)

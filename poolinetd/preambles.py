@@ -20,6 +20,7 @@ PROXY_UNTRUSTED = "proxy_untrusted"
 TCPMUX_UNKNOWN = "tcpmux_unknown"
 TCPMUX_HELP = "tcpmux_help"
 TCPMUX_MALFORMED = "tcpmux_malformed"
+ANSWERED = frozenset({TCPMUX_HELP})  # "refusals" that are the answer asked for: not counted
 
 
 class ProxyHeader:

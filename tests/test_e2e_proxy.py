@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import TEST_USER, Server, start_server, tcp_exchange, wait_until
 from haproxy import HAProxy, Route, haproxy_binary, start
 from haproxy import Server as Backend
+
 from poolinetd import preamble, proxyproto
 
 U = TEST_USER
@@ -62,13 +62,15 @@ def _env(text: str) -> dict[str, str]:
 def test_a_program_behind_haproxy_sees_the_client(serve, tmp_path: Path, proxies: list[HAProxy],
                                                   staged_programs: Path, mode: str,
                                                   version: str) -> None:
-    server: Server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, "
+    server: Server = serve(f"127.0.0.1:0 on socktype=stream, wait=no, user={U}, "
                            f"exec={staged_programs}/report.sh, args=report.sh, "
                            "proxy_protocol=yes, proxy_from=127.0.0.1;\n", mode=mode)
     hx = start(tmp_path, [Route("r", (Backend("p1", server.port(), send_proxy=version),))])
     proxies.append(hx)
-    out = exchange_from("127.0.0.5", hx.port, b"").decode()
+    # No half-close: HAProxy would take a client's early FIN as an abort before connecting.
+    out = exchange_from("127.0.0.5", hx.port, b"", shut=False).decode()
     env = _env(out)
+    assert "TCPREMOTEIP" in env, (out, server.log(), hx.log())
     assert env["TCPREMOTEIP"] == "127.0.0.5" and env["REMOTE_ADDR"] == "127.0.0.5"
     assert env["TCPLOCALPORT"] == str(hx.port)  # the header's destination: HAProxy's frontend
     assert env["TCPLOCALIP"] == "127.0.0.1"

@@ -248,7 +248,8 @@ def test_preamble_is_consumed_exactly_and_gives_the_peer(rigs: list[Rig], dispat
     with socket.socket(fileno=fd) as conn:
         conn.settimeout(5)
         assert conn.recv(100) == b"rest of the data"
-    assert rig.engine.instances[next(iter(rig.engine.instances))].ip == "192.0.2.7"
+    inst = rig.engine.instances[next(iter(rig.engine.instances))]
+    assert inst.source == inst.rt.admission.source("192.0.2.7")  # counted as the real client
     client.close()
 
 
