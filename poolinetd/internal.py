@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import errno
 import random
 import selectors
 import socket
@@ -206,8 +207,10 @@ class MessageEcho(StreamHandler):
     """RFC 862 over SOCK_SEQPACKET: each message comes back whole, as one message.
 
     Zero-length messages are echoed too. A message longer than this socket
-    could send back in one piece (its SO_SNDBUF) ends the connection: the
-    client sees EOF instead of a silently cut reply.
+    could send back in one piece (its SO_SNDBUF) ends the connection after
+    the echoes of the messages before it (``end_reason`` "message_too_big"):
+    the client sees the connection reset (Linux: closed with input unread),
+    never a cut reply nor a gap.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -246,8 +249,10 @@ class MessageEcho(StreamHandler):
                 sent = self.sock.send(msg)
             except (BlockingIOError, InterruptedError):
                 return True
-            except OSError:
-                return False  # gone, or EMSGSIZE: never send part of a message
+            except OSError as exc:  # gone, or EMSGSIZE: never send part of a message
+                if exc.errno == errno.EMSGSIZE:
+                    self.end_reason = "message_too_big"
+                return False
             self.bytes_out += sent
             self._queued -= len(msg)
             self._out.popleft()
@@ -353,7 +358,7 @@ def _chargen_answer(data: bytes, now: float, rng: random.Random) -> bytes | None
 # -- the table ------------------------------------------------------------------
 
 HandlerFactory = Callable[[socket.socket], StreamHandler]
-Answer = Callable[[bytes, float, random.Random], "bytes | None"]
+Answer = Callable[[bytes, float, random.Random], bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
