@@ -29,16 +29,24 @@ Grammar (physical lines are split at "\\n" only; one "\\r" before it is dropped)
                   quote on the same line (no escapes), quotes removed
 
     kv-definition = [addr-list ":"] service ("on" | "off") option {"," option} ";"
-    option      = key "=" {value}; value = word | quoted (escapes \\\\ \\" \\' \\n \\t \\r \\xHH)
-                  "#" outside quotes starts a comment; continuation lines start with SP/TAB
-                  (comment and blank lines may sit inside); nothing but a comment after ";"
+    option      = key [blanks] "=" {value}; value = word | quoted
+                  (escapes \\\\ \\" \\' \\n \\t \\r \\xHH); blanks and line ends may
+                  separate key, "=" and values (NetBSD); "#" outside quotes starts a comment;
+                  continuation lines start with SP/TAB, or in column 1 while an option is
+                  open (after on/off, ",", a key or "="); nothing but a comment after ";"
     defaults on option {"," option} ";"        (poolinetd keys only; any position in the file)
 
 Keys: bind socktype protocol wait(yes|no) user group login_class exec args
 service_max(=max_spawn_per_min) ip_max(=max_cpm_per_ip) max_child max_cpm_per_ip
-max_child_per_ip max_spawn_per_min pool_min pool_max worker_connections max_requests
-idle_timeout conn_timeout stderr(socket|log) env(K=V ...); acceptfilter sndbuf recvbuf
-ipsec are read and ignored with a warning. docs/configuration.md is the reference.
+max_child_per_ip max_spawn_per_min (N, or unlimited; 0 = nothing allowed, but
+max_child=0 = no limit) pool_min pool_max worker_connections max_requests
+idle_timeout conn_timeout stderr(socket|log) env(K=V ...) only_from no_access
+proxy_from (ADDR[/LEN] ...) source_v4_prefix source_v6_prefix block_time
+reuseport(yes|no) proxy_protocol(yes|no); max_connections max_programs in defaults
+only; acceptfilter sndbuf recvbuf ipsec are read and ignored with a warning.
+Positional 0s keep their dialect's meaning: FreeBSD /0 and .0 = no limit (recorded
+in Limits.unlimited), NetBSD :0 = nothing allowed. docs/configuration.md is the
+reference.
 """
 
 from __future__ import annotations

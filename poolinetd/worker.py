@@ -135,6 +135,9 @@ class Worker:
         self.pid = os.getpid()
         self.sock_type = (socket.SOCK_SEQPACKET if service.socket_type is SocketType.SEQPACKET
                           else socket.SOCK_STREAM)
+        # The built-in's connection handler for this socket type, looked up once.
+        entry = internal.BY_NAME.get(service.internal) if service.internal else None
+        self.handler_factory = entry.handler(service.socket_type) if entry else None
 
     # -- main loop --------------------------------------------------------
     def run(self) -> int:
@@ -254,9 +257,10 @@ class Worker:
             self._launch(msg.ident, sock, msg.peer, local)
 
     def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
-        assert self.service.internal is not None
+        # resolve admits only built-ins the table serves on this socket type
+        assert self.handler_factory is not None
         sock.setblocking(False)
-        handler = internal.new_handler(self.service.internal, sock)
+        handler = self.handler_factory(sock)
         now = self.clock()
         conn = _Conn(conn_id, sock, handler, peer, now, now + self.service.conn_timeout)
         self._advance(conn, handler.step(), registered=False)

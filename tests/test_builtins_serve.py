@@ -145,3 +145,22 @@ def test_unix_datagram_echo_answers_whole_or_not_at_all(serve, public_dir: Path,
         client.sendto(b"", str(path))
         assert _recv(client) == b""
     wait_until(lambda: "datagram longer than" in server.log(), 10, "the refusal in the log")
+
+
+def test_a_seqpacket_message_too_long_to_echo_ends_the_connection_and_says_why(
+        serve, public_dir: Path) -> None:
+    path = public_dir / "echo.seq"
+    server = serve(f"{path} seqpacket unix nowait {U} internal echo\n", "--log-connections")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.send(b"fine")
+        assert _recv(sock) == b"fine"
+        sock.send(b"H" * (2 << 20))  # more than the worker's socket can send back at once
+        try:  # the connection ends (EOF, or a reset if input was left unread)...
+            rest = _recv(sock)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""  # ...instead of a reply cut to 64 KiB, as before
+    wait_until(lambda: "status=message_too_big" in server.log(), 10, "the conn_end line")

@@ -171,3 +171,29 @@ def test_corpus_invalid(path: Path) -> None:
 
 def test_corpus_is_not_empty() -> None:
     assert len(corpus("valid")) >= 5 and len(corpus("invalid")) >= 5
+
+
+def test_cli_check_json_shows_the_effective_access_and_limit_values(tmp_path: Path) -> None:
+    path = write(tmp_path, (
+        "defaults on max_connections=5000, source_v4_prefix=24, block_time=10;\n"
+        "127.0.0.1:7007 on protocol=tcp, user=root, args=echo, only_from=127.0.0.0/8,\n"
+        "    no_access=127.0.0.2, reuseport=yes, proxy_protocol=yes, proxy_from=127.0.0.1;\n"
+        "127.0.0.1:7009 stream tcp nowait/0/0/0 root internal discard\n"
+        "127.0.0.1:tcpmux stream tcp nowait root internal\n"
+        "tcpmux/+Echo stream tcp nowait root internal\n"))
+    done = run_cli("-c", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    doc = orjson.loads(done.stdout)
+    assert (doc["max_connections"], doc["max_programs"]) == (5000, None)
+    echo, discard, mux, sub = doc["services"]
+    assert echo["only_from"] == ["127.0.0.0/8"] and echo["no_access"] == ["127.0.0.2/32"]
+    assert (echo["source_v4_prefix"], echo["source_v6_prefix"]) == (24, 128)
+    assert echo["block_time"] == 10.0
+    assert (echo["reuseport"], echo["proxy_protocol"], echo["proxy_from"]) == (
+        True, True, ["127.0.0.1/32"])
+    assert echo["limits"]["max_child_per_ip"] == 16 * 256 // 4  # the safe default
+    assert discard["limits"]["max_child_per_ip"] is None
+    assert discard["limits"]["unlimited"] == ["max_child", "max_child_per_ip", "max_cpm_per_ip"]
+    assert (mux["internal"], mux["endpoints"][0]["port"]) == ("tcpmux", 1)
+    assert (sub["name"], sub["tcpmux_name"], sub["tcpmux_plus"], sub["endpoints"]) == (
+        "tcpmux/echo", "echo", True, [])
