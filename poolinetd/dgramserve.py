@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from socket import socket
 
-from poolinetd import internal, log, records
+from poolinetd import internal, log, netmatch, records
 from poolinetd.spec import Service
 
 DGRAM_BATCH = 64  # datagrams per on_readable(): a flood cannot starve the rest of a loop
@@ -40,6 +40,7 @@ class DgramResponder:
         self.refused = 0
         self.last_guard_log = -_GUARD_LOG_INTERVAL
         self.limit = records.send_limit(sock)
+        self.lists = bool(service.only_from or service.no_access)
 
     def on_readable(self) -> bool:
         """Answer up to DGRAM_BATCH datagrams: True if the socket is drained (EAGAIN),
@@ -56,6 +57,10 @@ class DgramResponder:
             data, addr = got
             if isinstance(addr, tuple):
                 why = internal.loop_guard(addr[1], self.internal_ports)
+                if why is None and self.lists:  # the access lists, per datagram
+                    why = netmatch.access_reason(self.service.only_from,
+                                                 self.service.no_access,
+                                                 netmatch.parse_ip(addr[0])) or None
                 if why is not None:
                     self._refused(f"{addr[0]} {addr[1]}", why)
                     continue

@@ -41,7 +41,8 @@ _HEAD = struct.Struct("!BB")  # kind, version
 _ID = struct.Struct("!Q")
 _PID = struct.Struct("!i")
 _ID_PID = struct.Struct("!Qi")
-_CONN = struct.Struct("!QB")  # conn_id, address family (saves the receiver three getsockopts)
+# conn_id, address family (saves the receiver three getsockopts), length of the peer text
+_CONN = struct.Struct("!QBH")
 MAX_MESSAGE = 4096
 _MAX_DONE_IDS = (MAX_MESSAGE - _HEAD.size) // _ID.size
 
@@ -71,9 +72,10 @@ class Message:
 
 
 def encode_conn(conn_id: int, family: int, peer: str, local: str = "") -> bytes:
-    """CONN: ``peer`` (and ``local``, if not the socket's own) as "HOST PORT", NUL-separated."""
-    text = f"{peer}\0{local}" if local else peer
-    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family) + text.encode()
+    """CONN: ``peer``, then ``local`` (only if not the socket's own), as "HOST PORT" text."""
+    raw = peer.encode()
+    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family, len(raw)) + raw + (
+        local.encode())
 
 
 def encode_lend(lend_id: int) -> bytes:
@@ -119,9 +121,12 @@ def decode(data: bytes) -> Message:
     body = data[_HEAD.size :]
     try:
         if kind == CONN:
-            ident, family = _CONN.unpack_from(body)
-            peer, _, local = body[_CONN.size :].decode().partition("\0")
-            return Message(CONN, ident, family=family, peer=peer, local=local)
+            ident, family, size = _CONN.unpack_from(body)
+            text = body[_CONN.size :]
+            if size > len(text):
+                raise ProtocolError(f"CONN peer of {size} bytes in {len(text)}")
+            return Message(CONN, ident, family=family, peer=text[:size].decode(),
+                           local=text[size:].decode())
         if kind == LEND:
             (ident,) = _ID.unpack(body)
             return Message(LEND, ident)

@@ -239,7 +239,7 @@ def test_max_requests_recycles_workers(serve, staged_programs: Path) -> None:
 
 def test_pool_grows_under_load_and_shrinks_when_idle(serve) -> None:
     server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, args=echo, pool_min=1, "
-                   f"worker_connections=1, idle_timeout=1;\n")
+                   f"worker_connections=1, idle_timeout=1, max_child_per_ip=unlimited;\n")
     held = [socket.create_connection(("127.0.0.1", server.port()), timeout=10) for _ in range(6)]
     try:
         for sock in held:  # each is served by its own worker (one connection per worker)

@@ -35,10 +35,13 @@ def exchange_from(source: str, port: int, payload: bytes, timeout: float = 20.0,
         sock.settimeout(timeout)
         sock.bind((source, 0))
         sock.connect(("127.0.0.1", port))
-        if payload:
-            sock.sendall(payload)
-        if shut:
-            sock.shutdown(socket.SHUT_WR)
+        try:
+            if payload:
+                sock.sendall(payload)
+            if shut:
+                sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            return b""  # refused (and reset) before we were done sending
         chunks = []
         while True:
             try:
