@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from engine_fakes import services_from
+
 from poolinetd.admission import LOOPING_PAUSE, Admission
 from poolinetd.spec import Service
 
