@@ -70,6 +70,7 @@ class ConnRecord:
 
     worker_pid: int
     program_pid: int = 0
+    program_start: int = 0  # its start time (/proc), so a reused pid is never signalled
 
 
 class PoolDispatcher:
@@ -233,14 +234,14 @@ class PoolDispatcher:
                 break
             if msg.kind == fdpass.DONE:
                 for iid in msg.ids:
-                    if self.conns.pop(iid, None) is not None:
-                        released += 1
+                    rec = self.conns.get(iid)
+                    if rec is None or rec.worker_pid != handle.pid:
+                        continue  # not this worker's to end (a stale or forged id)
+                    del self.conns[iid]
+                    released += 1
                     self.hooks.ended(iid)
             elif msg.kind == fdpass.SPAWNED:
-                rec = self.conns.get(msg.ident)
-                if rec is not None:
-                    rec.program_pid = msg.pid
-                    self.hooks.program_started(msg.ident, msg.pid)
+                self._spawned(handle, msg.ident, msg.pid)
             elif msg.kind == fdpass.BOOT_FAILED:
                 handle.boot_error = msg.peer
             elif msg.kind == fdpass.READY and pool is not None and pool.mark_ready(handle.pid,
@@ -256,6 +257,33 @@ class PoolDispatcher:
             handle.stop_pending = False
             self._send_stop(handle)
         self.hooks.refresh(rt)
+
+    def _spawned(self, handle: WorkerHandle, iid: int, pid: int) -> None:
+        """Record the program a worker says it started for ``iid``, if that is true.
+
+        A worker runs as the service's user, and so can be taken over by it;
+        the master, as root, signals programs at a stop. So it believes only
+        a pid that really is a child of that worker (its parent in /proc),
+        and keeps its start time: a pid that is not, or is no longer, that
+        very process is never signalled.
+        """
+        rec = self.conns.get(iid)
+        if rec is None or rec.worker_pid != handle.pid or pid <= 1:
+            return
+        ident = self.system.identity(pid)
+        if ident is not None and ident[0] != handle.pid:
+            log.error("wire_error", service=handle.rt.name, pid=handle.pid,
+                      error=f"SPAWNED names pid {pid}, which is not this worker's child")
+            return
+        rec.program_pid = pid
+        rec.program_start = ident[1] if ident is not None else 0  # 0: already gone
+        self.hooks.program_started(iid, pid)
+
+    def _kill_program(self, pid: int, start: int) -> None:
+        """SIGKILL a program only while ``pid`` is still the process that was started."""
+        ident = self.system.identity(pid)
+        if start and ident is not None and ident[1] == start:
+            self.system.kill(pid, signal.SIGKILL)
 
     def _send_stop(self, handle: WorkerHandle) -> None:
         if handle.stop_sent or handle.closed:
@@ -435,9 +463,9 @@ class PoolDispatcher:
                 log.warning("worker_killed", service=handle.rt.name, pid=handle.pid,
                             reason="stop deadline")
                 self.system.kill(handle.pid, signal.SIGKILL)
-        programs = {rec.program_pid for rec in self.conns.values() if rec.program_pid}
-        for pid in programs | set(self.orphans):
-            self.system.kill(pid, signal.SIGKILL)
+        for rec in self.conns.values():
+            if rec.program_pid:
+                self._kill_program(rec.program_pid, rec.program_start)
 
     def busy(self) -> bool:
         return bool(self.workers or self.orphans)

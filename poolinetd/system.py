@@ -49,6 +49,24 @@ class System:
             return True
         return True
 
+    def identity(self, pid: int) -> tuple[int, int] | None:
+        """(parent pid, start time in clock ticks) of ``pid``, from /proc; None if gone.
+
+        The start time tells a process from a later one that got the same pid:
+        the master signals a program only while both still match what it
+        recorded when the program was started.
+        """
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                data = fh.read(4096)
+        except OSError:
+            return None
+        fields = data[data.rfind(b")") + 2 :].split()
+        try:
+            return int(fields[1]), int(fields[19])
+        except (IndexError, ValueError):
+            return None
+
     def unread(self, sock: socket.socket) -> int:
         """Bytes sent on ``sock`` that the peer has not read yet (SIOCOUTQ on AF_UNIX).
 

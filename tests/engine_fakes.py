@@ -31,6 +31,7 @@ class FakeSystem:
         self.exits: collections.deque[tuple[int, int]] = collections.deque()
         self.killed: list[tuple[int, int]] = []
         self.unread_bytes = 0
+        self.identities: dict[int, tuple[int, int]] = {}  # pid -> (parent, start time)
 
     def clock(self) -> float:
         return self.now
@@ -62,6 +63,9 @@ class FakeSystem:
 
     def exists(self, pid: int) -> bool:
         return pid in self.alive
+
+    def identity(self, pid: int) -> tuple[int, int] | None:
+        return self.identities.get(pid)
 
     def unread(self, sock: socket.socket) -> int:
         return self.unread_bytes

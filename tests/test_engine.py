@@ -289,3 +289,37 @@ def test_a_limit_added_by_reload_sees_the_running_connections(rigs: list[Rig]) -
     assert rig.listener().rt.stats.refused_by == {"max_child_per_ip": 1}
     for c in [*clients, third]:
         c.close()
+
+
+def test_a_worker_cannot_make_the_master_signal_a_process_that_is_not_its_program(
+        rigs: list[Rig]) -> None:
+    """A worker runs as the service's user: what it says must not steer root's kill()."""
+    rig = pool_rig(rigs, ECHO)
+    worker = rig.boot_worker()
+    clients = [rig.connect(), rig.connect()]
+    rig.turn()
+    first, fd1 = worker.receive()
+    second, fd2 = worker.receive()
+    for fd in (fd1, fd2):
+        assert fd is not None
+        os.close(fd)
+    rig.system.identities[4242] = (1, 77)  # a process of someone else's (parent: init)
+    rig.system.identities[5151] = (worker.pid, 99)  # the worker's real program
+    worker.send(fdpass.encode_spawned(first.ident, 4242))
+    worker.send(fdpass.encode_spawned(second.ident, 5151))
+    worker.send(fdpass.encode_done([999_999])[0])  # an id that is not its own: ignored
+    rig.turn(2)
+    rt = rig.engine.runtimes[0]
+    assert rt.programs == 1 and rt.instances == 2
+    rig.engine.begin_stop(0.0, "test")
+    rig.system.now += 1.0
+    rig.turn()
+    killed = {pid for pid, sig in rig.system.killed if sig == signal.SIGKILL}
+    assert 5151 in killed and 4242 not in killed
+    rig.system.identities[5151] = (1, 100)  # the pid now belongs to a later process
+    rig.system.killed.clear()
+    rig.system.now += 1.0
+    rig.turn()
+    assert 5151 not in {pid for pid, _ in rig.system.killed}
+    for c in clients:
+        c.close()
