@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from poolinetd.inetdconf import format_spec, parse
@@ -442,13 +444,8 @@ def test_format_round_trip(line: str) -> None:
 
 def test_format_prefers_positional() -> None:
     assert format_spec(ECHO) == "echo\tstream\ttcp\tnowait\troot\tinternal"
-    assert format_spec(
-        ECHO.__class__(**{**_fields(ECHO), "options": Options(pool_max=2)})
-    ).endswith("pool_max=2;")
+    assert format_spec(replace(ECHO, options=Options(pool_max=2))).endswith("pool_max=2;")
 
-
-def _fields(spec: ServiceSpec) -> dict[str, object]:
-    return {name: getattr(spec, name) for name in spec.__dataclass_fields__}
 
 
 def test_severity_of_warnings() -> None:

@@ -25,7 +25,7 @@ NAME = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=8)
     lambda s: not s[0].isdigit()
 )
 WORD = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=10
+    st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=10
 )
 IPV4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
 ADDR = IPV4 | st.sampled_from(["::1", "::", "fe80::1", "localhost", "host.example"])
