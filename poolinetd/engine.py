@@ -541,8 +541,10 @@ class Engine:
             key: Hashable = ""
             if rt.service.proxy_protocol:
                 # Only a trusted proxy may say who the client is; the client's own
-                # limits are judged once the header has said it.
-                why = "" if rt.service.proxy_from.matches(ip) else preambles.PROXY_UNTRUSTED
+                # limits are judged once the header has said it. (On a unix socket
+                # the file's mode says who may connect: there is no address to trust.)
+                trusted = peer is None or rt.service.proxy_from.matches(ip)
+                why = "" if trusted else preambles.PROXY_UNTRUSTED
             else:
                 key = rt.admission.source(ip)
                 why = rt.admission.check(key, ip, now)

@@ -16,10 +16,9 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from poolinetd import includes, netmatch, overlap, tcpmux
+from poolinetd import includes, internal, netmatch, overlap, tcpmux
 from poolinetd.netmatch import AddressList
 from poolinetd.spec import (
-    BUILTINS,
     DEFAULT_CONN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_REQUESTS,
@@ -65,7 +64,7 @@ _LOOKUP_FAILURES = (LookupError, OSError, ValueError)
 # Built-ins other inetds have and poolinetd does not, for a clearer message.
 _FOREIGN_BUILTINS = ("auth", "ident")
 # What ``internal NAME`` may name: the table's built-ins and the tcpmux listener.
-_BUILTIN_NAMES = (*BUILTINS, TCPMUX)
+_BUILTIN_NAMES = (*internal.NAMES, TCPMUX)
 _TCP = frozenset({Protocol.TCP, Protocol.TCP4, Protocol.TCP6, Protocol.TCP46})
 _PER_SOURCE = ("max_cpm_per_ip", "max_child_per_ip")
 # Bound on the sum of every service's env variables in one load (each service carries its
@@ -428,10 +427,10 @@ class _SpecResolver:
         if spec.tcpmux is not None:
             # A sub-service has no port to look up: its name may be the built-in's.
             lower = spec.tcpmux.lower()
-            if lower in BUILTINS:
+            if lower in internal.NAMES:
                 return lower
             self.report("server", f"no built-in named {spec.tcpmux!r}",
-                        f"name the built-in: internal {BUILTINS[0]}")
+                        f"name the built-in: internal {internal.NAMES[0]}")
             return None
         if spec.protocol.is_unix:
             return spec.service.rsplit("/", 1)[-1]  # FreeBSD: the last path component
@@ -448,7 +447,7 @@ class _SpecResolver:
         self.report(
             "service",
             f"no built-in for port {spec.service}",
-            f"name the built-in: internal {BUILTINS[0]}",
+            f"name the built-in: internal {internal.NAMES[0]}",
         )
         return None
 

@@ -383,11 +383,6 @@ class Service:
         return self.spec.wait
 
 
-# Transitional mirror of internal.NAMES (the table of built-ins lives in internal.py,
-# which imports this module, so this pure module cannot derive it). Only resolve.py
-# reads it; once resolve validates against internal.find(name, socket_type), delete
-# it. tests/test_builtins_table.py fails if the two ever differ.
-BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
 # The RFC 1078 multiplexer: a built-in the engine answers in its preamble stage, so it
 # has no row (no handler) in internal.TABLE; resolve.py accepts it on stream tcp only.
 TCPMUX = "tcpmux"

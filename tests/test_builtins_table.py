@@ -7,7 +7,7 @@ import socket
 import pytest
 from config_fakes import fake_lookups
 
-from poolinetd import cli, internal, resolve, spec
+from poolinetd import cli, internal, resolve
 from poolinetd.spec import SocketType
 
 
@@ -20,12 +20,6 @@ def test_the_table_lists_the_five_rfc_builtins_with_their_ports() -> None:
     for b in internal.TABLE:
         assert b.socket_types == {SocketType.STREAM, SocketType.SEQPACKET, SocketType.DGRAM}
         assert 1024 <= b.default_port < 65536  # the default config needs no root
-
-
-def test_spec_names_mirror_the_table() -> None:
-    # spec.py cannot import internal.py (which imports it); this keeps its
-    # transitional copy, read by resolve.py, from drifting.
-    assert spec.BUILTINS == internal.NAMES
 
 
 def test_find_is_keyed_by_name_and_socket_type() -> None:

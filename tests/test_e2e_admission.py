@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TEST_USER, Server, wait_until
 
 U = TEST_USER
