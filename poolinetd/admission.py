@@ -34,6 +34,7 @@ RATE_WINDOW = 60.0
 LOOPING_PAUSE = 60.0  # seconds a service rests after exceeding max_spawn_per_min
 MAX_SPAWN_PER_MIN = "max_spawn_per_min"
 NO_SOURCE = ""  # unix peers, or a datagram loan with no known source
+_KEY_CACHE = 4096
 _NO_LISTS = "\0no lists"  # check() without the access lists (a start with no peer yet)
 
 
@@ -55,6 +56,7 @@ class Admission:
         self.no_access: AddressList = service.no_access
         self.v4_prefix = service.source_v4_prefix
         self.v6_prefix = service.source_v6_prefix
+        self._keys: dict[str, Hashable] = {}
         self.source_limits = sourcetrack.SourceLimits(
             limits.max_child_per_ip, limits.max_cpm_per_ip, service.block_time)
         self.per_source = (limits.max_child_per_ip is not None
@@ -62,10 +64,19 @@ class Admission:
         self.lists = bool(self.only_from or self.no_access)
 
     def source(self, ip: str) -> Hashable:
-        """The tracking key of ``ip``: its network at the service's prefix length."""
-        if not ip:
-            return NO_SOURCE
-        return netmatch.source_key(ip, self.v4_prefix, self.v6_prefix)
+        """The tracking key of ``ip``: its network at the service's prefix length.
+
+        Memoised (a bounded dict, emptied when full or when the prefixes change):
+        most connections come from addresses seen a moment ago.
+        """
+        key = self._keys.get(ip)
+        if key is None:
+            if not ip:
+                return NO_SOURCE
+            if len(self._keys) >= _KEY_CACHE:
+                self._keys.clear()
+            key = self._keys[ip] = netmatch.source_key(ip, self.v4_prefix, self.v6_prefix)
+        return key
 
     def check(self, key: Hashable, ip: str, now: float) -> str:
         """Why a connection from ``ip`` (tracking key ``key``) is refused now, or "".

@@ -169,11 +169,17 @@ class ServiceRuntime:
     successor: ServiceRuntime | None = None  # the generation that replaced this one
     preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
     engine_served: bool = False  # tcpmux: the engine reads the name; no dispatcher behind it
+    counts_active: bool = field(init=False)
+    is_program: bool = field(init=False)
     stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.service)
+        # Whether its instances count against the global caps (a datagram built-in's
+        # loan is not a connection), and as programs; fixed per generation.
+        self.counts_active = not (self.lends and self.service.internal is not None)
+        self.is_program = self.service.program is not None
 
     @property
     def name(self) -> str:
@@ -458,10 +464,10 @@ class Engine:
     def _has_room(self, rt: ServiceRuntime, now: float) -> bool:
         if rt.resting_until > now or rt.at_max_child():
             return False
-        if not (rt.lends and rt.service.internal is not None):  # global caps
+        if rt.counts_active:  # the global caps
             if self.max_connections is not None and self.active >= self.max_connections:
                 return False
-            if (self.max_programs is not None and rt.service.program is not None
+            if (self.max_programs is not None and rt.is_program
                     and self.active_programs >= self.max_programs):
                 return False
         if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
@@ -521,8 +527,8 @@ class Engine:
         # engine only forwards it and closes it.
         accept = lst.sock._accept  # type: ignore[attr-defined]
         family = lst.sock.family
+        now = self.system.clock()  # one reading per batch: the batch takes microseconds
         for _ in range(batch):
-            now = self.system.clock()
             if not self._has_room(rt, now):
                 break
             try:
@@ -596,12 +602,12 @@ class Engine:
     def _count_active(self, rt: ServiceRuntime, delta: int) -> None:
         """Keep the global counts (--max-connections, --max-programs) and wake every
         service when one frees a slot at a cap (their listeners were not polled)."""
-        if rt.lends and rt.service.internal is not None:
+        if not rt.counts_active:
             return  # a datagram built-in's loan is not a connection
         before = self.active
         self.active += delta
         at_cap = self.max_connections is not None and before >= self.max_connections
-        if rt.service.program is not None:
+        if rt.is_program:
             before_programs = self.active_programs
             self.active_programs += delta
             at_cap = at_cap or (self.max_programs is not None
