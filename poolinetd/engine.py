@@ -584,6 +584,7 @@ class Engine:
             self._count_refusal(rt, "no_room")
             return
         rt.stats.accepted += 1
+        rt.stats.handoff.observe(self.system.clock() - now)  # ``now``: when it was accepted
         rt.admission.started(key)
 
     def _uncount(self, iid: int) -> None:
@@ -792,7 +793,8 @@ class Engine:
                 self._count_refusal(rt, "no_room")
             return
         fd = item.sock.detach()
-        self._hand_off(rt, fd, item.sock.family, key, _wire_peer(peer), now,
+        accepted = item.deadline - pre.DEADLINE
+        self._hand_off(rt, fd, item.sock.family, key, _wire_peer(peer), accepted,
                        _wire_peer(result.local) if result.local else "")
 
     def _forget_pending(self, item: Pending) -> None:

@@ -12,6 +12,7 @@ Master -> worker:  CONN(conn_id, family, peer) + the accepted socket (the worker
                    LOGFD + the reopened log file (after SIGUSR1)
 Worker -> master:  READY(pid)
                    DONE(ids...)  connections or loans that ended (batched)
+                   STATS(bytes in, bytes out, program exits)  for the metrics (batched)
                    SPAWNED(conn_id, pid)  a program was launched for conn_id
                    BOOT_FAILED(reason)  the worker cannot serve; it exits next
 """
@@ -36,6 +37,7 @@ READY = 10
 DONE = 11
 SPAWNED = 12
 BOOT_FAILED = 13
+STATS = 14
 
 _HEAD = struct.Struct("!BB")  # kind, version
 _ID = struct.Struct("!Q")
@@ -69,6 +71,9 @@ class Message:
     ids: tuple[int, ...] = ()
     peer: str = ""
     local: str = ""  # CONN: the address the client connected to, when a PROXY header said it
+    bytes_in: int = 0  # STATS: what built-in connections read and wrote since the last STATS
+    bytes_out: int = 0
+    exits: tuple[tuple[int, int], ...] = ()  # STATS: (exit code, run time in us) per program
 
 
 def encode_conn(conn_id: int, family: int, peer: str, local: str = "") -> bytes:
@@ -107,6 +112,22 @@ def encode_spawned(conn_id: int, pid: int) -> bytes:
     return _HEAD.pack(SPAWNED, VERSION) + _ID_PID.pack(conn_id, pid)
 
 
+_STATS = struct.Struct("!QQ")
+_EXIT = struct.Struct("!iQ")
+_MAX_EXITS = (MAX_MESSAGE - _HEAD.size - _STATS.size) // _EXIT.size
+
+
+def encode_stats(bytes_in: int, bytes_out: int, exits: list[tuple[int, int]]) -> list[bytes]:
+    """STATS for the metrics: built-in byte counts and program exits (split to fit)."""
+    out = []
+    for start in range(0, max(1, len(exits)), _MAX_EXITS):
+        chunk = exits[start : start + _MAX_EXITS]
+        body = _STATS.pack(bytes_in, bytes_out) + b"".join(_EXIT.pack(*e) for e in chunk)
+        out.append(_HEAD.pack(STATS, VERSION) + body)
+        bytes_in = bytes_out = 0  # counted once, in the first message
+    return out
+
+
 def encode_boot_failed(reason: str) -> bytes:
     return _HEAD.pack(BOOT_FAILED, VERSION) + reason.encode("utf-8", "replace")[:1024]
 
@@ -142,6 +163,11 @@ def decode(data: bytes) -> Message:
         if kind == SPAWNED:
             ident, pid = _ID_PID.unpack(body)
             return Message(SPAWNED, ident, pid=pid)
+        if kind == STATS and (len(body) - _STATS.size) % _EXIT.size == 0:
+            bytes_in, bytes_out = _STATS.unpack_from(body)
+            exits = tuple(_EXIT.unpack_from(body, off)
+                          for off in range(_STATS.size, len(body), _EXIT.size))
+            return Message(STATS, bytes_in=bytes_in, bytes_out=bytes_out, exits=exits)
         if kind == BOOT_FAILED:
             return Message(BOOT_FAILED, peer=body.decode("utf-8", "replace"))
     except (struct.error, UnicodeDecodeError) as exc:

@@ -127,6 +127,8 @@ class ForkDispatcher:
         child = self.children.pop(pid, None)
         if child is None:
             return False
+        if child.program:
+            child.rt.stats.program_exit(code, self.system.clock() - child.started)
         if child.program and (self.hooks.log_connections or code != 0):
             log.event(20 if code == 0 else 30, "program_exit", service=child.rt.name, pid=pid,
                       status=code, duration=round(self.system.clock() - child.started, 6))

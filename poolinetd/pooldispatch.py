@@ -242,6 +242,12 @@ class PoolDispatcher:
                     self.hooks.ended(iid)
             elif msg.kind == fdpass.SPAWNED:
                 self._spawned(handle, msg.ident, msg.pid)
+            elif msg.kind == fdpass.STATS:
+                stats = rt.stats
+                stats.builtin_bytes_in += msg.bytes_in
+                stats.builtin_bytes_out += msg.bytes_out
+                for code, micros in msg.exits:
+                    stats.program_exit(code, micros / 1_000_000)
             elif msg.kind == fdpass.BOOT_FAILED:
                 handle.boot_error = msg.peer
             elif msg.kind == fdpass.READY and pool is not None and pool.mark_ready(handle.pid,

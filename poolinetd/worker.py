@@ -129,6 +129,9 @@ class Worker:
         self.children: dict[int, _Child] = {}  # by pidfd
         self.dgram: dict[int, _DgramLoan] = {}  # by fd
         self.done: list[int] = []  # ids to report in the next DONE batch
+        self.stat_in = 0  # built-in bytes and program exits, for the next STATS
+        self.stat_out = 0
+        self.stat_exits: list[tuple[int, int]] = []
         self.stopping = False
         self.stop_deadline: float | None = None
         self.title_state = ""
@@ -291,6 +294,8 @@ class Worker:
         handler = conn.handler
         conn.sock.close()
         self.done.append(conn.conn_id)
+        self.stat_in += handler.bytes_in
+        self.stat_out += handler.bytes_out
         if self.log_connections:
             log.info("conn_end", service=self.service.name, pid=self.pid, peer=conn.peer,
                      status=status, duration=round(self.clock() - conn.started, 6),
@@ -354,6 +359,7 @@ class Worker:
         del self.children[child.pidfd]
         self.done.append(child.conn_id)
         code = os.waitstatus_to_exitcode(status)
+        self.stat_exits.append((code, int((self.clock() - child.started) * 1_000_000)))
         if self.log_connections or code not in (0,):
             level = logging.INFO if code == 0 else logging.WARNING
             log.event(level, "program_exit", service=self.service.name, pid=child.pid,
@@ -381,7 +387,12 @@ class Worker:
     def _flush_done(self) -> None:
         if not self.done:
             return
-        for payload in fdpass.encode_done(self.done):
+        payloads = fdpass.encode_done(self.done)
+        if self.stat_in or self.stat_out or self.stat_exits:
+            payloads += fdpass.encode_stats(self.stat_in, self.stat_out, self.stat_exits)
+            self.stat_in = self.stat_out = 0
+            self.stat_exits = []
+        for payload in payloads:
             try:
                 fdpass.send(self.channel, payload)
             except BlockingIOError:

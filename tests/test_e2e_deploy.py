@@ -310,10 +310,16 @@ def _families(text: str) -> dict[str, object]:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as resp:
+        return str(resp.read().decode())
+
+
 def _value(families: dict[str, object], name: str, **labels: str) -> float:
     """The sample of metric ``name`` (counters: its ``_total``) with these labels."""
-    wanted = (name, name + "_total")
-    for sample in families[name].samples:  # type: ignore[attr-defined]
+    wanted = (name, name + "_total", name.removesuffix("_count") + "_count")
+    family = families.get(name) or families[name.removesuffix("_count")]
+    for sample in family.samples:  # type: ignore[attr-defined]
         if sample.name in wanted and all(sample.labels.get(k) == v for k, v in labels.items()):
             return float(sample.value)
     raise KeyError((name, labels))
@@ -323,8 +329,14 @@ def _value(families: dict[str, object], name: str, **labels: str) -> float:
 @pytest.mark.parametrize("mode", MODES)
 def test_metrics_match_the_traffic_and_parse(serve, mode: str) -> None:
     server: Server = serve(f"127.0.0.1:0 on socktype=stream, user={U}, args=echo, "
-                           "max_cpm_per_ip=3;\n", "--metrics", "127.0.0.1:0", mode=mode)
+                           "max_cpm_per_ip=3;\n"
+                           f"127.0.0.1:0 stream tcp nowait {U} /bin/sh sh -c 'exit 3'\n",
+                           "--metrics", "127.0.0.1:0", mode=mode)
     name = server.listeners[0]["service"]
+    program = server.listeners[1]["service"]
+    for _ in range(2):
+        tcp_exchange(server.port(1), timeout=20)
+    wait_until(lambda: server.service_status(program)["active"] == 0, 20, "the programs to end")
     metrics_port = server.info["metrics"]["port"]  # type: ignore[index]
     for _ in range(3):
         assert tcp_exchange(server.port(), b"12345") == b"12345"
@@ -339,6 +351,15 @@ def test_metrics_match_the_traffic_and_parse(serve, mode: str) -> None:
     assert _value(families, "poolinetd_connections_refused", service=name,
                   reason="max_cpm_per_ip") == 2
     assert _value(families, "poolinetd_connections_active", service=name) == 0
+    assert _value(families, "poolinetd_handoff_seconds_count", service=name) == 3
+    assert _value(families, "poolinetd_program_exits", service=program, status="3") == 2
+    assert _value(families, "poolinetd_program_run_seconds_count", service=program) == 2
+    if mode == "pool":  # (a classic child reports its bytes in its conn_end line only)
+        wait_until(lambda: _value(_families(_scrape(metrics_port)),
+                                  "poolinetd_builtin_received_bytes", service=name) == 15,
+                   20, "the workers' byte counts")
+        assert _value(_families(_scrape(metrics_port)), "poolinetd_builtin_sent_bytes",
+                      service=name) == 15
     assert "poolinetd_loop_turn_seconds" in families
     assert _value(families, "poolinetd_open_fds") > 3
     out = subprocess.run([sys.executable, "-m", "poolinetd", "metrics", "--control",

@@ -127,3 +127,13 @@ def test_a_conn_whose_fd_was_dropped_is_still_identified() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "identified" in out.stdout
+
+
+def test_stats_round_trip_and_split() -> None:
+    exits = [(i % 256 - 9, i * 1000) for i in range(1000)]
+    payloads = fdpass.encode_stats(15, 30, exits)
+    assert len(payloads) > 1 and all(len(p) <= fdpass.MAX_MESSAGE for p in payloads)
+    msgs = [fdpass.decode(p) for p in payloads]
+    assert sum(m.bytes_in for m in msgs) == 15 and sum(m.bytes_out for m in msgs) == 30
+    assert [e for m in msgs for e in m.exits] == exits
+    assert fdpass.decode(fdpass.encode_stats(1, 2, [])[0]).exits == ()
