@@ -65,7 +65,8 @@ def default_control_path() -> str:
 
 def _add_pool_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pool defaults (a service's own keys win)")
-    group.add_argument("--pool-min", type=int, metavar="N", help="workers kept ready (default 1)")
+    group.add_argument("--pool-min", type=int, metavar="N",
+                       help="workers kept ready (default 1 for built-ins, 2 for programs)")
     group.add_argument("--pool-max", type=int, metavar="N", help="workers at most (default 16)")
     group.add_argument("--worker-connections", type=int, metavar="N",
                        help="connections per worker at once (default 256 built-in, 64 program)")

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import orjson
 
-from poolinetd import jsonsafe, listeners
+from poolinetd import listeners, log
 
 REQUEST_MAX = 256
 CLIENT_TIMEOUT = 5.0
@@ -60,7 +60,7 @@ class ControlConn:
         if data and b"\n" not in self.request and len(self.request) < REQUEST_MAX:
             return
         command = self.request.split(b"\n", 1)[0].strip().decode("ascii", "replace")
-        self.reply = memoryview(jsonsafe.dumps(self.server.answer(command)) + b"\n")
+        self.reply = memoryview(log.json_bytes(self.server.answer(command)) + b"\n")
         sel.modify(self.sock, selectors.EVENT_WRITE, self)
         self._write(sel)
 

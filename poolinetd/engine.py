@@ -50,7 +50,6 @@ from poolinetd import (
     adopt,
     control,
     internal,
-    jsonsafe,
     listeners,
     log,
     metrics,
@@ -495,7 +494,7 @@ class Engine:
             if self.metrics is not None:
                 doc["metrics"] = {"address": self.metrics.address, "port": self.metrics.port}
             try:
-                os.write(self.ready_fd, jsonsafe.dumps(doc) + b"\n")
+                os.write(self.ready_fd, log.json_bytes(doc) + b"\n")
                 os.close(self.ready_fd)
             except OSError as exc:
                 log.warning("ready_fd_failed", fd=self.ready_fd, error=exc.strerror)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -314,3 +315,47 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
             break
         data += chunk
     return data
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="session")
+def nobody_python() -> Iterator[tuple[str, Path]]:
+    """(interpreter, directory): a Python ``nobody`` can run (the system's) and a fresh
+    0755 directory holding poolinetd, its compiled dependencies and
+    listen_fds_report.py, for tests that run poolinetd's code as ``nobody``: a
+    venv or a clone under a 0700 directory (root's home) is out of its reach.
+    Use ``PYTHONPATH=<directory>``; skipped where it cannot work."""
+    if not IS_ROOT or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run poolinetd as nobody")
+    import orjson
+    import setproctitle
+
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"needs {SYSTEM_PYTHON}")
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"{SYSTEM_PYTHON} is {version}, the test interpreter {sys.version_info[:2]}: "
+                    "the compiled dependencies would not load")
+    import tempfile
+
+    stage = Path(tempfile.mkdtemp(prefix="poolinetd-nobody-", dir="/tmp"))
+    try:
+        stage.chmod(0o755)
+        shutil.copytree(REPO / "poolinetd", stage / "poolinetd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(PROGRAMS_SRC / "listen_fds_report.py", stage / "listen_fds_report.py")
+        for module in (orjson, setproctitle):
+            src = Path(module.__file__ or "")
+            if src.parent.name == module.__name__:  # a package directory
+                shutil.copytree(src.parent, stage / module.__name__,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, stage / src.name)
+        for path in stage.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield SYSTEM_PYTHON, stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

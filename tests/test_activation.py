@@ -285,13 +285,17 @@ def free_port(kind: int = STREAM) -> int:
 class Activated:
     """systemd-socket-activate running REPORT --serve; stderr and stdout go to files."""
 
-    def __init__(self, tmp_path: Path, args: list[str], prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp_path: Path, args: list[str], prefix: tuple[str, ...] = (),
+                 python: str = sys.executable, report: Path = REPORT,
+                 src: Path = REPO) -> None:
         self.out = tmp_path / "out"
         self.err = tmp_path / "err"
-        env = dict(os.environ, POOLINETD_SRC=str(REPO))
+        env = dict(os.environ, POOLINETD_SRC=str(src))
+        # systemd-socket-activate passes the child only what -E names.
+        args = [*args, "-E", f"POOLINETD_SRC={src}"]
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(
-                [ACTIVATE, *args, *prefix, sys.executable, str(REPORT), "--serve"],
+                [ACTIVATE, *args, *prefix, python, str(report), "--serve"],
                 stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=str(tmp_path))
 
     def wait_listening(self, count: int) -> None:
@@ -387,12 +391,14 @@ def privileged_free_port() -> int:
 @pytest.mark.process
 @pytest.mark.root
 @pytest.mark.skipif(not IS_ROOT or SETPRIV is None, reason="needs root and setpriv")
-def test_an_unprivileged_child_serves_a_privileged_port_passed_to_it(tmp_path: Path) -> None:
+def test_an_unprivileged_child_serves_a_privileged_port_passed_to_it(
+        tmp_path: Path, nobody_python: tuple[str, Path]) -> None:
+    python, stage = nobody_python  # reachable by nobody wherever the clone sits
     port = privileged_free_port()
-    os.chmod(tmp_path, 0o755)  # the nobody child writes nothing here; its stdout is our file
     run = Activated(tmp_path, ["-l", f"127.0.0.1:{port}", "--fdname=low"],
                     prefix=(str(SETPRIV), "--reuid=nobody", "--regid=nogroup",
-                            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"))
+                            "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"),
+                    python=python, report=stage / "listen_fds_report.py", src=stage)
     try:
         run.wait_listening(1)
         assert ask_stream(("127.0.0.1", port), INET, b"x") == b"low x"

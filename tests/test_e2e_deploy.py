@@ -14,11 +14,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, REPO, TEST_USER, Server, refused, tcp_exchange, wait_until
+from conftest import REPO, TEST_USER, Server, refused, tcp_exchange, wait_until
 
 from poolinetd import control
 
@@ -26,7 +25,6 @@ U = TEST_USER
 MODES = ["pool", "classic"]
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 SETPRIV = shutil.which("setpriv")
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def _alive(pid: int) -> bool:
@@ -111,43 +109,6 @@ def test_no_worker_or_program_inherits_the_systemd_variables(serve, staged_progr
 
 
 # ---------------------------------------------------------------- socket activation
-
-
-@pytest.fixture(scope="session")
-def nobody_python() -> Iterator[tuple[str, Path]]:
-    """An interpreter ``nobody`` can run and a 0755 directory holding poolinetd and its
-    dependencies, so a clone under a 0700 directory (root's home) works too."""
-    if not IS_ROOT or SETPRIV is None:
-        pytest.skip("needs root and setpriv to run poolinetd as nobody")
-    import orjson
-    import setproctitle
-
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.skip(f"needs {SYSTEM_PYTHON}")
-    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
-    if version != str(sys.version_info[:2]):
-        pytest.skip(f"{SYSTEM_PYTHON} is {version}, the test interpreter {sys.version_info[:2]}: "
-                    "the compiled dependencies would not load")
-    import tempfile
-
-    stage = Path(tempfile.mkdtemp(prefix="poolinetd-nobody-", dir="/tmp"))
-    try:
-        stage.chmod(0o755)
-        shutil.copytree(REPO / "poolinetd", stage / "poolinetd",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for module in (orjson, setproctitle):
-            src = Path(module.__file__ or "")
-            if src.parent.name == module.__name__:  # a package directory
-                shutil.copytree(src.parent, stage / module.__name__,
-                                ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, stage / src.name)
-        for path in stage.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        yield SYSTEM_PYTHON, stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _privileged_free_port() -> int:
