@@ -21,7 +21,7 @@ import selectors
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from poolinetd.engine import Listener, ServiceRuntime
+    from poolinetd.runtime import Listener, ServiceRuntime
 
 
 class Hooks(Protocol):

@@ -44,7 +44,6 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 
 from poolinetd import (
     adopt,
@@ -56,12 +55,14 @@ from poolinetd import (
     metricshttp,
     preambles,
     reloadplan,
+    reports,
     spawn,
     throttle,
 )
 from poolinetd import preamble as pre
-from poolinetd.admission import LOOPING_PAUSE, Admission
+from poolinetd.admission import LOOPING_PAUSE
 from poolinetd.dispatch import Dispatcher
+from poolinetd.runtime import Instance, Listener, Pending, ServiceRuntime
 from poolinetd.sdnotify import Notifier
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType
@@ -85,123 +86,6 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
            signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
-
-
-@dataclass(slots=True, eq=False)
-class Listener:
-    """One listening (or bound datagram) socket of a service; the engine owns ``sock``."""
-
-    sock: socket.socket
-    rt: ServiceRuntime
-    bound: listeners.Bound
-    polled: bool = False
-    lent: int = 0  # the instance id of the loan holding it; 0 = not lent
-
-
-@dataclass(slots=True, eq=False)
-class Instance:
-    """A connection or loan being served, counted until the dispatcher says it ended."""
-
-    iid: int
-    rt: ServiceRuntime
-    source: Hashable  # its admission key (the source's network), or "" for none
-    started: float
-    listener: Listener | None = None  # set for loans
-    program_pid: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class Pending:
-    """A connection in the preamble stage; the engine owns ``sock`` until it moves on."""
-
-    sock: socket.socket
-    lst: Listener
-    peer: tuple[str, int] | None
-    reader: pre.Preamble
-    deadline: float
-    got: bytes = b""  # preamble bytes already taken off the socket
-
-
-@dataclass(slots=True, eq=False)
-class ServiceStats:
-    """Counters of one service that live as long as the master, across reload generations
-    (a Prometheus counter must never go back)."""
-
-    accepted: int = 0
-    refused: int = 0
-    refused_by: dict[str, int] = field(default_factory=dict)
-    builtin_bytes_in: int = 0
-    builtin_bytes_out: int = 0
-    program_exits: dict[str, int] = field(default_factory=dict)
-    handoff: metrics.Histogram = field(
-        default_factory=lambda: metrics.Histogram(metrics.HANDOFF_BUCKETS))
-    program_run: metrics.Histogram = field(
-        default_factory=lambda: metrics.Histogram(metrics.RUN_TIME_BUCKETS))
-
-    def program_exit(self, code: int, seconds: float) -> None:
-        """Count a program's exit: its exit code, or the signal's name (negative code)."""
-        key = str(code) if code >= 0 else _signal_name(-code)
-        self.program_exits[key] = self.program_exits.get(key, 0) + 1
-        self.program_run.observe(seconds)
-
-
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-@dataclass(slots=True, eq=False)
-class ServiceRuntime:
-    """Everything the engine tracks for one generation of one service."""
-
-    service: Service
-    listeners: list[Listener] = field(default_factory=list)
-    instances: int = 0  # connections and loans being served
-    programs: int = 0  # of those, how many a program serves
-    pending: int = 0  # connections in the preamble stage
-    admission: Admission = field(init=False)
-    paused_until: float = 0.0  # EMFILE rest
-    retired: bool = False  # removed or replaced by a reload: takes nothing new
-    predecessors: list[ServiceRuntime] = field(default_factory=list)  # older, still busy
-    successor: ServiceRuntime | None = None  # the generation that replaced this one
-    preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
-    engine_served: bool = False  # tcpmux: the engine reads the name; no dispatcher behind it
-    counts_active: bool = field(init=False)
-    is_program: bool = field(init=False)
-    stats: ServiceStats = field(default_factory=ServiceStats)
-    last_error: str = ""
-
-    def __post_init__(self) -> None:
-        self.admission = Admission(self.service)
-        # Whether its instances count against the global caps (a datagram built-in's
-        # loan is not a connection), and as programs; fixed per generation.
-        self.counts_active = not (self.lends and self.service.internal is not None)
-        self.is_program = self.service.program is not None
-
-    @property
-    def name(self) -> str:
-        return self.service.name
-
-    @property
-    def lends(self) -> bool:
-        """Whether its listeners are lent (wait services, datagram built-ins), not accepted on."""
-        return self.service.wait or self.service.socket_type is SocketType.DGRAM
-
-    @property
-    def resting_until(self) -> float:
-        """Until when its listeners rest (EMFILE pause, or the looping rule)."""
-        return max(self.paused_until, self.admission.paused_until)
-
-    def at_max_child(self) -> bool:
-        limit = self.service.limits.max_child
-        if not limit:
-            return False
-        # Instances of older generations (before a reload changed the service)
-        # still run and still count.
-        running = self.instances + sum(p.instances for p in self.predecessors)
-        return running >= limit
 
 
 Opened = list[tuple[Service, list[socket.socket]]]
@@ -314,13 +198,6 @@ class Engine:
     def _internal_ports(self) -> frozenset[int]:
         return internal.guarded_ports(lst.bound.port for rt in self.runtimes
                                       if rt.service.internal is not None for lst in rt.listeners)
-
-    def listener_report(self) -> list[dict[str, object]]:
-        """What is listened on, in config order (for --ready-fd, startup log, status)."""
-        return [{"service": rt.name, "family": lst.bound.family, "address": lst.bound.address,
-                 "port": lst.bound.port, "socket_type": rt.service.socket_type.value,
-                 "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}"}
-                for rt in self.runtimes if not rt.retired for lst in rt.listeners]
 
     # -- the loop --------------------------------------------------------------
     def run(self) -> int:
@@ -502,13 +379,6 @@ class Engine:
         log.info("ready", services=len(self.runtimes), mode=self.dispatcher.mode)
         if self.notifier is not None:
             self.notifier.ready(status=self.summary())
-
-    def summary(self) -> str:
-        """One line for systemd's STATUS=: what is served and how busy it is."""
-        live = [rt for rt in self.runtimes if not rt.retired]
-        active = sum(rt.instances for rt in self.runtimes)
-        return (f"{self.dispatcher.mode} mode: {len(live)} services, {active} active, "
-                f"{sum(rt.stats.accepted for rt in live)} accepted, {self.reloads} reloads")
 
     # -- the accept path -------------------------------------------------------
     def _on_listener(self, lst: Listener) -> None:
@@ -1097,85 +967,19 @@ class Engine:
             self.sel.unregister(up.reader)
         up.close()
 
-    # -- status -----------------------------------------------------------------
+    # -- documents (reports.py) --------------------------------------------------
     def status(self) -> dict[str, object]:
-        """The live state, as ``poolinetd status --json`` prints it (the same in both modes)."""
-        now = self.system.clock()
-        self.collect_garbage()
-        services = []
-        for rt in self.runtimes:
-            report = self._report(rt, now)
-            state = ("retiring" if rt.retired else "failing" if (
-                not rt.engine_served and self.dispatcher.failing(rt))
-                     else "paused" if rt.resting_until > now else "serving")
-            services.append({
-                "service": rt.name,
-                "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
-                "state": state,
-                "listeners": [str(lst.bound) for lst in rt.listeners],
-                "accepted": rt.stats.accepted,
-                "refused": rt.stats.refused,
-                "refused_by": dict(rt.stats.refused_by),
-                "active": rt.instances,
-                "programs": rt.programs,
-                "preamble": rt.pending,
-                **report,
-                "last_error": rt.last_error or report.get("last_error", ""),
-            })
-        return {"pid": os.getpid(), "mode": self.dispatcher.mode,
-                "uptime": round(time.time() - self.started, 3), "reloads": self.reloads,
-                "stopping": self.stopping,
-                "upgrading": self.upgrading.pid if self.upgrading is not None else 0,
-                "services": services}
-
-    def _report(self, rt: ServiceRuntime, now: float) -> dict[str, object]:
-        if rt.engine_served:  # served by the engine itself: no workers, no children
-            return {"workers": {"booting": 0, "idle": 0, "busy": 0, "draining": 0,
-                                "stalled": 0}, "pool_min": 0, "pool_max": 0, "restarts": 0,
-                    "boot_failures": 0, "retry_in": 0.0}
-        return self.dispatcher.report(rt, now)
+        """The live state, as ``poolinetd status --json`` prints it."""
+        return reports.status(self)
 
     def render_metrics(self) -> bytes:
-        return metrics.render(self.metrics_document())
+        return reports.render_metrics(self)
 
-    def metrics_document(self) -> metrics.MetricsDocument:
-        """Every counter for ``render`` (the /metrics endpoint, ``poolinetd metrics``)."""
-        now = self.system.clock()
-        services: list[metrics.ServiceMetrics] = []
-        seen: dict[int, metrics.ServiceMetrics] = {}
-        for rt in self.runtimes:  # generations of one service share their stats
-            report = self._report(rt, now)
-            workers = report.get("workers", {})
-            assert isinstance(workers, dict)
-            entry = seen.get(id(rt.stats))
-            if entry is None:
-                stats = rt.stats
-                entry = {
-                    "service": rt.name, "accepted": stats.accepted,
-                    "refused": dict(stats.refused_by), "active_connections": 0,
-                    "running_programs": 0, "workers": {k: 0 for k in workers},
-                    "restarts": 0, "boot_failures": 0,
-                    "builtin_bytes_in": stats.builtin_bytes_in,
-                    "builtin_bytes_out": stats.builtin_bytes_out,
-                    "program_exits": dict(stats.program_exits),
-                    "handoff_seconds": stats.handoff.snapshot(),
-                    "program_run_seconds": stats.program_run.snapshot()}
-                seen[id(rt.stats)] = entry
-                services.append(entry)
-            entry["active_connections"] += rt.instances
-            entry["running_programs"] += rt.programs
-            for state, count in workers.items():
-                entry["workers"][state] = entry["workers"].get(state, 0) + int(count)
-            restarts, failures = report.get("restarts", 0), report.get("boot_failures", 0)
-            assert isinstance(restarts, int) and isinstance(failures, int)
-            entry["restarts"] += restarts
-            entry["boot_failures"] += failures
-        try:
-            open_fds = len(os.listdir("/proc/self/fd"))
-        except OSError:
-            open_fds = 0
-        return {"engine": {"loop_turn_seconds": self.loop_turn.snapshot(), "open_fds": open_fds},
-                "services": services}
+    def listener_report(self) -> list[dict[str, object]]:
+        return reports.listener_report(self)
+
+    def summary(self) -> str:
+        return reports.summary(self)
 
     # -- teardown -------------------------------------------------------------
     def _close_all(self) -> None:

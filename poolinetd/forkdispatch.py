@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from poolinetd import dgramserve, internal, log, privileges, spawn, worker
 from poolinetd.dispatch import Hooks
-from poolinetd.engine import Listener, ServiceRuntime
+from poolinetd.runtime import Listener, ServiceRuntime
 from poolinetd.spec import Service, SocketType, StderrRoute
 from poolinetd.system import System
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, replace
 
 from poolinetd import fdpass, log, worker
 from poolinetd.dispatch import Hooks
-from poolinetd.engine import Listener, ServiceRuntime
 from poolinetd.pool import Pool, WorkerState
+from poolinetd.runtime import Listener, ServiceRuntime
 from poolinetd.system import System
 
 FORK_PAUSE = 1.0  # seconds a pool rests after fork itself failed
