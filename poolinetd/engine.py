@@ -158,10 +158,8 @@ class Engine:
         self.upgrade_cwd = upgrade_cwd
         self.upgrading: Upgrade | None = None
         self.handed_over = False  # an upgrade's new master serves now; we drain
-        self.control = (control.ControlServer(control_path, self, control_sock)
-                        if control_path else None)
-        if self.control is not None:
-            self.sel.register(self.control.sock, selectors.EVENT_READ, self.control)
+        self.control = (control.ControlServer(control_path, self, self.sel, self.system.clock,
+                                              control_sock) if control_path else None)
         self.metrics = (metricshttp.MetricsServer(metrics_sock, self.sel, self.render_metrics,
                                                   self.system.clock)
                         if metrics_sock is not None else None)
@@ -248,12 +246,10 @@ class Engine:
             self._on_upgrade_pipe(data)
         elif data is self.sigpipe:
             self._on_signals()
-        elif isinstance(data, control.ControlServer):
-            data.on_accept(self.sel)
-        elif isinstance(data, control.ControlConn):
-            data.on_event(self.sel, mask)
         else:
-            handler = getattr(data, "on_event", None)  # a dispatcher's fd (a worker channel)
+            # The rest have their own handler: worker channels, the control and metrics
+            # sockets and their clients.
+            handler = getattr(data, "on_event", None)
             if handler is not None:
                 handler(mask)
 
@@ -277,7 +273,7 @@ class Engine:
     def _timers(self) -> None:
         now = self.system.clock()
         if self.control is not None:
-            self.control.expire(self.sel, now)
+            self.control.expire(now)
         if self.metrics is not None:
             self.metrics.expire(now)
         while self.pending_order and self.pending_order[0].deadline <= now:
@@ -990,7 +986,7 @@ class Engine:
             item.sock.close()
         self.dispatcher.close()
         if self.control is not None:
-            self.control.close(self.sel)
+            self.control.close()
         if self.metrics is not None:
             self.metrics.close()
         self.sel.unregister(self.sigpipe.reader)

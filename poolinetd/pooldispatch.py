@@ -478,12 +478,7 @@ class PoolDispatcher:
 
     def abandon(self) -> list[int]:
         pids = sorted(self.workers) + sorted(self.orphans)
-        for handle in self.workers.values():
-            if not handle.closed:
-                handle.closed = True
-                with contextlib.suppress(KeyError, ValueError):
-                    self.hooks.sel.unregister(handle.channel)
-                handle.channel.close()
+        self.close()
         self.workers.clear()
         self.orphans.clear()
         return pids
@@ -512,6 +507,7 @@ class PoolDispatcher:
         return new_min
 
     def close(self) -> None:
+        """Close every worker channel still open (the workers see EOF and stop)."""
         for handle in self.workers.values():
             if not handle.closed:
                 handle.closed = True
