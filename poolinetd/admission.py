@@ -91,6 +91,8 @@ class Admission:
             if why:
                 return why
         limit = self.limits.max_spawn_per_min
+        if limit is not None and now < self.paused_until:
+            return MAX_SPAWN_PER_MIN  # still resting: not a new trip, the rest is not extended
         if limit is not None:
             hist = self.spawn_history
             while hist and hist[0] <= now - RATE_WINDOW:
@@ -106,6 +108,12 @@ class Admission:
         if limit is not None:
             self.spawn_history.append(now)
         return ""
+
+    def check_lists(self, ip: str) -> str:
+        """The access lists alone ("" if ``ip`` may be served)."""
+        if not self.lists:
+            return ""
+        return netmatch.access_reason(self.only_from, self.no_access, netmatch.parse_ip(ip))
 
     def check_start(self, now: float) -> str:
         """The service-wide rate only, for a start with no known source (stream wait)."""

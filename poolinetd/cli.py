@@ -26,6 +26,7 @@ from poolinetd import (
     listeners,
     log,
     metricshttp,
+    pidfile,
     resolve,
     sdnotify,
     spawn,
@@ -196,17 +197,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(_run(args, _without_ready_fd(args_list)))
 
 
+_PATH_OPTIONS = ("-c", "--conf", "--control", "--pidfile", "--log-file")
+
+
 def _without_ready_fd(args_list: list[str]) -> list[str]:
     """The command line a new master is started with in an upgrade: ours, less --ready-fd
-    (the new master tells us it is ready on a pipe of its own)."""
+    (the new master tells us it is ready on a pipe of its own), with every path made
+    absolute: the new master starts in /, never in a directory someone could write to."""
     out: list[str] = []
     skip = False
+    absolute_next = False
     for arg in args_list:
         if skip:
             skip = False
+        elif absolute_next:
+            out.append(os.path.abspath(arg))
+            absolute_next = False
         elif arg == "--ready-fd":
             skip = True
-        elif not arg.startswith("--ready-fd="):
+        elif arg.startswith("--ready-fd="):
+            continue
+        elif arg in _PATH_OPTIONS:
+            out.append(arg)
+            absolute_next = True
+        elif "=" in arg and arg.split("=", 1)[0] in _PATH_OPTIONS:
+            name, value = arg.split("=", 1)
+            out.append(f"{name}={os.path.abspath(value)}")
+        else:
             out.append(arg)
     return out
 
@@ -307,7 +324,6 @@ def _open_sockets(service: Service, passed: adopt.Passed | None = None) -> list[
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     _ensure_stdio()
     _raise_fd_limit()
-    start_dir = os.getcwd()
     if args.conf:
         args.conf = os.path.abspath(args.conf)  # reloads must find it after the chdir below
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
@@ -315,6 +331,24 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # What systemd (or the master we take over from) gave us; no worker or program may
     # inherit it, so it leaves the environment here, before anything forks.
     passed = adopt.Passed.from_env(os.environ)
+    # A live pidfile stops a start before anything is bound. In an upgrade the new
+    # master takes the pidfile over only once it is ready (a failed one leaves it alone).
+    held: list[pidfile.Pidfile] = []
+    if args.pidfile and not passed.from_master:
+        holder = _take_pidfile(args.pidfile)
+        if holder is None:
+            passed.close_unused()
+            return EX_OSERR
+        held.append(holder)
+    try:
+        return _serve(args, argv, passed, held)
+    finally:
+        for holder in held:
+            holder.release()
+
+
+def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
+           held: list[pidfile.Pidfile]) -> int:
     notifier = sdnotify.Notifier.from_env(os.environ)
     watchdog = sdnotify.watchdog_interval(os.environ)
     sdnotify.forget_environment(os.environ)
@@ -364,6 +398,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             server.set_caps(again.max_connections, again.max_programs)
         return tuple(_servable(again.services)), again.diagnostics
 
+    def on_ready() -> None:
+        if args.pidfile and passed.from_master:  # an upgrade: take the pidfile over now
+            holder = _take_pidfile(args.pidfile, replaces=passed.from_master)
+            if holder is not None:
+                held.append(holder)
+
     control_path = None if args.no_control else (args.control or default_control_path())
     control_sock = socket.socket(fileno=own_control) if own_control is not None else None
     dispatcher = ForkDispatcher() if args.mode == "classic" else PoolDispatcher()
@@ -375,9 +415,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                         title=title + (" (classic)" if args.mode == "classic" else ""),
                         notifier=notifier, watchdog_interval=watchdog,
                         metrics_sock=metrics_sock, control_sock=control_sock,
-                        upgrade_argv=[sys.executable, "-m", "poolinetd", *argv],
-                        upgrade_cwd=start_dir, max_connections=loaded.max_connections,
-                        max_programs=loaded.max_programs)
+                        # -P: the new master's imports never come from a working
+                        # directory (safe_path); it runs in /.
+                        upgrade_argv=[sys.executable, "-P", "-m", "poolinetd", *argv],
+                        upgrade_cwd="/", max_connections=loaded.max_connections,
+                        max_programs=loaded.max_programs, on_ready=on_ready)
     except OSError as exc:
         hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,
@@ -388,33 +430,20 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if metrics_sock is not None:
             metrics_sock.close()
         return EX_OSERR
-    return _with_pidfile(args.pidfile, server.run, replaces=passed.from_master)
+    return server.run()
 
 
-def _with_pidfile(path: str | None, body: object, replaces: int = 0) -> int:
-    """Run ``body`` holding the pidfile at ``path`` (rules in poolinetd/pidfile.py).
-
-    A live or unusable pidfile is EX_OSERR with one log line; at exit only
-    the file this process created is removed.
-    """
-    assert callable(body)
-    from poolinetd import pidfile
-
-    holder = pidfile.Pidfile(path, replaces) if path else None
-    if holder is not None:
-        try:
-            holder.acquire()
-        except pidfile.PidfileInUse as exc:
-            log.error("pidfile_in_use", path=path, pid=exc.pid, error=str(exc),
-                      hint="another poolinetd is running; stop it or use another --pidfile")
-            return EX_OSERR
-        except pidfile.PidfileError as exc:
-            log.error("pidfile_failed", path=path, error=str(exc))
-            return EX_OSERR
+def _take_pidfile(path: str, replaces: int = 0) -> pidfile.Pidfile | None:
+    """Write the pidfile at ``path`` (rules in poolinetd/pidfile.py); None, after one log
+    line, when it is live or unusable (the caller exits EX_OSERR)."""
+    holder = pidfile.Pidfile(path, replaces)
     try:
-        result = body()
-        assert isinstance(result, int)
-        return result
-    finally:
-        if holder is not None:
-            holder.release()
+        holder.acquire()
+    except pidfile.PidfileInUse as exc:
+        log.error("pidfile_in_use", path=path, pid=exc.pid, error=str(exc),
+                  hint="another poolinetd is running; stop it or use another --pidfile")
+        return None
+    except pidfile.PidfileError as exc:
+        log.error("pidfile_failed", path=path, error=str(exc))
+        return None
+    return holder

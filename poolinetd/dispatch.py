@@ -52,6 +52,7 @@ class Dispatcher(Protocol):
     """A mode. Every method is called from the engine's one thread."""
 
     mode: str
+    lends_per_burst: bool  # a datagram built-in's loan ends after each burst (classic)
 
     def attach(self, hooks: Hooks) -> None:
         """Called once, before anything else."""

@@ -80,6 +80,7 @@ ACCEPT_BATCH_PROGRAM = 4
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 FAST_STOP_TIMEOUT = 2.0
 REFUSAL_LOG_INTERVAL = 10.0  # at most one conn_refused line per source and reason this often
+METRICS_CACHE = 1.0  # seconds a rendered metrics text is served again
 DGRAM_JUDGE_BATCH = 64  # datagrams judged (and refused) per event before other work runs
 KILL_PASSES = 10  # SIGKILL passes (0.5 s apart) before a stop gives up waiting
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -116,6 +117,7 @@ class Engine:
         upgrade_cwd: str | None = None,
         max_connections: int | None = None,
         max_programs: int | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.system = system or System()
         self.dispatcher = dispatcher
@@ -126,10 +128,12 @@ class Engine:
         self.log_connections = log_connections
         self.title = title
         self.preambles = preambles
+        self.on_ready = on_ready
         self.notifier = notifier
         self.watchdog_interval = watchdog_interval
         self.next_watchdog = 0.0 if watchdog_interval else _NEVER
         self.loop_turn = metrics.Histogram(metrics.LOOP_TURN_BUCKETS)
+        self._metrics_cache: tuple[float, bytes] | None = None
         self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         self.sigpipe = SignalPipe()
         self.sigpipe.install(SIGNALS)
@@ -158,6 +162,7 @@ class Engine:
         self.upgrade_cwd = upgrade_cwd
         self.upgrading: Upgrade | None = None
         self.handed_over = False  # an upgrade's new master serves now; we drain
+        self.stop_deferred = False  # the dispatcher's stop waits for the preamble stage
         self.control = (control.ControlServer(control_path, self, self.sel, self.system.clock,
                                               control_sock) if control_path else None)
         self.metrics = (metricshttp.MetricsServer(metrics_sock, self.sel, self.render_metrics,
@@ -208,7 +213,7 @@ class Engine:
                          address=lst.bound.address, port=lst.bound.port,
                          mode=self.dispatcher.mode)
         self._refresh_dirty()
-        while not (self.stopping and not self.dispatcher.busy()):
+        while not (self.stopping and not self.dispatcher.busy() and not self.pending):
             self.run_once()
         self._close_all()
         log.info("stopped", pid=os.getpid())
@@ -287,6 +292,9 @@ class Engine:
             self.system.kill(self.upgrading.pid, signal.SIGKILL)
             self._upgrade_failed(self.upgrading.failure or
                                  f"the new master was not ready within {UPGRADE_TIMEOUT:g} s")
+        if self.stop_deferred and not self.pending:
+            self.stop_deferred = False
+            self.dispatcher.begin_stop(False)  # the preamble stage has drained
         if self.stopping and now >= self.stop_deadline:
             self._kill_remaining()
         if now >= self.next_sweep:
@@ -333,8 +341,12 @@ class Engine:
         for lst in rt.listeners:
             self._set_polled(lst, can_take and not lst.lent)
 
-    def _has_room(self, rt: ServiceRuntime, now: float) -> bool:
+    def _has_room(self, rt: ServiceRuntime, now: float, draining: bool = False) -> bool:
+        """Whether one more instance of ``rt`` may start now. ``draining``: a connection
+        already accepted (in the preamble stage) may still be handed to a retiring one."""
         if rt.resting_until > now or rt.at_max_child():
+            return False
+        if rt.retired and not draining:
             return False
         if rt.counts_active:  # the global caps
             if self.max_connections is not None and self.active >= self.max_connections:
@@ -361,6 +373,8 @@ class Engine:
 
     def _report_ready(self) -> None:
         self.ready_reported = True
+        if self.on_ready is not None:
+            self.on_ready()
         if self.ready_fd is not None:
             doc: dict[str, object] = {"pid": os.getpid(), "mode": self.dispatcher.mode,
                                       "listeners": self.listener_report()}
@@ -426,6 +440,11 @@ class Engine:
                     break
                 continue
             if rt.preamble is not None:
+                source = rt.admission.source(ip)
+                if rt.pending_by.get(source, 0) >= pre.MAX_PENDING_PER_SOURCE:
+                    os.close(fd)  # one source may not fill the stage (slowloris)
+                    self._refused(rt, ip, "preamble_busy", now)
+                    continue
                 self._begin_preamble(lst, fd, family, peer, now)
             else:
                 self._hand_off(rt, fd, family, key, _wire_peer(peer), now)
@@ -521,7 +540,12 @@ class Engine:
         if lst.lent or not self._has_room(rt, now):
             return
         key: Hashable = ""
-        if rt.service.internal is None:
+        if rt.service.internal is not None and self.dispatcher.lends_per_burst:
+            # A datagram built-in served by a child per burst (classic): refused
+            # datagrams are dropped here, so they cost no fork.
+            if self._admit_datagram(lst, now, builtin=True) is None:
+                return
+        elif rt.service.internal is None:
             if rt.service.socket_type is SocketType.DGRAM:
                 admitted = self._admit_datagram(lst, now)
                 if admitted is None:
@@ -545,11 +569,14 @@ class Engine:
         if rt.service.internal is None:
             rt.stats.accepted += 1  # a wait program started; a built-in's loan is not a connection
 
-    def _admit_datagram(self, lst: Listener, now: float) -> Hashable | None:
+    def _admit_datagram(self, lst: Listener, now: float, builtin: bool = False
+                        ) -> Hashable | None:
         """The admission key of the first queued datagram's source, dropping refused ones.
 
         None when nothing admissible is queued (bounded: a flood of refused
-        datagrams is judged 64 at a time, between other events).
+        datagrams is judged 64 at a time, between other events). ``builtin``:
+        judge by the access lists and the loop guard only (a built-in answers
+        each datagram on its own; rates are for program starts).
         """
         rt = lst.rt
         for _ in range(DGRAM_JUDGE_BATCH):
@@ -561,7 +588,12 @@ class Engine:
                 continue
             ip = addr[0] if isinstance(addr, tuple) else ""
             key = rt.admission.source(ip)
-            why = rt.admission.check(key, ip, now)
+            if builtin:
+                why = rt.admission.check_lists(ip) or (
+                    "loop_guard" if isinstance(addr, tuple) and internal.loop_guard(
+                        addr[1], self.internal_ports) else "")
+            else:
+                why = rt.admission.check(key, ip, now)
             if not why:
                 return key
             with contextlib.suppress(OSError):
@@ -577,7 +609,9 @@ class Engine:
         rt = lst.rt
         assert rt.preamble is not None
         sock = socket.socket(family, lst.sock.type, 0, fileno=fd)
-        item = Pending(sock, lst, peer, rt.preamble(), now + pre.DEADLINE)
+        source = rt.admission.source(peer[0] if peer else "")
+        item = Pending(sock, rt, peer, source, rt.preamble(), now + pre.DEADLINE)
+        rt.pending_by[source] = rt.pending_by.get(source, 0) + 1
         self.pending[fd] = item
         self.pending_order.append(item)
         rt.pending += 1
@@ -592,7 +626,7 @@ class Engine:
         socket for real, so a level-triggered selector does not wake the loop
         again for bytes it has already seen.
         """
-        rt = item.lst.rt
+        rt = item.rt
         room = item.reader.limit - len(item.got)
         try:
             data = item.sock.recv(room, socket.MSG_PEEK | socket.MSG_DONTWAIT) if room else b""
@@ -624,18 +658,8 @@ class Engine:
                 return
             self._drop_pending(item, result.reason)
             return
-        # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
-        need = result.consumed - len(item.got)
-        try:
-            got = item.sock.recv(need, socket.MSG_DONTWAIT) if need > 0 else b""
-            if result.reply:
-                item.sock.send(result.reply, socket.MSG_DONTWAIT)
-        except OSError:
-            self._drop_pending(item, "preamble_reset")
-            return
-        if len(got) != max(0, need):
-            self._drop_pending(item, "preamble_incomplete")
-            return
+        # Decide first (the sub-service, its admission, its room): a client that will
+        # be refused must not be told "+Go".
         peer = result.peer or item.peer
         ip = peer[0] if peer else ""
         now = self.system.clock()
@@ -648,14 +672,31 @@ class Engine:
                 return
             rt.stats.accepted += 1
             rt = target
+        while rt.retired and rt.successor is not None:  # a reload changed the service meanwhile
+            rt = rt.successor
         key = rt.admission.source(ip)
         why = rt.admission.check(key, ip, now)
-        if why or rt.retired or self.stopping or not self._has_room(rt, now):
+        handing_over = self.stopping and not self.handed_over
+        if why or rt.retired or handing_over or not self._has_room(rt, now, draining=True):
             item.sock.close()
             if why:
                 self._refused(rt, ip, why, now)
             else:
                 self._count_refusal(rt, "no_room")
+            return
+        # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
+        need = result.consumed - len(item.got)
+        try:
+            got = item.sock.recv(need, socket.MSG_DONTWAIT) if need > 0 else b""
+            if len(got) == max(0, need) and result.reply:
+                item.sock.send(result.reply, socket.MSG_DONTWAIT)
+        except OSError:
+            item.sock.close()
+            self._count_refusal(rt, "preamble_reset")
+            return
+        if len(got) != max(0, need):
+            item.sock.close()
+            self._count_refusal(rt, "preamble_incomplete")
             return
         fd = item.sock.detach()
         accepted = item.deadline - pre.DEADLINE
@@ -666,13 +707,19 @@ class Engine:
         fd = item.sock.fileno()
         if self.pending.pop(fd, None) is None:
             return
-        item.lst.rt.pending -= 1
-        self.dirty.add(item.lst.rt)
+        rt = item.rt
+        rt.pending -= 1
+        left = rt.pending_by.get(item.source, 0) - 1
+        if left > 0:
+            rt.pending_by[item.source] = left
+        else:
+            rt.pending_by.pop(item.source, None)
+        self.dirty.add(rt.successor or rt)
         with contextlib.suppress(KeyError, ValueError):  # not registered if decided at once
             self.sel.unregister(item.sock)
 
     def _drop_pending(self, item: Pending, why: str) -> None:
-        rt = item.lst.rt
+        rt = item.rt
         self._forget_pending(item)
         ip = item.peer[0] if item.peer else ""
         item.sock.close()
@@ -780,10 +827,16 @@ class Engine:
                 self._upgrade_failed("this master is stopping")
             for rt in self.runtimes:
                 self._close_listeners(rt)
-            for item in list(self.pending.values()):
-                self._forget_pending(item)
-                item.sock.close()
-            self.pending_order.clear()
+            if not self.handed_over:
+                for item in list(self.pending.values()):
+                    self._forget_pending(item)
+                    item.sock.close()
+                self.pending_order.clear()
+        if self.handed_over and self.pending and not fast:
+            # An upgrade: connections still sending their header were accepted here and
+            # finish here (within their deadline); the workers are told to stop after.
+            self.stop_deferred = True
+            return
         self.dispatcher.begin_stop(fast)
 
     def _kill_remaining(self) -> None:
@@ -945,8 +998,14 @@ class Engine:
         for rt in self.runtimes:
             for lst in rt.listeners:
                 listeners.disown(lst.sock)  # its unix socket file is the new master's now
+        # The control and metrics sockets are the new master's to answer now.
         if self.control is not None:
             listeners.disown(self.control.sock)
+            self.control.close()
+            self.control = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self.begin_stop(self.graceful_timeout, "upgrade")
 
     def _upgrade_failed(self, why: str) -> None:
@@ -969,7 +1028,12 @@ class Engine:
         return reports.status(self)
 
     def render_metrics(self) -> bytes:
-        return reports.render_metrics(self)
+        """The metrics text, rendered at most once a second (a looping scraper must not
+        turn the master's loop into a renderer; Prometheus scrapes every 15 s or so)."""
+        now = self.system.clock()
+        if self._metrics_cache is None or now - self._metrics_cache[0] >= METRICS_CACHE:
+            self._metrics_cache = (now, reports.render_metrics(self))
+        return self._metrics_cache[1]
 
     def listener_report(self) -> list[dict[str, object]]:
         return reports.listener_report(self)

@@ -10,6 +10,8 @@ Master -> worker:  CONN(conn_id, family, peer) + the accepted socket (the worker
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
                    LOGFD + the reopened log file (after SIGUSR1)
+                   PING (a worker that only holds a lent socket is sent this, so a
+                   stopped one is seen: its channel stops draining)
 Worker -> master:  READY(pid)
                    DONE(ids...)  connections or loans that ended (batched)
                    STATS(bytes in, bytes out, program exits)  for the metrics (batched)
@@ -33,6 +35,7 @@ CONN = 1
 LEND = 2
 STOP = 3
 LOGFD = 4
+PING = 5  # nothing to do: read so the master sees the channel drain (liveness)
 READY = 10
 DONE = 11
 SPAWNED = 12
@@ -95,6 +98,10 @@ def encode_logfd() -> bytes:
     return _HEAD.pack(LOGFD, VERSION)
 
 
+def encode_ping() -> bytes:
+    return _HEAD.pack(PING, VERSION)
+
+
 def encode_ready(pid: int) -> bytes:
     return _HEAD.pack(READY, VERSION) + _PID.pack(pid)
 
@@ -155,6 +162,8 @@ def decode(data: bytes) -> Message:
             return Message(STOP)
         if kind == LOGFD and not body:
             return Message(LOGFD)
+        if kind == PING and not body:
+            return Message(PING)
         if kind == READY:
             (pid,) = _PID.unpack(body)
             return Message(READY, pid=pid)

@@ -55,6 +55,7 @@ class ForkDispatcher:
     """A child per connection (or per loan); see the module docstring."""
 
     mode = "classic"
+    lends_per_burst = True  # a datagram built-in's socket goes to a child per burst
 
     def __init__(self, system: System | None = None) -> None:
         self.system = system or System()

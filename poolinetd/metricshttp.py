@@ -21,6 +21,7 @@ from poolinetd import metrics, sockserve
 
 CLIENT_TIMEOUT = 5.0
 MAX_CLIENTS = 32
+PER_SOURCE = 4
 
 
 def open_listener(address: str, port: int) -> socket.socket:
@@ -58,6 +59,7 @@ class MetricsServer(sockserve.RequestServer):
     """Serves ``render()`` at /metrics (metrics.HttpRequest decides every answer)."""
 
     max_clients = MAX_CLIENTS
+    per_source = PER_SOURCE  # one scraper cannot take every slot
     timeout = CLIENT_TIMEOUT
 
     def __init__(self, sock: socket.socket, sel: selectors.BaseSelector,

@@ -37,8 +37,8 @@ from poolinetd.system import System
 
 FORK_PAUSE = 1.0  # seconds a pool rests after fork itself failed
 STALL_CHECK = 1.0  # how often a worker with unread messages is looked at
-STALL_TIMEOUT = 3.0  # unread messages not going down this long: stalled
-STALL_KILL = 5.0  # then killed this much later if still stalled
+STALL_TIMEOUT = 2.0  # unread messages not going down this long: stalled
+STALL_KILL = 3.0  # then killed this much later if still stalled
 ORPHAN_CHECK = 1.0
 
 
@@ -59,6 +59,7 @@ class WorkerHandle:
     unread_since: float = 0.0  # since when that number has not gone down (0 = all read)
     stalled_at: float = 0.0
     last_heard: float = 0.0  # when it last sent anything
+    loans: int = 0  # lent sockets it holds (nothing else may be sent to it for a long time)
 
     def on_event(self, mask: int) -> None:
         self.dispatcher.on_worker(self)
@@ -71,20 +72,23 @@ class ConnRecord:
     worker_pid: int
     program_pid: int = 0
     program_start: int = 0  # its start time (/proc), so a reused pid is never signalled
+    loan: bool = False
 
 
 class PoolDispatcher:
     """Workers per service, chosen by pool.py; see the module docstring."""
 
     mode = "pool"
+    lends_per_burst = False  # a datagram built-in's socket stays with one worker
 
     def __init__(self, system: System | None = None) -> None:
         self.system = system or System()
         self.pools: dict[ServiceRuntime, Pool] = {}
         self.workers: dict[int, WorkerHandle] = {}
         self.conns: dict[int, ConnRecord] = {}  # by instance id
-        # program pid -> (instance id, service name), for programs whose worker died first
-        self.orphans: dict[int, tuple[int, str]] = {}
+        # program pid -> (instance id, service name, its dead worker's pid), for
+        # programs whose worker died first
+        self.orphans: dict[int, tuple[int, str, int]] = {}
         self.next_orphan_check = 0.0
         self.watch: set[WorkerHandle] = set()  # workers with unread messages
         self.hooks: Hooks
@@ -165,7 +169,8 @@ class PoolDispatcher:
             log.warning("lend_failed", service=rt.name, pid=pid, error=exc.strerror)
             return False
         self._sent(handle, pool)
-        self.conns[iid] = ConnRecord(pid)
+        handle.loans += 1
+        self.conns[iid] = ConnRecord(pid, loan=True)
         return True
 
     def _sent(self, handle: WorkerHandle, pool: Pool) -> None:
@@ -238,6 +243,8 @@ class PoolDispatcher:
                     if rec is None or rec.worker_pid != handle.pid:
                         continue  # not this worker's to end (a stale or forged id)
                     del self.conns[iid]
+                    if rec.loan:
+                        handle.loans -= 1
                     released += 1
                     self.hooks.ended(iid)
             elif msg.kind == fdpass.SPAWNED:
@@ -325,7 +332,7 @@ class PoolDispatcher:
                 continue
             if rec.program_pid and self.system.exists(rec.program_pid):
                 # The program outlives its worker; as subreaper the master reaps it.
-                self.orphans[rec.program_pid] = (iid, rt.name)
+                self.orphans[rec.program_pid] = (iid, rt.name, handle.pid)
                 log.info("program_orphaned", service=rt.name, pid=rec.program_pid,
                          worker=handle.pid, reason=reason)
             else:
@@ -360,7 +367,7 @@ class PoolDispatcher:
             return True
         orphan = self.orphans.pop(pid, None)
         if orphan is not None:
-            iid, name = orphan
+            iid, name, _ = orphan
             self.conns.pop(iid, None)
             log.info("program_exit", service=name, pid=pid, status=code, orphan=True)
             self.hooks.ended(iid)
@@ -379,12 +386,26 @@ class PoolDispatcher:
             if deadline is not None:
                 self.hooks.wake_at(deadline)
             self.hooks.refresh(rt)
+        self._ping_lenders(now)
         self._check_stalls(now)
         if self.orphans:
             if now >= self.next_orphan_check:
                 self.next_orphan_check = now + ORPHAN_CHECK
                 self._prune_orphans()
             self.hooks.wake_at(self.next_orphan_check)
+
+    def _ping_lenders(self, now: float) -> None:
+        """A worker that holds a lent datagram socket is sent nothing else, so its stall
+        would go unseen: it is sent a PING every STALL_CHECK and watched like the rest."""
+        for handle in self.workers.values():
+            if handle.loans and not handle.closed and not handle.stop_sent:
+                if handle not in self.watch:
+                    with contextlib.suppress(OSError):
+                        fdpass.send(handle.channel, fdpass.encode_ping())
+                        handle.unread_since = now
+                        handle.unread = 0
+                        self.watch.add(handle)
+                self.hooks.wake_at(now + STALL_CHECK)
 
     def _check_stalls(self, now: float) -> None:
         """Take out of rotation (then kill) workers that stopped reading their channel."""
@@ -426,13 +447,20 @@ class PoolDispatcher:
         elsewhere), waiting for it forever would block a stop; counting it
         forever would hold max_child.
         """
-        for pid, (iid, _) in list(self.orphans.items()):
-            with contextlib.suppress(ChildProcessError):
+        for pid, (iid, _, worker_pid) in list(self.orphans.items()):
+            try:
                 reaped, status = self.system.waitpid(pid, os.WNOHANG)
-                if reaped == pid:  # ours and exited, but its SIGCHLD went unnoticed
-                    self.child_exited(pid, os.waitstatus_to_exitcode(status))
-                    continue
-            if not self.system.exists(pid):
+            except ChildProcessError:
+                # Not our child (yet: while its worker is still exiting, the kernel has
+                # not handed it to us). A process with another parent is not ours to
+                # wait for or to signal: forget it.
+                ident = self.system.identity(pid)
+                ours = ident is not None and ident[0] in (os.getpid(), worker_pid)
+                reaped, status = (0, 0) if ours else (-1, 0)
+            if reaped == pid:  # ours and exited, but its SIGCHLD went unnoticed
+                self.child_exited(pid, os.waitstatus_to_exitcode(status))
+                continue
+            if reaped == -1 or not self.system.exists(pid):
                 name = self.orphans.pop(pid)[1]
                 self.conns.pop(iid, None)
                 self.hooks.ended(iid)

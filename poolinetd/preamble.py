@@ -28,6 +28,7 @@ from typing import Protocol
 
 DEADLINE = 10.0  # seconds a client has to finish its preamble
 MAX_PENDING = 1024  # connections of one service in the preamble stage at once
+MAX_PENDING_PER_SOURCE = MAX_PENDING // 4  # ... from one source (its network, as admission keys it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,8 +53,9 @@ class Pending:
     """A connection in the preamble stage; the engine owns ``sock`` until it moves on."""
 
     sock: socket.socket
-    lst: Listener
+    rt: ServiceRuntime  # the generation that accepted it (a reload may move the listener)
     peer: tuple[str, int] | None
+    source: Hashable  # the connection's own source (the proxy's, for a PROXY header)
     reader: pre.Preamble
     deadline: float
     got: bytes = b""  # preamble bytes already taken off the socket
@@ -99,6 +100,7 @@ class ServiceRuntime:
     instances: int = 0  # connections and loans being served
     programs: int = 0  # of those, how many a program serves
     pending: int = 0  # connections in the preamble stage
+    pending_by: dict[Hashable, int] = field(default_factory=dict)  # ... per source
     admission: Admission = field(init=False)
     paused_until: float = 0.0  # EMFILE rest
     retired: bool = False  # removed or replaced by a reload: takes nothing new

@@ -26,10 +26,12 @@ _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class Client:
     """One connection to a ``RequestServer``."""
 
-    def __init__(self, server: RequestServer, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, server: RequestServer, sock: socket.socket, deadline: float,
+                 source: str = "") -> None:
         self.server = server
         self.sock = sock
         self.deadline = deadline
+        self.source = source
         self.request = b""
         self.reply = memoryview(b"")
 
@@ -71,6 +73,7 @@ class RequestServer:
 
     chunk = 4096  # bytes read per wakeup
     max_clients = 16
+    per_source = 0  # clients from one address at once (0: no separate cap)
     timeout = 5.0  # seconds a client may take for its whole exchange
 
     def __init__(self, sock: socket.socket, sel: selectors.BaseSelector,
@@ -82,6 +85,7 @@ class RequestServer:
         self.clock = clock
         self._close_listener = close_listener
         self.clients: list[Client] = []
+        self.by_source: dict[str, int] = {}
         self.resume_at = 0.0  # > 0 while accepting rests after running out of fds
         sel.register(sock, selectors.EVENT_READ, self)
 
@@ -93,7 +97,7 @@ class RequestServer:
     def on_event(self, mask: int) -> None:
         for _ in range(self.max_clients):
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -101,11 +105,14 @@ class RequestServer:
                     self.sel.unregister(self.sock)
                     self.resume_at = self.clock() + 1.0
                 return
-            if len(self.clients) >= self.max_clients:
+            source = addr[0] if isinstance(addr, tuple) else ""
+            if len(self.clients) >= self.max_clients or (
+                    self.per_source and self.by_source.get(source, 0) >= self.per_source):
                 conn.close()
                 continue
             conn.setblocking(False)
-            client = Client(self, conn, self.clock() + self.timeout)
+            client = Client(self, conn, self.clock() + self.timeout, source)
+            self.by_source[source] = self.by_source.get(source, 0) + 1
             self.clients.append(client)
             self.sel.register(conn, selectors.EVENT_READ, client)
 
@@ -115,6 +122,11 @@ class RequestServer:
         client.sock.close()
         with contextlib.suppress(ValueError):
             self.clients.remove(client)
+            left = self.by_source.get(client.source, 0) - 1
+            if left > 0:
+                self.by_source[client.source] = left
+            else:
+                self.by_source.pop(client.source, None)
 
     def next_deadline(self) -> float | None:
         times = [c.deadline for c in self.clients]

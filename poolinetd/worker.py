@@ -216,6 +216,8 @@ class Worker:
                 self._begin_stop(None)
             elif msg.kind == fdpass.LOGFD and fd is not None:
                 log.adopt_fd(fd)
+            elif msg.kind == fdpass.PING:
+                pass  # reading it was the point
             else:
                 if fd is not None:
                     os.close(fd)

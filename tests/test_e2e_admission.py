@@ -112,7 +112,8 @@ def test_a_source_over_its_rate_is_blocked_then_judged_afresh(serve, mode: str) 
     assert refused_from("127.0.5.1", port)
     assert server.service_status(name)["refused_by"] == {"max_cpm_per_ip": 1, "blocked": 1}
     wait_until(lambda: time.monotonic() - blocked_at > 3.5, 10, "the block to expire")
-    assert echo_from("127.0.5.1", port) == b"ping"  # judged afresh
+    got = echo_from("127.0.5.1", port)
+    assert got == b"ping", (server.service_status(name), server.log())  # judged afresh
 
 
 @pytest.mark.process

@@ -163,3 +163,28 @@ def test_datagram_built_ins_answer_with_the_service_users_credentials(
     pid, uid, _gid = struct.unpack("iII", creds[0][2][:12])
     assert uid == pwd.getpwnam(U).pw_uid and uid != 0
     assert pid != server.pid
+
+
+@pytest.mark.process
+def test_a_stopped_worker_holding_a_datagram_socket_is_replaced(serve) -> None:
+    server: Server = serve(f"127.0.0.1:0 dgram udp wait {U} internal echo\n")
+    port = server.port_of(server.listeners[0]["service"], "dgram")
+
+    def ask() -> bytes | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.0)
+            sock.sendto(b"q", ("127.0.0.1", port))
+            try:
+                return sock.recv(64)
+            except TimeoutError:
+                return None
+
+    assert wait_until(ask, 20, "a first answer") == b"q"
+    (holder,) = server.workers()
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "worker_stalled" in server.log(), 30, "the stall to be seen")
+        assert wait_until(ask, 40, "an answer from the replacement") == b"q"
+    finally:
+        if os.path.exists(f"/proc/{holder}"):
+            os.kill(holder, signal.SIGCONT)
