@@ -89,6 +89,10 @@ class Dispatcher(Protocol):
     def child_exited(self, pid: int, code: int) -> bool:
         """A child was reaped by the engine; False if it was not this dispatcher's."""
 
+    def dgram_log_due(self, rt: ServiceRuntime, now: float) -> int | None:
+        """A datagram for ``rt`` was refused by the engine: may a line be logged (the
+        throttle its datagram servers keep)? None to hold it back."""
+
     def sweep(self, now: float) -> None:
         """Deadline housekeeping (idle retirement, backoff ends, stalled workers)."""
 

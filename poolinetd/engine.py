@@ -525,6 +525,15 @@ class Engine:
             log.warning("conn_refused", service=rt.name, peer=ip, reason=why,
                         refused_total=rt.stats.refused, held_back=held)
 
+    def _dgram_refused(self, rt: ServiceRuntime, addr: object, why: str, now: float) -> None:
+        """A datagram for a built-in dropped here (classic): the same event as a worker's."""
+        self._count_refusal(rt, why)
+        held = self.dispatcher.dgram_log_due(rt, now)  # one throttle with the children's
+        if held is not None:
+            peer = f"{addr[0]} {addr[1]}" if isinstance(addr, tuple) else str(addr)
+            log.warning("dgram_refused", service=rt.name, pid=os.getpid(), peer=peer,
+                        reason=why, refused_since_last=held + 1)
+
     def _lend(self, lst: Listener) -> None:
         """Lend ``lst`` (a wait program gets it on fd 0; a datagram built-in answers on it).
 
@@ -589,15 +598,18 @@ class Engine:
             ip = addr[0] if isinstance(addr, tuple) else ""
             key = rt.admission.source(ip)
             if builtin:
-                why = rt.admission.check_lists(ip) or (
-                    "loop_guard" if isinstance(addr, tuple) and internal.loop_guard(
-                        addr[1], self.internal_ports) else "")
+                guard = (internal.loop_guard(addr[1], self.internal_ports)
+                         if isinstance(addr, tuple) else None)
+                why = rt.admission.check_lists(ip) or guard or ""
             else:
                 why = rt.admission.check(key, ip, now)
             if not why:
                 return key
             with contextlib.suppress(OSError):
                 lst.sock.recv(1, socket.MSG_DONTWAIT)  # drop it, unanswered
+            if builtin:
+                self._dgram_refused(rt, addr, why, now)
+                continue
             self._refused(rt, ip, why, now)
             if rt.admission.looping:
                 return None

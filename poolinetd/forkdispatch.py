@@ -37,6 +37,7 @@ _DGRAM_BATCHES = 16  # a datagram child answers at most this many batches, then 
 # A datagram child's exit status when it logged a refusal: the next child, forked
 # with the time of that line, keeps the once-an-interval throttle across children.
 DGRAM_LOGGED = 10
+DGRAM_LOG_INTERVAL = 60.0
 _SOCK_TYPES = {SocketType.STREAM: socket.SOCK_STREAM, SocketType.SEQPACKET: socket.SOCK_SEQPACKET,
                SocketType.DGRAM: socket.SOCK_DGRAM}
 
@@ -142,6 +143,16 @@ class ForkDispatcher:
 
     def sweep(self, now: float) -> None:
         pass
+
+    def dgram_log_due(self, rt: ServiceRuntime, now: float) -> int | None:
+        """Whether a dgram_refused line for ``rt`` may be logged now (the throttle its
+        datagram children keep too, once a minute); None to hold it back."""
+        last = self.guard_logged.get(rt.name)
+        wall = time.monotonic()
+        if last is not None and wall - last < DGRAM_LOG_INTERVAL:
+            return None
+        self.guard_logged[rt.name] = wall
+        return 0
 
     def report(self, rt: ServiceRuntime, now: float) -> dict[str, object]:
         busy = sum(1 for child in self.children.values() if child.rt is rt)

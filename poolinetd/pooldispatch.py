@@ -374,6 +374,9 @@ class PoolDispatcher:
             return True
         return False
 
+    def dgram_log_due(self, rt: ServiceRuntime, now: float) -> int | None:
+        return 0  # the engine never judges a pool's datagrams (its workers do, and log)
+
     # -- housekeeping --------------------------------------------------------------
     def sweep(self, now: float) -> None:
         for rt, pool in self.pools.items():
