@@ -57,6 +57,7 @@ from poolinetd import (
     metricshttp,
     reloadplan,
     spawn,
+    stagetrace,
 )
 from poolinetd import preamble as pre
 from poolinetd.admission import LOOPING_PAUSE, Admission
@@ -224,6 +225,7 @@ class Engine:
         upgrade_cwd: str | None = None,
     ) -> None:
         self.system = system or System()
+        stagetrace.open_from_env()  # before any worker is forked: they inherit it
         self.dispatcher = dispatcher
         self.load_config = load_config
         self.open_sockets = open_sockets
@@ -522,6 +524,8 @@ class Engine:
                   now: float) -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         iid = next(self.ids)
+        if stagetrace.enabled:
+            stagetrace.stamp("accepted", iid, now, f"peer={peer.replace(' ', ':')}")
         # Counted first: the dispatcher may report on it (program_started) at once.
         self.instances[iid] = Instance(iid, rt, ip, now)
         rt.instances += 1
@@ -1029,6 +1033,7 @@ class Engine:
 
     # -- teardown -------------------------------------------------------------
     def _close_all(self) -> None:
+        stagetrace.flush()
         for rt in self.runtimes:
             self._close_listeners(rt)
         for item in list(self.pending.values()):

@@ -29,7 +29,7 @@ import signal
 import socket
 from dataclasses import dataclass, replace
 
-from poolinetd import fdpass, log, worker
+from poolinetd import fdpass, log, stagetrace, worker
 from poolinetd.dispatch import Hooks
 from poolinetd.engine import Listener, ServiceRuntime
 from poolinetd.pool import Pool, WorkerState
@@ -70,6 +70,7 @@ class ConnRecord:
 
     worker_pid: int
     program_pid: int = 0
+    launching: bool = False  # a program its worker has not launched yet (counted in the pool)
 
 
 class PoolDispatcher:
@@ -146,8 +147,10 @@ class PoolDispatcher:
                 log.warning("worker_unreachable", service=rt.name, pid=pid, error=exc.strerror)
                 self._worker_gone(handle, f"channel: {exc.strerror}")
                 continue
-            self._sent(handle, pool)
-            self.conns[iid] = ConnRecord(pid)
+            if stagetrace.enabled:
+                stagetrace.stamp("handed", iid, None, f"to={pid} load={pool.workers[pid].load}")
+            launch = self._sent(handle, pool)
+            self.conns[iid] = ConnRecord(pid, launching=launch)
             return True
         return False
 
@@ -162,13 +165,18 @@ class PoolDispatcher:
         except OSError as exc:
             log.warning("lend_failed", service=rt.name, pid=pid, error=exc.strerror)
             return False
-        self._sent(handle, pool)
-        self.conns[iid] = ConnRecord(pid)
+        launch = self._sent(handle, pool)
+        self.conns[iid] = ConnRecord(pid, launching=launch)
         return True
 
-    def _sent(self, handle: WorkerHandle, pool: Pool) -> None:
-        """Count a connection on its worker; recycle it at max_requests; watch its queue."""
-        if pool.assign(handle.pid):
+    def _sent(self, handle: WorkerHandle, pool: Pool) -> bool:
+        """Count a connection on its worker; recycle it at max_requests; watch its queue.
+
+        True when it is a program still to be launched: the pool counts it
+        against the worker's ``launch_depth`` until SPAWNED (or DONE) comes back.
+        """
+        launch = handle.rt.service.program is not None
+        if pool.assign(handle.pid, launch):
             log.info("worker_retire", service=handle.rt.name, pid=handle.pid,
                      reason="max_requests")
             self._send_stop(handle)
@@ -177,6 +185,7 @@ class PoolDispatcher:
             handle.unread = 0
             self.watch.add(handle)
             self.hooks.wake_at(handle.unread_since + STALL_CHECK)
+        return launch
 
     # -- workers ---------------------------------------------------------------
     def _spawn_worker(self, rt: ServiceRuntime, pool: Pool) -> None:
@@ -186,6 +195,8 @@ class PoolDispatcher:
         log_fd = log.log_fd()
         if log_fd > 2:
             keep.append(log_fd)
+        if stagetrace.enabled:
+            keep.append(stagetrace.fd())
         internal_ports = self.hooks.internal_ports
         log_connections = self.hooks.log_connections
         # Objects that exist now are shared copy-on-write with the child; freezing
@@ -232,13 +243,22 @@ class PoolDispatcher:
                 break
             if msg.kind == fdpass.DONE:
                 for iid in msg.ids:
-                    if self.conns.pop(iid, None) is not None:
+                    if stagetrace.enabled:
+                        stagetrace.stamp("closed", iid)
+                    rec = self.conns.pop(iid, None)
+                    if rec is not None:
                         released += 1
+                        if rec.launching and pool is not None:
+                            pool.launched(handle.pid)  # it never started (exec failed)
                     self.hooks.ended(iid)
             elif msg.kind == fdpass.SPAWNED:
                 rec = self.conns.get(msg.ident)
                 if rec is not None:
                     rec.program_pid = msg.pid
+                    if rec.launching:
+                        rec.launching = False
+                        if pool is not None:
+                            pool.launched(handle.pid)
                     self.hooks.program_started(msg.ident, msg.pid)
             elif msg.kind == fdpass.BOOT_FAILED:
                 handle.boot_error = msg.peer

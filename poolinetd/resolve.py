@@ -27,6 +27,7 @@ from poolinetd.spec import (
     DEFAULT_POOL_MIN_PROGRAM,
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
+    PROGRAM_LAUNCH_DEPTH,
     Diagnostic,
     Endpoint,
     Options,
@@ -467,6 +468,7 @@ class _SpecResolver:
             max_requests=int(num("max_requests", DEFAULT_MAX_REQUESTS)),
             idle_timeout=float(num("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
             spread=not is_internal,
+            launch_depth=0 if is_internal else PROGRAM_LAUNCH_DEPTH,
         )
         if pool.pool_min > pool.pool_max:
             role = "pool_min" if self.spec.options.pool_min is not None else "pool_max"
