@@ -166,6 +166,8 @@ class ServiceRuntime:
     predecessors: list[ServiceRuntime] = field(default_factory=list)  # older, still busy
     successor: ServiceRuntime | None = None  # the generation that replaced this one
     preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
+    # A one-shot built-in (daytime, time) answered by the engine itself: its reply.
+    reply: Callable[[], bytes] | None = None
     stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
     last_refusal_log: float = -REFUSAL_LOG_INTERVAL
@@ -276,6 +278,8 @@ class Engine:
     def _add_runtime(self, service: Service, socks: list[socket.socket]) -> ServiceRuntime:
         rt = ServiceRuntime(service)
         rt.preamble = self.preambles(service) if self.preambles is not None else None
+        if service.internal is not None:
+            rt.reply = internal.engine_reply(service.internal, service.socket_type)
         for sock in socks:
             rt.listeners.append(Listener(sock, rt, listeners.bound_address(sock)))
         self.runtimes.append(rt)
@@ -426,7 +430,7 @@ class Engine:
         """Start what ``rt`` needs, then poll exactly the listeners that can be served."""
         now = self.system.clock()
         open_ = not self.stopping and not rt.retired
-        if open_:
+        if open_ and rt.reply is None:  # an engine-answered service needs no workers
             self.dispatcher.maintain(rt, now)
         can_take = open_ and self._has_room(rt, now)
         for lst in rt.listeners:
@@ -437,7 +441,7 @@ class Engine:
             return False
         if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
             return False
-        return self.dispatcher.can_take(rt)
+        return rt.reply is not None or self.dispatcher.can_take(rt)
 
     def _set_polled(self, lst: Listener, want: bool) -> None:
         if want == lst.polled:
@@ -449,7 +453,8 @@ class Engine:
         lst.polled = want
 
     def _all_ready(self) -> bool:
-        return all(self.dispatcher.ready(rt) for rt in self.runtimes if not rt.retired)
+        return all(self.dispatcher.ready(rt) for rt in self.runtimes
+                   if not rt.retired and rt.reply is None)
 
     def _report_ready(self) -> None:
         self.ready_reported = True
@@ -517,6 +522,8 @@ class Engine:
                 continue
             if rt.preamble is not None:
                 self._begin_preamble(lst, fd, family, peer, now)
+            elif rt.reply is not None:
+                self._answer(rt, fd, family, peer, now)
             else:
                 self._hand_off(rt, fd, family, ip, _wire_peer(peer), now)
 
@@ -541,6 +548,34 @@ class Engine:
             return
         rt.stats.accepted += 1
         rt.admission.started(ip)
+
+    def _answer(self, rt: ServiceRuntime, fd: int, family: int, peer: tuple[str, int] | None,
+                now: float) -> None:
+        """Send a one-shot built-in's reply from here and close ``fd`` (on every path).
+
+        Admission has already passed. Never blocks: one non-blocking send of a
+        few bytes into an empty send buffer; what does not fit (a client that
+        is already gone) is dropped. The connection starts and ends in this
+        call, so it counts as accepted and in the per-source counts for no time.
+        """
+        kind = socket.SOCK_SEQPACKET if rt.service.socket_type is SocketType.SEQPACKET else (
+            socket.SOCK_STREAM)
+        sock = socket.socket(family, kind, 0, fileno=fd)
+        sent = 0
+        try:
+            assert rt.reply is not None
+            sent = sock.send(rt.reply(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # reset, or no room: the reply is dropped, the connection closed
+        finally:
+            sock.close()
+        stats = rt.stats
+        stats.accepted += 1
+        stats.builtin_bytes_out += sent
+        if self.log_connections:
+            log.info("conn_end", service=rt.name, pid=os.getpid(), peer=_wire_peer(peer),
+                     status="ok",
+                     duration=round(self.system.clock() - now, 6), bytes_in=0, bytes_out=sent)
 
     def _uncount(self, iid: int) -> None:
         """Forget an instance the dispatcher could not take after all."""
@@ -659,7 +694,10 @@ class Engine:
                 self._count_refusal(rt, "no_room")
             return
         fd = item.sock.detach()
-        self._hand_off(rt, fd, item.sock.family, ip, _wire_peer(peer), now)
+        if rt.reply is not None:
+            self._answer(rt, fd, item.sock.family, peer, now)
+        else:
+            self._hand_off(rt, fd, item.sock.family, ip, _wire_peer(peer), now)
 
     def _forget_pending(self, item: Pending) -> None:
         fd = item.sock.fileno()
