@@ -6,8 +6,8 @@ Servers, alternating per repetition: poolinetd pool mode, openbsd-inetd and
 xinetd (when installed, configured as in benchmarks/servers.py). Scenarios:
 
 * ``echo/udp``: the built-in (peers: on 127.0.0.1:7, so skipped if busy);
-* ``wait program``: ``dgram udp wait`` running ``tools/udp_once.py`` under
-  the system python3, which answers one datagram and exits, so each request
+* ``wait program``: ``dgram udp wait`` running ``tools/udp_once.c`` (built
+  with cc), which answers one datagram and exits, so each request
   is one whole wait cycle: the inetd sees the socket readable, launches the
   program on it and stops polling it, the program answers and exits, the
   inetd reaps it and polls again (many transfers in a row, as tftpd gets).
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shutil
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from benchmarks.servers import (
     READY_TIMEOUT,
     Server,
     ServerError,
+    build_tool,
     find_openbsd_inetd,
     find_xinetd,
     launch_poolinetd,
@@ -49,7 +49,6 @@ from benchmarks.servers import (
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TOOL = Path(__file__).resolve().parent / "tools" / "udp_once.py"
 PAYLOAD = bytes(range(64))
 LOSS_TIMEOUT = 0.5
 MAX_SENT = 2_000_000
@@ -143,10 +142,9 @@ def _start_peer(mode: str, cmd: list[str], tmp: Path, ports: dict[str, int],
 
 
 def start(mode: str, tmp: Path, prog: str) -> Server:
-    python = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
     if mode == "pool":
         text = ("127.0.0.1:0 dgram udp wait nobody internal echo\n"
-                f"127.0.0.1:0 dgram udp wait nobody {python} python3 {prog}\n")
+                f"127.0.0.1:0 dgram udp wait nobody {prog} udp_once\n")
         return launch_poolinetd("pool", text, list(SCENARIOS), tmp, python_cmd(),
                                 ["--no-control"], tag="-dgram")
     ports: dict[str, int] = {"wait program": udp_free_port()}
@@ -158,8 +156,7 @@ def start(mode: str, tmp: Path, prog: str) -> Server:
     if mode == "openbsd-inetd":
         binary = find_openbsd_inetd()
         assert binary is not None
-        lines = [f"127.0.0.1:{ports['wait program']} dgram udp wait nobody {python} python3 "
-                 f"{prog}"]
+        lines = [f"127.0.0.1:{ports['wait program']} dgram udp wait nobody {prog} udp_once"]
         if "echo/udp" in ports:
             lines.append("127.0.0.1:echo dgram udp wait nobody internal")
         conf = tmp / "openbsd-inetd-dgram.conf"
@@ -173,8 +170,7 @@ def start(mode: str, tmp: Path, prog: str) -> Server:
     blocks = ["defaults\n{\n    instances = UNLIMITED\n    per_source = UNLIMITED\n"
               "    cps = 100000000 1\n    log_on_success =\n    log_on_failure =\n}\n",
               f"service bench-wait\n{{\n    type = UNLISTED\n{common}"
-              f"    port = {ports['wait program']}\n    server = {python}\n"
-              f"    server_args = {prog}\n}}\n"]
+              f"    port = {ports['wait program']}\n    server = {prog}\n}}\n"]
     if "echo/udp" in ports:
         blocks.append(f"service echo\n{{\n    type = INTERNAL\n    id = echo-dgram\n{common}}}\n")
     conf = tmp / "xinetd-dgram.conf"
@@ -201,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="poolinetd-dgram-") as tmpname:
         tmp = Path(tmpname)
         os.chmod(tmp, 0o755)
-        prog = tmp / "udp_once.py"
-        shutil.copy(TOOL, prog)
-        prog.chmod(0o755)
+        prog = build_tool("udp_once", tmp)
+        if prog is None:
+            raise SystemExit("no C compiler (cc) to build tools/udp_once.c")
         for rep in range(args.reps):
             for mode in modes:
                 try:
-                    server = start(mode, tmp, str(prog))
+                    server = start(mode, tmp, prog)
                 except (ServerError, OSError) as exc:
                     print(f"{mode}: {exc}", file=sys.stderr)
                     continue

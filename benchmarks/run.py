@@ -25,6 +25,7 @@ Exit status: 0 when every server ran, 1 when a poolinetd mode failed to start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -236,7 +237,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     after = snapshot(server.pid)
                 finally:
                     status = server.stop()
-                servers.append(_server_record(rep, server, idle, after, status))
+                record = _server_record(rep, server, idle, after, status)
+                if any(c["mode"] == mode and c["rep"] == rep and not c["completed"]
+                       for c in cells):
+                    # A cell served nothing: keep what the server said (the temporary
+                    # directory with its log goes away with the run).
+                    with contextlib.suppress(OSError):
+                        record["log_tail"] = server.log_path.read_text(errors="replace")[-8000:]
+                servers.append(record)
     return {
         "machine": machine_facts(),
         "settings": {

@@ -391,18 +391,25 @@ C_REFERENCE = "c-epoll"
 TOOLS_DIR = Path(__file__).resolve().parent / "tools"
 
 
-def build_c_reference(tmp: Path) -> str | None:
-    """Compile ``tools/cecho.c`` into ``tmp`` (``cc -O2``); its path, or None without a compiler."""
+def build_tool(name: str, tmp: Path) -> str | None:
+    """Compile ``tools/NAME.c`` into ``tmp/NAME`` (``cc -O2``, mode 0755, so a service
+    user can run it from the run's temp dir); its path, or None without a compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None
-    out = tmp / "cecho"
+    out = tmp / name
     if not out.exists():
-        done = subprocess.run([cc, "-O2", "-o", str(out), str(TOOLS_DIR / "cecho.c")],
+        done = subprocess.run([cc, "-O2", "-o", str(out), str(TOOLS_DIR / f"{name}.c")],
                               capture_output=True, timeout=60, check=False)
         if done.returncode != 0:
             return None
+        out.chmod(0o755)
     return str(out)
+
+
+def build_c_reference(tmp: Path) -> str | None:
+    """The C reference server (``tools/cecho.c``) built into ``tmp``, or None."""
+    return build_tool("cecho", tmp)
 
 
 def start_c_reference(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
