@@ -36,6 +36,7 @@ With ``processes=1`` and ``fork=False`` the loop runs in the calling thread
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import marshal
@@ -140,11 +141,12 @@ def _check_loopback(host: str) -> int:
 class _Conn:
     """One client connection in flight."""
 
-    __slots__ = ("buf", "connecting", "sent", "sock", "t0")
+    __slots__ = ("buf", "connecting", "sent", "sock", "t0", "tag")
 
     def __init__(self, sock: socket.socket, t0: int) -> None:
         self.sock = sock
         self.t0 = t0
+        self.tag = 0
         self.sent = 0
         self.connecting = True
         self.buf = bytearray()
@@ -178,11 +180,16 @@ def _client_loop(
     timeout_ns: int,
     max_connections: int,
     sources: list[tuple[str, int]],
+    conn_log: array[int] | None = None,
 ) -> _Partial:
     """Run ``concurrency`` closed-loop clients between the given instants.
 
     Times are ``time.perf_counter_ns()`` values, which on Linux are
     CLOCK_MONOTONIC and therefore comparable across forked processes.
+    ``conn_log``, if given, gets three ints per completed connection: start
+    and end (ns) and ``source_index << 16 | local_port`` (source_index is
+    1-based into ``sources``, 0 without them), so a server-side trace can be
+    joined by peer address.
     """
     ep = select.epoll()
     conns: dict[int, _Conn] = {}
@@ -211,6 +218,8 @@ def _client_loop(
         elif t_measure_ns <= now < t_end_ns:
             completed += 1
             lat.append(now - c.t0)
+            if conn_log is not None:
+                conn_log.extend((c.t0, now, c.tag))
 
     def check_eof(c: _Conn) -> str | None:
         buf = c.buf
@@ -269,6 +278,10 @@ def _client_loop(
         c = _Conn(s, t0)
         conns[fd] = c
         rc = s.connect_ex(addr)
+        if conn_log is not None:
+            with contextlib.suppress(OSError):
+                src = (started % len(sources)) + 1 if sources else 0
+                c.tag = src << 16 | s.getsockname()[1]
         if rc == 0:
             c.connecting = False
             do_send(c, fd, False)
@@ -362,6 +375,7 @@ def run_load(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     fork: bool = True,
     source_addresses: int = 64,
+    conn_log: array[int] | None = None,
 ) -> LoadResult:
     """Run a closed-loop load against ``host:port`` and return the measurements.
 
@@ -375,6 +389,8 @@ def run_load(
     ``source_addresses``: for IPv4, bind clients round-robin to this many
     source addresses 127.0.1.1, 127.0.1.2, ... (0 = let the kernel choose
     127.0.0.1); IPv6 has one loopback address, so it is ignored there.
+    ``conn_log`` (only with ``fork=False``): per-connection records, see
+    ``_client_loop``.
     """
     family = _check_loopback(host)
     if concurrency < 1 or duration <= 0 or warmup < 0 or timeout <= 0:
@@ -383,6 +399,8 @@ def run_load(
     nproc = max(1, min(nproc, concurrency))
     if not fork and nproc != 1:
         raise ValueError("fork=False needs processes=1")
+    if conn_log is not None and fork:
+        raise ValueError("conn_log needs fork=False")
     shares = [concurrency // nproc + (1 if i < concurrency % nproc else 0) for i in range(nproc)]
     per_proc_max = max(1, max_connections // nproc)
     # Leave the children time to start before the common start instant.
@@ -403,7 +421,9 @@ def run_load(
     wall0 = time.perf_counter_ns()
     if not fork:
         r0 = resource.getrusage(resource.RUSAGE_THREAD)
-        partials.append(_client_loop(family, addr, shares[0], *args, per_proc_max, sources))
+        partials.append(
+            _client_loop(family, addr, shares[0], *args, per_proc_max, sources, conn_log)
+        )
         r1 = resource.getrusage(resource.RUSAGE_THREAD)
         user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
         per_cpu.append(user + system)

@@ -25,6 +25,7 @@ Exit status: 0 when every server ran, 1 when a poolinetd mode failed to start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import statistics
@@ -42,12 +43,15 @@ from benchmarks.loadgen import LoadResult, pattern_payload, run_load
 from benchmarks.machine import machine_facts
 from benchmarks.procstat import TreeStat, snapshot
 from benchmarks.servers import (
+    C_REFERENCE,
     Scenario,
     Server,
     ServerError,
+    build_c_reference,
     find_openbsd_inetd,
     find_xinetd,
     python_cmd,
+    start_c_reference,
     start_openbsd_inetd,
     start_poolinetd,
     start_xinetd,
@@ -75,7 +79,7 @@ POOL_MODES = ("pool", "classic")
 # stalls (the forked child never reads) after a few dozen connections from
 # many distinct source addresses; from one source it works.
 SINGLE_SOURCE = {("xinetd", "echo")}
-PEERS = ("xinetd", "openbsd-inetd")
+PEERS = ("xinetd", "openbsd-inetd", C_REFERENCE)
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--peers",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run installed xinetd / openbsd-inetd",
+        help="also run installed xinetd / openbsd-inetd, and the C reference (needs cc)",
     )
     p.add_argument(
         "--modes",
@@ -151,6 +155,10 @@ def _start(mode: str, scenarios: list[Scenario], tmp: Path, args: argparse.Names
         cmd = shlex.split(args.server_cmd) if args.server_cmd else python_cmd()
         extra_args = shlex.split(args.server_args)
         return start_poolinetd(mode, scenarios, tmp, cmd, args.conf_line, extra_args)
+    if mode == C_REFERENCE:
+        binary = build_c_reference(tmp)
+        assert binary is not None
+        return start_c_reference(binary, scenarios, tmp)
     if mode == "xinetd":
         binary = find_xinetd()
         assert binary is not None
@@ -177,17 +185,22 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     scenarios = [SCENARIOS[n] for n in args.scenarios]
     modes = list(args.modes)
     skipped_modes: dict[str, str] = {}
-    if args.peers:
-        for peer, finder in (("xinetd", find_xinetd), ("openbsd-inetd", find_openbsd_inetd)):
-            if finder() is not None:
-                modes.append(peer)
-            else:
-                skipped_modes[peer] = "not installed"
     cells: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
     failed_pool_mode = False
     with tempfile.TemporaryDirectory(prefix="poolinetd-bench-") as tmpname:
         tmp = Path(tmpname)
+        if args.peers:
+            for peer, finder in (("xinetd", find_xinetd), ("openbsd-inetd", find_openbsd_inetd)):
+                if finder() is not None:
+                    modes.append(peer)
+                else:
+                    skipped_modes[peer] = "not installed"
+            if any(s.builtin in ("echo", "daytime") for s in scenarios):
+                if build_c_reference(tmp) is not None:
+                    modes.append(C_REFERENCE)
+                else:
+                    skipped_modes[C_REFERENCE] = "no C compiler (cc) to build tools/cecho.c"
         # Launched programs run as nobody: they must be able to reach the script.
         os.chmod(tmp, 0o755)
         script = tmp / "sleep100.sh"
@@ -224,7 +237,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     after = snapshot(server.pid)
                 finally:
                     status = server.stop()
-                servers.append(_server_record(rep, server, idle, after, status))
+                record = _server_record(rep, server, idle, after, status)
+                if any(c["mode"] == mode and c["rep"] == rep and not c["completed"]
+                       for c in cells):
+                    # A cell served nothing: keep what the server said (the temporary
+                    # directory with its log goes away with the run).
+                    with contextlib.suppress(OSError):
+                        record["log_tail"] = server.log_path.read_text(errors="replace")[-8000:]
+                servers.append(record)
     return {
         "machine": machine_facts(),
         "settings": {
@@ -370,7 +390,7 @@ def markdown(doc: dict[str, Any]) -> str:
     head = ["scenario", "c", "pool conn/s", "pool p50", "pool p99", "classic conn/s",
             "classic p50", "classic p99", "pool/classic"]  # fmt: skip
     for peer in peers:
-        head += [f"{peer} conn/s", f"{peer} p99", f"pool/{peer}"]
+        head += [f"{peer} conn/s", f"{peer} p50", f"{peer} p99", f"pool/{peer}"]
     head.append("errors")
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "|".join("---" for _ in head) + "|")
@@ -396,7 +416,8 @@ def markdown(doc: dict[str, Any]) -> str:
                          _fmt_ms(g(mode, "p99_ms"))]  # fmt: skip
             line.append(ratio("classic"))
             for peer in peers:
-                line += [_fmt_rate(g(peer, "conn_per_s")), _fmt_ms(g(peer, "p99_ms")), ratio(peer)]
+                line += [_fmt_rate(g(peer, "conn_per_s")), _fmt_ms(g(peer, "p50_ms")),
+                         _fmt_ms(g(peer, "p99_ms")), ratio(peer)]
             errs = []
             for mode, r in cells.items():
                 if r and r["errors"]:

@@ -385,3 +385,59 @@ def _start_peer(
 def python_cmd() -> list[str]:
     """Default command that starts poolinetd from this interpreter."""
     return [sys.executable, "-m", "poolinetd"]
+
+
+C_REFERENCE = "c-epoll"
+TOOLS_DIR = Path(__file__).resolve().parent / "tools"
+
+
+def build_tool(name: str, tmp: Path) -> str | None:
+    """Compile ``tools/NAME.c`` into ``tmp/NAME`` (``cc -O2``, mode 0755, so a service
+    user can run it from the run's temp dir); its path, or None without a compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = tmp / name
+    if not out.exists():
+        done = subprocess.run([cc, "-O2", "-o", str(out), str(TOOLS_DIR / f"{name}.c")],
+                              capture_output=True, timeout=60, check=False)
+        if done.returncode != 0:
+            return None
+        out.chmod(0o755)
+    return str(out)
+
+
+def build_c_reference(tmp: Path) -> str | None:
+    """The C reference server (``tools/cecho.c``) built into ``tmp``, or None."""
+    return build_tool("cecho", tmp)
+
+
+def start_c_reference(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
+    """The reference column: one C epoll process answering echo and daytime in-process.
+
+    Programs are not its business (skipped). It prints its ports on stdout;
+    it stops by itself after 600 s in any case.
+    """
+    names = {s.builtin: s.name for s in scenarios if s.builtin in ("echo", "daytime")}
+    skipped = {s.name: "not an in-process reference" for s in scenarios
+               if s.builtin not in ("echo", "daytime")}
+    log_path = tmp / f"{C_REFERENCE}.out"
+    rfd, wfd = os.pipe()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([binary, "0", "0"], stdin=subprocess.DEVNULL, stdout=wfd,
+                                stderr=log, start_new_session=True, cwd=tmp)
+    os.close(wfd)
+    server = Server(C_REFERENCE, proc, {}, proc.pid, log_path, skipped)
+    try:
+        line = _read_line(rfd, time.monotonic() + READY_TIMEOUT, proc)
+        echo_port, day_port = (int(x) for x in line.split())
+    except (ServerError, ValueError) as exc:
+        server.stop()
+        raise ServerError(f"{C_REFERENCE}: {exc}") from None
+    finally:
+        os.close(rfd)
+    if "echo" in names:
+        server.ports[names["echo"]] = echo_port
+    if "daytime" in names:
+        server.ports[names["daytime"]] = day_port
+    return server

@@ -57,6 +57,7 @@ from poolinetd import (
     reloadplan,
     reports,
     spawn,
+    stagetrace,
     throttle,
 )
 from poolinetd import preamble as pre
@@ -120,6 +121,7 @@ class Engine:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.system = system or System()
+        stagetrace.open_from_env()  # before any worker is forked: they inherit it
         self.dispatcher = dispatcher
         self.load_config = load_config
         self.open_sockets = open_sockets
@@ -181,6 +183,8 @@ class Engine:
         else:
             rt.preamble = preambles.for_service(service, self._tcpmux_names)
         rt.engine_served = service.internal == "tcpmux"
+        if service.internal is not None:
+            rt.reply = internal.engine_reply(service.internal, service.socket_type)
         for sock in socks:
             rt.listeners.append(Listener(sock, rt, listeners.bound_address(sock)))
         self.runtimes.append(rt)
@@ -335,7 +339,7 @@ class Engine:
         """Start what ``rt`` needs, then poll exactly the listeners that can be served."""
         now = self.system.clock()
         open_ = not self.stopping and not rt.retired
-        if open_ and not rt.engine_served:
+        if open_ and not rt.engine_served and rt.reply is None:  # else it needs no workers
             self.dispatcher.maintain(rt, now)
         can_take = open_ and self._has_room(rt, now)
         for lst in rt.listeners:
@@ -356,7 +360,7 @@ class Engine:
                 return False
         if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
             return False
-        return rt.engine_served or self.dispatcher.can_take(rt)
+        return rt.engine_served or rt.reply is not None or self.dispatcher.can_take(rt)
 
     def _set_polled(self, lst: Listener, want: bool) -> None:
         if want == lst.polled:
@@ -368,7 +372,7 @@ class Engine:
         lst.polled = want
 
     def _all_ready(self) -> bool:
-        return all(rt.engine_served or self.dispatcher.ready(rt)
+        return all(rt.engine_served or rt.reply is not None or self.dispatcher.ready(rt)
                    for rt in self.runtimes if not rt.retired)
 
     def _report_ready(self) -> None:
@@ -446,6 +450,8 @@ class Engine:
                     self._refused(rt, ip, "preamble_busy", now)
                     continue
                 self._begin_preamble(lst, fd, family, peer, now)
+            elif rt.reply is not None:
+                self._answer(rt, fd, family, peer, now)
             else:
                 self._hand_off(rt, fd, family, key, _wire_peer(peer), now)
 
@@ -453,6 +459,8 @@ class Engine:
                   now: float, local: str = "") -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         iid = next(self.ids)
+        if stagetrace.enabled:
+            stagetrace.stamp("accepted", iid, now, f"peer={peer.replace(' ', ':')}")
         # Counted first: the dispatcher may report on it (program_started) at once.
         self.instances[iid] = Instance(iid, rt, key, now)
         rt.instances += 1
@@ -470,6 +478,35 @@ class Engine:
         rt.stats.accepted += 1
         rt.stats.handoff.observe(self.system.clock() - now)  # ``now``: when it was accepted
         rt.admission.started(key)
+
+    def _answer(self, rt: ServiceRuntime, fd: int, family: int, peer: tuple[str, int] | None,
+                now: float) -> None:
+        """Send a one-shot built-in's reply from here and close ``fd`` (on every path).
+
+        Admission has already passed. Never blocks: one non-blocking send of a
+        few bytes into an empty send buffer; what does not fit (a client that
+        is already gone) is dropped. The connection starts and ends in this
+        call, so it counts as accepted and in the per-source counts for no time.
+        (Why the root master may write this reply: README, Benchmarks.)
+        """
+        kind = socket.SOCK_SEQPACKET if rt.service.socket_type is SocketType.SEQPACKET else (
+            socket.SOCK_STREAM)
+        sock = socket.socket(family, kind, 0, fileno=fd)
+        sent = 0
+        try:
+            assert rt.reply is not None
+            sent = sock.send(rt.reply(), socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # reset, or no room: the reply is dropped, the connection closed
+        finally:
+            sock.close()
+        stats = rt.stats
+        stats.accepted += 1
+        stats.builtin_bytes_out += sent
+        if self.log_connections:
+            log.info("conn_end", service=rt.name, pid=os.getpid(), peer=_wire_peer(peer),
+                     status="ok",
+                     duration=round(self.system.clock() - now, 6), bytes_in=0, bytes_out=sent)
 
     def _uncount(self, iid: int) -> None:
         """Forget an instance the dispatcher could not take after all."""
@@ -712,6 +749,9 @@ class Engine:
             return
         fd = item.sock.detach()
         accepted = item.deadline - pre.DEADLINE
+        if rt.reply is not None:
+            self._answer(rt, fd, item.sock.family, peer, accepted)
+            return
         self._hand_off(rt, fd, item.sock.family, key, _wire_peer(peer), accepted,
                        _wire_peer(result.local) if result.local else "")
 
@@ -1055,6 +1095,7 @@ class Engine:
 
     # -- teardown -------------------------------------------------------------
     def _close_all(self) -> None:
+        stagetrace.flush()
         for rt in self.runtimes:
             self._close_listeners(rt)
         for item in list(self.pending.values()):

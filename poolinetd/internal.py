@@ -414,6 +414,38 @@ _SOCK_KINDS = {socket.SOCK_STREAM: SocketType.STREAM, socket.SOCK_SEQPACKET: Soc
                socket.SOCK_DGRAM: SocketType.DGRAM}
 
 
+class _EverySecond:
+    """A reply that changes once a second (daytime, time): made once a second, not per
+    connection."""
+
+    def __init__(self, make: Callable[[float], bytes]) -> None:
+        self.make = make
+        self.second = -1
+        self.reply = b""
+
+    def __call__(self) -> bytes:
+        second = int(time.time())
+        if second != self.second:
+            self.second, self.reply = second, self.make(second)
+        return self.reply
+
+
+def engine_reply(name: str, socket_type: SocketType) -> Callable[[], bytes] | None:
+    """For a one-shot built-in on a connected socket type (daytime, time on stream or
+    seqpacket): what the engine itself sends on each accepted connection, as
+    every classic inetd does, instead of handing it to a worker. None otherwise.
+
+    The reply is computed from the clock alone; nothing is read from the client.
+    """
+    entry = find(name, socket_type)
+    if entry is None or not entry.one_shot or socket_type is SocketType.DGRAM:
+        return None
+    text = {"daytime": daytime_text, "time": time_bytes}.get(entry.name)
+    if text is None:
+        return None
+    return _EverySecond(text)
+
+
 def find(name: str, socket_type: SocketType) -> Builtin | None:
     """The built-in ``name`` if it supports ``socket_type``, else None."""
     entry = BY_NAME.get(name)

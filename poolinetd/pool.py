@@ -36,6 +36,7 @@ class WorkerSlot:
     last_used: int = 0  # pick order: the most recently used worker goes first (LIFO)
     idle_since: float = 0.0
     request_limit: int = 0  # recycle after this many (0 = never); jittered per worker
+    launching: int = 0  # handed programs it has not launched yet (no SPAWNED/DONE back)
 
 
 class Pool:
@@ -111,15 +112,19 @@ class Pool:
 
         The most recently used worker below the cap (``worker_connections``)
         wins: it is warm, and idle workers stay idle long enough to be retired.
-        With ``settings.spread`` (programs) the least loaded one wins instead.
+        With ``settings.spread`` (programs) the one with the fewest launches
+        pending, then the least loaded, wins instead; with ``launch_depth`` a
+        worker that has that many launches pending is not picked at all.
         """
         cap = self.settings.worker_connections
         cur = self._current
         if self.settings.spread:
+            depth = self.settings.launch_depth or cap
             best = None
             for slot in self.workers.values():
                 if slot.state is WorkerState.READY and slot.load < cap and (
-                    best is None or slot.load < best.load
+                    slot.launching < depth) and (
+                    best is None or (slot.launching, slot.load) < (best.launching, best.load)
                 ):
                     best = slot
             return None if best is None else best.pid
@@ -136,20 +141,41 @@ class Pool:
         self._current = best
         return best.pid
 
-    def assign(self, pid: int) -> bool:
+    def assign(self, pid: int, launch: bool = False) -> bool:
         """Count one more connection on ``pid``; True when it just reached its request limit.
 
+        ``launch``: it is a program still to be launched (until ``launched``).
         On True the worker has been moved to DRAINING: the master sends STOP
         (it finishes what it serves) and the pool starts a replacement.
         """
         slot = self.workers[pid]
         slot.load += 1
+        if launch:
+            slot.launching += 1
         slot.served += 1
         self._clock += 1
         slot.last_used = self._clock
         if slot.request_limit and slot.served >= slot.request_limit:
             return self.drain(pid)
         return False
+
+    def launched(self, pid: int) -> None:
+        """``pid`` launched (or gave up on) one of the programs ``assign`` counted."""
+        slot = self.workers.get(pid)
+        if slot is not None and slot.launching:
+            slot.launching -= 1
+
+    def has_room(self) -> bool:
+        """Whether a READY worker is below ``worker_connections`` (pending launches aside).
+
+        What growth asks: a pool whose workers are only busy launching needs no
+        more of them (more launches in flight than cores is what makes the tail).
+        """
+        cap = self.settings.worker_connections
+        if self._current is not None and self._current.load < cap and (
+                self._current.state is WorkerState.READY):
+            return True
+        return any(s.state is WorkerState.READY and s.load < cap for s in self.workers.values())
 
     def release(self, pid: int, count: int, now: float) -> None:
         slot = self.workers.get(pid)
@@ -170,8 +196,8 @@ class Pool:
         if now < self.backoff_until:
             return 0
         if (not self.boot_failures and len(self.workers) - self._draining >= self.settings.pool_min
-                and self.pick() is not None):
-            return 0  # the common case, decided without walking the workers
+                and self.has_room()):
+            return 0  # the common case, decided (mostly) without walking the workers
         booting = sum(1 for s in self.workers.values() if s.state is WorkerState.BOOTING)
         ready = sum(1 for s in self.workers.values() if s.state is WorkerState.READY)
         live = booting + ready
@@ -181,8 +207,8 @@ class Pool:
         need = max(0, self.settings.pool_min - live)
         if self.boot_failures:
             # While failing, probe with one worker at a time: never a fork storm.
-            return min(1, room) if booting == 0 and (need or self.pick() is None) else 0
-        if self.pick() is None:
+            return min(1, room) if booting == 0 and (need or not self.has_room()) else 0
+        if not self.has_room():
             parallel = 1 + ready // 4
             need = max(need, parallel - booting)
         return max(0, min(need, room))

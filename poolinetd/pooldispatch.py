@@ -29,7 +29,7 @@ import signal
 import socket
 from dataclasses import dataclass, replace
 
-from poolinetd import fdpass, log, worker
+from poolinetd import fdpass, log, stagetrace, worker
 from poolinetd.dispatch import Hooks
 from poolinetd.pool import Pool, WorkerState
 from poolinetd.runtime import Listener, ServiceRuntime
@@ -73,6 +73,7 @@ class ConnRecord:
     program_pid: int = 0
     program_start: int = 0  # its start time (/proc), so a reused pid is never signalled
     loan: bool = False
+    launching: bool = False  # a program its worker has not launched yet (counted in the pool)
 
 
 class PoolDispatcher:
@@ -152,8 +153,10 @@ class PoolDispatcher:
                 log.warning("worker_unreachable", service=rt.name, pid=pid, error=exc.strerror)
                 self._worker_gone(handle, f"channel: {exc.strerror}")
                 continue
-            self._sent(handle, pool)
-            self.conns[iid] = ConnRecord(pid)
+            if stagetrace.enabled:
+                stagetrace.stamp("handed", iid, None, f"to={pid} load={pool.workers[pid].load}")
+            launch = self._sent(handle, pool)
+            self.conns[iid] = ConnRecord(pid, launching=launch)
             return True
         return False
 
@@ -168,14 +171,19 @@ class PoolDispatcher:
         except OSError as exc:
             log.warning("lend_failed", service=rt.name, pid=pid, error=exc.strerror)
             return False
-        self._sent(handle, pool)
+        launch = self._sent(handle, pool)
         handle.loans += 1
-        self.conns[iid] = ConnRecord(pid, loan=True)
+        self.conns[iid] = ConnRecord(pid, loan=True, launching=launch)
         return True
 
-    def _sent(self, handle: WorkerHandle, pool: Pool) -> None:
-        """Count a connection on its worker; recycle it at max_requests; watch its queue."""
-        if pool.assign(handle.pid):
+    def _sent(self, handle: WorkerHandle, pool: Pool) -> bool:
+        """Count a connection on its worker; recycle it at max_requests; watch its queue.
+
+        True when it is a program still to be launched: the pool counts it
+        against the worker's ``launch_depth`` until SPAWNED (or DONE) comes back.
+        """
+        launch = handle.rt.service.program is not None
+        if pool.assign(handle.pid, launch):
             log.info("worker_retire", service=handle.rt.name, pid=handle.pid,
                      reason="max_requests")
             self._send_stop(handle)
@@ -184,6 +192,7 @@ class PoolDispatcher:
             handle.unread = 0
             self.watch.add(handle)
             self.hooks.wake_at(handle.unread_since + STALL_CHECK)
+        return launch
 
     # -- workers ---------------------------------------------------------------
     def _spawn_worker(self, rt: ServiceRuntime, pool: Pool) -> None:
@@ -193,6 +202,8 @@ class PoolDispatcher:
         log_fd = log.log_fd()
         if log_fd > 2:
             keep.append(log_fd)
+        if stagetrace.enabled:
+            keep.append(stagetrace.fd())
         internal_ports = self.hooks.internal_ports
         log_connections = self.hooks.log_connections
         # Objects that exist now are shared copy-on-write with the child; freezing
@@ -239,12 +250,16 @@ class PoolDispatcher:
                 break
             if msg.kind == fdpass.DONE:
                 for iid in msg.ids:
+                    if stagetrace.enabled:
+                        stagetrace.stamp("closed", iid)
                     rec = self.conns.get(iid)
                     if rec is None or rec.worker_pid != handle.pid:
                         continue  # not this worker's to end (a stale or forged id)
                     del self.conns[iid]
                     if rec.loan:
                         handle.loans -= 1
+                    if rec.launching and pool is not None:
+                        pool.launched(handle.pid)  # it never started (exec failed)
                     released += 1
                     self.hooks.ended(iid)
             elif msg.kind == fdpass.SPAWNED:
@@ -283,6 +298,11 @@ class PoolDispatcher:
         rec = self.conns.get(iid)
         if rec is None or rec.worker_pid != handle.pid or pid <= 1:
             return
+        if rec.launching:  # launched (or not: what it says of the pid is checked below)
+            rec.launching = False
+            pool = self.pools.get(handle.rt)
+            if pool is not None:
+                pool.launched(handle.pid)
         ident = self.system.identity(pid)
         if ident is not None and ident[0] != handle.pid:
             log.error("wire_error", service=handle.rt.name, pid=handle.pid,

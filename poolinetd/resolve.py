@@ -30,6 +30,7 @@ from poolinetd.spec import (
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
     LIMIT_NAMES,
+    PROGRAM_LAUNCH_DEPTH,
     SAFE_SHARE,
     TCPMUX,
     Diagnostic,
@@ -542,6 +543,7 @@ class _SpecResolver:
             max_requests=int(num("max_requests", DEFAULT_MAX_REQUESTS)),
             idle_timeout=float(num("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
             spread=not is_internal,
+            launch_depth=0 if is_internal else PROGRAM_LAUNCH_DEPTH,
         )
         if pool.pool_min > pool.pool_max:
             role = "pool_min" if self.spec.options.pool_min is not None else "pool_max"

@@ -107,6 +107,8 @@ class ServiceRuntime:
     predecessors: list[ServiceRuntime] = field(default_factory=list)  # older, still busy
     successor: ServiceRuntime | None = None  # the generation that replaced this one
     preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
+    # A one-shot built-in (daytime, time) answered by the engine itself: its reply.
+    reply: Callable[[], bytes] | None = None
     engine_served: bool = False  # tcpmux: the engine reads the name; no dispatcher behind it
     counts_active: bool = field(init=False)
     is_program: bool = field(init=False)

@@ -169,6 +169,9 @@ DEFAULT_POOL_MIN_PROGRAM = 2
 DEFAULT_POOL_MAX = 16
 DEFAULT_WORKER_CONNECTIONS_INTERNAL = 256
 DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
+# Connections a program service's worker may have queued but not yet launched
+# (see PoolSettings.launch_depth; measured in benchmarks/stages.py).
+PROGRAM_LAUNCH_DEPTH = 1
 DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONN_TIMEOUT = 300.0
@@ -323,6 +326,10 @@ class PoolSettings:
     # (built-ins: one warm process serves many). True: the least loaded one does
     # (programs: launches run in parallel on several cores).
     spread: bool = False
+    # Programs: how many connections a worker may hold that it has not launched yet
+    # (handed, no SPAWNED or DONE back). 0 = no limit (built-ins). Past it the
+    # connection waits in the kernel's FIFO backlog, not in one busy worker's channel.
+    launch_depth: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from poolinetd import fdpass, internal, log, privileges, spawn
+from poolinetd import fdpass, internal, log, privileges, spawn, stagetrace
 from poolinetd.dgramserve import DgramResponder as DgramResponder  # re-exported (classic mode)
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType, StderrRoute
@@ -185,6 +185,7 @@ class Worker:
                 self._expire(now)
             self._set_title()
         self._flush_done()
+        stagetrace.flush()
         for loan in self.dgram.values():
             loan.sock.close()
         self.sel.close()
@@ -193,7 +194,7 @@ class Worker:
         return 0
 
     def _on_channel(self) -> None:
-        for _ in range(256):  # bounded: connections already here get served too
+        for n in range(256):  # bounded: connections already here get served too
             try:
                 got = fdpass.receive(self.channel)
             except fdpass.ProtocolError as exc:
@@ -209,6 +210,8 @@ class Worker:
                 self._begin_stop(STOP_GRACE_ON_MASTER_LOSS)
                 return
             if msg.kind == fdpass.CONN and fd is not None:
+                if stagetrace.enabled:
+                    stagetrace.stamp("received", msg.ident, None, f"batch={n + 1}")
                 self._on_conn_msg(msg, fd)
             elif msg.kind == fdpass.LEND and fd is not None:
                 self._on_lend(msg.ident, fd)
@@ -298,6 +301,8 @@ class Worker:
         self.done.append(conn.conn_id)
         self.stat_in += handler.bytes_in
         self.stat_out += handler.bytes_out
+        if stagetrace.enabled:
+            stagetrace.stamp("finished", conn.conn_id)
         if self.log_connections:
             log.info("conn_end", service=self.service.name, pid=self.pid, peer=conn.peer,
                      status=status, duration=round(self.clock() - conn.started, 6),
@@ -333,6 +338,8 @@ class Worker:
             return
         finally:
             sock.close()
+        if stagetrace.enabled:
+            stagetrace.stamp("spawned", conn_id)
         self._track_child(conn_id, pid, peer)
 
     def _track_child(self, conn_id: int, pid: int, peer: str) -> None:
@@ -360,6 +367,8 @@ class Worker:
         os.close(child.pidfd)
         del self.children[child.pidfd]
         self.done.append(child.conn_id)
+        if stagetrace.enabled:
+            stagetrace.stamp("exited", child.conn_id)
         code = os.waitstatus_to_exitcode(status)
         self.stat_exits.append((code, int((self.clock() - child.started) * 1_000_000)))
         if self.log_connections or code not in (0,):
@@ -435,6 +444,7 @@ def run_worker(channel: socket.socket, service: Service, internal_ports: frozens
     in status. Fixing the cause needs no restart: the next probe succeeds.
     """
     spawn.set_title(f"poolinetd: {service.name} worker booting")
+    stagetrace.forked()
     try:
         privileges.drop(service.uid, service.gid, service.groups)
     except privileges.PrivilegeError as exc:

@@ -209,7 +209,7 @@ def _socket_inodes(pid: int) -> set[str]:
 
 def test_worker_inherits_no_fd_of_the_master(serve) -> None:
     server = serve(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n"
-                   f"127.0.0.1:0 stream tcp nowait {U} internal daytime\n")
+                   f"127.0.0.1:0 stream tcp nowait {U} internal discard\n")
     workers = server.workers()
     assert len(workers) == 2
     master = _socket_inodes(server.pid)

@@ -205,3 +205,37 @@ def test_spread_pick_takes_the_least_loaded_worker() -> None:
         pool.assign(pid)
         picks.append(pid)
     assert picks.count(1) == picks.count(2) == 3  # launches alternate between the workers
+
+
+def test_launch_depth_holds_connections_until_the_worker_launched() -> None:
+    # Programs: a worker busy in posix_spawn must not collect a queue of
+    # connections while another is free; past launch_depth nobody is picked
+    # (the connection waits in the kernel's FIFO backlog) and no worker is started.
+    pool = Pool(PoolSettings(2, 4, 8, 0, 10.0, spread=True, launch_depth=1))
+    for pid in (1, 2):
+        pool.add_booting(pid, 0)
+        pool.mark_ready(pid, 0)
+    first = pool.pick()
+    assert first is not None
+    pool.assign(first, launch=True)
+    second = pool.pick()
+    assert second is not None and second != first
+    pool.assign(second, launch=True)
+    assert pool.pick() is None  # both launching
+    assert pool.has_room()
+    assert pool.spawns_needed(1.0) == 0  # busy launching is not a reason to grow
+    pool.launched(second)
+    assert pool.pick() == second  # the one that finished its launch takes the next
+    pool.launched(second)  # a stray report never goes below zero
+    assert pool.workers[second].launching == 0
+
+
+def test_without_launch_depth_assign_counts_no_launches() -> None:
+    pool = Pool(PoolSettings(1, 2, 3, 0, 10.0, spread=True))
+    pool.add_booting(1, 0)
+    pool.mark_ready(1, 0)
+    for _ in range(3):
+        assert pool.pick() == 1
+        pool.assign(1, launch=True)
+    assert pool.pick() is None and not pool.has_room()  # only the cap limits it
+    assert pool.spawns_needed(1.0) == 1
