@@ -166,8 +166,11 @@ def client_exchange(
         sock.bind((source, 0))
         sock.connect((dest, port))
         me = sock.getsockname()[:2]
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # a refusing server may have reset us already
+            return b"", me
         reply = b""
         with contextlib.suppress(ConnectionResetError):  # a refusing server may reset
             while data := sock.recv(65536):
