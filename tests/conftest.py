@@ -176,23 +176,6 @@ def public_dir() -> Iterator[Path]:
 PROGRAMS_SRC = REPO / "tests" / "programs"
 
 
-def python_usable_by_nobody(*modules: str) -> bool:
-    """True if we are root and ``nobody`` can run this interpreter and import ``modules``
-    from the checkout (both false for a venv or a clone under a 0700 directory such as
-    root's home): the condition for tests that run this Python as ``nobody``."""
-    if not IS_ROOT or not Path("/usr/bin/setpriv").exists():
-        return False
-    code = f"import {', '.join(modules)}" if modules else "pass"
-    try:
-        probe = subprocess.run(["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup",
-                                "--clear-groups", sys.executable, "-c", code],
-                               cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)},
-                               capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
-
-
 @pytest.fixture(scope="session")
 def staged_programs() -> Iterator[Path]:
     """tests/programs/ copied into a fresh 0755 directory under /tmp, for the session.
