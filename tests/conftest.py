@@ -256,11 +256,12 @@ def tcp_exchange(port: int, payload: bytes = b"", host: str = "127.0.0.1",
 
 
 def udp_exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 3.0,
-                 src_port: int = 0) -> bytes | None:
+                 src_port: int = 0, source: str | None = None) -> bytes | None:
+    """Send one datagram from ``source`` (default ``host``) and wait for one reply (None)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.bind((host, src_port))
+        sock.bind((source or host, src_port))
         sock.sendto(payload, (host, port))
         try:
             return sock.recvfrom(65536)[0]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_USER, Server, wait_until
+from conftest import TEST_USER, Server, udp_exchange, wait_until
 
 U = TEST_USER
 MODES = ["pool", "classic"]
@@ -71,14 +71,7 @@ def test_access_lists_on_stream_and_per_datagram(serve, mode: str) -> None:
     assert svc["refused_by"] == {"no_access": 1, "only_from": 1}
 
     def udp_from(source: str) -> bytes | None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((source, 0))
-            sock.settimeout(3)
-            sock.sendto(b"datagram", ("127.0.0.1", udp))
-            try:
-                return sock.recv(1024)
-            except TimeoutError:
-                return None
+        return udp_exchange(udp, b"datagram", source=source)
 
     assert udp_from("127.0.0.1") == b"datagram"
     assert udp_from("127.0.0.5") is None
@@ -222,14 +215,7 @@ def test_a_datagram_wait_program_is_started_only_for_an_admitted_source(
     name = server.listeners[0]["service"]
 
     def ask(source: str) -> bytes | None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((source, 0))
-            sock.settimeout(5)
-            sock.sendto(b"rrq", ("127.0.0.1", port))
-            try:
-                return sock.recv(2048)
-            except TimeoutError:
-                return None
+        return udp_exchange(port, b"rrq", timeout=5, source=source)
 
     assert ask("127.0.9.9") is None  # dropped before any program started
     assert server.service_status(name)["accepted"] == 0

@@ -15,7 +15,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, TEST_USER, Server, refused, tcp_exchange, wait_until
+from conftest import (
+    IS_ROOT,
+    TEST_USER,
+    Server,
+    refused,
+    tcp_exchange,
+    udp_exchange,
+    wait_until,
+)
 
 U = TEST_USER
 MODES = ["pool", "classic"]
@@ -171,13 +179,7 @@ def test_a_stopped_worker_holding_a_datagram_socket_is_replaced(serve) -> None:
     port = server.port_of(server.listeners[0]["service"], "dgram")
 
     def ask() -> bytes | None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(1.0)
-            sock.sendto(b"q", ("127.0.0.1", port))
-            try:
-                return sock.recv(64)
-            except TimeoutError:
-                return None
+        return udp_exchange(port, b"q", timeout=1.0)
 
     assert wait_until(ask, 20, "a first answer") == b"q"
     (holder,) = server.workers()
