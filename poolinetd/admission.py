@@ -128,7 +128,3 @@ class Admission:
     def ended(self, key: Hashable) -> None:
         if key != NO_SOURCE:
             self.tracker.ended(key)
-
-    def blocked(self, now: float) -> int:
-        """How many sources are blocked now (for status; O(sources))."""
-        return self.tracker.blocked_sources(now)

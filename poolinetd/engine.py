@@ -182,9 +182,10 @@ class Engine:
             rt.preamble = self.preambles(service)
         else:
             rt.preamble = preambles.for_service(service, self._tcpmux_names)
-        rt.engine_served = service.internal == "tcpmux"
         if service.internal is not None:
             rt.reply = internal.engine_reply(service.internal, service.socket_type)
+        # No dispatcher behind it: the engine reads the tcpmux name, or answers itself.
+        rt.engine_served = service.internal == "tcpmux" or rt.reply is not None
         for sock in socks:
             rt.listeners.append(Listener(sock, rt, listeners.bound_address(sock)))
         self.runtimes.append(rt)
@@ -339,7 +340,7 @@ class Engine:
         """Start what ``rt`` needs, then poll exactly the listeners that can be served."""
         now = self.system.clock()
         open_ = not self.stopping and not rt.retired
-        if open_ and not rt.engine_served and rt.reply is None:  # else it needs no workers
+        if open_ and not rt.engine_served:  # else it needs no workers
             self.dispatcher.maintain(rt, now)
         can_take = open_ and self._has_room(rt, now)
         for lst in rt.listeners:
@@ -360,7 +361,7 @@ class Engine:
                 return False
         if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
             return False
-        return rt.engine_served or rt.reply is not None or self.dispatcher.can_take(rt)
+        return rt.engine_served or self.dispatcher.can_take(rt)
 
     def _set_polled(self, lst: Listener, want: bool) -> None:
         if want == lst.polled:
@@ -372,7 +373,7 @@ class Engine:
         lst.polled = want
 
     def _all_ready(self) -> bool:
-        return all(rt.engine_served or rt.reply is not None or self.dispatcher.ready(rt)
+        return all(rt.engine_served or self.dispatcher.ready(rt)
                    for rt in self.runtimes if not rt.retired)
 
     def _report_ready(self) -> None:

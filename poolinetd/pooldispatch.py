@@ -402,13 +402,15 @@ class PoolDispatcher:
         for rt, pool in self.pools.items():
             if rt.retired:
                 continue
-            for pid in pool.surplus(now):
+            surplus = pool.surplus(now)
+            for pid in surplus:
                 log.info("worker_retire", service=rt.name, pid=pid, reason="idle")
                 self._send_stop(self.workers[pid])
             deadline = pool.next_deadline(now)
             if deadline is not None:
                 self.hooks.wake_at(deadline)
-            self.hooks.refresh(rt)
+            if surplus or pool.spawns_needed(now):  # (a backoff ended, or the pool shrank)
+                self.hooks.refresh(rt)
         self._ping_lenders(now)
         self._check_stalls(now)
         if self.orphans:

@@ -109,7 +109,7 @@ class ServiceRuntime:
     preamble: Callable[[], pre.Preamble] | None = None  # a reader per connection, if any
     # A one-shot built-in (daytime, time) answered by the engine itself: its reply.
     reply: Callable[[], bytes] | None = None
-    engine_served: bool = False  # tcpmux: the engine reads the name; no dispatcher behind it
+    engine_served: bool = False  # no dispatcher behind it (tcpmux, or an engine reply)
     counts_active: bool = field(init=False)
     is_program: bool = field(init=False)
     stats: ServiceStats = field(default_factory=ServiceStats)

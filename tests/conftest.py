@@ -26,6 +26,18 @@ IS_ROOT = os.geteuid() == 0
 TEST_USER = "nobody" if IS_ROOT else __import__("pwd").getpwuid(os.getuid()).pw_name
 
 
+# Fixtures that start real processes: a test using one (directly or through
+# another fixture) is a "process" test, whatever its module says, so
+# ``pytest -m "not process"`` is the quick run of the pure and unit tests.
+PROCESS_FIXTURES = frozenset({"serve", "nobody_python", "staged_programs"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -63,6 +63,7 @@ def test_include_of_a_non_regular_file_is_an_error_at_the_include_line(tmp_path:
     assert f"{main}:2: field 2 " in result.stderr and "not a regular file" in result.stderr
 
 
+@pytest.mark.process
 def test_fifo_given_as_the_config_does_not_hang_check_or_the_master(tmp_path: Path) -> None:
     fifo = tmp_path / "inetd.conf"
     os.mkfifo(fifo)

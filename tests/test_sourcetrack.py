@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hypothesis_profiles  # noqa: F401  (registers and loads the profile)
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -333,3 +333,6 @@ class TrackerMachine(RuleBasedStateMachine):
 
 
 TestTrackerMachine = TrackerMachine.TestCase
+# Shorter runs than the profile's default 50 steps: the invariants are checked
+# after every step, and 12 keys against small caps reach eviction within 25.
+TestTrackerMachine.settings = settings(settings.default, stateful_step_count=25)
