@@ -8,11 +8,12 @@ identified by an id the engine chooses; the dispatcher tells the engine when
 it ended, and the engine does all the counting (max_child, per-source
 limits, status).
 
-fd ownership across the seam: ``hand_off`` and ``lend`` never take the fd
-they are given. ``hand_off``'s connection fd is closed by the engine right
-after the call returns, on every path (a worker or child has its own copy
-by then); a lent listener stays the engine's and is not polled until the
-instance ends.
+fd ownership across the seam: ``hand_off`` takes the connection fd on
+every path (the dispatcher closes it once a worker or child has its own
+copy, or when it cannot be served); ``lend`` never takes the listener: it
+stays the engine's and is not polled until the instance ends. A dispatcher
+may hold what ``hand_off`` gave it until ``flush``, which the engine calls
+at the end of every accept batch and loop turn.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Hooks(Protocol):
 
     def ended(self, iid: int) -> None:
         """Instance ``iid`` is over (connection closed, program exited, loan returned)."""
+
+    def lost(self, iid: int) -> None:
+        """Instance ``iid`` was handed off but could not be delivered (closed unserved)."""
 
     def program_started(self, iid: int, pid: int) -> None:
         """Instance ``iid`` is served by program ``pid`` (for status and the stop pass)."""
@@ -77,11 +81,14 @@ class Dispatcher(Protocol):
 
     def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
                  local: str = "") -> bool:
-        """Serve connection ``fd`` (not taken: the engine closes it). False if it could not.
+        """Serve connection ``fd`` (taken: closed by the dispatcher). False if it could not.
 
         ``peer``/``local`` are "HOST PORT" ("" for unix); ``local`` is given only when a
         PROXY header named the address the client connected to (else the socket's own).
         """
+
+    def flush(self) -> None:
+        """Deliver what ``hand_off`` queued (the end of an accept batch)."""
 
     def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
         """Serve on the listener itself until instance ``iid`` ends. False if it could not."""

@@ -22,12 +22,13 @@ The accept path, in order, for both modes:
 3. preamble (preamble.py), only where the service reads one: non-blocking
    peeks under a deadline, exact consumption, then admission again on the
    address it gave. With no preamble configured this stage costs nothing;
-4. ``Dispatcher.hand_off``.
+4. ``Dispatcher.hand_off``, then ``Dispatcher.flush`` once per batch (pool
+   mode: what the batch gave one worker travels in one message).
 
 fd ownership: the engine owns every listener, the signal pipe and the
 control socket. An accepted connection is the engine's from accept() until
-``hand_off`` returns (the engine closes its copy then, on every path); one
-in the preamble stage is the engine's until handed off or dropped. A lent
+it is given to ``hand_off`` (the dispatcher's from then on, on every path);
+one in the preamble stage is the engine's until handed off or dropped. A lent
 listener stays the engine's; it is only not polled while the loan lasts.
 """
 
@@ -240,6 +241,7 @@ class Engine:
                 # must not take every service down with the master.
                 log.error("internal_error", traceback=traceback.format_exc())
         try:
+            self.dispatcher.flush()  # hand-offs of this turn outside an accept batch
             self._timers()
             self._refresh_dirty()
         except Exception:
@@ -455,6 +457,8 @@ class Engine:
                 self._answer(rt, fd, family, peer, now)
             else:
                 self._hand_off(rt, fd, family, key, _wire_peer(peer), now)
+        # What the batch gave each worker goes in one message (fdpass.MAX_CONN_BATCH).
+        self.dispatcher.flush()
 
     def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: str,
                   now: float, local: str = "") -> None:
@@ -468,9 +472,8 @@ class Engine:
         self._count_active(rt, +1)
         handed = False
         try:
-            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local)
+            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local)  # takes fd
         finally:
-            os.close(fd)  # sent (the worker or child has its own copy) or given up
             if not handed:
                 self._uncount(iid)
         if not handed:
@@ -803,6 +806,13 @@ class Engine:
                 # status); a stop or reload may have closed it during the loan.
                 lst.sock.setblocking(False)
             self.dirty.add(lst.rt)  # a reload may have moved it to a new generation
+
+    def lost(self, iid: int) -> None:
+        """A handed-off connection never reached a worker (it died, or its queue was full)."""
+        inst = self.instances.get(iid)
+        if inst is not None:
+            self._count_refusal(inst.rt, "no_room")
+        self.ended(iid)
 
     def program_started(self, iid: int, pid: int) -> None:
         inst = self.instances.get(iid)

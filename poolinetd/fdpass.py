@@ -1,12 +1,16 @@
-"""The master<->worker wire: one small message, at most one fd, over AF_UNIX SOCK_SEQPACKET.
+"""The master<->worker wire: small messages over AF_UNIX SOCK_SEQPACKET, fds attached.
 
-Mostly pure (encode/decode); ``send``/``recv`` touch the OS. SEQPACKET keeps
-message boundaries, so an fd can never be attached to the wrong header
-(systemd #15457 shows what stream framing does). ``recv`` checks MSG_CTRUNC
-and the fd count, closes anything unexpected, and raises ProtocolError.
+Mostly pure (encode/decode); ``send``/``recv``/``receive`` touch the OS.
+SEQPACKET keeps message boundaries, so an fd can never be attached to the
+wrong header (systemd #15457 shows what stream framing does). ``receive``
+checks MSG_CTRUNC and that a message carries exactly the fds its kind says,
+closes anything unexpected, and raises ProtocolError.
 
-Master -> worker:  CONN(conn_id, family, peer) + the accepted socket (the worker asks
-                   getsockname itself, and only for programs that need TCPLOCALIP)
+Master -> worker:  CONN(n x (conn_id, family, peer, local)) + n accepted sockets, in
+                   order (1 <= n <= MAX_CONN_BATCH: what one accept batch gave one
+                   worker travels in one sendmsg; one message per connection cost
+                   about ten times as much, benchmarks/README.md). The worker asks
+                   getsockname itself, and only for programs that need TCPLOCALIP.
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
                    LOGFD + the reopened log file (after SIGUSR1)
@@ -26,9 +30,10 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-VERSION = 1
+VERSION = 2
 
 EOF = 0  # not on the wire: what ``receive`` returns when the peer is gone
 CONN = 1
@@ -46,10 +51,17 @@ _HEAD = struct.Struct("!BB")  # kind, version
 _ID = struct.Struct("!Q")
 _PID = struct.Struct("!i")
 _ID_PID = struct.Struct("!Qi")
-# conn_id, address family (saves the receiver three getsockopts), length of the peer text
-_CONN = struct.Struct("!QBH")
+_COUNT = struct.Struct("!H")
+# conn_id, address family (saves the receiver three getsockopts), lengths of the peer
+# and local texts
+_CONN = struct.Struct("!QBHH")
 MAX_MESSAGE = 4096
 _MAX_DONE_IDS = (MAX_MESSAGE - _HEAD.size) // _ID.size
+# Connections (and fds) in one CONN message. The texts are formatted socket
+# addresses (at most 54 bytes: an IPv6 address with a scope and a port), so a
+# full batch stays far below MAX_MESSAGE; the kernel's limit is 253 fds.
+MAX_CONN_BATCH = 16
+_MAX_ADDR_TEXT = 100
 
 
 class ProtocolError(Exception):
@@ -66,24 +78,48 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """What CONN says of one connection; its fd is the one at the same position."""
+
+    conn_id: int
+    family: int  # address family: the receiver need not ask the kernel
+    peer: str  # "HOST PORT" ("" for unix sockets)
+    local: str = ""  # the address the client connected to, when a PROXY header said it
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     kind: int
-    ident: int = 0  # conn_id / lend_id / pid
+    ident: int = 0  # lend_id / conn_id (SPAWNED)
     pid: int = 0
-    family: int = 0
     ids: tuple[int, ...] = ()
-    peer: str = ""
-    local: str = ""  # CONN: the address the client connected to, when a PROXY header said it
+    conns: tuple[ConnInfo, ...] = ()  # CONN: one per attached fd, in order
+    text: str = ""  # BOOT_FAILED: the reason
     bytes_in: int = 0  # STATS: what built-in connections read and wrote since the last STATS
     bytes_out: int = 0
     exits: tuple[tuple[int, int], ...] = ()  # STATS: (exit code, run time in us) per program
 
 
+def encode_conns(conns: Sequence[ConnInfo]) -> bytes:
+    """CONN for 1 to MAX_CONN_BATCH connections, sent with their fds in the same order.
+
+    Raises ValueError for an empty or oversized batch or an address text
+    longer than any socket address (the master formats them itself).
+    """
+    if not 1 <= len(conns) <= MAX_CONN_BATCH:
+        raise ValueError(f"a CONN message carries 1 to {MAX_CONN_BATCH} connections")
+    parts = [_HEAD.pack(CONN, VERSION), _COUNT.pack(len(conns))]
+    for info in conns:
+        peer, local = info.peer.encode(), info.local.encode()
+        if len(peer) > _MAX_ADDR_TEXT or len(local) > _MAX_ADDR_TEXT:
+            raise ValueError("address text too long for CONN")
+        parts += (_CONN.pack(info.conn_id, info.family, len(peer), len(local)), peer, local)
+    return b"".join(parts)
+
+
 def encode_conn(conn_id: int, family: int, peer: str, local: str = "") -> bytes:
-    """CONN: ``peer``, then ``local`` (only if not the socket's own), as "HOST PORT" text."""
-    raw = peer.encode()
-    return _HEAD.pack(CONN, VERSION) + _CONN.pack(conn_id, family, len(raw)) + raw + (
-        local.encode())
+    """CONN for one connection."""
+    return encode_conns([ConnInfo(conn_id, family, peer, local)])
 
 
 def encode_lend(lend_id: int) -> bytes:
@@ -149,12 +185,7 @@ def decode(data: bytes) -> Message:
     body = data[_HEAD.size :]
     try:
         if kind == CONN:
-            ident, family, size = _CONN.unpack_from(body)
-            text = body[_CONN.size :]
-            if size > len(text):
-                raise ProtocolError(f"CONN peer of {size} bytes in {len(text)}")
-            return Message(CONN, ident, family=family, peer=text[:size].decode(),
-                           local=text[size:].decode())
+            return Message(CONN, conns=_decode_conns(body))
         if kind == LEND:
             (ident,) = _ID.unpack(body)
             return Message(LEND, ident)
@@ -178,36 +209,68 @@ def decode(data: bytes) -> Message:
                           for off in range(_STATS.size, len(body), _EXIT.size))
             return Message(STATS, bytes_in=bytes_in, bytes_out=bytes_out, exits=exits)
         if kind == BOOT_FAILED:
-            return Message(BOOT_FAILED, peer=body.decode("utf-8", "replace"))
+            return Message(BOOT_FAILED, text=body.decode("utf-8", "replace"))
     except (struct.error, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed message kind {kind}: {exc}") from None
     raise ProtocolError(f"unknown message kind {kind} ({len(body)} byte body)")
 
 
-_FDS_SPACE = socket.CMSG_SPACE(array.array("i", [0, 0, 0, 0]).itemsize * 4)
+def _decode_conns(body: bytes) -> tuple[ConnInfo, ...]:
+    (count,) = _COUNT.unpack_from(body)
+    if not 1 <= count <= MAX_CONN_BATCH:
+        raise ProtocolError(f"CONN with {count} connections")
+    conns = []
+    off = _COUNT.size
+    for _ in range(count):
+        conn_id, family, peer_len, local_len = _CONN.unpack_from(body, off)
+        off += _CONN.size
+        end = off + peer_len + local_len
+        if end > len(body):
+            raise ProtocolError(f"CONN record of {peer_len + local_len} bytes past the end")
+        conns.append(ConnInfo(conn_id, family, body[off : off + peer_len].decode(),
+                              body[off + peer_len : end].decode()))
+        off = end
+    if off != len(body):
+        raise ProtocolError(f"CONN with {len(body) - off} bytes after its records")
+    return tuple(conns)
+
+
+def fds_expected(msg: Message) -> int:
+    """How many fds a message of this kind comes with."""
+    if msg.kind == CONN:
+        return len(msg.conns)
+    return 1 if msg.kind in (LEND, LOGFD) else 0
+
+
+_FDS_SPACE = socket.CMSG_SPACE(array.array("i").itemsize * MAX_CONN_BATCH)
 
 
 def send(channel: socket.socket, payload: bytes, fd: int | None = None) -> None:
-    """Send one message, with ``fd`` attached if given.
-
-    The caller keeps ownership of ``fd``: sendmsg puts a reference to the open
-    file in the message, so the caller may (and usually should) close its copy
-    right after this returns. Raises BlockingIOError when the peer's queue is
-    full, BrokenPipeError/ConnectionResetError when the peer is gone.
-    """
+    """Send one message, with ``fd`` attached if given (see ``send_fds``)."""
     if fd is None:
         channel.send(payload)
         return
-    channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    send_fds(channel, payload, [fd])
 
 
-def recv(channel: socket.socket) -> tuple[bytes, int | None]:
-    """Receive one message and the fd it carries (or None). ``(b"", None)`` means EOF.
+def send_fds(channel: socket.socket, payload: bytes, fds: Sequence[int]) -> None:
+    """Send one message with ``fds`` attached, in order.
 
-    The caller owns the returned fd (already close-on-exec, so a program the
-    worker launches never inherits it by accident). On MSG_CTRUNC (the fd was
-    dropped: RLIMIT_NOFILE or an LSM) or more than one fd, every fd received
-    is closed and ProtocolError is raised. BlockingIOError propagates.
+    The caller keeps ownership of the fds: sendmsg puts a reference to each
+    open file in the message, so the caller may (and usually should) close its
+    copies right after this returns. Raises BlockingIOError when the peer's
+    queue is full, BrokenPipeError/ConnectionResetError when the peer is gone.
+    """
+    channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def recv(channel: socket.socket) -> tuple[bytes, list[int]]:
+    """Receive one message and the fds it carries. ``(b"", [])`` means EOF.
+
+    The caller owns the returned fds (already close-on-exec, so a program the
+    worker launches never inherits one by accident). On MSG_CTRUNC (an fd was
+    dropped: RLIMIT_NOFILE or an LSM) every fd received is closed and
+    ProtocolError is raised. BlockingIOError propagates.
     """
     data, ancdata, flags, _ = channel.recvmsg(MAX_MESSAGE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
@@ -216,24 +279,23 @@ def recv(channel: socket.socket) -> tuple[bytes, int | None]:
             arr = array.array("i")
             arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
             fds.extend(arr)
-    if flags & socket.MSG_CTRUNC or len(fds) > 1:
-        for fd in fds:
-            os.close(fd)
-        reason = "control data truncated (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else (
-            f"{len(fds)} fds in one message")
-        raise ProtocolError(reason, data)
-    return data, (fds[0] if fds else None)
+    if flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        raise ProtocolError("control data truncated (MSG_CTRUNC)", data)
+    return data, fds
 
 
-def receive(channel: socket.socket) -> tuple[Message, int | None] | None:
-    """The next message on a non-blocking channel and the fd it carries.
+def receive(channel: socket.socket) -> tuple[Message, list[int]] | None:
+    """The next message on a non-blocking channel and the fds it carries.
 
     None when nothing is waiting; ``Message(EOF)`` when the peer is gone.
-    A malformed message raises ProtocolError after closing any fd that came
-    with it, so the caller can log it and read on. The caller owns the fd.
+    A malformed message, or one with other fds than its kind says, raises
+    ProtocolError after closing every fd that came with it, so the caller can
+    log it and read on (``exc.message`` is the decoded message when only the
+    fds were wrong). The caller owns the fds.
     """
     try:
-        data, fd = recv(channel)
+        data, fds = recv(channel)
     except (BlockingIOError, InterruptedError):
         return None
     except ProtocolError as exc:
@@ -242,14 +304,24 @@ def receive(channel: socket.socket) -> tuple[Message, int | None] | None:
                 exc.message = decode(exc.data)
         raise
     except OSError:
-        return Message(EOF), None
+        return Message(EOF), []
     if not data:
-        if fd is not None:
-            os.close(fd)
-        return Message(EOF), None
+        _close_all(fds)
+        return Message(EOF), []
     try:
-        return decode(data), fd
+        msg = decode(data)
     except ProtocolError:
-        if fd is not None:
-            os.close(fd)
+        _close_all(fds)
         raise
+    if len(fds) != fds_expected(msg):
+        _close_all(fds)
+        wrong = ProtocolError(f"{len(fds)} fds with a message that carries "
+                              f"{fds_expected(msg)}", data)
+        wrong.message = msg
+        raise wrong
+    return msg, fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -94,9 +94,15 @@ class ForkDispatcher:
                  local: str = "") -> bool:
         service = rt.service
         log_connections = self.hooks.log_connections
-        return self._fork(rt, iid, fd, service.program is not None,
-                          lambda: _serve_connection(service, fd, family, peer, log_connections,
-                                                    local))
+        try:
+            return self._fork(rt, iid, fd, service.program is not None,
+                              lambda: _serve_connection(service, fd, family, peer,
+                                                        log_connections, local))
+        finally:
+            os.close(fd)  # the child has its own copy (or there is no child)
+
+    def flush(self) -> None:
+        pass  # each connection was forked for at once
 
     def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
         service = rt.service

@@ -5,10 +5,15 @@ engine's ``System``. The bookkeeping of who is booting, ready or draining is
 pool.py's (pure); this module carries out its answers.
 
 fd ownership: the dispatcher owns its end of every worker's channel (closed
-when the worker's EOF is seen, or at ``close``). The connection fd given to
-``hand_off`` stays the engine's: sendmsg puts a reference to the open file
-in the message, the engine closes its copy afterwards. A lent listener is
-sent the same way and stays the engine's.
+when the worker's EOF is seen, or at ``close``). A connection fd given to
+``hand_off`` becomes the dispatcher's: it is counted on its worker at once
+(so the next pick sees the load) and waits in that worker's outbox until
+``flush`` (the end of the engine's accept batch) sends the whole outbox in
+one CONN message; sendmsg puts a reference to each open file in the
+message, and the dispatcher closes its copies right after. A connection
+that cannot be sent (the worker died or its channel is full) is re-routed
+to another worker or, failing that, closed and reported ``lost``. A lent
+listener is sent at once and stays the engine's.
 
 A worker that stops reading its channel (stopped with SIGSTOP, wedged in a
 handler) would black-hole every connection sent to it. The kernel says how
@@ -27,7 +32,7 @@ import os
 import selectors
 import signal
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from poolinetd import fdpass, log, stagetrace, worker
 from poolinetd.dispatch import Hooks
@@ -60,6 +65,9 @@ class WorkerHandle:
     stalled_at: float = 0.0
     last_heard: float = 0.0  # when it last sent anything
     loans: int = 0  # lent sockets it holds (nothing else may be sent to it for a long time)
+    # Connections counted on it but not sent yet (until the next flush), and their fds.
+    outbox: list[fdpass.ConnInfo] = field(default_factory=list)
+    outbox_fds: list[int] = field(default_factory=list)
 
     def on_event(self, mask: int) -> None:
         self.dispatcher.on_worker(self)
@@ -92,6 +100,7 @@ class PoolDispatcher:
         self.orphans: dict[int, tuple[int, str, int]] = {}
         self.next_orphan_check = 0.0
         self.watch: set[WorkerHandle] = set()  # workers with unread messages
+        self.outboxes: list[WorkerHandle] = []  # workers with connections to send
         self.hooks: Hooks
 
     def attach(self, hooks: Hooks) -> None:
@@ -131,34 +140,90 @@ class PoolDispatcher:
     # -- dispatch ---------------------------------------------------------------
     def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
                  local: str = "") -> bool:
-        """Send ``fd`` to the pool's pick, or to another if that one cannot take it.
+        """Count ``fd`` on the pool's pick and queue it for the next ``flush``.
 
-        A worker whose channel is broken (it just died) is written off and the
-        next one tried, so a crash loses only what it was already serving.
+        Takes ``fd`` on every path (closed here when no worker can take it).
         """
         pool = self.pools[rt]
-        payload = fdpass.encode_conn(iid, family, peer, local)
-        for _ in range(4):
-            pid = pool.pick()
-            if pid is None:
-                return False
-            handle = self.workers[pid]
-            try:
-                fdpass.send(handle.channel, payload, fd)
-            except BlockingIOError:
-                log.warning("worker_congested", service=rt.name, pid=pid, peer=peer)
-                self._send_stop(handle)  # takes nothing more; a replacement is started
+        pid = pool.pick()
+        if pid is None:
+            os.close(fd)
+            return False
+        self._queue(self.workers[pid], pool, fdpass.ConnInfo(iid, family, peer, local), fd)
+        return True
+
+    def _queue(self, handle: WorkerHandle, pool: Pool, info: fdpass.ConnInfo, fd: int) -> None:
+        """Count ``info`` on ``handle`` and put it in its outbox (sent when full or flushed)."""
+        if not handle.outbox:
+            self.outboxes.append(handle)
+        handle.outbox.append(info)
+        handle.outbox_fds.append(fd)
+        launch = handle.rt.service.program is not None
+        self.conns[info.conn_id] = ConnRecord(handle.pid, launching=launch)
+        self._sent(handle, pool, launch)
+        if len(handle.outbox) >= fdpass.MAX_CONN_BATCH:
+            self._flush_outbox(handle)
+
+    def flush(self) -> None:
+        """Send every outbox: one sendmsg per worker for what this batch gave it."""
+        while self.outboxes:
+            self._flush_outbox(self.outboxes.pop())
+
+    def _flush_outbox(self, handle: WorkerHandle) -> None:
+        infos, fds = handle.outbox, handle.outbox_fds
+        if not infos:
+            return
+        handle.outbox, handle.outbox_fds = [], []
+        try:
+            fdpass.send_fds(handle.channel, fdpass.encode_conns(infos), fds)
+        except BlockingIOError:
+            log.warning("worker_congested", service=handle.rt.name, pid=handle.pid,
+                        connections=len(infos))
+            self._reroute(handle, infos, fds, "")
+            return
+        except OSError as exc:
+            log.warning("worker_unreachable", service=handle.rt.name, pid=handle.pid,
+                        error=exc.strerror)
+            self._reroute(handle, infos, fds, f"channel: {exc.strerror}")
+            return
+        for fd in fds:
+            os.close(fd)  # the worker has its own copies now
+        if stagetrace.enabled:
+            for info in infos:
+                stagetrace.stamp("handed", info.conn_id, None,
+                                 f"to={handle.pid} batch={len(infos)}")
+
+    def _reroute(self, handle: WorkerHandle, infos: list[fdpass.ConnInfo], fds: list[int],
+                 gone: str) -> None:
+        """``handle`` could not be sent ``infos``: give them to other workers, or lose them.
+
+        ``gone``: why its channel is broken (it is written off), else its queue
+        is full (it takes nothing more; a replacement starts). Each failure takes
+        a worker out of rotation, so this ends.
+        """
+        pool = self.pools.get(handle.rt)
+        now = self.system.clock()
+        for info in infos:  # no longer that worker's
+            rec = self.conns.pop(info.conn_id, None)
+            if pool is not None:
+                pool.release(handle.pid, 1, now)
+                if rec is not None and rec.launching:
+                    pool.launched(handle.pid)
+        if gone:
+            self._worker_gone(handle, gone)
+        else:
+            self._send_stop(handle)
+        self._requeue(pool, infos, fds)
+
+    def _requeue(self, pool: Pool | None, infos: list[fdpass.ConnInfo], fds: list[int]) -> None:
+        """Queue connections no worker holds on the pool's next pick; close the rest."""
+        for info, fd in zip(infos, fds, strict=True):
+            pid = pool.pick() if pool is not None else None
+            if pool is None or pid is None:
+                os.close(fd)
+                self.hooks.lost(info.conn_id)
                 continue
-            except OSError as exc:
-                log.warning("worker_unreachable", service=rt.name, pid=pid, error=exc.strerror)
-                self._worker_gone(handle, f"channel: {exc.strerror}")
-                continue
-            if stagetrace.enabled:
-                stagetrace.stamp("handed", iid, None, f"to={pid} load={pool.workers[pid].load}")
-            launch = self._sent(handle, pool)
-            self.conns[iid] = ConnRecord(pid, launching=launch)
-            return True
-        return False
+            self._queue(self.workers[pid], pool, info, fd)
 
     def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
         pool = self.pools[rt]
@@ -171,18 +236,18 @@ class PoolDispatcher:
         except OSError as exc:
             log.warning("lend_failed", service=rt.name, pid=pid, error=exc.strerror)
             return False
-        launch = self._sent(handle, pool)
+        launch = handle.rt.service.program is not None
         handle.loans += 1
         self.conns[iid] = ConnRecord(pid, loan=True, launching=launch)
+        self._sent(handle, pool, launch)
         return True
 
-    def _sent(self, handle: WorkerHandle, pool: Pool) -> bool:
-        """Count a connection on its worker; recycle it at max_requests; watch its queue.
+    def _sent(self, handle: WorkerHandle, pool: Pool, launch: bool) -> None:
+        """Count an instance on its worker; recycle it at max_requests; watch its queue.
 
-        True when it is a program still to be launched: the pool counts it
-        against the worker's ``launch_depth`` until SPAWNED (or DONE) comes back.
+        ``launch``: a program still to be launched; the pool counts it against
+        the worker's ``launch_depth`` until SPAWNED (or DONE) comes back.
         """
-        launch = handle.rt.service.program is not None
         if pool.assign(handle.pid, launch):
             log.info("worker_retire", service=handle.rt.name, pid=handle.pid,
                      reason="max_requests")
@@ -192,7 +257,6 @@ class PoolDispatcher:
             handle.unread = 0
             self.watch.add(handle)
             self.hooks.wake_at(handle.unread_since + STALL_CHECK)
-        return launch
 
     # -- workers ---------------------------------------------------------------
     def _spawn_worker(self, rt: ServiceRuntime, pool: Pool) -> None:
@@ -241,10 +305,8 @@ class PoolDispatcher:
                 continue
             if got is None:
                 break
-            msg, fd = got
+            msg, _ = got  # (receive refused and closed any fd: workers send none)
             handle.last_heard = now
-            if fd is not None:
-                os.close(fd)  # workers never send fds
             if msg.kind == fdpass.EOF:
                 self._worker_gone(handle, "channel closed")
                 break
@@ -271,7 +333,7 @@ class PoolDispatcher:
                 for code, micros in msg.exits:
                     stats.program_exit(code, micros / 1_000_000)
             elif msg.kind == fdpass.BOOT_FAILED:
-                handle.boot_error = msg.peer
+                handle.boot_error = msg.text
             elif msg.kind == fdpass.READY and pool is not None and pool.mark_ready(handle.pid,
                                                                                    now):
                 log.debug("worker_ready", service=rt.name, pid=handle.pid)
@@ -321,6 +383,9 @@ class PoolDispatcher:
     def _send_stop(self, handle: WorkerHandle) -> None:
         if handle.stop_sent or handle.closed:
             return
+        self._flush_outbox(handle)  # what it was given comes before the STOP
+        if handle.stop_sent or handle.closed:
+            return  # (the flush failed and wrote it off)
         handle.stop_sent = True
         pool = self.pools.get(handle.rt)
         if pool is not None:
@@ -340,6 +405,10 @@ class PoolDispatcher:
             return
         handle.closed = True
         self.watch.discard(handle)
+        unsent, unsent_fds = handle.outbox, handle.outbox_fds  # never reached it
+        handle.outbox, handle.outbox_fds = [], []
+        for info in unsent:
+            self.conns.pop(info.conn_id, None)
         now = self.system.clock()
         self.hooks.wake_at(now)  # a backoff may have started: the sweep plans its end
         self.hooks.sel.unregister(handle.channel)
@@ -362,6 +431,7 @@ class PoolDispatcher:
             log.error("worker_boot_failed", service=rt.name, pid=handle.pid,
                       failures=pool.boot_failures,
                       retry_in=round(max(0.0, pool.backoff_until - now), 3))
+        self._requeue(pool, unsent, unsent_fds)
         self.hooks.refresh(rt)
 
     def child_exited(self, pid: int, code: int) -> bool:
@@ -530,6 +600,7 @@ class PoolDispatcher:
         return bool(self.workers or self.orphans)
 
     def abandon(self) -> list[int]:
+        self.flush()
         pids = sorted(self.workers) + sorted(self.orphans)
         self.close()
         self.workers.clear()
@@ -561,6 +632,7 @@ class PoolDispatcher:
 
     def close(self) -> None:
         """Close every worker channel still open (the workers see EOF and stop)."""
+        self.flush()
         for handle in self.workers.values():
             if not handle.closed:
                 handle.closed = True

@@ -40,6 +40,11 @@ from poolinetd.spec import Service, SocketType, StderrRoute
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STOP_GRACE_ON_MASTER_LOSS = 10.0  # seconds to finish built-in connections if the master dies
 _TIMEOUT_SCAN = 1.0
+# STATS and the process title are for people (metrics are rendered at most once a
+# second, ps is read by eye): sent or set at most this often while busy, at once
+# when the worker goes idle. Per loop turn they cost a syscall each.
+_REPORT_INTERVAL = 1.0
+_TITLE_INTERVAL = 0.5
 
 
 @dataclass(slots=True)
@@ -132,6 +137,9 @@ class Worker:
         self.stat_in = 0  # built-in bytes and program exits, for the next STATS
         self.stat_out = 0
         self.stat_exits: list[tuple[int, int]] = []
+        self.stats_due = 0.0  # when pending STATS may be sent while busy
+        self.title_due = 0.0  # when the title may change again
+        self.title_stale = False  # the state changed since the title was set
         self.stopping = False
         self.stop_deadline: float | None = None
         self.title_state = ""
@@ -156,12 +164,17 @@ class Worker:
                     signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
         self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
-        self._set_title()
+        self._set_title(self.clock())
         fdpass.send(self.channel, fdpass.encode_ready(self.pid))
         next_scan = self.clock() + _TIMEOUT_SCAN
         while not (self.stopping and not self.conns and not self.children):
             now = self.clock()
-            timeout = max(0.0, next_scan - now) if self.conns or self.stopping else None
+            deadlines = [next_scan] if self.conns or self.stopping else []
+            if self.title_stale:
+                deadlines.append(self.title_due)
+            if self._stats_pending():
+                deadlines.append(self.stats_due)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
             for key, _ in self.sel.select(timeout):
                 data = key.data
                 if data is None:
@@ -178,13 +191,13 @@ class Worker:
             # One DONE per loop turn carries every connection that ended in it.
             # (Holding DONEs back longer to batch more was measured slower: the
             # master then sees load late.)
-            self._flush_done()
             now = self.clock()
+            self._report(now)
             if now >= next_scan:
                 next_scan = now + _TIMEOUT_SCAN
                 self._expire(now)
-            self._set_title()
-        self._flush_done()
+            self._set_title(now)
+        self._report(None)
         stagetrace.flush()
         for loan in self.dgram.values():
             loan.sock.close()
@@ -194,36 +207,37 @@ class Worker:
         return 0
 
     def _on_channel(self) -> None:
-        for n in range(256):  # bounded: connections already here get served too
+        for _ in range(256):  # bounded: connections already here get served too
             try:
                 got = fdpass.receive(self.channel)
             except fdpass.ProtocolError as exc:
                 log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
-                lost = exc.message
-                if lost is not None and lost.kind in (fdpass.CONN, fdpass.LEND):
-                    self.done.append(lost.ident)  # the master must not count it forever
+                lost = exc.message  # the master must not count these forever
+                if lost is not None and lost.kind == fdpass.CONN:
+                    self.done.extend(info.conn_id for info in lost.conns)
+                elif lost is not None and lost.kind == fdpass.LEND:
+                    self.done.append(lost.ident)
                 continue
             if got is None:
                 return
-            msg, fd = got
-            if msg.kind == fdpass.EOF:
+            msg, fds = got  # receive checked that fds match the kind
+            if msg.kind == fdpass.CONN:
+                for n, (info, fd) in enumerate(zip(msg.conns, fds, strict=True)):
+                    if stagetrace.enabled:
+                        stagetrace.stamp("received", info.conn_id, None, f"batch={n + 1}")
+                    self._on_conn_msg(info, fd)
+            elif msg.kind == fdpass.EOF:
                 self._begin_stop(STOP_GRACE_ON_MASTER_LOSS)
                 return
-            if msg.kind == fdpass.CONN and fd is not None:
-                if stagetrace.enabled:
-                    stagetrace.stamp("received", msg.ident, None, f"batch={n + 1}")
-                self._on_conn_msg(msg, fd)
-            elif msg.kind == fdpass.LEND and fd is not None:
-                self._on_lend(msg.ident, fd)
+            elif msg.kind == fdpass.LEND:
+                self._on_lend(msg.ident, fds[0])
             elif msg.kind == fdpass.STOP:
                 self._begin_stop(None)
-            elif msg.kind == fdpass.LOGFD and fd is not None:
-                log.adopt_fd(fd)
+            elif msg.kind == fdpass.LOGFD:
+                log.adopt_fd(fds[0])
             elif msg.kind == fdpass.PING:
                 pass  # reading it was the point
             else:
-                if fd is not None:
-                    os.close(fd)
                 log.error("wire_error", service=self.service.name, pid=self.pid,
                           error=f"unexpected message kind {msg.kind}")
 
@@ -244,25 +258,25 @@ class Worker:
                 self.stop_deadline = deadline
 
     # -- connections --------------------------------------------------------
-    def _on_conn_msg(self, msg: fdpass.Message, fd: int) -> None:
+    def _on_conn_msg(self, info: fdpass.ConnInfo, fd: int) -> None:
         try:
             # Family and type given: the socket module need not ask the kernel.
-            sock = socket.socket(msg.family or -1, self.sock_type, 0, fileno=fd)
+            sock = socket.socket(info.family or -1, self.sock_type, 0, fileno=fd)
         except OSError as exc:
             os.close(fd)
             log.error("bad_fd", service=self.service.name, pid=self.pid, error=exc.strerror)
-            self.done.append(msg.ident)
+            self.done.append(info.conn_id)
             return
         if self.service.internal is not None:
-            self._start_builtin(msg.ident, sock, msg.peer)
+            self._start_builtin(info.conn_id, sock, info.peer)
         else:
-            local = msg.local  # what a PROXY header said, else the socket's own
+            local = info.local  # what a PROXY header said, else the socket's own
             if not local:
                 try:
                     local = format_addr(sock.getsockname())
                 except OSError:
                     local = ""
-            self._launch(msg.ident, sock, msg.peer, local)
+            self._launch(info.conn_id, sock, info.peer, local)
 
     def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
         # resolve admits only built-ins the table serves on this socket type
@@ -395,14 +409,19 @@ class Worker:
         self._launch(lend_id, sock, "", "")
 
     # -- reporting ------------------------------------------------------------
-    def _flush_done(self) -> None:
-        if not self.done:
-            return
-        payloads = fdpass.encode_done(self.done)
-        if self.stat_in or self.stat_out or self.stat_exits:
+    def _stats_pending(self) -> bool:
+        return bool(self.stat_in or self.stat_out or self.stat_exits)
+
+    def _report(self, now: float | None) -> None:
+        """DONE for what ended in this turn; STATS when due, idle or ``now`` is None (exit)."""
+        payloads = fdpass.encode_done(self.done) if self.done else []
+        self.done.clear()
+        if self._stats_pending() and (now is None or now >= self.stats_due or not (
+                self.conns or self.children)):
             payloads += fdpass.encode_stats(self.stat_in, self.stat_out, self.stat_exits)
             self.stat_in = self.stat_out = 0
             self.stat_exits = []
+            self.stats_due = (now or 0.0) + _REPORT_INTERVAL
         for payload in payloads:
             try:
                 fdpass.send(self.channel, payload)
@@ -417,9 +436,8 @@ class Worker:
                     self.channel.setblocking(False)
             except OSError:
                 break  # master gone
-        self.done.clear()
 
-    def _set_title(self) -> None:
+    def _set_title(self, now: float) -> None:
         busy = len(self.conns) + len(self.children) + len(self.dgram)
         if busy == 0:
             state = "draining" if self.stopping else "idle"
@@ -428,9 +446,16 @@ class Worker:
             state = peer.replace(" ", ":") if peer else "1 connection"
         else:
             state = f"{busy} connection{'' if busy == 1 else 's'}"
-        if state != self.title_state:
-            self.title_state = state
-            spawn.set_title(f"poolinetd: {self.service.name} worker {state}")
+        if state == self.title_state:
+            self.title_stale = False
+            return
+        if now < self.title_due:
+            self.title_stale = True  # the loop wakes at title_due to set it
+            return
+        self.title_state = state
+        self.title_stale = False
+        self.title_due = now + _TITLE_INTERVAL
+        spawn.set_title(f"poolinetd: {self.service.name} worker {state}")
 
 
 def run_worker(channel: socket.socket, service: Service, internal_ports: frozenset[int],

@@ -73,21 +73,39 @@ class FakeSystem:
 
 @dataclass
 class FakeWorker:
-    """The test's side of a worker's channel."""
+    """The test's side of a worker's channel.
+
+    ``receive`` gives one connection at a time: a CONN that carries several
+    is split into one message per connection (``ident`` = its conn_id).
+    """
 
     pid: int
     channel: socket.socket
+    queued: list[tuple[fdpass.Message, int | None]] = field(default_factory=list)
 
     def receive(self, timeout: float = 5.0) -> tuple[fdpass.Message, int | None]:
-        self.channel.settimeout(timeout)
-        data, fd = fdpass.recv(self.channel)
-        return fdpass.decode(data), fd
+        if not self.queued:
+            self.channel.settimeout(timeout)
+            data, fds = fdpass.recv(self.channel)
+            self._split(fdpass.decode(data), fds)
+        return self.queued.pop(0)
 
     def receive_nowait(self) -> tuple[fdpass.Message, int | None] | None:
-        self.channel.setblocking(False)
-        got = fdpass.receive(self.channel)
-        self.channel.setblocking(True)
-        return got
+        if not self.queued:
+            self.channel.setblocking(False)
+            got = fdpass.receive(self.channel)
+            self.channel.setblocking(True)
+            if got is None:
+                return None
+            self._split(*got)
+        return self.queued.pop(0)
+
+    def _split(self, msg: fdpass.Message, fds: list[int]) -> None:
+        if msg.kind != fdpass.CONN:
+            self.queued.append((msg, fds[0] if fds else None))
+            return
+        for info, fd in zip(msg.conns, fds, strict=True):
+            self.queued.append((fdpass.Message(fdpass.CONN, info.conn_id, conns=(info,)), fd))
 
     def send(self, payload: bytes) -> None:
         fdpass.send(self.channel, payload)

@@ -241,7 +241,7 @@ def test_preamble_is_consumed_exactly_and_gives_the_peer(rigs: list[Rig], dispat
     rig.turn()
     if worker is not None:
         msg, fd = worker.receive()
-        assert msg.peer == "192.0.2.7 4242"
+        assert msg.conns[0].peer == "192.0.2.7 4242"
     else:
         fd = os.dup(rig.system.forked[0][1])
     assert fd is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -15,11 +16,43 @@ from hypothesis import strategies as st
 
 from poolinetd import fdpass
 
+_ADDR_TEXT = st.text(max_size=25)  # up to 100 bytes of UTF-8, as long as any address text
+_CONN_INFO = st.builds(fdpass.ConnInfo, st.integers(0, 2**64 - 1), st.integers(0, 255),
+                       _ADDR_TEXT, _ADDR_TEXT)
 
-@given(st.integers(0, 2**64 - 1), st.integers(0, 255), st.text(max_size=60))
-def test_conn_round_trip(conn_id: int, family: int, peer: str) -> None:
-    msg = fdpass.decode(fdpass.encode_conn(conn_id, family, peer))
-    assert (msg.kind, msg.ident, msg.family, msg.peer) == (fdpass.CONN, conn_id, family, peer)
+
+@given(st.lists(_CONN_INFO, min_size=1, max_size=fdpass.MAX_CONN_BATCH))
+def test_conn_batch_round_trip(conns: list[fdpass.ConnInfo]) -> None:
+    payload = fdpass.encode_conns(conns)
+    assert len(payload) <= fdpass.MAX_MESSAGE
+    msg = fdpass.decode(payload)
+    assert msg.kind == fdpass.CONN and list(msg.conns) == conns
+    assert fdpass.fds_expected(msg) == len(conns)
+
+
+def test_conn_batch_bounds() -> None:
+    one = fdpass.ConnInfo(1, socket.AF_INET, "192.0.2.1 5")
+    with pytest.raises(ValueError):
+        fdpass.encode_conns([])
+    with pytest.raises(ValueError):
+        fdpass.encode_conns([one] * (fdpass.MAX_CONN_BATCH + 1))
+    with pytest.raises(ValueError):
+        fdpass.encode_conns([fdpass.ConnInfo(1, socket.AF_INET, "x" * 101)])
+    # The longest real texts: an IPv6 address with a scope id and a port, both ways.
+    widest = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255%interface0 65535"
+    full = fdpass.encode_conns([fdpass.ConnInfo(2**64 - 1, 255, widest, widest)]
+                               * fdpass.MAX_CONN_BATCH)
+    assert len(full) <= fdpass.MAX_MESSAGE
+
+
+@given(st.lists(_CONN_INFO, min_size=1, max_size=4), st.data())
+def test_a_cut_conn_batch_is_refused(conns: list[fdpass.ConnInfo], data: st.DataObject) -> None:
+    payload = fdpass.encode_conns(conns)
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(fdpass.ProtocolError):
+        fdpass.decode(payload[:cut])
+    with pytest.raises(fdpass.ProtocolError):
+        fdpass.decode(payload + b"x")  # trailing bytes are not ignored either
 
 
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=2000))
@@ -43,30 +76,65 @@ def test_fd_travels_and_stays_close_on_exec() -> None:
     with a, b:
         fdpass.send(a, fdpass.encode_lend(7), r)
         os.close(r)
-        data, fd = fdpass.recv(b)
-        assert fd is not None and fdpass.decode(data).ident == 7
+        data, fds = fdpass.recv(b)
+        assert len(fds) == 1 and fdpass.decode(data).ident == 7
+        fd = fds[0]
         assert not os.get_inheritable(fd)
         os.write(w, b"x")
         assert os.read(fd, 1) == b"x"
         os.close(fd)
         os.close(w)
         a.close()
-        assert fdpass.recv(b) == (b"", None)  # EOF: the peer is gone
+        assert fdpass.recv(b) == (b"", [])  # EOF: the peer is gone
 
 
-def test_two_fds_in_one_message_are_refused_and_closed() -> None:
+def test_a_batch_travels_in_order() -> None:
+    """One sendmsg, n connections: each fd arrives at its record's position."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    r, w = os.pipe()
+    pipes = [os.pipe() for _ in range(fdpass.MAX_CONN_BATCH)]
     with a, b:
-        import array
+        infos = [fdpass.ConnInfo(i, socket.AF_INET, f"192.0.2.{i} {1000 + i}")
+                 for i in range(len(pipes))]
+        fdpass.send_fds(a, fdpass.encode_conns(infos), [w for _, w in pipes])
+        for _, w in pipes:
+            os.close(w)
+        b.setblocking(False)
+        got = fdpass.receive(b)
+        assert got is not None
+        msg, fds = got
+        assert list(msg.conns) == infos and len(fds) == len(pipes)
+        for i, (fd, (r, _)) in enumerate(zip(fds, pipes, strict=True)):
+            os.write(fd, bytes([i]))
+            assert os.read(r, 1) == bytes([i])
+            os.close(fd)
+            os.close(r)
 
-        a.sendmsg([b"xx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+
+@pytest.mark.parametrize("count", [0, 2, 3])
+def test_fds_other_than_the_kind_says_are_refused_and_closed(count: int) -> None:
+    """A CONN for two connections with 0 or 3 fds, a LEND with 2: all closed, ids kept."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pipes = [os.pipe() for _ in range(count)]
+    with a, b:
+        b.setblocking(False)
+        conns = [fdpass.ConnInfo(5, socket.AF_INET, "192.0.2.1 1"),
+                 fdpass.ConnInfo(6, socket.AF_INET, "192.0.2.1 2")]
+        payload = fdpass.encode_conns(conns) if count != 2 else fdpass.encode_lend(9)
+        a.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array("i", [r for r, _ in pipes]))] if pipes else [])
         before = set(os.listdir("/proc/self/fd"))
-        with pytest.raises(fdpass.ProtocolError, match="2 fds"):
-            fdpass.recv(b)
+        with pytest.raises(fdpass.ProtocolError, match="fds with a message") as info:
+            fdpass.receive(b)
         assert set(os.listdir("/proc/self/fd")) <= before
-    os.close(r)
-    os.close(w)
+        lost = info.value.message
+        assert lost is not None
+        if count == 2:
+            assert lost.kind == fdpass.LEND and lost.ident == 9
+        else:
+            assert [c.conn_id for c in lost.conns] == [5, 6]
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
 
 
 def test_ctrunc_when_the_receiver_has_no_fd_to_spare() -> None:
@@ -119,7 +187,7 @@ def test_a_conn_whose_fd_was_dropped_is_still_identified() -> None:
         try:
             fdpass.receive(b)
         except fdpass.ProtocolError as exc:
-            assert exc.message is not None and exc.message.ident == 77, exc.message
+            assert exc.message is not None and exc.message.conns[0].conn_id == 77, exc.message
             print('identified')
             sys.exit(0)
         sys.exit(1)
