@@ -25,15 +25,15 @@ import contextlib
 import errno
 import logging
 import os
-import selectors
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from poolinetd import fdpass, internal, log, privileges, spawn, stagetrace
+from poolinetd import fdpass, internal, log, poller, privileges, spawn, stagetrace
 from poolinetd.dgramserve import DgramResponder as DgramResponder  # re-exported (classic mode)
+from poolinetd.poller import Poller
 from poolinetd.signals import SignalPipe
 from poolinetd.spec import Service, SocketType, StderrRoute
 
@@ -129,7 +129,7 @@ class Worker:
         self.internal_ports = internal_ports
         self.log_connections = log_connections
         self.clock = clock
-        self.sel = selectors.DefaultSelector()
+        self.poller = Poller()
         self.conns: dict[int, _Conn] = {}  # by fd
         self.children: dict[int, _Child] = {}  # by pidfd
         self.dgram: dict[int, _DgramLoan] = {}  # by fd
@@ -153,7 +153,7 @@ class Worker:
     # -- main loop --------------------------------------------------------
     def run(self) -> int:
         self.channel.setblocking(False)
-        self.sel.register(self.channel, selectors.EVENT_READ, None)
+        self.poller.register(self.channel.fileno(), poller.READ, None)
         # SIGTERM (e.g. sent to the whole process group) means what STOP means:
         # finish what is being served, then exit. Signals an operator means for
         # the master (Ctrl-C, reload, log reopen, resize) are ignored when they
@@ -163,7 +163,7 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
                     signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
-        self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
+        self.poller.register(self.sigpipe.reader.fileno(), poller.READ, self.sigpipe)
         self._set_title(self.clock())
         fdpass.send(self.channel, fdpass.encode_ready(self.pid))
         next_scan = self.clock() + _TIMEOUT_SCAN
@@ -175,8 +175,7 @@ class Worker:
             if self._stats_pending():
                 deadlines.append(self.stats_due)
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
-            for key, _ in self.sel.select(timeout):
-                data = key.data
+            for data, _ in self.poller.poll(timeout):
                 if data is None:
                     self._on_channel()
                 elif data is self.sigpipe:
@@ -201,7 +200,7 @@ class Worker:
         stagetrace.flush()
         for loan in self.dgram.values():
             loan.sock.close()
-        self.sel.close()
+        self.poller.close()
         self.sigpipe.close()
         self.channel.close()
         return 0
@@ -246,9 +245,9 @@ class Worker:
         if not self.stopping:
             self.stopping = True
             with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(self.channel)
+                self.poller.unregister(self.channel.fileno())
             for fd, loan in list(self.dgram.items()):
-                self.sel.unregister(loan.sock)
+                self.poller.unregister(fd)
                 loan.sock.close()
                 self.done.append(loan.lend_id)
                 del self.dgram[fd]
@@ -292,21 +291,22 @@ class Worker:
         want = conn.handler.step()
         self._advance(conn, want, registered=True)
 
-    def _advance(self, conn: _Conn, want: internal.Want, registered: bool) -> None:
+    def _advance(self, conn: _Conn, want: int, registered: bool) -> None:
         """Register the connection for what it waits on, or finish it."""
         if not want:
             if registered:
-                self.sel.unregister(conn.sock)
-                del self.conns[conn.sock.fileno()]
+                fd = conn.sock.fileno()
+                self.poller.unregister(fd)
+                del self.conns[fd]
             self._finish_builtin(conn, conn.handler.end_reason)
             return
-        events = (selectors.EVENT_READ if want & internal.Want.READ else 0) | (
-            selectors.EVENT_WRITE if want & internal.Want.WRITE else 0)
+        events = want  # (Want's values are the selector's event bits)
         if not registered:
-            self.sel.register(conn.sock, events, conn)
-            self.conns[conn.sock.fileno()] = conn
+            fd = conn.sock.fileno()
+            self.poller.register(fd, events, conn)
+            self.conns[fd] = conn
         elif events != conn.events:
-            self.sel.modify(conn.sock, events, conn)
+            self.poller.modify(conn.sock.fileno(), events)
         conn.events = events
 
     def _finish_builtin(self, conn: _Conn, status: str) -> None:
@@ -327,7 +327,7 @@ class Worker:
         hard = self.stop_deadline is not None and now >= self.stop_deadline
         for fd, conn in list(self.conns.items()):
             if hard or now >= conn.deadline:
-                self.sel.unregister(conn.sock)
+                self.poller.unregister(fd)
                 del self.conns[fd]
                 self._finish_builtin(conn, "timeout")
         if hard:
@@ -368,7 +368,7 @@ class Worker:
             return
         child = _Child(conn_id, pid, pidfd, peer, self.clock())
         self.children[pidfd] = child
-        self.sel.register(pidfd, selectors.EVENT_READ, child)
+        self.poller.register(pidfd, poller.READ, child)
 
     def _on_child(self, child: _Child) -> None:
         try:
@@ -377,7 +377,7 @@ class Worker:
             pid, status = child.pid, 0
         if pid == 0:
             return
-        self.sel.unregister(child.pidfd)
+        self.poller.unregister(child.pidfd)
         os.close(child.pidfd)
         del self.children[child.pidfd]
         self.done.append(child.conn_id)
@@ -399,7 +399,7 @@ class Worker:
             loan = _DgramLoan(lend_id, sock, DgramResponder(sock, self.service,
                                                             self.internal_ports, self.clock))
             self.dgram[sock.fileno()] = loan
-            self.sel.register(sock, selectors.EVENT_READ, loan)
+            self.poller.register(sock.fileno(), poller.READ, loan)
             return
         if self.service.program is None:
             log.error("bad_loan", service=self.service.name, pid=self.pid)

@@ -19,19 +19,19 @@ from poolinetd.internal import Want
 BLAST = 8 * 1024 * 1024
 
 
-def _events(want: Want) -> int:
+def _events(want: int) -> int:
     return (selectors.EVENT_READ if want & Want.READ else 0) | (
         selectors.EVENT_WRITE if want & Want.WRITE else 0)
 
 
-def _woken(sock: socket.socket, want: Want) -> bool:
+def _woken(sock: socket.socket, want: int) -> bool:
     """Would a level-triggered selector report ``sock`` for ``want`` right now?"""
     with selectors.DefaultSelector() as sel:
         sel.register(sock, _events(want))
         return bool(sel.select(0))
 
 
-def _drive(handler: internal.StreamHandler, want: Want, timeout: float = 30.0) -> None:
+def _drive(handler: internal.StreamHandler, want: int, timeout: float = 30.0) -> None:
     """Step ``handler`` until it finishes, as the worker does."""
     with selectors.DefaultSelector() as sel:
         sel.register(handler.sock, _events(want))
