@@ -170,8 +170,10 @@ DEFAULT_POOL_MAX = 16
 DEFAULT_WORKER_CONNECTIONS_INTERNAL = 256
 DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
 # Connections a program service's worker may have queued but not yet launched
-# (see PoolSettings.launch_depth; measured in benchmarks/stages.py).
-PROGRAM_LAUNCH_DEPTH = 1
+# (see PoolSettings.launch_depth). 2: one being launched and the next already
+# there, so the worker does not wait a round trip to the master between two
+# launches; more queue behind one slow posix_spawn (README, Benchmarks).
+PROGRAM_LAUNCH_DEPTH = 2
 DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONN_TIMEOUT = 300.0

@@ -61,11 +61,7 @@ class System:
                 data = fh.read(4096)
         except OSError:
             return None
-        fields = data[data.rfind(b")") + 2 :].split()
-        try:
-            return int(fields[1]), int(fields[19])
-        except (IndexError, ValueError):
-            return None
+        return parse_stat(data)
 
     def unread(self, sock: socket.socket) -> int:
         """Bytes sent on ``sock`` that the peer has not read yet (SIOCOUTQ on AF_UNIX).
@@ -79,3 +75,18 @@ class System:
         except OSError:
             return -1
         return buf[0]
+
+
+def parse_stat(data: bytes) -> tuple[int, int] | None:
+    """(parent pid, start time) from a /proc/PID/stat text; None if it says the process is gone.
+
+    A process the kernel is releasing (its parent is reaping it right now)
+    shows parent 0: it is gone, not someone else's. (Only pid 1 and kernel
+    threads have parent 0 otherwise, and a gone process is never signalled.)
+    """
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        ppid, start = int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+    return None if ppid == 0 else (ppid, start)
