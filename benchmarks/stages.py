@@ -145,9 +145,10 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 def worker_facts(times: dict[int, dict[str, float]], extras: dict[int, dict[str, str]],
                  t_from: float, t_to: float) -> dict[str, Any]:
-    """How connections spread over workers, the worker's load at hand-off, read batches."""
+    """How connections spread over workers, the worker's load at hand-off, batches."""
     per_worker: Counter[str] = Counter()
     loads: list[float] = []
+    sends: list[float] = []
     batches: list[float] = []
     for iid, ex in extras.items():
         t = times[iid].get("accepted")
@@ -156,12 +157,15 @@ def worker_facts(times: dict[int, dict[str, float]], extras: dict[int, dict[str,
         if "handed.to" in ex:
             per_worker[ex["handed.to"]] += 1
             loads.append(float(ex["handed.load"]))
+            sends.append(float(ex.get("handed.batch", "1")))
         if "received.batch" in ex:
             batches.append(float(ex["received.batch"]))
     return {
         "per_worker": dict(per_worker.most_common()),
         "load_at_handoff": {"p50": _pct(loads, 50), "p99": _pct(loads, 99),
                             "max": max(loads, default=0)},
+        "conns_per_message": {"p50": _pct(sends, 50), "p99": _pct(sends, 99),
+                              "max": max(sends, default=0)},
         "read_batch_index": {"p50": _pct(batches, 50), "p99": _pct(batches, 99),
                              "max": max(batches, default=0)},
     }
@@ -212,7 +216,9 @@ def table(scenario: str, c: int, summary: dict[str, Any], result: dict[str, Any]
         lines.append(f"| {stage} | {d['p50']:.2f} | {d['p90']:.2f} | {d['p99']:.2f} | "
                      f"{d['max']:.1f} | {d['mean']:.2f} | {d['tail_mean']:.2f} |")
     lines.append(f"connections per worker: {workers['per_worker']}; worker load at hand-off "
-                 f"{workers['load_at_handoff']}; read batch index {workers['read_batch_index']}")
+                 f"{workers['load_at_handoff']}; connections per CONN message "
+                 f"{workers['conns_per_message']}; read batch index "
+                 f"{workers['read_batch_index']}")
     return "\n".join(lines)
 
 

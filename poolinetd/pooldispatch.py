@@ -189,9 +189,11 @@ class PoolDispatcher:
         for fd in fds:
             os.close(fd)  # the worker has its own copies now
         if stagetrace.enabled:
+            pool = self.pools.get(handle.rt)
+            slot = pool.workers.get(handle.pid) if pool is not None else None
+            extra = f"to={handle.pid} load={slot.load if slot else 0} batch={len(infos)}"
             for info in infos:
-                stagetrace.stamp("handed", info.conn_id, None,
-                                 f"to={handle.pid} batch={len(infos)}")
+                stagetrace.stamp("handed", info.conn_id, None, extra)
 
     def _reroute(self, handle: WorkerHandle, infos: list[fdpass.ConnInfo], fds: list[int],
                  gone: str) -> None:

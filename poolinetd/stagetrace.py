@@ -18,8 +18,9 @@ One line per stage of one instance, space separated::
 ``MONOTONIC`` is ``time.monotonic()``, system-wide on Linux, so the
 master's and the workers' stamps compare directly (and with a load
 generator's ``perf_counter``, the same clock). Stages: ``accepted`` (the
-master took it off the listener; ``peer=IP:PORT``), ``handed`` (sendmsg to
-worker ``to=PID`` returned; ``load=N`` that worker had), ``received`` (the
+master took it off the listener; ``peer=IP:PORT``), ``handed`` (the sendmsg that
+carried it to worker ``to=PID`` returned; ``load=N`` that worker had then,
+``batch=N`` connections in that message), ``received`` (the
 worker read the CONN; ``batch=N`` messages read in that wakeup so far),
 ``spawned`` (posix_spawn returned), ``exited`` (the worker reaped the
 program), ``finished`` (a built-in closed the connection), ``closed`` (the
