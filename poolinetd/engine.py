@@ -470,18 +470,19 @@ class Engine:
         self.instances[iid] = Instance(iid, rt, key, now)
         rt.instances += 1
         self._count_active(rt, +1)
+        rt.admission.started(key)  # before: hand_off may already report it lost
         handed = False
         try:
             handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local)  # takes fd
         finally:
             if not handed:
+                rt.admission.ended(key)
                 self._uncount(iid)
         if not handed:
             self._count_refusal(rt, "no_room")
             return
         rt.stats.accepted += 1
         rt.stats.handoff.observe(self.system.clock() - now)  # ``now``: when it was accepted
-        rt.admission.started(key)
 
     def _answer(self, rt: ServiceRuntime, fd: int, family: int, peer: tuple[str, int] | None,
                 now: float) -> None:

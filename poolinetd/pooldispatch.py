@@ -307,7 +307,9 @@ class PoolDispatcher:
                 continue
             if got is None:
                 break
-            msg, _ = got  # (receive refused and closed any fd: workers send none)
+            msg, fds = got
+            for fd in fds:
+                os.close(fd)  # workers send none: whatever kind a message says it is
             handle.last_heard = now
             if msg.kind == fdpass.EOF:
                 self._worker_gone(handle, "channel closed")

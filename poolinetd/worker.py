@@ -187,14 +187,15 @@ class Worker:
                     self._on_child(data)
                 elif isinstance(data, _DgramLoan):
                     data.responder.on_readable()
-            # One DONE per loop turn carries every connection that ended in it.
-            # (Holding DONEs back longer to batch more was measured slower: the
-            # master then sees load late.)
             now = self.clock()
-            self._report(now)
             if now >= next_scan:
                 next_scan = now + _TIMEOUT_SCAN
                 self._expire(now)
+            # One DONE per loop turn carries every connection that ended in it,
+            # the timed-out ones included (sent after _expire: the loop may sleep
+            # for good next). Holding DONEs back longer to batch more was
+            # measured slower: the master then sees load late.
+            self._report(now)
             self._set_title(now)
         self._report(None)
         stagetrace.flush()

@@ -12,6 +12,8 @@ import collections
 import contextlib
 import os
 import socket
+import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -156,6 +158,17 @@ class Rig:
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.clients.append(sock)
         return sock
+
+    def wait_backlog(self, lst: Listener, count: int, timeout: float = 30.0) -> None:
+        """Until ``count`` connections wait in ``lst``'s accept queue (TCP_INFO on a
+        listener: tcpi_unacked is the queue's length)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = lst.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            if struct.unpack_from("I", info, 24)[0] >= count:
+                return
+            assert time.monotonic() < deadline, f"{count} connections never queued"
+            time.sleep(0.01)
 
     def reload(self, text: str) -> None:
         self.conf[0] = text

@@ -392,6 +392,18 @@ def test_silent_client_is_timed_out(served) -> None:
         assert 0.5 < time.monotonic() - start < 5
 
 
+def test_a_timed_out_last_connection_is_counted_as_ended(served) -> None:
+    """The timeout closes a worker's only connection and then nothing wakes the worker:
+    its DONE must still go out, or with max_child=1 the service stays shut for good."""
+    server = served("defaults on conn_timeout=1;\n"
+                    f"127.0.0.1:0 on socktype=stream, user={U}, args=echo, max_child=1;\n")
+    with socket.create_connection(("127.0.0.1", server.port()), timeout=30) as sock:
+        assert sock.recv(10) == b""  # timed out and closed by the server
+    wait_until(lambda: server.status()["services"][0]["active"] == 0, 30,  # type: ignore[index]
+               "the timed-out connection ended")
+    assert tcp_exchange(server.port(), b"hello", timeout=30) == b"hello"
+
+
 def test_program_that_cannot_exec_is_logged_and_worker_survives(served, public_dir: Path) -> None:
     bad = public_dir / "bad.sh"
     bad.write_text("#!/nonexistent/interpreter\n")  # executable, but exec fails (ENOENT)

@@ -323,3 +323,86 @@ def test_a_worker_cannot_make_the_master_signal_a_process_that_is_not_its_progra
     assert 5151 not in {pid for pid, _ in rig.system.killed}
     for c in clients:
         c.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("kind", ["conn", "lend", "logfd"])
+def test_the_master_closes_every_fd_a_worker_sends(rigs: list[Rig], kind: str) -> None:
+    """A taken-over worker sends fds with messages of kinds that carry them: the root
+    master must not keep them (16 per message would run it out of fds)."""
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1"))
+    worker = rig.boot_worker()
+    before = open_fds()
+    for _ in range(20):
+        r, w = os.pipe()
+        if kind == "conn":
+            fds = [r] * fdpass.MAX_CONN_BATCH
+            payload = fdpass.encode_conns([fdpass.ConnInfo(i, socket.AF_INET, "")
+                                           for i in range(fdpass.MAX_CONN_BATCH)])
+        else:
+            fds = [r]
+            payload = fdpass.encode_lend(1) if kind == "lend" else fdpass.encode_logfd()
+        fdpass.send_fds(worker.channel, payload, fds)
+        os.close(r)
+        os.close(w)
+        rig.turn()
+    assert open_fds() - before == 0
+
+
+def test_connections_lost_inside_a_hand_off_leave_no_per_source_count(rigs: list[Rig]) -> None:
+    """The 16th hand-off of a batch sends the outbox; its worker is gone and no other can
+    take them: all 16 are lost, the one being handed off included, and every count
+    (instances, the per-source tracker) returns to zero."""
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}",
+                                        extra="pool_max=1, max_child_per_ip=100"))
+    worker = rig.boot_worker()
+    lst = rig.listener()
+    rt = lst.rt
+    clients = [rig.connect() for _ in range(fdpass.MAX_CONN_BATCH)]
+    rig.wait_backlog(lst, len(clients))
+    worker.channel.close()  # it died (or a hostile one closed its end)
+    rig.engine._accept_batch(lst)
+    rig.workers.remove(worker)
+    rig.turn(3)
+    assert rt.instances == 0
+    assert rt.admission.tracker.running(rt.admission.source("127.0.0.1")) == 0
+    assert rt.stats.refused_by.get("no_room") == fdpass.MAX_CONN_BATCH
+
+
+def test_a_batch_for_a_dead_worker_goes_to_the_other(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_min=2, pool_max=2"))
+    a, b = rig.boot_worker(), rig.boot_worker()
+    lst = rig.listener()
+    clients = [rig.connect() for _ in range(20)]
+    rig.wait_backlog(lst, len(clients))
+    before = open_fds()
+    first = rig.engine.dispatcher.pools[lst.rt].pick()  # type: ignore[attr-defined]
+    dead, alive = (a, b) if first == a.pid else (b, a)
+    dead.channel.close()
+    rig.engine._accept_batch(lst)
+    got = []
+    while (m := alive.receive_nowait()) is not None:
+        assert m[1] is not None
+        got.append(m[0].ident)
+        os.close(m[1])
+    assert len(got) == 20 and lst.rt.instances == 20
+    assert open_fds() - before == -2  # the dead channel's two ends; no connection fd kept
+    rig.workers.remove(dead)
+
+
+def test_stop_at_max_requests_comes_after_the_batch(rigs: list[Rig]) -> None:
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=2, max_requests=2"))
+    worker = rig.boot_worker()
+    lst = rig.listener()
+    clients = [rig.connect() for _ in range(3)]
+    rig.wait_backlog(lst, len(clients))
+    rig.engine._accept_batch(lst)
+    kinds = []
+    while (m := worker.receive_nowait()) is not None:
+        kinds.append(m[0].kind)
+        if m[1] is not None:
+            os.close(m[1])
+    assert kinds == [fdpass.CONN, fdpass.CONN, fdpass.STOP]
