@@ -47,6 +47,7 @@ from pathlib import Path
 import orjson
 
 READY_TIMEOUT = 20.0
+PYECHO = Path(__file__).resolve().parent / "tools" / "pyecho.py"  # one-process reference
 STOP_TIMEOUT = 10.0
 
 # Well-known ports the peers' built-ins are tied to.
@@ -440,4 +441,23 @@ def start_c_reference(binary: str, scenarios: list[Scenario], tmp: Path) -> Serv
         server.ports[names["echo"]] = echo_port
     if "daytime" in names:
         server.ports[names["daytime"]] = day_port
+    return server
+
+
+def start_pyecho(tmp: Path) -> Server:
+    """tools/pyecho.py in a session of its own; its port is the line it prints."""
+    log_path = tmp / "pyecho.out"
+    rfd, wfd = os.pipe()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, str(PYECHO)], stdin=subprocess.DEVNULL,
+                                stdout=wfd, stderr=log, start_new_session=True, cwd=tmp)
+    os.close(wfd)
+    server = Server("pyecho", proc, {}, proc.pid, log_path)
+    try:
+        server.ports["echo"] = int(_read_line(rfd, time.monotonic() + READY_TIMEOUT, proc))
+    except ValueError:
+        server.stop()
+        raise
+    finally:
+        os.close(rfd)
     return server
