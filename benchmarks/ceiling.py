@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.loadgen import run_load
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.run import SCENARIOS
 from benchmarks.servers import (
     build_c_reference,
@@ -81,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median {label:8} {m['conn_per_s']:9,.0f} conn/s p99 {m['p99_ms']:6.2f} ms{ratio}")
     doc: dict[str, Any] = {"machine": machine_facts(), "concurrency": args.concurrency,
                            "duration_s": args.duration, "runs": runs, "medians": medians}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    print(f"results: {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.servers import (
     READY_TIMEOUT,
     Server,
@@ -242,11 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                      if d else ["-", "-", "-"])
         lines.append(f"| {row['scenario']} | {row['concurrency']} | " + " | ".join(vals) + " |")
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps({"machine": machine_facts(), "duration_s": args.duration,
-                                       "reps": args.reps, "cells": cells, "rows": rows},
-                                      option=orjson.OPT_INDENT_2))
-    print(f"results: {args.out}")
+    write_results(args.out, {"machine": machine_facts(), "duration_s": args.duration,
+                             "reps": args.reps, "cells": cells, "rows": rows})
     return 0
 
 

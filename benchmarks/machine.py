@@ -1,7 +1,8 @@
-"""Facts about the machine a benchmark ran on, recorded with every result document.
+"""Facts about the machine a benchmark ran on, and writing the result document they go in.
 
-Shared by ``benchmarks.run`` and ``benchmarks.growth`` (its own module so that
-neither has to import the other for it). Reads /proc only; never fails.
+Shared by every benchmark script (its own module so that none has to import
+another for it). ``machine_facts`` reads /proc only and never fails;
+``write_results`` writes one JSON file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import platform
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 
 def machine_facts() -> dict[str, Any]:
@@ -40,3 +43,10 @@ def machine_facts() -> dict[str, Any]:
         "hostname": platform.node(),
         "sysctl": sysctl,
     }
+
+
+def write_results(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` to ``path`` as indented JSON (its directory created), and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    print(f"results: {path}")

@@ -26,10 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.loadgen import run_load
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.servers import Server, free_port, launch_poolinetd, python_cmd
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--masters: counts from 1 to 8")
     doc = run(args)
     print(table(doc))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -32,10 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.loadgen import pattern_payload, run_load
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.servers import Server, free_port, launch_poolinetd, python_cmd
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -157,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:6} entries: master RSS {mem[n]['master_rss_kb']:,} kB, ready in "
                   f"{ready:.2f} s", flush=True)
         doc["memory"] = mem
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-    print(f"results: {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

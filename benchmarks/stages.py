@@ -46,10 +46,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.loadgen import run_load
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.run import SCENARIOS, SLEEP_SCRIPT
 from benchmarks.servers import python_cmd, start_poolinetd
 
@@ -259,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table(args.scenario, c, summary, med, workers), flush=True)
             doc["cells"].append({"concurrency": c, "client": results, "summary": summary,
                                  "workers_last_rep": workers})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    print(f"results: {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.loadgen import pattern_payload, run_load
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.procstat import snapshot
 from benchmarks.servers import launch_poolinetd, python_cmd
 
@@ -62,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     spread = (max(rates) - min(rates)) / med if med else 0.0
     print(f"median {med:,.0f} conn/s, min {min(rates):,.0f}, max {max(rates):,.0f}, "
           f"spread {spread * 100:.0f}%")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps({"machine": machine_facts(), "runs": runs, "median": med,
-                                       "spread": spread}, option=orjson.OPT_INDENT_2))
+    write_results(args.out, {"machine": machine_facts(), "runs": runs, "median": med,
+                             "spread": spread})
     return 0
 
 

@@ -27,10 +27,8 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.loadgen import run_load
-from benchmarks.machine import machine_facts
+from benchmarks.machine import machine_facts, write_results
 from benchmarks.run import SCENARIOS
 from benchmarks.servers import (
     Server,
@@ -131,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:14} {cell['conn_per_s']:8,.0f} conn/s p50 {cell['p50_ms']:7.2f} "
                   f"p99 {cell['p99_ms']:7.2f} ms; dips: {dips}; slowest 1 % ended at "
                   f"{cell['slowest_1pct_at']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    print(f"results: {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -117,11 +117,6 @@ def encode_conns(conns: Sequence[ConnInfo]) -> bytes:
     return b"".join(parts)
 
 
-def encode_conn(conn_id: int, family: int, peer: str, local: str = "") -> bytes:
-    """CONN for one connection."""
-    return encode_conns([ConnInfo(conn_id, family, peer, local)])
-
-
 def encode_lend(lend_id: int) -> bytes:
     return _HEAD.pack(LEND, VERSION) + _ID.pack(lend_id)
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import select
 
-# What callers ask for, as epoll bits (internal.Want uses the same values).
-READ = select.EPOLLIN
-WRITE = select.EPOLLOUT
 _MAX_EVENTS = 1024
 
 
 class Poller:
-    """``register``/``modify``/``unregister`` by fd; ``poll`` gives (object, events)."""
+    """``register``/``modify``/``unregister`` by fd with epoll bits (``internal.Want``);
+    ``poll`` gives (object, events)."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -39,9 +37,6 @@ class Poller:
     def unregister(self, fd: int) -> None:
         del self._objects[fd]
         self._epoll.unregister(fd)
-
-    def __contains__(self, fd: int) -> bool:
-        return fd in self._objects
 
     def poll(self, timeout: float | None) -> list[tuple[object, int]]:
         """Ready registrations; an fd unregistered since the kernel reported it is left out."""

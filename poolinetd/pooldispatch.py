@@ -72,6 +72,12 @@ class WorkerHandle:
     def on_event(self, mask: int) -> None:
         self.dispatcher.on_worker(self)
 
+    def take_outbox(self) -> tuple[list[fdpass.ConnInfo], list[int]]:
+        """What is queued for it (the caller now owns those fds), leaving it empty."""
+        taken = self.outbox, self.outbox_fds
+        self.outbox, self.outbox_fds = [], []
+        return taken
+
 
 @dataclass(slots=True, eq=False)
 class ConnRecord:
@@ -160,7 +166,7 @@ class PoolDispatcher:
         handle.outbox_fds.append(fd)
         launch = handle.rt.service.program is not None
         self.conns[info.conn_id] = ConnRecord(handle.pid, launching=launch)
-        self._sent(handle, pool, launch)
+        self._assign(handle, pool, launch)
         if len(handle.outbox) >= fdpass.MAX_CONN_BATCH:
             self._flush_outbox(handle)
 
@@ -170,10 +176,9 @@ class PoolDispatcher:
             self._flush_outbox(self.outboxes.pop())
 
     def _flush_outbox(self, handle: WorkerHandle) -> None:
-        infos, fds = handle.outbox, handle.outbox_fds
-        if not infos:
+        if not handle.outbox:
             return
-        handle.outbox, handle.outbox_fds = [], []
+        infos, fds = handle.take_outbox()
         try:
             fdpass.send_fds(handle.channel, fdpass.encode_conns(infos), fds)
         except BlockingIOError:
@@ -241,10 +246,10 @@ class PoolDispatcher:
         launch = handle.rt.service.program is not None
         handle.loans += 1
         self.conns[iid] = ConnRecord(pid, loan=True, launching=launch)
-        self._sent(handle, pool, launch)
+        self._assign(handle, pool, launch)
         return True
 
-    def _sent(self, handle: WorkerHandle, pool: Pool, launch: bool) -> None:
+    def _assign(self, handle: WorkerHandle, pool: Pool, launch: bool) -> None:
         """Count an instance on its worker; recycle it at max_requests; watch its queue.
 
         ``launch``: a program still to be launched; the pool counts it against
@@ -409,8 +414,7 @@ class PoolDispatcher:
             return
         handle.closed = True
         self.watch.discard(handle)
-        unsent, unsent_fds = handle.outbox, handle.outbox_fds  # never reached it
-        handle.outbox, handle.outbox_fds = [], []
+        unsent, unsent_fds = handle.take_outbox()  # never reached it
         for info in unsent:
             self.conns.pop(info.conn_id, None)
         now = self.system.clock()
@@ -604,7 +608,6 @@ class PoolDispatcher:
         return bool(self.workers or self.orphans)
 
     def abandon(self) -> list[int]:
-        self.flush()
         pids = sorted(self.workers) + sorted(self.orphans)
         self.close()
         self.workers.clear()

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from poolinetd import fdpass, internal, log, poller, privileges, spawn, stagetrace
+from poolinetd import fdpass, internal, log, privileges, spawn, stagetrace
 from poolinetd.dgramserve import DgramResponder as DgramResponder  # re-exported (classic mode)
 from poolinetd.poller import Poller
 from poolinetd.signals import SignalPipe
@@ -153,7 +153,7 @@ class Worker:
     # -- main loop --------------------------------------------------------
     def run(self) -> int:
         self.channel.setblocking(False)
-        self.poller.register(self.channel.fileno(), poller.READ, None)
+        self.poller.register(self.channel.fileno(), internal.Want.READ, None)
         # SIGTERM (e.g. sent to the whole process group) means what STOP means:
         # finish what is being served, then exit. Signals an operator means for
         # the master (Ctrl-C, reload, log reopen, resize) are ignored when they
@@ -163,7 +163,7 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
                     signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
-        self.poller.register(self.sigpipe.reader.fileno(), poller.READ, self.sigpipe)
+        self.poller.register(self.sigpipe.reader.fileno(), internal.Want.READ, self.sigpipe)
         self._set_title(self.clock())
         fdpass.send(self.channel, fdpass.encode_ready(self.pid))
         next_scan = self.clock() + _TIMEOUT_SCAN
@@ -301,14 +301,13 @@ class Worker:
                 del self.conns[fd]
             self._finish_builtin(conn, conn.handler.end_reason)
             return
-        events = want  # (Want's values are the selector's event bits)
-        if not registered:
+        if not registered:  # (Want's values are the poller's epoll bits)
             fd = conn.sock.fileno()
-            self.poller.register(fd, events, conn)
+            self.poller.register(fd, want, conn)
             self.conns[fd] = conn
-        elif events != conn.events:
-            self.poller.modify(conn.sock.fileno(), events)
-        conn.events = events
+        elif want != conn.events:
+            self.poller.modify(conn.sock.fileno(), want)
+        conn.events = want
 
     def _finish_builtin(self, conn: _Conn, status: str) -> None:
         handler = conn.handler
@@ -369,7 +368,7 @@ class Worker:
             return
         child = _Child(conn_id, pid, pidfd, peer, self.clock())
         self.children[pidfd] = child
-        self.poller.register(pidfd, poller.READ, child)
+        self.poller.register(pidfd, internal.Want.READ, child)
 
     def _on_child(self, child: _Child) -> None:
         try:
@@ -400,7 +399,7 @@ class Worker:
             loan = _DgramLoan(lend_id, sock, DgramResponder(sock, self.service,
                                                             self.internal_ports, self.clock))
             self.dgram[sock.fileno()] = loan
-            self.poller.register(sock.fileno(), poller.READ, loan)
+            self.poller.register(sock.fileno(), internal.Want.READ, loan)
             return
         if self.service.program is None:
             log.error("bad_loan", service=self.service.name, pid=self.pid)

@@ -175,7 +175,7 @@ def test_a_conn_whose_fd_was_dropped_is_still_identified() -> None:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         b.setblocking(False)
         r, w = os.pipe()
-        fdpass.send(a, fdpass.encode_conn(77, socket.AF_INET, "192.0.2.1 5"), r)
+        fdpass.send(a, fdpass.encode_conns([fdpass.ConnInfo(77, socket.AF_INET, "192.0.2.1 5")]), r)
         top = max(int(x) for x in os.listdir('/proc/self/fd'))
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
