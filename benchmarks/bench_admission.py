@@ -36,7 +36,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from poolinetd.netmatch import (
+from poolinetd.admission.sources import NO_LIMITS, SourceLimits, Tracker
+from poolinetd.net.netmatch import (
     AddressList,
     Network,
     access_reason,
@@ -45,7 +46,6 @@ from poolinetd.netmatch import (
     source_key,
     source_key_addr,
 )
-from poolinetd.sourcetrack import NO_LIMITS, SourceLimits, Tracker
 
 Row = dict[str, Any]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

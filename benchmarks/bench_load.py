@@ -28,8 +28,8 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_parse import lookups
-from poolinetd.resolve import load_file
-from poolinetd.spec import Options
+from poolinetd.config.resolve import load_file
+from poolinetd.config.spec import Options
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.json"
 Writer = Callable[[Path, int], Path]

@@ -21,9 +21,9 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from poolinetd.inetdconf import parse
-from poolinetd.resolve import Lookups, UserEntry, resolve
-from poolinetd.spec import Options
+from poolinetd.config.inetdconf import parse
+from poolinetd.config.resolve import Lookups, UserEntry, resolve
+from poolinetd.config.spec import Options
 
 RESULTS = Path(__file__).resolve().parent / "results" / "parse.json"
 

@@ -13,9 +13,9 @@ from typing import TextIO
 
 import orjson
 
-from poolinetd.netmatch import AddressList
-from poolinetd.resolve import load_file
-from poolinetd.spec import Diagnostic, Endpoint, Options, Service
+from poolinetd.config.resolve import load_file
+from poolinetd.config.spec import Diagnostic, Endpoint, Options, Service
+from poolinetd.net.netmatch import AddressList
 
 __all__ = ["diagnostic_to_dict", "run_check", "service_to_dict"]
 

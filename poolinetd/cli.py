@@ -17,24 +17,16 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from poolinetd import (
-    __version__,
-    adopt,
-    check,
-    control,
-    internal,
-    listeners,
-    log,
-    metricshttp,
-    pidfile,
-    resolve,
-    sdnotify,
-    spawn,
-)
-from poolinetd.engine import Engine
-from poolinetd.forkdispatch import ForkDispatcher
-from poolinetd.pooldispatch import PoolDispatcher
-from poolinetd.spec import Diagnostic, Options, Service, Severity
+from poolinetd import __version__, check
+from poolinetd.builtins import internal
+from poolinetd.classic.dispatcher import ForkDispatcher
+from poolinetd.config import resolve
+from poolinetd.config.spec import Diagnostic, Options, Service, Severity
+from poolinetd.engine.loop import Engine
+from poolinetd.launch import spawn
+from poolinetd.observe import log
+from poolinetd.ops import adopt, control, listeners, metricshttp, pidfile, sdnotify
+from poolinetd.pool.dispatcher import PoolDispatcher
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69

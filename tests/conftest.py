@@ -102,7 +102,7 @@ class Server:
             pytest.fail(f"poolinetd did not stop within {timeout}s after {sig}\n{self.log()}")
 
     def status(self) -> dict[str, object]:
-        from poolinetd import control
+        from poolinetd.ops import control
 
         return control.request(str(self.control), "status")
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 from conftest import TEST_USER
 
-from poolinetd import cli, fdpass, resolve
-from poolinetd.engine import Engine, Listener
-from poolinetd.spec import Service
+from poolinetd import cli
+from poolinetd.config import resolve
+from poolinetd.config.spec import Service
+from poolinetd.engine.loop import Engine, Listener
+from poolinetd.pool import wire
 
 
 class FakeSystem:
@@ -83,34 +85,34 @@ class FakeWorker:
 
     pid: int
     channel: socket.socket
-    queued: list[tuple[fdpass.Message, int | None]] = field(default_factory=list)
+    queued: list[tuple[wire.Message, int | None]] = field(default_factory=list)
 
-    def receive(self, timeout: float = 5.0) -> tuple[fdpass.Message, int | None]:
+    def receive(self, timeout: float = 5.0) -> tuple[wire.Message, int | None]:
         if not self.queued:
             self.channel.settimeout(timeout)
-            data, fds = fdpass.recv(self.channel)
-            self._split(fdpass.decode(data), fds)
+            data, fds = wire.recv(self.channel)
+            self._split(wire.decode(data), fds)
         return self.queued.pop(0)
 
-    def receive_nowait(self) -> tuple[fdpass.Message, int | None] | None:
+    def receive_nowait(self) -> tuple[wire.Message, int | None] | None:
         if not self.queued:
             self.channel.setblocking(False)
-            got = fdpass.receive(self.channel)
+            got = wire.receive(self.channel)
             self.channel.setblocking(True)
             if got is None:
                 return None
             self._split(*got)
         return self.queued.pop(0)
 
-    def _split(self, msg: fdpass.Message, fds: list[int]) -> None:
-        if msg.kind != fdpass.CONN:
+    def _split(self, msg: wire.Message, fds: list[int]) -> None:
+        if msg.kind != wire.CONN:
             self.queued.append((msg, fds[0] if fds else None))
             return
         for info, fd in zip(msg.conns, fds, strict=True):
-            self.queued.append((fdpass.Message(fdpass.CONN, info.conn_id, conns=(info,)), fd))
+            self.queued.append((wire.Message(wire.CONN, info.conn_id, conns=(info,)), fd))
 
     def send(self, payload: bytes) -> None:
-        fdpass.send(self.channel, payload)
+        wire.send(self.channel, payload)
 
 
 def services_from(text: str) -> tuple[Service, ...]:
@@ -143,7 +145,7 @@ class Rig:
         pid, fd = fresh[0]
         worker = FakeWorker(pid, socket.socket(fileno=fd))
         self.workers.append(worker)
-        worker.send(fdpass.encode_ready(pid))
+        worker.send(wire.encode_ready(pid))
         self.turn(2)
         return worker
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from conftest import IS_ROOT, REPO, wait_until
 
-from poolinetd import activation, handoff
-from poolinetd.activation import PassedSocket, WantedSocket
+from poolinetd.ops import activation, handoff
+from poolinetd.ops.activation import PassedSocket, WantedSocket
 
 REPORT = REPO / "tests" / "programs" / "listen_fds_report.py"
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
@@ -457,7 +457,7 @@ def test_spawn_with_fds_moves_fds_that_sit_in_the_target_range(tmp_path: Path) -
     code = f"""
 import json, os, socket, sys
 sys.path.insert(0, {str(REPO)!r})
-from poolinetd import handoff
+from poolinetd.ops import handoff
 socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
 assert sorted(s.fileno() for s in socks) == [3, 4, 5], [s.fileno() for s in socks]
 pairs = [(s.fileno(), "n%d" % s.fileno()) for s in reversed(socks)]

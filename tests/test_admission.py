@@ -6,8 +6,8 @@ from dataclasses import replace
 
 from engine_fakes import services_from
 
-from poolinetd.admission import LOOPING_PAUSE, Admission
-from poolinetd.spec import Service
+from poolinetd.admission.policy import LOOPING_PAUSE, Admission
+from poolinetd.config.spec import Service
 
 BASE = "127.0.0.1:0 on socktype=stream, user={user}, args=echo"
 

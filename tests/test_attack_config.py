@@ -19,9 +19,10 @@ import pytest
 from config_fakes import fake_lookups
 from conftest import REPO, TEST_USER, tcp_exchange, wait_until
 
-from poolinetd import includes, log, overlap, resolve
 from poolinetd.check import run_check
-from poolinetd.spec import Endpoint, Options
+from poolinetd.config import includes, overlap, resolve
+from poolinetd.config.spec import Endpoint, Options
+from poolinetd.observe import log
 
 ECHO = f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n"
 HANG_GUARD = 60.0  # seconds; the old code never returned at all

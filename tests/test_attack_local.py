@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import TEST_USER, start_server, udp_exchange, wait_until
 
-from poolinetd import listeners, resolve
+from poolinetd.config import resolve
+from poolinetd.ops import listeners
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (other users)")
@@ -206,7 +207,7 @@ def test_control_path_at_a_stale_socket_is_reused(tmp_path: Path, serve) -> None
         s.bind(str(ctl))
     server = serve(f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n",
                    "--control", str(ctl))
-    from poolinetd import control
+    from poolinetd.ops import control
 
     assert control.request(str(ctl), "status")["ok"] is True
     assert stat.S_IMODE(os.lstat(ctl).st_mode) == 0o600

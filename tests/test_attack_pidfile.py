@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_USER, start_server, wait_until
 
-from poolinetd.pidfile import Pidfile, PidfileError, PidfileInUse
+from poolinetd.ops.pidfile import Pidfile, PidfileError, PidfileInUse
 
 CONF = f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n"
 

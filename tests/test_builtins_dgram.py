@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from config_fakes import fake_lookups
 
-from poolinetd import dgramserve, resolve, worker
-from poolinetd.spec import Service
+from poolinetd.builtins import dgram
+from poolinetd.config import resolve
+from poolinetd.config.spec import Service
+from poolinetd.pool import worker
 
 
 def _service(name: str = "echo") -> Service:
@@ -34,18 +36,18 @@ def udp() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 def test_the_worker_still_exports_the_responder() -> None:
-    assert worker.DgramResponder is dgramserve.DgramResponder
+    assert worker.DgramResponder is dgram.DgramResponder
 
 
 def test_on_readable_says_whether_it_drained_the_socket(udp) -> None:
     cli, srv = udp
-    responder = dgramserve.DgramResponder(srv, _service(), frozenset())
-    for i in range(dgramserve.DGRAM_BATCH + 5):
+    responder = dgram.DgramResponder(srv, _service(), frozenset())
+    for i in range(dgram.DGRAM_BATCH + 5):
         cli.send(b"%d" % i)
     assert responder.on_readable() is False  # stopped at its bound, 5 still queued
     assert responder.on_readable() is True
-    replies = [cli.recv(100) for _ in range(dgramserve.DGRAM_BATCH + 5)]
-    assert replies == [b"%d" % i for i in range(dgramserve.DGRAM_BATCH + 5)]
+    replies = [cli.recv(100) for _ in range(dgram.DGRAM_BATCH + 5)]
+    assert replies == [b"%d" % i for i in range(dgram.DGRAM_BATCH + 5)]
     assert responder.on_readable() is True  # nothing queued
 
 
@@ -53,7 +55,7 @@ def test_the_loop_guard_refuses_builtin_ports_and_logs_once(udp) -> None:
     cli, srv = udp
     own = frozenset({cli.getsockname()[1]})  # pretend the client's port is a built-in's
     times = iter([100.0, 101.0, 102.0])
-    responder = dgramserve.DgramResponder(srv, _service(), own, clock=lambda: next(times))
+    responder = dgram.DgramResponder(srv, _service(), own, clock=lambda: next(times))
     cli.send(b"loop?")
     cli.send(b"loop?")
     assert responder.on_readable() is True
@@ -71,7 +73,7 @@ def test_a_datagram_too_long_to_answer_whole_is_dropped_and_counted(tmp_path: Pa
         cli.bind(str(tmp_path / "cli"))
         cli.settimeout(5)
         cli.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 << 20)
-        responder = dgramserve.DgramResponder(srv, _service(), frozenset())
+        responder = dgram.DgramResponder(srv, _service(), frozenset())
         for _ in range(2):
             cli.sendto(b"L" * (responder.limit + 1), str(tmp_path / "srv"))
         cli.sendto(b"ok", str(tmp_path / "srv"))

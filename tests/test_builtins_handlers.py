@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from poolinetd import internal
-from poolinetd.internal import Want
+from poolinetd.builtins import internal
+from poolinetd.builtins.internal import Want
 
 BLAST = 8 * 1024 * 1024
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from poolinetd import records
-from poolinetd.records import Status
+from poolinetd.builtins import records
+from poolinetd.builtins.records import Status
 
 
 @pytest.fixture

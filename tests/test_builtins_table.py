@@ -7,8 +7,10 @@ import socket
 import pytest
 from config_fakes import fake_lookups
 
-from poolinetd import cli, internal, resolve
-from poolinetd.spec import SocketType
+from poolinetd import cli
+from poolinetd.builtins import internal
+from poolinetd.config import resolve
+from poolinetd.config.spec import SocketType
 
 
 def test_the_table_lists_the_five_rfc_builtins_with_their_ports() -> None:
@@ -64,3 +66,12 @@ def test_default_config_ports_come_from_the_table_and_resolve() -> None:
                       for t in (SocketType.STREAM, SocketType.DGRAM)}
     ports = {s.key.endpoints[0].port for s in loaded.services}
     assert ports == set(cli.DEFAULT_PORTS.values())
+
+
+def test_the_table_implements_exactly_the_names_the_config_accepts() -> None:
+    """config/spec.py owns the vocabulary (so config never imports builtins); the table
+    must serve every name it lists, in its order, and nothing else."""
+    from poolinetd.builtins import internal
+    from poolinetd.config.spec import BUILTIN_NAMES
+
+    assert internal.NAMES == BUILTIN_NAMES

@@ -21,8 +21,8 @@ import pytest
 from config_fakes import fake_lookups
 
 from poolinetd.check import diagnostic_to_dict, run_check, service_to_dict
-from poolinetd.resolve import load_file
-from poolinetd.spec import Options
+from poolinetd.config.resolve import load_file
+from poolinetd.config.spec import Options
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "corpus"

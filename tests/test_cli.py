@@ -149,7 +149,9 @@ def test_status_without_a_master_says_so() -> None:
 def test_servable_keeps_only_own_services_when_not_root(monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """The same rule at the OS seam (geteuid/getuid), for machines where the e2e test skips."""
-    from poolinetd import cli, log, resolve
+    from poolinetd import cli
+    from poolinetd.config import resolve
+    from poolinetd.observe import log
 
     loaded = resolve.load_text("127.0.0.1:0 stream tcp nowait nobody internal echo\n"
                                "127.0.0.1:0 stream tcp nowait root internal daytime\n", "t.conf")

@@ -18,8 +18,8 @@ import pytest
 from config_fakes import fake_lookups
 
 from poolinetd.check import run_check
-from poolinetd.resolve import load_file
-from poolinetd.spec import Options
+from poolinetd.config.resolve import load_file
+from poolinetd.config.spec import Options
 
 
 def confs_dir() -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TEST_USER, Server, refused, tcp_exchange, wait_until
 
-from poolinetd import control
+from poolinetd.ops import control
 
 U = TEST_USER
 MODES = ["pool", "classic"]

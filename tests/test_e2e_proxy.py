@@ -13,7 +13,7 @@ from conftest import TEST_USER, Server, start_server, tcp_exchange, wait_until
 from haproxy import HAProxy, Route, haproxy_binary, start
 from haproxy import Server as Backend
 
-from poolinetd import preamble, proxyproto
+from poolinetd.net import preamble, proxyproto
 
 U = TEST_USER
 MODES = ["pool", "classic"]

@@ -32,7 +32,7 @@ from conftest import (
     wait_until,
 )
 
-from poolinetd import internal
+from poolinetd.builtins import internal
 
 pytestmark = pytest.mark.process
 U = TEST_USER
@@ -299,7 +299,7 @@ def test_boot_failure_backs_off_and_other_services_keep_serving(tmp_path: Path) 
 
         with os.fdopen(rfd, "rb") as ready:
             info = orjson.loads(ready.readline())
-        from poolinetd import control
+        from poolinetd.ops import control
 
         def echo_state() -> dict:
             doc = control.request(str(ctl), "status")

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import pytest
 from engine_fakes import Rig, make_rig
 
-from poolinetd import fdpass, preamble
-from poolinetd.forkdispatch import ForkDispatcher
-from poolinetd.pooldispatch import STALL_KILL, STALL_TIMEOUT, PoolDispatcher
+from poolinetd.classic.dispatcher import ForkDispatcher
+from poolinetd.net import preamble
+from poolinetd.pool import wire
+from poolinetd.pool.dispatcher import STALL_KILL, STALL_TIMEOUT, PoolDispatcher
 
 ECHO = "127.0.0.1:0 stream tcp nowait {user} internal echo\n"
 ECHO_KV = "127.0.0.1:0 on socktype=stream, user={user}, args=echo, {extra};\n"
@@ -52,11 +53,11 @@ def test_pool_hand_off_and_done(rigs: list[Rig]) -> None:
     client = rig.connect()
     rig.turn()
     msg, fd = worker.receive()
-    assert msg.kind == fdpass.CONN and fd is not None
+    assert msg.kind == wire.CONN and fd is not None
     os.close(fd)
     rt = lst.rt
     assert rt.instances == 1 and rt.stats.accepted == 1
-    worker.send(fdpass.encode_done([msg.ident])[0])
+    worker.send(wire.encode_done([msg.ident])[0])
     rig.turn()
     assert rt.instances == 0
     assert rig.engine.status()["services"][0]["active"] == 0  # type: ignore[index]
@@ -75,7 +76,7 @@ def test_pool_backpressure_waits_in_the_backlog(rigs: list[Rig]) -> None:
     assert not lst.polled  # the only worker is full: nothing more is accepted
     rig.turn()
     assert worker.receive_nowait() is None  # the second client waits in the kernel
-    worker.send(fdpass.encode_done([msg.ident])[0])
+    worker.send(wire.encode_done([msg.ident])[0])
     rig.turn()
     rig.turn()
     _msg2, fd2 = worker.receive()
@@ -91,7 +92,7 @@ def test_pool_stop_sends_stop_then_kills_after_the_deadline(rigs: list[Rig]) -> 
     rig.engine.begin_stop(5.0, "test")
     assert rig.engine.runtimes[0].listeners == []
     msg, _ = worker.receive()
-    assert msg.kind == fdpass.STOP
+    assert msg.kind == wire.STOP
     assert rig.engine.dispatcher.busy()
     rig.system.now += 6.0
     rig.turn()
@@ -130,7 +131,7 @@ def test_pool_busy_worker_that_keeps_reading_is_not_stalled(rigs: list[Rig]) -> 
     rig.system.unread_bytes = 768
     for _ in range(int(STALL_TIMEOUT) * 3):
         rig.system.now += 1.0
-        worker.send(fdpass.encode_done([999_999])[0])  # it keeps talking: alive
+        worker.send(wire.encode_done([999_999])[0])  # it keeps talking: alive
         rig.turn()
     assert rig.system.killed == []
     assert rig.engine.status()["services"][0]["workers"]["stalled"] == 0  # type: ignore[index]
@@ -305,9 +306,9 @@ def test_a_worker_cannot_make_the_master_signal_a_process_that_is_not_its_progra
         os.close(fd)
     rig.system.identities[4242] = (1, 77)  # a process of someone else's (parent: init)
     rig.system.identities[5151] = (worker.pid, 99)  # the worker's real program
-    worker.send(fdpass.encode_spawned(first.ident, 4242))
-    worker.send(fdpass.encode_spawned(second.ident, 5151))
-    worker.send(fdpass.encode_done([999_999])[0])  # an id that is not its own: ignored
+    worker.send(wire.encode_spawned(first.ident, 4242))
+    worker.send(wire.encode_spawned(second.ident, 5151))
+    worker.send(wire.encode_done([999_999])[0])  # an id that is not its own: ignored
     rig.turn(2)
     rt = rig.engine.runtimes[0]
     assert rt.programs == 1 and rt.instances == 2
@@ -339,13 +340,13 @@ def test_the_master_closes_every_fd_a_worker_sends(rigs: list[Rig], kind: str) -
     for _ in range(20):
         r, w = os.pipe()
         if kind == "conn":
-            fds = [r] * fdpass.MAX_CONN_BATCH
-            payload = fdpass.encode_conns([fdpass.ConnInfo(i, socket.AF_INET, "")
-                                           for i in range(fdpass.MAX_CONN_BATCH)])
+            fds = [r] * wire.MAX_CONN_BATCH
+            payload = wire.encode_conns([wire.ConnInfo(i, socket.AF_INET, "")
+                                           for i in range(wire.MAX_CONN_BATCH)])
         else:
             fds = [r]
-            payload = fdpass.encode_lend(1) if kind == "lend" else fdpass.encode_logfd()
-        fdpass.send_fds(worker.channel, payload, fds)
+            payload = wire.encode_lend(1) if kind == "lend" else wire.encode_logfd()
+        wire.send_fds(worker.channel, payload, fds)
         os.close(r)
         os.close(w)
         rig.turn()
@@ -361,7 +362,7 @@ def test_connections_lost_inside_a_hand_off_leave_no_per_source_count(rigs: list
     worker = rig.boot_worker()
     lst = rig.listener()
     rt = lst.rt
-    clients = [rig.connect() for _ in range(fdpass.MAX_CONN_BATCH)]
+    clients = [rig.connect() for _ in range(wire.MAX_CONN_BATCH)]
     rig.wait_backlog(lst, len(clients))
     worker.channel.close()  # it died (or a hostile one closed its end)
     rig.engine._accept_batch(lst)
@@ -369,7 +370,7 @@ def test_connections_lost_inside_a_hand_off_leave_no_per_source_count(rigs: list
     rig.turn(3)
     assert rt.instances == 0
     assert rt.admission.tracker.running(rt.admission.source("127.0.0.1")) == 0
-    assert rt.stats.refused_by.get("no_room") == fdpass.MAX_CONN_BATCH
+    assert rt.stats.refused_by.get("no_room") == wire.MAX_CONN_BATCH
 
 
 def test_a_batch_for_a_dead_worker_goes_to_the_other(rigs: list[Rig]) -> None:
@@ -405,4 +406,4 @@ def test_stop_at_max_requests_comes_after_the_batch(rigs: list[Rig]) -> None:
         kinds.append(m[0].kind)
         if m[1] is not None:
             os.close(m[1])
-    assert kinds == [fdpass.CONN, fdpass.CONN, fdpass.STOP]
+    assert kinds == [wire.CONN, wire.CONN, wire.STOP]

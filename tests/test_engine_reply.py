@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import TEST_USER, refused, tcp_exchange
 
-from poolinetd import internal
-from poolinetd.spec import SocketType
+from poolinetd.builtins import internal
+from poolinetd.config.spec import SocketType
 
 pytestmark = pytest.mark.process
 U = TEST_USER

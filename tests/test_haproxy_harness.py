@@ -33,7 +33,7 @@ from haproxy import (
     start_file,
 )
 
-from poolinetd.proxyproto import (
+from poolinetd.net.proxyproto import (
     MAX_HEADER,
     PP2_TYPE_CRC32C,
     Header,

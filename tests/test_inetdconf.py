@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from poolinetd.inetdconf import format_spec, parse
-from poolinetd.spec import (
+from poolinetd.config.inetdconf import format_spec, parse
+from poolinetd.config.spec import (
     Limits,
     Options,
     ParsedConfig,

@@ -8,9 +8,8 @@ import hypothesis_profiles  # noqa: F401  (registers and loads the profile)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolinetd import netmatch
-from poolinetd.inetdconf import format_defaults, format_spec, parse
-from poolinetd.spec import (
+from poolinetd.config.inetdconf import format_defaults, format_spec, parse
+from poolinetd.config.spec import (
     Limits,
     Options,
     ParsedConfig,
@@ -20,6 +19,7 @@ from poolinetd.spec import (
     StderrRoute,
     UnixPerms,
 )
+from poolinetd.net import netmatch
 
 NAME = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=8).filter(
     lambda s: not s[0].isdigit()

@@ -7,7 +7,7 @@ import socket
 import struct
 import threading
 
-from poolinetd import internal
+from poolinetd.builtins import internal
 
 
 def test_chargen_lines_rotate_through_95_printables() -> None:

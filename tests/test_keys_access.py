@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from config_fakes import fake_lookups
 
-from poolinetd.netmatch import AddressList, Network, parse_cidr
-from poolinetd.resolve import LoadedConfig, load_text
-from poolinetd.spec import Options, Service, Severity
+from poolinetd.config.resolve import LoadedConfig, load_text
+from poolinetd.config.spec import Options, Service, Severity
+from poolinetd.net.netmatch import AddressList, Network, parse_cidr
 
 NO_OPTIONS = Options()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from poolinetd.inetdconf import DEFAULTS_KEYS, ENTRY_KEYS
+from poolinetd.config.inetdconf import DEFAULTS_KEYS, ENTRY_KEYS
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from config_fakes import fake_lookups
 
-from poolinetd.inetdconf import format_spec, parse
-from poolinetd.resolve import LoadedConfig, load_file, load_text
-from poolinetd.spec import (
+from poolinetd.config.inetdconf import format_spec, parse
+from poolinetd.config.resolve import LoadedConfig, load_file, load_text
+from poolinetd.config.spec import (
     DEFAULT_POOL_MAX,
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,

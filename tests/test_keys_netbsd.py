@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from config_fakes import fake_lookups
 
-from poolinetd.inetdconf import parse
-from poolinetd.resolve import load_text
-from poolinetd.spec import Limits, Protocol, SocketType
+from poolinetd.config.inetdconf import parse
+from poolinetd.config.resolve import load_text
+from poolinetd.config.spec import Limits, Protocol, SocketType
 
 # Shaped like the key-values examples in NetBSD's inetd.conf and inetd(8).
 NETBSD = """\

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from config_fakes import fake_lookups
 
-from poolinetd.resolve import LoadedConfig, load_text
-from poolinetd.spec import TCPMUX, Options, ServiceKey, SocketType
+from poolinetd.config.resolve import LoadedConfig, load_text
+from poolinetd.config.spec import TCPMUX, Options, ServiceKey, SocketType
 
 LISTENER = "tcpmux\tstream\ttcp\tnowait\troot\tinternal\n"
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from poolinetd import listeners, resolve
-from poolinetd.spec import Service
+from poolinetd.config import resolve
+from poolinetd.config.spec import Service
+from poolinetd.ops import listeners
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (chown, other users)")

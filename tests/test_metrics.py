@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from poolinetd import metrics
-from poolinetd.metrics import Histogram, HttpRequest, MetricsDocument, ServiceMetrics
+from poolinetd.observe import metrics
+from poolinetd.observe.metrics import Histogram, HttpRequest, MetricsDocument, ServiceMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolinetd.netmatch import (
+from poolinetd.net.netmatch import (
     AddressList,
     Network,
     access_reason,

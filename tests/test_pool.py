@@ -8,8 +8,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from poolinetd.pool import BACKOFF_MAX, Pool, WorkerState
-from poolinetd.spec import PoolSettings
+from poolinetd.config.spec import PoolSettings
+from poolinetd.pool.bookkeeping import BACKOFF_MAX, Pool, WorkerState
 
 
 def settings_(pool_min: int = 1, pool_max: int = 4, cap: int = 2, max_requests: int = 0,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from poolinetd.proxyproto import (
+from poolinetd.net.proxyproto import (
     MAX_HEADER,
     MIN_HEADER,
     V1_MAX_LINE,

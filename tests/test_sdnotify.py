@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from poolinetd import sdnotify
-from poolinetd.sdnotify import Notifier
+from poolinetd.ops import sdnotify
+from poolinetd.ops.sdnotify import Notifier
 
 _UCRED = struct.Struct("iII")  # pid, uid, gid
 
@@ -136,7 +136,7 @@ def test_a_full_receiver_makes_send_return_false_instead_of_blocking(tmp_path: P
     path = tmp_path / "full"
     code = (
         "import socket, sys\n"
-        "from poolinetd.sdnotify import Notifier\n"
+        "from poolinetd.ops.sdnotify import Notifier\n"
         f"r = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); r.bind({str(path)!r})\n"
         f"n = Notifier.from_env({{'NOTIFY_SOCKET': {str(path)!r}}})\n"
         "results = [n.watchdog() for _ in range(100000)]\n"
@@ -173,7 +173,7 @@ def test_forget_environment_removes_exactly_the_notify_variables() -> None:
 def test_forget_environment_reaches_children() -> None:
     code = (
         "import os, subprocess, sys\n"
-        "from poolinetd import sdnotify\n"
+        "from poolinetd.ops import sdnotify\n"
         "sdnotify.forget_environment(os.environ)\n"
         "print(subprocess.run(['env'], capture_output=True, text=True).stdout)\n"
     )

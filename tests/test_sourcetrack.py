@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from poolinetd.sourcetrack import (
+from poolinetd.admission.sources import (
     BLOCKED,
     MAX_CHILD_PER_IP,
     MAX_CPM_PER_IP,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from poolinetd import stagetrace
+from poolinetd.observe import stagetrace
 from tests.conftest import Server, tcp_exchange
 
 

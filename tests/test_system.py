@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from poolinetd import system
+from poolinetd.launch import system
 
 
 def test_parse_stat_reads_parent_and_start_time() -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from poolinetd import activation
-from poolinetd.activation import PassedSocket, WantedSocket
-from poolinetd.resolve import load_file
+from poolinetd.config.resolve import load_file
+from poolinetd.ops import activation
+from poolinetd.ops.activation import PassedSocket, WantedSocket
 
 CONF = REPO / "conf"
 UNITS = ("poolinetd.service", "poolinetd.socket", "poolinetd-activated.service")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolinetd.tcpmux import (
+from poolinetd.net.tcpmux import (
     ERROR_READING,
     GO,
     MAX_NAME,

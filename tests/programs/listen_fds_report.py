@@ -14,7 +14,7 @@ import socket
 import sys
 
 sys.path.insert(0, os.environ.get("POOLINETD_SRC", "."))
-from poolinetd import activation
+from poolinetd.ops import activation
 
 passed = activation.listen_fds(os.environ)
 report = {

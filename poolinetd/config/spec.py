@@ -1,0 +1,400 @@
+"""Configuration types: raw entries, resolved services, diagnostics, reload identity.
+
+Pure: no I/O. Everything here is frozen, so a parsed configuration can be
+compared, hashed and diffed on reload.
+
+    ServiceSpec  the raw fields of one inetd.conf entry (strings and ints only)
+    Service      a ServiceSpec resolved to numbers: endpoints, uid/gid, handler
+    ServiceKey   what identifies a service across a reload (its endpoints)
+    Diagnostic   one error or warning, located at FILE:LINE: field N 'TOKEN'
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from poolinetd.net.netmatch import AddressList
+
+
+class SocketType(enum.Enum):
+    """Field 2 of an entry."""
+
+    STREAM = "stream"
+    DGRAM = "dgram"
+    SEQPACKET = "seqpacket"
+    RAW = "raw"  # parsed, then refused: "not supported"
+    RDM = "rdm"  # parsed, then refused: "not supported"
+
+
+class Protocol(enum.Enum):
+    """Field 3 of an entry. ``tcp``/``udp`` without a digit mean IPv4, as in every BSD."""
+
+    TCP = "tcp"
+    TCP4 = "tcp4"
+    TCP6 = "tcp6"
+    TCP46 = "tcp46"
+    UDP = "udp"
+    UDP4 = "udp4"
+    UDP6 = "udp6"
+    UDP46 = "udp46"
+    UNIX = "unix"
+
+    @property
+    def is_unix(self) -> bool:
+        return self is Protocol.UNIX
+
+    @property
+    def is_udp(self) -> bool:
+        return self.value.startswith("udp")
+
+
+class Severity(enum.Enum):
+    ERROR = "error"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One problem in a config file, with where it is and what to write instead.
+
+    ``field`` is the 1-based index of the whitespace-separated field on the
+    entry (0 when the problem is the whole line); ``token`` is the offending
+    text as written.
+    """
+
+    source: str
+    lineno: int
+    field: int
+    token: str
+    message: str
+    hint: str = ""
+    severity: Severity = Severity.ERROR
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.lineno}:"
+        if self.field:
+            where += f" field {self.field} {self.token!r}:"
+        elif self.token:
+            where += f" {self.token!r}:"
+        kind = "" if self.severity is Severity.ERROR else " warning:"
+        text = f"{where}{kind} {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Connection limits of one service. Each number: None = no limit, 0 = nothing
+    allowed, N = at most N (``max_child`` is never 0: 0 means "no limit" there).
+
+    ``max_child``: concurrent instances of the service. ``max_cpm_per_ip``:
+    connections (program starts) per minute from one source. ``max_child_per_ip``:
+    concurrent instances per source. ``max_spawn_per_min``: instances started per
+    minute by the whole service. Nothing converts one into another.
+
+    How each notation's 0 reads (docs/configuration.md, "Limits"): FreeBSD
+    ``nowait/A/B/C`` and GNU/BusyBox ``nowait.N``: 0 = no limit (None, recorded in
+    ``unlimited``); NetBSD ``nowait:N``, ``service_max=``, ``ip_max=`` and poolinetd's
+    own keys: 0 = nothing allowed (0). ``KEY=unlimited`` = no limit, written.
+
+    ``unlimited`` names the limits written as "no limit" explicitly. In a raw
+    ServiceSpec and in ``defaults`` it tells "lifted" from "not written", so a
+    lifted limit is not filled in from ``defaults`` or by the safe default
+    (``max_child_per_ip``, see resolve.py); in a resolved Service it is kept
+    for display. Its value is never None where its name is in ``unlimited``.
+    """
+
+    max_child: int | None = None
+    max_cpm_per_ip: int | None = None
+    max_child_per_ip: int | None = None
+    max_spawn_per_min: int | None = None
+    unlimited: frozenset[str] = frozenset()
+
+    def given(self, name: str) -> bool:
+        """Whether limit ``name`` is written here (as a number or as "no limit")."""
+        value: int | None = getattr(self, name)
+        return value is not None or name in self.unlimited
+
+
+LIMIT_NAMES = ("max_child", "max_cpm_per_ip", "max_child_per_ip", "max_spawn_per_min")
+
+
+class StderrRoute(enum.Enum):
+    """Where a launched program's fd 2 goes."""
+
+    SOCKET = "socket"  # inetd's contract: fd 0, 1 and 2 are the connection
+    LOG = "log"  # poolinetd's own stderr (its log)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """poolinetd's extension keys for one service (or the file's ``defaults``).
+
+    None means "not set here": resolution falls back to the file's
+    ``defaults`` definition, then to the command line, then to the built-in
+    defaults below. Exceptions: ``max_connections``/``max_programs`` are
+    global caps (``defaults`` and command line only; the command line wins),
+    and ``limits`` is only set for ``defaults`` and the command line (an
+    entry's own limits are ``ServiceSpec.limits``).
+    """
+
+    pool_min: int | None = None  # workers kept booted even when idle
+    pool_max: int | None = None  # workers at most
+    worker_connections: int | None = None  # connections one worker serves at once
+    max_requests: int | None = None  # recycle a worker after this many (0 = never)
+    idle_timeout: float | None = None  # seconds a surplus idle worker lives
+    conn_timeout: float | None = None  # seconds a built-in connection may stay silent
+    stderr: StderrRoute | None = None
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for launched programs
+    only_from: AddressList | None = None  # xinetd: only these sources may connect
+    no_access: AddressList | None = None  # xinetd: these sources may not (wins)
+    source_v4_prefix: int | None = None  # per-source limits count IPv4 sources by /N
+    source_v6_prefix: int | None = None  # ... and IPv6 sources by /N
+    block_time: float | None = None  # seconds a source over max_cpm_per_ip is refused
+    reuseport: bool | None = None  # SO_REUSEPORT on the listeners
+    proxy_protocol: bool | None = None  # PROXY v1/v2 header first (entries only)
+    proxy_from: AddressList | None = None  # the proxies trusted to send it
+    max_connections: int | None = None  # global cap (0 = explicitly none: lifts the file's)
+    max_programs: int | None = None  # global cap on running programs (0 as above)
+    limits: Limits = field(default_factory=Limits)  # defaults/command line only
+
+
+# Built-in defaults (documented in README). Command-line flags override them.
+DEFAULT_POOL_MIN = 1
+# Launching a program blocks its worker for the exec (posix_spawn is vfork-like),
+# so a program service keeps two workers ready and spreads launches over them.
+DEFAULT_POOL_MIN_PROGRAM = 2
+DEFAULT_POOL_MAX = 16
+DEFAULT_WORKER_CONNECTIONS_INTERNAL = 256
+DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
+# Connections a program service's worker may have queued but not yet launched
+# (see PoolSettings.launch_depth). 2: one being launched and the next already
+# there, so the worker does not wait a round trip to the master between two
+# launches; more queue behind one slow posix_spawn (README, Benchmarks).
+PROGRAM_LAUNCH_DEPTH = 2
+DEFAULT_MAX_REQUESTS = 0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_CONN_TIMEOUT = 300.0
+DEFAULT_SOURCE_V4_PREFIX = 32  # per-source limits count each IPv4 address ...
+DEFAULT_SOURCE_V6_PREFIX = 128  # ... and each IPv6 address on its own
+# Safe default: without a per-source concurrency limit written anywhere, one source
+# may hold at most 1/SAFE_SHARE of a connection service's capacity (resolve.py).
+SAFE_SHARE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class UnixPerms:
+    """FreeBSD's ``:user:group:mode:/path`` prefix for a unix socket."""
+
+    owner: str | None
+    group: str | None
+    mode: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldLoc:
+    """Where one part of an entry was written: line, 1-based field index, token as written.
+
+    For key-values definitions the field index counts the service (1),
+    ``on``/``off`` (2), then each ``key=value`` option in order (3, 4, ...).
+    """
+
+    lineno: int
+    field: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """The raw fields of one entry, as written (names not yet looked up).
+
+    ``source``/``lineno`` locate the entry; they do not take part in
+    equality, so moving an entry in the file does not make it "changed".
+    """
+
+    service: str  # a name from /etc/services, a port number, or a unix path
+    socket_type: SocketType
+    protocol: Protocol
+    wait: bool
+    user: str
+    server: str  # "internal" or an absolute path
+    argv: tuple[str, ...] = ()  # argv[0] first; for internal: optional built-in name
+    addresses: tuple[str, ...] = ()  # host prefix; () = the wildcard address
+    group: str | None = None
+    login_class: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    tcpmux: str | None = None  # NAME of a ``tcpmux/NAME`` entry
+    tcpmux_plus: bool = False  # ``tcpmux/+NAME``: inetd sends the "+" reply
+    unix_perms: UnixPerms | None = None
+    options: Options = field(default_factory=Options)
+    enabled: bool = True  # key-values ``off``
+    source: str = field(default="<string>", compare=False)
+    lineno: int = field(default=0, compare=False)
+    # Where each part was written, keyed by role ("service", "socket_type",
+    # "protocol", "wait", "user", "server", "argv", or a key-values key such
+    # as "pool_min"), so resolution errors can name the exact field.
+    locs: tuple[tuple[str, FieldLoc], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def is_internal(self) -> bool:
+        return self.server == "internal"
+
+    def loc(self, role: str) -> FieldLoc:
+        """The location of ``role``; falls back to the service field, then the entry's line."""
+        for name, where in self.locs:
+            if name == role:
+                return where
+        for name, where in self.locs:
+            if name == "service":
+                return where
+        return FieldLoc(self.lineno, 0, self.service)
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    """A NetBSD ``.include PATTERN`` line; expanded by ``resolve.load_file``, not by ``parse``.
+
+    ``position`` is the number of specs of the including file that precede it,
+    so included entries keep their place in file order.
+    """
+
+    pattern: str
+    source: str
+    lineno: int
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedConfig:
+    """What ``parse`` returns: every entry it could read and every diagnostic."""
+
+    specs: tuple[ServiceSpec, ...]
+    defaults: Options
+    diagnostics: tuple[Diagnostic, ...]
+    includes: tuple[Include, ...] = ()
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity is Severity.ERROR)
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.severity is Severity.WARNING)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One socket to listen on.
+
+    ``family`` is ``socket.AF_INET``, ``AF_INET6`` or ``AF_UNIX`` (as an int
+    so this module stays free of the socket module); ``address`` is a
+    numeric host (``0.0.0.0``, ``::``) or, for unix, the path; ``port`` is 0
+    for unix (and may be 0 for "any free port": the listener reports it).
+    ``v6only`` is False only for ``tcp46``/``udp46``.
+    """
+
+    family: int
+    address: str
+    port: int
+    v6only: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """Identity across a reload: same endpoints and socket type = same service.
+
+    ``label`` is the display name for services that ask for port 0 ("any free
+    port"): their endpoints alone do not tell them apart. Empty otherwise.
+    """
+
+    socket_type: SocketType
+    is_udp: bool
+    endpoints: tuple[Endpoint, ...]
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Resolved pool sizing for one service (all defaults applied)."""
+
+    pool_min: int
+    pool_max: int
+    worker_connections: int
+    max_requests: int
+    idle_timeout: float
+    # False: the most recently used worker below its cap takes the next connection
+    # (built-ins: one warm process serves many). True: the least loaded one does
+    # (programs: launches run in parallel on several cores).
+    spread: bool = False
+    # Programs: how many connections a worker may hold that it has not launched yet
+    # (handed, no SPAWNED or DONE back). 0 = no limit (built-ins). Past it the
+    # connection waits in the kernel's FIFO backlog, not in one busy worker's channel.
+    launch_depth: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOwner:
+    """A unix socket's resolved ``:owner:group:mode:`` prefix; -1 = leave as created."""
+
+    uid: int
+    gid: int
+    mode: int | None  # None = the listener's default mode
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A spec resolved to what the runtime needs.
+
+    Exactly one of ``internal`` (a built-in's name, e.g. "echo") and
+    ``program`` (an absolute path, launched with ``argv``) is set. The built-in
+    ``"tcpmux"`` is the RFC 1078 listener: the engine reads the request line and
+    hands the connection to the sub-service of that name. A sub-service
+    (``tcpmux_name`` set) has no endpoints (``key.endpoints == ()``) and is
+    reached only through a tcpmux listener.
+    """
+
+    spec: ServiceSpec
+    name: str  # display name, e.g. "echo/tcp", "7007/tcp", "/run/echo.sock/unix"
+    key: ServiceKey
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    user_name: str
+    home: str
+    internal: str | None
+    program: str | None
+    argv: tuple[str, ...]
+    pool: PoolSettings
+    conn_timeout: float
+    stderr: StderrRoute
+    env: tuple[tuple[str, str], ...]
+    limits: Limits  # resolved: defaults and the safe default applied (see Limits)
+    socket_owner: SocketOwner | None = None  # unix sockets with a FreeBSD perms prefix
+    only_from: AddressList = field(default_factory=AddressList)  # empty = no list (everyone)
+    no_access: AddressList = field(default_factory=AddressList)  # empty = none; wins
+    source_v4_prefix: int = DEFAULT_SOURCE_V4_PREFIX  # 0-32
+    source_v6_prefix: int = DEFAULT_SOURCE_V6_PREFIX  # 0-128
+    block_time: float = 0.0  # seconds; 0 = refuse only what is over the rate
+    reuseport: bool = False  # listeners get SO_REUSEPORT
+    proxy_protocol: bool = False  # a PROXY v1/v2 header comes first
+    proxy_from: AddressList = field(default_factory=AddressList)  # who may send it (not unix)
+    tcpmux_name: str | None = None  # a tcpmux sub-service: its name, lower-cased
+    tcpmux_plus: bool = False  # tcpmux/+NAME: poolinetd sends "+Go" before handing over
+
+    @property
+    def socket_type(self) -> SocketType:
+        return self.spec.socket_type
+
+    @property
+    def wait(self) -> bool:
+        return self.spec.wait
+
+
+# The RFC 1078 multiplexer: a built-in the engine answers in its preamble stage, so it
+# has no row (no handler) in internal.TABLE; resolve.py accepts it on stream tcp only.
+TCPMUX = "tcpmux"
+# What ``internal NAME`` may name besides tcpmux: the config language's vocabulary.
+# builtins/internal.py implements exactly these (tests/test_builtins_table.py checks).
+BUILTIN_NAMES: tuple[str, ...] = ("echo", "discard", "chargen", "daytime", "time")

@@ -1,0 +1,494 @@
+"""The worker: one pre-forked, privilege-dropped process of a service's pool.
+
+Touches the OS: selector loop over its channel, its built-in connections,
+its lent sockets and its children (pidfds); launches programs.
+
+``run_worker(channel, service, ...)`` runs in the child after ``spawn.fork_child``
+has closed every inherited fd but the channel and stdio. It drops privileges,
+says READY, and then serves until told to STOP (or the master goes away):
+
+* CONN + fd: a built-in is served in-process, non-blocking, many at once; a
+  program is launched on the socket (fds 0, 1, 2) and the worker goes straight
+  back to its loop; the connection ends when the program exits.
+* LEND + fd: a socket the master keeps too. For a ``wait`` program it becomes
+  the program's fd 0 (inetd's tftpd contract); for a datagram built-in the
+  worker answers datagrams on it for as long as it lives.
+
+fd ownership: the worker owns every fd it receives and closes it on every
+path; the master learns that a connection (or loan) ended from DONE, and
+which program serves it from SPAWNED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from poolinetd.builtins import internal
+from poolinetd.builtins.dgram import DgramResponder as DgramResponder
+from poolinetd.config.spec import Service, SocketType, StderrRoute
+from poolinetd.launch import privileges, spawn
+from poolinetd.launch.signals import SignalPipe
+from poolinetd.observe import log, stagetrace
+from poolinetd.pool import wire
+from poolinetd.pool.poller import Poller
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STOP_GRACE_ON_MASTER_LOSS = 10.0  # seconds to finish built-in connections if the master dies
+_TIMEOUT_SCAN = 1.0
+# STATS and the process title are for people (metrics are rendered at most once a
+# second, ps is read by eye): sent or set at most this often while busy, at once
+# when the worker goes idle. Per loop turn they cost a syscall each.
+_REPORT_INTERVAL = 1.0
+_TITLE_INTERVAL = 0.5
+
+
+@dataclass(slots=True)
+class _Conn:
+    """A built-in stream connection being served."""
+
+    conn_id: int
+    sock: socket.socket
+    handler: internal.StreamHandler
+    peer: str
+    started: float
+    deadline: float
+    events: int = 0
+
+
+@dataclass(slots=True)
+class _Child:
+    """A launched program and the connection (or loan) it serves."""
+
+    conn_id: int
+    pid: int
+    pidfd: int
+    peer: str
+    started: float
+
+
+@dataclass(slots=True)
+class _DgramLoan:
+    """A bound datagram socket lent for a built-in: answered until the worker exits."""
+
+    lend_id: int
+    sock: socket.socket
+    responder: DgramResponder
+
+
+def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
+    """The environment of a launched program: clean, plus UCSPI and CGI connection variables.
+
+    ``peer``/``local`` are "HOST PORT" as the master wrote them ("" for unix).
+    """
+    env = {"PATH": BASE_PATH, "HOME": service.home, "USER": service.user_name,
+           "LOGNAME": service.user_name, "SHELL": "/bin/sh"}
+    if service.spec.protocol.is_unix:
+        env["PROTO"] = "UNIX"
+    else:
+        rhost, _, rport = peer.partition(" ")
+        lhost, _, lport = local.partition(" ")
+        rhost, lhost = _unmap(rhost), _unmap(lhost)
+        proto = "UDP" if service.spec.protocol.is_udp else "TCP"
+        if ":" in rhost:
+            proto += "6"
+        env.update({"PROTO": proto, f"{proto[:3]}REMOTEIP": rhost, f"{proto[:3]}REMOTEPORT": rport,
+                    f"{proto[:3]}LOCALIP": lhost, f"{proto[:3]}LOCALPORT": lport,
+                    "REMOTE_ADDR": rhost, "REMOTE_PORT": rport})
+        if proto.startswith("TCP"):
+            env.update({"TCPREMOTEIP": rhost, "TCPREMOTEPORT": rport,
+                        "TCPLOCALIP": lhost, "TCPLOCALPORT": lport})
+    env.update(service.env)
+    return env
+
+
+def _unmap(host: str) -> str:
+    """``::ffff:192.0.2.1`` (a v4 client of a tcp46 socket) is reported as ``192.0.2.1``."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def format_addr(addr: object) -> str:
+    """The wire form of a socket address: "HOST PORT", or "" for unix sockets."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]} {addr[1]}"
+    return ""
+
+
+class Worker:
+    """The state of one worker process; ``run()`` is its whole life."""
+
+    def __init__(self, channel: socket.socket, service: Service, internal_ports: frozenset[int],
+                 log_connections: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.channel = channel
+        self.service = service
+        self.internal_ports = internal_ports
+        self.log_connections = log_connections
+        self.clock = clock
+        self.poller = Poller()
+        self.conns: dict[int, _Conn] = {}  # by fd
+        self.children: dict[int, _Child] = {}  # by pidfd
+        self.dgram: dict[int, _DgramLoan] = {}  # by fd
+        self.done: list[int] = []  # ids to report in the next DONE batch
+        self.stat_in = 0  # built-in bytes and program exits, for the next STATS
+        self.stat_out = 0
+        self.stat_exits: list[tuple[int, int]] = []
+        self.stats_due = 0.0  # when pending STATS may be sent while busy
+        self.title_due = 0.0  # when the title may change again
+        self.title_stale = False  # the state changed since the title was set
+        self.stopping = False
+        self.stop_deadline: float | None = None
+        self.title_state = ""
+        self.pid = os.getpid()
+        self.sock_type = (socket.SOCK_SEQPACKET if service.socket_type is SocketType.SEQPACKET
+                          else socket.SOCK_STREAM)
+        # The built-in's connection handler for this socket type, looked up once.
+        entry = internal.BY_NAME.get(service.internal) if service.internal else None
+        self.handler_factory = entry.handler(service.socket_type) if entry else None
+
+    # -- main loop --------------------------------------------------------
+    def run(self) -> int:
+        self.channel.setblocking(False)
+        self.poller.register(self.channel.fileno(), internal.Want.READ, None)
+        # SIGTERM (e.g. sent to the whole process group) means what STOP means:
+        # finish what is being served, then exit. Signals an operator means for
+        # the master (Ctrl-C, reload, log reopen, resize) are ignored when they
+        # reach the whole group: the master acts on them and tells the workers.
+        self.sigpipe = SignalPipe()
+        self.sigpipe.install([signal.SIGTERM])
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
+                    signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        self.poller.register(self.sigpipe.reader.fileno(), internal.Want.READ, self.sigpipe)
+        self._set_title(self.clock())
+        wire.send(self.channel, wire.encode_ready(self.pid))
+        next_scan = self.clock() + _TIMEOUT_SCAN
+        while not (self.stopping and not self.conns and not self.children):
+            now = self.clock()
+            deadlines = [next_scan] if self.conns or self.stopping else []
+            if self.title_stale:
+                deadlines.append(self.title_due)
+            if self._stats_pending():
+                deadlines.append(self.stats_due)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            for data, _ in self.poller.poll(timeout):
+                if data is None:
+                    self._on_channel()
+                elif data is self.sigpipe:
+                    if signal.SIGTERM in self.sigpipe.drain():
+                        self._begin_stop(None)
+                elif isinstance(data, _Conn):
+                    self._on_conn(data)
+                elif isinstance(data, _Child):
+                    self._on_child(data)
+                elif isinstance(data, _DgramLoan):
+                    data.responder.on_readable()
+            now = self.clock()
+            if now >= next_scan:
+                next_scan = now + _TIMEOUT_SCAN
+                self._expire(now)
+            # One DONE per loop turn carries every connection that ended in it,
+            # the timed-out ones included (sent after _expire: the loop may sleep
+            # for good next). Holding DONEs back longer to batch more was
+            # measured slower: the master then sees load late.
+            self._report(now)
+            self._set_title(now)
+        self._report(None)
+        stagetrace.flush()
+        for loan in self.dgram.values():
+            loan.sock.close()
+        self.poller.close()
+        self.sigpipe.close()
+        self.channel.close()
+        return 0
+
+    def _on_channel(self) -> None:
+        for _ in range(256):  # bounded: connections already here get served too
+            try:
+                got = wire.receive(self.channel)
+            except wire.ProtocolError as exc:
+                log.error("wire_error", service=self.service.name, pid=self.pid, error=str(exc))
+                lost = exc.message  # the master must not count these forever
+                if lost is not None and lost.kind == wire.CONN:
+                    self.done.extend(info.conn_id for info in lost.conns)
+                elif lost is not None and lost.kind == wire.LEND:
+                    self.done.append(lost.ident)
+                continue
+            if got is None:
+                return
+            msg, fds = got  # receive checked that fds match the kind
+            if msg.kind == wire.CONN:
+                for n, (info, fd) in enumerate(zip(msg.conns, fds, strict=True)):
+                    if stagetrace.enabled:
+                        stagetrace.stamp("received", info.conn_id, None, f"batch={n + 1}")
+                    self._on_conn_msg(info, fd)
+            elif msg.kind == wire.EOF:
+                self._begin_stop(STOP_GRACE_ON_MASTER_LOSS)
+                return
+            elif msg.kind == wire.LEND:
+                self._on_lend(msg.ident, fds[0])
+            elif msg.kind == wire.STOP:
+                self._begin_stop(None)
+            elif msg.kind == wire.LOGFD:
+                log.adopt_fd(fds[0])
+            elif msg.kind == wire.PING:
+                pass  # reading it was the point
+            else:
+                log.error("wire_error", service=self.service.name, pid=self.pid,
+                          error=f"unexpected message kind {msg.kind}")
+
+    def _begin_stop(self, grace: float | None) -> None:
+        """Take no more work; finish what is being served (within ``grace`` if given)."""
+        if not self.stopping:
+            self.stopping = True
+            with contextlib.suppress(KeyError, ValueError):
+                self.poller.unregister(self.channel.fileno())
+            for fd, loan in list(self.dgram.items()):
+                self.poller.unregister(fd)
+                loan.sock.close()
+                self.done.append(loan.lend_id)
+                del self.dgram[fd]
+        if grace is not None:
+            deadline = self.clock() + grace
+            if self.stop_deadline is None or deadline < self.stop_deadline:
+                self.stop_deadline = deadline
+
+    # -- connections --------------------------------------------------------
+    def _on_conn_msg(self, info: wire.ConnInfo, fd: int) -> None:
+        try:
+            # Family and type given: the socket module need not ask the kernel.
+            sock = socket.socket(info.family or -1, self.sock_type, 0, fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            log.error("bad_fd", service=self.service.name, pid=self.pid, error=exc.strerror)
+            self.done.append(info.conn_id)
+            return
+        if self.service.internal is not None:
+            self._start_builtin(info.conn_id, sock, info.peer)
+        else:
+            local = info.local  # what a PROXY header said, else the socket's own
+            if not local:
+                try:
+                    local = format_addr(sock.getsockname())
+                except OSError:
+                    local = ""
+            self._launch(info.conn_id, sock, info.peer, local)
+
+    def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
+        # resolve admits only built-ins the table serves on this socket type
+        assert self.handler_factory is not None
+        sock.setblocking(False)
+        handler = self.handler_factory(sock)
+        now = self.clock()
+        conn = _Conn(conn_id, sock, handler, peer, now, now + self.service.conn_timeout)
+        self._advance(conn, handler.step(), registered=False)
+
+    def _on_conn(self, conn: _Conn) -> None:
+        conn.deadline = self.clock() + self.service.conn_timeout
+        want = conn.handler.step()
+        self._advance(conn, want, registered=True)
+
+    def _advance(self, conn: _Conn, want: int, registered: bool) -> None:
+        """Register the connection for what it waits on, or finish it."""
+        if not want:
+            if registered:
+                fd = conn.sock.fileno()
+                self.poller.unregister(fd)
+                del self.conns[fd]
+            self._finish_builtin(conn, conn.handler.end_reason)
+            return
+        if not registered:  # (Want's values are the poller's epoll bits)
+            fd = conn.sock.fileno()
+            self.poller.register(fd, want, conn)
+            self.conns[fd] = conn
+        elif want != conn.events:
+            self.poller.modify(conn.sock.fileno(), want)
+        conn.events = want
+
+    def _finish_builtin(self, conn: _Conn, status: str) -> None:
+        handler = conn.handler
+        conn.sock.close()
+        self.done.append(conn.conn_id)
+        self.stat_in += handler.bytes_in
+        self.stat_out += handler.bytes_out
+        if stagetrace.enabled:
+            stagetrace.stamp("finished", conn.conn_id)
+        if self.log_connections:
+            log.info("conn_end", service=self.service.name, pid=self.pid, peer=conn.peer,
+                     status=status, duration=round(self.clock() - conn.started, 6),
+                     bytes_in=handler.bytes_in, bytes_out=handler.bytes_out)
+
+    def _expire(self, now: float) -> None:
+        """Close built-in connections silent for conn_timeout (or past the stop deadline)."""
+        hard = self.stop_deadline is not None and now >= self.stop_deadline
+        for fd, conn in list(self.conns.items()):
+            if hard or now >= conn.deadline:
+                self.poller.unregister(fd)
+                del self.conns[fd]
+                self._finish_builtin(conn, "timeout")
+        if hard:
+            self.children.clear()  # programs run on by themselves; the master is their reaper
+
+    # -- programs -----------------------------------------------------------
+    def _launch(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
+        """Start the program on ``sock``; the worker's copy is closed on every path."""
+        service = self.service
+        assert service.program is not None
+        try:
+            # The program expects a blocking socket (O_NONBLOCK is shared by all dups).
+            sock.setblocking(True)
+            stderr_fd = log.log_fd() if service.stderr is StderrRoute.LOG else None
+            pid = spawn.launch(service.program, service.argv,
+                               connection_env(service, peer, local), sock.fileno(), stderr_fd)
+        except OSError as exc:
+            log.error("exec_failed", service=service.name, pid=self.pid, peer=peer,
+                      program=service.program, errno=errno.errorcode.get(exc.errno or 0, "?"),
+                      error=exc.strerror)
+            self.done.append(conn_id)
+            return
+        finally:
+            sock.close()
+        if stagetrace.enabled:
+            stagetrace.stamp("spawned", conn_id)
+        self._track_child(conn_id, pid, peer)
+
+    def _track_child(self, conn_id: int, pid: int, peer: str) -> None:
+        with contextlib.suppress(OSError):  # a gone master finds the program as an orphan
+            wire.send(self.channel, wire.encode_spawned(conn_id, pid))
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # Already gone and reaped? Not possible before waitpid; treat as ended.
+            os.waitpid(pid, os.WNOHANG)
+            self.done.append(conn_id)
+            return
+        child = _Child(conn_id, pid, pidfd, peer, self.clock())
+        self.children[pidfd] = child
+        self.poller.register(pidfd, internal.Want.READ, child)
+
+    def _on_child(self, child: _Child) -> None:
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 0
+        if pid == 0:
+            return
+        self.poller.unregister(child.pidfd)
+        os.close(child.pidfd)
+        del self.children[child.pidfd]
+        self.done.append(child.conn_id)
+        if stagetrace.enabled:
+            stagetrace.stamp("exited", child.conn_id)
+        code = os.waitstatus_to_exitcode(status)
+        self.stat_exits.append((code, int((self.clock() - child.started) * 1_000_000)))
+        if self.log_connections or code not in (0,):
+            level = logging.INFO if code == 0 else logging.WARNING
+            log.event(level, "program_exit", service=self.service.name, pid=child.pid,
+                      peer=child.peer, status=code,
+                      duration=round(self.clock() - child.started, 6))
+
+    # -- loans ----------------------------------------------------------------
+    def _on_lend(self, lend_id: int, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        if self.service.internal is not None and self.service.socket_type is SocketType.DGRAM:
+            sock.setblocking(False)
+            loan = _DgramLoan(lend_id, sock, DgramResponder(sock, self.service,
+                                                            self.internal_ports, self.clock))
+            self.dgram[sock.fileno()] = loan
+            self.poller.register(sock.fileno(), internal.Want.READ, loan)
+            return
+        if self.service.program is None:
+            log.error("bad_loan", service=self.service.name, pid=self.pid)
+            sock.close()
+            self.done.append(lend_id)
+            return
+        self._launch(lend_id, sock, "", "")
+
+    # -- reporting ------------------------------------------------------------
+    def _stats_pending(self) -> bool:
+        return bool(self.stat_in or self.stat_out or self.stat_exits)
+
+    def _report(self, now: float | None) -> None:
+        """DONE for what ended in this turn; STATS when due, idle or ``now`` is None (exit)."""
+        payloads = wire.encode_done(self.done) if self.done else []
+        self.done.clear()
+        if self._stats_pending() and (now is None or now >= self.stats_due or not (
+                self.conns or self.children)):
+            payloads += wire.encode_stats(self.stat_in, self.stat_out, self.stat_exits)
+            self.stat_in = self.stat_out = 0
+            self.stat_exits = []
+            self.stats_due = (now or 0.0) + _REPORT_INTERVAL
+        for payload in payloads:
+            try:
+                wire.send(self.channel, payload)
+            except BlockingIOError:
+                # The master is slow to read; wait for room rather than lose a DONE.
+                self.channel.setblocking(True)
+                try:
+                    wire.send(self.channel, payload)
+                except OSError:
+                    break
+                finally:
+                    self.channel.setblocking(False)
+            except OSError:
+                break  # master gone
+
+    def _set_title(self, now: float) -> None:
+        busy = len(self.conns) + len(self.children) + len(self.dgram)
+        if busy == 0:
+            state = "draining" if self.stopping else "idle"
+        elif busy == 1 and len(self.conns) == 1:
+            peer = next(iter(self.conns.values())).peer
+            state = peer.replace(" ", ":") if peer else "1 connection"
+        else:
+            state = f"{busy} connection{'' if busy == 1 else 's'}"
+        if state == self.title_state:
+            self.title_stale = False
+            return
+        if now < self.title_due:
+            self.title_stale = True  # the loop wakes at title_due to set it
+            return
+        self.title_state = state
+        self.title_stale = False
+        self.title_due = now + _TITLE_INTERVAL
+        spawn.set_title(f"poolinetd: {self.service.name} worker {state}")
+
+
+def run_worker(channel: socket.socket, service: Service, internal_ports: frozenset[int],
+               log_connections: bool) -> int:
+    """The body of a worker child: drop privileges, check it can serve, then serve.
+
+    Returns the exit code. A worker that cannot serve (privileges refused, the
+    program not executable by the service's user) says BOOT_FAILED with the
+    reason and exits EX_WORKER_BOOT before READY, so the master puts the
+    service into backoff instead of respawning in a loop, and shows the reason
+    in status. Fixing the cause needs no restart: the next probe succeeds.
+    """
+    spawn.set_title(f"poolinetd: {service.name} worker booting")
+    stagetrace.forked()
+    try:
+        privileges.drop(service.uid, service.gid, service.groups)
+    except privileges.PrivilegeError as exc:
+        return _boot_failed(channel, service, str(exc))
+    # Checked here, as the service's user: a program every connection would fail
+    # to exec (mode, a directory on the path nobody can search) is one clear error.
+    if service.program is not None and not os.access(service.program, os.X_OK):
+        return _boot_failed(channel, service, f"{service.program} is not executable by "
+                                              f"{service.user_name}")
+    if service.program is not None:
+        spawn.restore_fd_limit()  # launched programs inherit it; this worker needs few fds
+    return Worker(channel, service, internal_ports, log_connections).run()
+
+
+def _boot_failed(channel: socket.socket, service: Service, reason: str) -> int:
+    log.error("worker_boot_failed", service=service.name, pid=os.getpid(), error=reason)
+    with contextlib.suppress(OSError):
+        wire.send(channel, wire.encode_boot_failed(reason))
+    return spawn.EX_WORKER_BOOT
