@@ -18,20 +18,34 @@ at the end of every accept batch and loop turn.
 
 from __future__ import annotations
 
-import selectors
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from poolinetd.engine.runtime import Listener, ServiceRuntime
 
 
+class Watchable(Protocol):
+    """What the engine's selector can watch: anything with a file descriptor."""
+
+    def fileno(self) -> int: ...
+
+
 class Hooks(Protocol):
     """What a dispatcher may ask of the engine."""
 
-    sel: selectors.BaseSelector
     internal_ports: frozenset[int]
     log_connections: bool
     stopping: bool
+
+    def watch(self, fileobj: Watchable, handler: Callable[[int], None]) -> None:
+        """Call ``handler(mask)`` from the loop whenever ``fileobj`` is readable.
+
+        The dispatcher keeps owning ``fileobj``; it must ``unwatch`` it before closing it.
+        """
+
+    def unwatch(self, fileobj: Watchable) -> None:
+        """Stop watching ``fileobj`` (no-op if it is not watched)."""
 
     def ended(self, iid: int) -> None:
         """Instance ``iid`` is over (connection closed, program exited, loan returned)."""

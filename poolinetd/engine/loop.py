@@ -51,7 +51,7 @@ from poolinetd.admission.policy import LOOPING_PAUSE
 from poolinetd.builtins import internal
 from poolinetd.config.spec import Service, SocketType
 from poolinetd.engine import reloadplan, reports
-from poolinetd.engine.dispatch import Dispatcher
+from poolinetd.engine.dispatch import Dispatcher, Watchable
 from poolinetd.engine.runtime import Instance, Listener, Pending, ServiceRuntime
 from poolinetd.launch import spawn
 from poolinetd.launch.signals import SignalPipe
@@ -131,7 +131,7 @@ class Engine:
         self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         self.sigpipe = SignalPipe()
         self.sigpipe.install(SIGNALS)
-        self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self.sigpipe)
+        self.sel.register(self.sigpipe.reader, selectors.EVENT_READ, self._on_signals)
         self.runtimes: list[ServiceRuntime] = []
         self.instances: dict[int, Instance] = {}
         self.pending: dict[int, Pending] = {}  # by fd
@@ -227,7 +227,7 @@ class Engine:
         began = self.system.clock()
         for key, mask in events:
             try:
-                self._on_event(key.data, mask)
+                key.data(mask)  # every registration's data is its handler
             except Exception:  # the last line of defence: one event's bug
                 # must not take every service down with the master.
                 log.error("internal_error", traceback=traceback.format_exc())
@@ -239,22 +239,13 @@ class Engine:
             log.error("internal_error", traceback=traceback.format_exc())
         self.loop_turn.observe(self.system.clock() - began)
 
-    def _on_event(self, data: object, mask: int) -> None:
-        if isinstance(data, Listener):
-            if data.polled:  # else a stale event: a stop or reload closed it in this batch
-                self._on_listener(data)
-        elif isinstance(data, Pending):
-            self._on_pending(data)
-        elif isinstance(data, Upgrade):
-            self._on_upgrade_pipe(data)
-        elif data is self.sigpipe:
-            self._on_signals()
-        else:
-            # The rest have their own handler: worker channels, the control and metrics
-            # sockets and their clients.
-            handler = getattr(data, "on_event", None)
-            if handler is not None:
-                handler(mask)
+    def watch(self, fileobj: Watchable, handler: Callable[[int], None]) -> None:
+        """Call ``handler(mask)`` when ``fileobj`` is readable (dispatchers' channels)."""
+        self.sel.register(fileobj, selectors.EVENT_READ, handler)
+
+    def unwatch(self, fileobj: Watchable) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(fileobj)
 
     def _next_timeout(self, now: float) -> float | None:
         deadline = self.next_sweep
@@ -360,7 +351,7 @@ class Engine:
         if want == lst.polled:
             return
         if want:
-            self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+            self.sel.register(lst.sock, selectors.EVENT_READ, lambda _mask: self._on_listener(lst))
         else:
             self.sel.unregister(lst.sock)
         lst.polled = want
@@ -390,6 +381,8 @@ class Engine:
 
     # -- the accept path -------------------------------------------------------
     def _on_listener(self, lst: Listener) -> None:
+        if not lst.polled:  # a stale event: a stop or reload closed it earlier in this turn
+            return
         rt = lst.rt
         if rt.lends:
             self._lend(lst)
@@ -662,7 +655,7 @@ class Engine:
         rt.pending += 1
         self._on_pending(item)  # the header is usually there already
         if fd in self.pending:
-            self.sel.register(sock, selectors.EVENT_READ, item)
+            self.sel.register(sock, selectors.EVENT_READ, lambda _mask: self._on_pending(item))
 
     def _on_pending(self, item: Pending) -> None:
         """Peek at what arrived and let the reader decide; never blocks, never over-reads.
@@ -813,7 +806,7 @@ class Engine:
             inst.rt.programs += 1
 
     # -- signals ---------------------------------------------------------------
-    def _on_signals(self) -> None:
+    def _on_signals(self, _mask: int = 0) -> None:
         for sig in self.sigpipe.drain():
             if sig == signal.SIGCHLD:
                 self._reap()
@@ -1026,7 +1019,7 @@ class Engine:
                       action="this master keeps serving")
             return f"cannot start a new master: {exc.strerror}"
         self.upgrading = up
-        self.sel.register(up.reader, selectors.EVENT_READ, up)
+        self.sel.register(up.reader, selectors.EVENT_READ, lambda _mask: self._on_upgrade_pipe(up))
         log.info("upgrade_started", new_pid=up.pid, listeners=len(sockets))
         return ""
 

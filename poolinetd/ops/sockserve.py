@@ -53,7 +53,7 @@ class Client:
             self.server.drop(self)
             return
         self.reply = memoryview(answer)
-        self.server.sel.modify(self.sock, selectors.EVENT_WRITE, self)
+        self.server.sel.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
         self._write()
 
     def _write(self) -> None:
@@ -87,7 +87,7 @@ class RequestServer:
         self.clients: list[Client] = []
         self.by_source: dict[str, int] = {}
         self.resume_at = 0.0  # > 0 while accepting rests after running out of fds
-        sel.register(sock, selectors.EVENT_READ, self)
+        sel.register(sock, selectors.EVENT_READ, self.on_event)
 
     def answer(self, request: bytes, eof: bool) -> bytes | None:
         """The whole reply to ``request`` (all bytes so far), or None to read on;
@@ -114,7 +114,7 @@ class RequestServer:
             client = Client(self, conn, self.clock() + self.timeout, source)
             self.by_source[source] = self.by_source.get(source, 0) + 1
             self.clients.append(client)
-            self.sel.register(conn, selectors.EVENT_READ, client)
+            self.sel.register(conn, selectors.EVENT_READ, client.on_event)
 
     def drop(self, client: Client) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -137,7 +137,7 @@ class RequestServer:
     def expire(self, now: float) -> None:
         if self.resume_at and now >= self.resume_at:
             self.resume_at = 0.0
-            self.sel.register(self.sock, selectors.EVENT_READ, self)
+            self.sel.register(self.sock, selectors.EVENT_READ, self.on_event)
         for client in [c for c in self.clients if c.deadline <= now]:
             self.drop(client)
 

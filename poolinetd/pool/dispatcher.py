@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import selectors
 import signal
 import socket
 from dataclasses import dataclass, field, replace
@@ -297,7 +296,7 @@ class PoolDispatcher:
         handle = WorkerHandle(pid, ours, rt, self)
         self.workers[pid] = handle
         pool.add_booting(pid, self.system.clock())
-        self.hooks.sel.register(ours, selectors.EVENT_READ, handle)
+        self.hooks.watch(ours, handle.on_event)
 
     def on_worker(self, handle: WorkerHandle) -> None:
         """Read what a worker said (bounded), then let the engine re-decide its service."""
@@ -420,7 +419,7 @@ class PoolDispatcher:
             self.conns.pop(info.conn_id, None)
         now = self.system.clock()
         self.hooks.wake_at(now)  # a backoff may have started: the sweep plans its end
-        self.hooks.sel.unregister(handle.channel)
+        self.hooks.unwatch(handle.channel)
         handle.channel.close()
         rt = handle.rt
         pool = self.pools.get(rt)
@@ -645,5 +644,5 @@ class PoolDispatcher:
             if not handle.closed:
                 handle.closed = True
                 with contextlib.suppress(KeyError, ValueError):
-                    self.hooks.sel.unregister(handle.channel)
+                    self.hooks.unwatch(handle.channel)
                 handle.channel.close()
