@@ -6,8 +6,8 @@ mode, which is what makes ``benchmarks/`` a fair comparison and makes this a
 real fallback for a service that must not share a long-lived process.
 
 * nowait: the engine accepts; a child drops privileges and serves the
-  built-in or execs the program with the socket on fds 0, 1, 2 (the launch
-  rules of spawn.py, the same as the workers').
+  built-in or execs the program with the socket on fds 0, 1, 2
+  (``launch.program``: the same contract as a pool worker's programs).
 * wait: the child gets the listening (or bound datagram) socket on fd 0;
   the engine stops polling it until that child exits, as inetd does.
 * datagram built-ins: a child drops privileges and answers what is queued,
@@ -20,7 +20,6 @@ fork and keeps only that and the log; the engine's copies stay the engine's.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -28,13 +27,12 @@ import time
 from dataclasses import dataclass
 
 from poolinetd.builtins import dgram, internal
-from poolinetd.config.spec import Service, SocketType, StderrRoute
+from poolinetd.config.spec import Service, SocketType
 from poolinetd.engine.dispatch import Hooks
 from poolinetd.engine.runtime import Listener, ServiceRuntime
-from poolinetd.launch import privileges, spawn
+from poolinetd.launch import program, spawn
 from poolinetd.launch.system import System
 from poolinetd.observe import log
-from poolinetd.pool import worker
 
 _DGRAM_BATCHES = 16  # a datagram child answers at most this many batches, then exits
 # A datagram child's exit status when it logged a refusal: the next child, forked
@@ -118,8 +116,9 @@ class ForkDispatcher:
         return self._fork(rt, iid, fd, True,
                           lambda: _serve_connection(service, fd, 0, "", False, ""))
 
-    def _fork(self, rt: ServiceRuntime, iid: int, fd: int, program: bool,
+    def _fork(self, rt: ServiceRuntime, iid: int, fd: int, execs: bool,
               body: spawn.Body) -> bool:
+        """Fork ``body`` keeping ``fd`` (and the log); ``execs``: the child becomes a program."""
         keep = [fd]
         if log.log_fd() > 2:
             keep.append(log.log_fd())  # the child's own errors go to the log
@@ -129,8 +128,8 @@ class ForkDispatcher:
             log.error("fork_failed", service=rt.name, error=exc.strerror)
             self.hooks.rest(rt, f"fork: {exc.strerror}")
             return False
-        self.children[pid] = Child(iid, rt, self.system.clock(), program)
-        if program:
+        self.children[pid] = Child(iid, rt, self.system.clock(), execs)
+        if execs:
             self.hooks.program_started(iid, pid)
         return True
 
@@ -139,13 +138,13 @@ class ForkDispatcher:
         if child is None:
             return False
         if child.program:
-            child.rt.stats.program_exit(code, self.system.clock() - child.started)
-        if child.program and (self.hooks.log_connections or code != 0):
-            log.event(20 if code == 0 else 30, "program_exit", service=child.rt.name, pid=pid,
-                      status=code, duration=round(self.system.clock() - child.started, 6))
-        elif not child.program and code == DGRAM_LOGGED and child.rt.lends:
+            duration = self.system.clock() - child.started
+            child.rt.stats.program_exit(code, duration)
+            program.log_program_exit(child.rt.name, pid, code, duration,
+                                     self.hooks.log_connections)
+        elif code == DGRAM_LOGGED and child.rt.lends:
             self.guard_logged[child.rt.name] = time.monotonic()
-        elif not child.program and code != 0:
+        elif code != 0:
             log.warning("child_exit", service=child.rt.name, pid=pid, status=code)
         self.hooks.ended(child.iid)
         return True
@@ -198,10 +197,10 @@ class ForkDispatcher:
 
 
 def _drop(service: Service) -> bool:
-    try:
-        privileges.drop(service.uid, service.gid, service.groups)
-    except privileges.PrivilegeError as exc:
-        log.error("privileges_failed", service=service.name, pid=os.getpid(), error=str(exc))
+    """In the child: become the service's user; False (logged) if it cannot serve."""
+    failed = program.drop_privileges(service)
+    if failed is not None:
+        log.error("privileges_failed", service=service.name, pid=os.getpid(), error=failed)
         return False
     return True
 
@@ -226,25 +225,9 @@ def _serve_connection(service: Service, fd: int, family: int, peer: str,
                      status="done", duration=round(time.monotonic() - started, 6),
                      bytes_in=bytes_in, bytes_out=bytes_out)
         return 0
-    assert service.program is not None
-    if peer and not local:
-        try:
-            local = worker.format_addr(sock.getsockname())
-        except OSError:
-            local = ""
-    env = worker.connection_env(service, peer, local)
-    sock.setblocking(True)  # the program expects a blocking socket
-    spawn.restore_fd_limit()
-    saved_log = os.dup(log.log_fd())  # close-on-exec: only used if the exec fails
-    stderr_fd = log.log_fd() if service.stderr is StderrRoute.LOG else None
-    try:
-        spawn.exec_in_place(service.program, service.argv, env, fd, stderr_fd)
-    except OSError as exc:
-        os.dup2(saved_log, 2)  # fd 2 is the client's socket now: log to the real log
-        log.error("exec_failed", service=service.name, pid=os.getpid(),
-                  program=service.program, errno=errno.errorcode.get(exc.errno or 0, "?"),
-                  error=exc.strerror)
-    return 127
+    if peer:  # (a lent wait listener has no peer, and its program no local address)
+        local = program.local_address(sock, local)
+    return program.exec_program(service, sock, peer, local)
 
 
 def _answer_datagrams(service: Service, fd: int, internal_ports: frozenset[int],

@@ -460,7 +460,7 @@ class PoolDispatcher:
             elif code != 0:
                 rt.last_error = f"worker {pid} exited with status {code}"
             expected = self.hooks.stopping or (handle.stop_sent and code == 0)
-            log.event(10 if expected else 30, "worker_exit", service=rt.name, pid=pid,
+            log.event(log.DEBUG if expected else log.WARNING, "worker_exit", service=rt.name, pid=pid,
                       status=code)
             return True
         orphan = self.orphans.pop(pid, None)

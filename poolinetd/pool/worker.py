@@ -8,8 +8,9 @@ has closed every inherited fd but the channel and stdio. It drops privileges,
 says READY, and then serves until told to STOP (or the master goes away):
 
 * CONN + fd: a built-in is served in-process, non-blocking, many at once; a
-  program is launched on the socket (fds 0, 1, 2) and the worker goes straight
-  back to its loop; the connection ends when the program exits.
+  program is launched on the socket (fds 0, 1, 2: ``launch.program``, the
+  same contract as classic mode's) and the worker goes straight back to its
+  loop; the connection ends when the program exits.
 * LEND + fd: a socket the master keeps too. For a ``wait`` program it becomes
   the program's fd 0 (inetd's tftpd contract); for a datagram built-in the
   worker answers datagrams on it for as long as it lives.
@@ -17,13 +18,15 @@ says READY, and then serves until told to STOP (or the master goes away):
 fd ownership: the worker owns every fd it receives and closes it on every
 path; the master learns that a connection (or loan) ended from DONE, and
 which program serves it from SPAWNED.
+
+``Worker`` runs in-process too (the unit tests drive it turn by turn over a
+real socketpair): ``run`` is ``take_signals``, ``start``, ``turn`` while
+``serving``, ``close``; the clock and the title setter are parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging
 import os
 import signal
 import socket
@@ -33,14 +36,13 @@ from dataclasses import dataclass
 
 from poolinetd.builtins import internal
 from poolinetd.builtins.dgram import DgramResponder as DgramResponder
-from poolinetd.config.spec import Service, SocketType, StderrRoute
-from poolinetd.launch import privileges, spawn
+from poolinetd.config.spec import Service, SocketType
+from poolinetd.launch import program, spawn
 from poolinetd.launch.signals import SignalPipe
 from poolinetd.observe import log, stagetrace
 from poolinetd.pool import wire
 from poolinetd.pool.poller import Poller
 
-BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STOP_GRACE_ON_MASTER_LOSS = 10.0  # seconds to finish built-in connections if the master dies
 _TIMEOUT_SCAN = 1.0
 # STATS and the process title are for people (metrics are rendered at most once a
@@ -83,56 +85,24 @@ class _DgramLoan:
     responder: DgramResponder
 
 
-def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
-    """The environment of a launched program: clean, plus UCSPI and CGI connection variables.
-
-    ``peer``/``local`` are "HOST PORT" as the master wrote them ("" for unix).
-    """
-    env = {"PATH": BASE_PATH, "HOME": service.home, "USER": service.user_name,
-           "LOGNAME": service.user_name, "SHELL": "/bin/sh"}
-    if service.spec.protocol.is_unix:
-        env["PROTO"] = "UNIX"
-    else:
-        rhost, _, rport = peer.partition(" ")
-        lhost, _, lport = local.partition(" ")
-        rhost, lhost = _unmap(rhost), _unmap(lhost)
-        proto = "UDP" if service.spec.protocol.is_udp else "TCP"
-        if ":" in rhost:
-            proto += "6"
-        env.update({"PROTO": proto, f"{proto[:3]}REMOTEIP": rhost, f"{proto[:3]}REMOTEPORT": rport,
-                    f"{proto[:3]}LOCALIP": lhost, f"{proto[:3]}LOCALPORT": lport,
-                    "REMOTE_ADDR": rhost, "REMOTE_PORT": rport})
-        if proto.startswith("TCP"):
-            env.update({"TCPREMOTEIP": rhost, "TCPREMOTEPORT": rport,
-                        "TCPLOCALIP": lhost, "TCPLOCALPORT": lport})
-    env.update(service.env)
-    return env
-
-
-def _unmap(host: str) -> str:
-    """``::ffff:192.0.2.1`` (a v4 client of a tcp46 socket) is reported as ``192.0.2.1``."""
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
-def format_addr(addr: object) -> str:
-    """The wire form of a socket address: "HOST PORT", or "" for unix sockets."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return f"{addr[0]} {addr[1]}"
-    return ""
-
-
 class Worker:
     """The state of one worker process; ``run()`` is its whole life."""
 
     def __init__(self, channel: socket.socket, service: Service, internal_ports: frozenset[int],
                  log_connections: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 set_title: Callable[[str], None] = spawn.set_title) -> None:
+        """``channel``: the worker's end of its socketpair, owned from now on (closed by
+        ``close``). ``clock``: monotonic seconds for every deadline."""
         self.channel = channel
         self.service = service
         self.internal_ports = internal_ports
         self.log_connections = log_connections
         self.clock = clock
+        self.set_title = set_title
         self.poller = Poller()
+        self.sigpipe: SignalPipe | None = None  # only when it owns the process (take_signals)
+        self.next_scan = 0.0  # when silent connections are next looked for
         self.conns: dict[int, _Conn] = {}  # by fd
         self.children: dict[int, _Child] = {}  # by pidfd
         self.dgram: dict[int, _DgramLoan] = {}  # by fd
@@ -155,59 +125,91 @@ class Worker:
 
     # -- main loop --------------------------------------------------------
     def run(self) -> int:
-        self.channel.setblocking(False)
-        self.poller.register(self.channel.fileno(), internal.Want.READ, None)
-        # SIGTERM (e.g. sent to the whole process group) means what STOP means:
-        # finish what is being served, then exit. Signals an operator means for
-        # the master (Ctrl-C, reload, log reopen, resize) are ignored when they
-        # reach the whole group: the master acts on them and tells the workers.
+        """The worker process's whole life: signals, READY, serve until done, exit code."""
+        self.take_signals()
+        self.start()
+        while self.serving:
+            self.turn()
+        self.close()
+        return 0
+
+    def take_signals(self) -> None:
+        """Own the process's signals (only in a worker process: ``close`` restores just
+        SIGTERM's and SIGPIPE's handlers, the ignored ones stay ignored).
+
+        SIGTERM (e.g. sent to the whole process group) means what STOP means:
+        finish what is being served, then exit. Signals an operator means for
+        the master (Ctrl-C, reload, log reopen, resize) are ignored when they
+        reach the whole group: the master acts on them and tells the workers.
+        """
         self.sigpipe = SignalPipe()
         self.sigpipe.install([signal.SIGTERM])
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
                     signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
         self.poller.register(self.sigpipe.reader.fileno(), internal.Want.READ, self.sigpipe)
-        self._set_title(self.clock())
+
+    def start(self) -> None:
+        """Watch the channel and say READY (the master starts sending work)."""
+        self.channel.setblocking(False)
+        self.poller.register(self.channel.fileno(), internal.Want.READ, None)
+        now = self.clock()
+        self._set_title(now)
         wire.send(self.channel, wire.encode_ready(self.pid))
-        next_scan = self.clock() + _TIMEOUT_SCAN
-        while not (self.stopping and not self.conns and not self.children):
-            now = self.clock()
-            deadlines = [next_scan] if self.conns or self.stopping else []
-            if self.title_stale:
-                deadlines.append(self.title_due)
-            if self._stats_pending():
-                deadlines.append(self.stats_due)
-            timeout = max(0.0, min(deadlines) - now) if deadlines else None
-            for data, _ in self.poller.poll(timeout):
-                if data is None:
-                    self._on_channel()
-                elif data is self.sigpipe:
-                    if signal.SIGTERM in self.sigpipe.drain():
-                        self._begin_stop(None)
-                elif isinstance(data, _Conn):
-                    self._on_conn(data)
-                elif isinstance(data, _Child):
-                    self._on_child(data)
-                elif isinstance(data, _DgramLoan):
-                    data.responder.on_readable()
-            now = self.clock()
-            if now >= next_scan:
-                next_scan = now + _TIMEOUT_SCAN
-                self._expire(now)
-            # One DONE per loop turn carries every connection that ended in it,
-            # the timed-out ones included (sent after _expire: the loop may sleep
-            # for good next). Holding DONEs back longer to batch more was
-            # measured slower: the master then sees load late.
-            self._report(now)
-            self._set_title(now)
+        self.next_scan = now + _TIMEOUT_SCAN
+
+    @property
+    def serving(self) -> bool:
+        """False once it was told to stop and nothing it serves is left."""
+        return not (self.stopping and not self.conns and not self.children)
+
+    def turn(self, max_wait: float | None = None) -> None:
+        """One loop turn: wait (at most ``max_wait`` seconds) for something to do, do it,
+        expire silent connections, report what ended."""
+        now = self.clock()
+        deadlines = [self.next_scan] if self.conns or self.stopping else []
+        if self.title_stale:
+            deadlines.append(self.title_due)
+        if self._stats_pending():
+            deadlines.append(self.stats_due)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
+        for data, _ in self.poller.poll(timeout):
+            if data is None:
+                self._on_channel()
+            elif isinstance(data, SignalPipe):
+                if signal.SIGTERM in data.drain():
+                    self._begin_stop(None)
+            elif isinstance(data, _Conn):
+                self._on_conn(data)
+            elif isinstance(data, _Child):
+                self._on_child(data)
+            elif isinstance(data, _DgramLoan):
+                data.responder.on_readable()
+        now = self.clock()
+        if now >= self.next_scan:
+            self.next_scan = now + _TIMEOUT_SCAN
+            self._expire(now)
+        # One DONE per loop turn carries every connection that ended in it,
+        # the timed-out ones included (sent after _expire: the loop may sleep
+        # for good next). Holding DONEs back longer to batch more was
+        # measured slower: the master then sees load late.
+        self._report(now)
+        self._set_title(now)
+
+    def close(self) -> None:
+        """The last STATS and DONE, then close every fd the worker still owns (the
+        channel last: its EOF tells the master this worker is done)."""
         self._report(None)
         stagetrace.flush()
         for loan in self.dgram.values():
             loan.sock.close()
+        self.dgram.clear()
         self.poller.close()
-        self.sigpipe.close()
+        if self.sigpipe is not None:
+            self.sigpipe.close()
         self.channel.close()
-        return 0
 
     def _on_channel(self) -> None:
         for _ in range(256):  # bounded: connections already here get served too
@@ -273,13 +275,7 @@ class Worker:
         if self.service.internal is not None:
             self._start_builtin(info.conn_id, sock, info.peer)
         else:
-            local = info.local  # what a PROXY header said, else the socket's own
-            if not local:
-                try:
-                    local = format_addr(sock.getsockname())
-                except OSError:
-                    local = ""
-            self._launch(info.conn_id, sock, info.peer, local)
+            self._launch(info.conn_id, sock, info.peer, program.local_address(sock, info.local))
 
     def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
         # resolve admits only built-ins the table serves on this socket type
@@ -339,18 +335,10 @@ class Worker:
     # -- programs -----------------------------------------------------------
     def _launch(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
         """Start the program on ``sock``; the worker's copy is closed on every path."""
-        service = self.service
-        assert service.program is not None
         try:
-            # The program expects a blocking socket (O_NONBLOCK is shared by all dups).
-            sock.setblocking(True)
-            stderr_fd = log.log_fd() if service.stderr is StderrRoute.LOG else None
-            pid = spawn.launch(service.program, service.argv,
-                               connection_env(service, peer, local), sock.fileno(), stderr_fd)
+            pid = program.spawn_program(self.service, sock, peer, local)
         except OSError as exc:
-            log.error("exec_failed", service=service.name, pid=self.pid, peer=peer,
-                      program=service.program, errno=errno.errorcode.get(exc.errno or 0, "?"),
-                      error=exc.strerror)
+            program.log_exec_failed(self.service, self.pid, exc, peer=peer)
             self.done.append(conn_id)
             return
         finally:
@@ -387,12 +375,10 @@ class Worker:
         if stagetrace.enabled:
             stagetrace.stamp("exited", child.conn_id)
         code = os.waitstatus_to_exitcode(status)
-        self.stat_exits.append((code, int((self.clock() - child.started) * 1_000_000)))
-        if self.log_connections or code not in (0,):
-            level = logging.INFO if code == 0 else logging.WARNING
-            log.event(level, "program_exit", service=self.service.name, pid=child.pid,
-                      peer=child.peer, status=code,
-                      duration=round(self.clock() - child.started, 6))
+        duration = self.clock() - child.started
+        self.stat_exits.append((code, int(duration * 1_000_000)))
+        program.log_program_exit(self.service.name, child.pid, code, duration,
+                                 self.log_connections, peer=child.peer)
 
     # -- loans ----------------------------------------------------------------
     def _on_lend(self, lend_id: int, fd: int) -> None:
@@ -458,7 +444,7 @@ class Worker:
         self.title_state = state
         self.title_stale = False
         self.title_due = now + _TITLE_INTERVAL
-        spawn.set_title(f"poolinetd: {self.service.name} worker {state}")
+        self.set_title(f"poolinetd: {self.service.name} worker {state}")
 
 
 def run_worker(channel: socket.socket, service: Service, internal_ports: frozenset[int],
@@ -473,10 +459,9 @@ def run_worker(channel: socket.socket, service: Service, internal_ports: frozens
     """
     spawn.set_title(f"poolinetd: {service.name} worker booting")
     stagetrace.forked()
-    try:
-        privileges.drop(service.uid, service.gid, service.groups)
-    except privileges.PrivilegeError as exc:
-        return _boot_failed(channel, service, str(exc))
+    failed = program.drop_privileges(service)
+    if failed is not None:
+        return _boot_failed(channel, service, failed)
     # Checked here, as the service's user: a program every connection would fail
     # to exec (mode, a directory on the path nobody can search) is one clear error.
     if service.program is not None and not os.access(service.program, os.X_OK):

@@ -1,0 +1,157 @@
+"""The program launch contract, the same in both modes: how a service's program is started.
+
+Touches the OS: setgroups/setgid/setuid, posix_spawn, exec, getsockname.
+A pool worker (``pool.worker``) calls ``spawn_program`` for every
+connection and goes straight back to its loop; a classic child
+(``classic.dispatcher``) calls ``exec_program`` and becomes the program.
+Either way the program finds inetd's contract:
+
+* the connection (or, for a ``wait`` service, the listener) on fds 0 and 1,
+  and on 2 unless the service routes stderr to the log; no other fd;
+* a new session, default signal dispositions, an empty signal mask;
+* a clean environment: PATH, HOME, USER, LOGNAME, SHELL, the UCSPI and CGI
+  connection variables (``connection_env``), then the service's own ``env``;
+* the service's user, groups and (in the caller) fd limit.
+
+fd ownership: the caller owns the socket it passes; ``spawn_program``
+never closes it (the caller closes its copy once the program has its own),
+``exec_program`` replaces fds 0-2 with it and only returns if the exec
+failed. Exit logging (``log_program_exit``) is the caller's once it has
+reaped the program: a worker through its pidfd, the classic master through
+SIGCHLD.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+from poolinetd.config.spec import Service, StderrRoute
+from poolinetd.launch import privileges, spawn
+from poolinetd.observe import log
+
+BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EX_EXEC_FAILED = 127  # a classic child whose exec failed (the shell's "command not found")
+
+
+def drop_privileges(service: Service) -> str | None:
+    """Become ``service``'s user and groups; None when done, else why it could not.
+
+    Not logged here: a worker that cannot drop is a boot failure (the master
+    backs off), a classic child that cannot is one lost connection, and each
+    mode says so with its own event.
+    """
+    try:
+        privileges.drop(service.uid, service.gid, service.groups)
+    except privileges.PrivilegeError as exc:
+        return str(exc)
+    return None
+
+
+def format_addr(addr: object) -> str:
+    """The wire form of a socket address: "HOST PORT", or "" for unix sockets."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]} {addr[1]}"
+    return ""
+
+
+def local_address(sock: socket.socket, said: str) -> str:
+    """The address the client connected to: what a PROXY header ``said``, else ``sock``'s own.
+
+    "" for unix sockets, or when the kernel cannot say (the socket is already reset).
+    """
+    if said:
+        return said
+    try:
+        return format_addr(sock.getsockname())
+    except OSError:
+        return ""
+
+
+def _unmap(host: str) -> str:
+    """``::ffff:192.0.2.1`` (a v4 client of a tcp46 socket) is reported as ``192.0.2.1``."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
+    """The environment of a launched program: clean, plus UCSPI and CGI connection variables.
+
+    ``peer``/``local`` are "HOST PORT" as the master wrote them ("" for unix).
+    """
+    env = {"PATH": BASE_PATH, "HOME": service.home, "USER": service.user_name,
+           "LOGNAME": service.user_name, "SHELL": "/bin/sh"}
+    if service.spec.protocol.is_unix:
+        env["PROTO"] = "UNIX"
+    else:
+        rhost, _, rport = peer.partition(" ")
+        lhost, _, lport = local.partition(" ")
+        rhost, lhost = _unmap(rhost), _unmap(lhost)
+        proto = "UDP" if service.spec.protocol.is_udp else "TCP"
+        if ":" in rhost:
+            proto += "6"
+        env.update({"PROTO": proto, f"{proto[:3]}REMOTEIP": rhost, f"{proto[:3]}REMOTEPORT": rport,
+                    f"{proto[:3]}LOCALIP": lhost, f"{proto[:3]}LOCALPORT": lport,
+                    "REMOTE_ADDR": rhost, "REMOTE_PORT": rport})
+        if proto.startswith("TCP"):
+            env.update({"TCPREMOTEIP": rhost, "TCPREMOTEPORT": rport,
+                        "TCPLOCALIP": lhost, "TCPLOCALPORT": lport})
+    env.update(service.env)
+    return env
+
+
+def _stderr_fd(service: Service) -> int | None:
+    """Where the program's fd 2 goes: the log's fd if the service routes it there, else the
+    connection (None)."""
+    return log.log_fd() if service.stderr is StderrRoute.LOG else None
+
+
+def spawn_program(service: Service, sock: socket.socket, peer: str, local: str) -> int:
+    """posix_spawn ``service.program`` on ``sock``; returns its pid, raises OSError.
+
+    ``sock`` is made blocking (O_NONBLOCK is shared by every dup, and programs
+    expect a blocking socket) and stays the caller's: close it once this
+    returns, on every path.
+    """
+    assert service.program is not None
+    sock.setblocking(True)
+    return spawn.launch(service.program, service.argv, connection_env(service, peer, local),
+                        sock.fileno(), _stderr_fd(service))
+
+
+def exec_program(service: Service, sock: socket.socket, peer: str, local: str) -> int:
+    """Become ``service.program`` on ``sock`` (a classic child). Returns only if exec failed.
+
+    Then ``exec_failed`` is logged (through the log's own fd: fds 0-2 are the
+    client's by then) and EX_EXEC_FAILED is returned for the child to exit with.
+    """
+    assert service.program is not None
+    env = connection_env(service, peer, local)
+    sock.setblocking(True)
+    spawn.restore_fd_limit()
+    saved_log = os.dup(log.log_fd())  # close-on-exec: only used if the exec fails
+    try:
+        spawn.exec_in_place(service.program, service.argv, env, sock.fileno(),
+                            _stderr_fd(service))
+    except OSError as exc:
+        os.dup2(saved_log, 2)  # fd 2 is the client's socket now: log to the real log
+        log_exec_failed(service, os.getpid(), exc)
+    return EX_EXEC_FAILED
+
+
+def log_exec_failed(service: Service, pid: int, exc: OSError, peer: str | None = None) -> None:
+    """``exec_failed`` for a program that could not be started (``peer`` where known)."""
+    where = {} if peer is None else {"peer": peer}
+    log.error("exec_failed", service=service.name, pid=pid, **where, program=service.program,
+              errno=errno.errorcode.get(exc.errno or 0, "?"), error=exc.strerror)
+
+
+def log_program_exit(name: str, pid: int, code: int, duration: float, log_connections: bool,
+                     peer: str | None = None) -> None:
+    """``program_exit`` for a reaped program: always when it failed, else only when
+    connections are logged (``peer`` where the reaper knows it)."""
+    if not log_connections and code == 0:
+        return
+    where = {} if peer is None else {"peer": peer}
+    log.event(log.INFO if code == 0 else log.WARNING, "program_exit", service=name,
+              pid=pid, **where, status=code, duration=round(duration, 6))
