@@ -1,0 +1,347 @@
+"""The fields both notations share, read into an entry: service, socket type, protocol, wait,
+user, server, listen addresses.
+
+Pure: a ``FieldReader`` reports every problem to its ``FileReport`` and
+fills an ``EntryFields``; the positional reader calls it with the fields of
+a line, the key-values reader with the value of ``socktype=``, ``user=``...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from poolinetd.config.report import FileReport, short
+from poolinetd.config.spec import FieldLoc, Limits, Options, Protocol, SocketType, UnixPerms
+from poolinetd.config.tokens import Tok
+from poolinetd.config.values import INT_MAX, uint
+
+_OCTAL = re.compile(r"[0-7]{1,6}")
+_BUFSIZE = re.compile(r"(?:sndbuf|rcvbuf)=[0-9]+[kKmM]?")
+_SOCKET_TYPES = ", ".join(t.value for t in SocketType)
+_PROTOCOLS = ", ".join(p.value for p in Protocol)
+# FreeBSD's nowait/MAX_CHILD/MAX_CPM/MAX_PER_IP, in the order they are written.
+_FREEBSD_LIMITS = ("max_child", "max_cpm_per_ip", "max_child_per_ip")
+
+
+@dataclass(slots=True)
+class EntryFields:
+    """What an entry says, collected before it becomes a ServiceSpec."""
+
+    service: str = ""
+    addresses: tuple[str, ...] | None = None  # None = not given: the default address applies
+    tcpmux: str | None = None
+    tcpmux_plus: bool = False
+    unix_perms: UnixPerms | None = None
+    socket_type: SocketType | None = None
+    protocol: Protocol | None = None
+    wait: bool | None = None
+    limits: Limits = field(default_factory=Limits)
+    user: str | None = None
+    group: str | None = None
+    login_class: str | None = None
+    server: str | None = None
+    argv: tuple[str, ...] = ()
+    options: Options = field(default_factory=Options)
+    locs: dict[str, FieldLoc] = field(default_factory=dict)
+    kv_names: dict[str, str] = field(default_factory=dict)  # group=, login_class= as written
+
+
+def _loc(tok: Tok) -> FieldLoc:
+    return FieldLoc(tok.lineno, tok.field, short(tok.raw))
+
+
+class FieldReader:
+    """Reads one field at a time into an ``EntryFields``; problems go to ``report``.
+
+    Each ``*_field(tok, text, f)`` reads ``text`` (the field as the notation
+    gives it) and records ``tok`` as where the field was written. A field in
+    error is left unset; the caller decides from ``report.entry_failed``.
+    """
+
+    def __init__(self, report: FileReport) -> None:
+        self.report = report
+
+    def address_list(self, tok: Tok, text: str) -> tuple[str, ...] | None:
+        """Addresses of a prefix; () = the wildcard; None after an error."""
+        out: list[str] = []
+        parts = text.split(",")
+        for part in parts:
+            addr = part
+            if addr.startswith("["):
+                if not addr.endswith("]") or len(addr) < 3:
+                    self.report.tok_error(
+                        tok, f"bad bracketed address {part!r}", "write [::1]:service"
+                    )
+                    return None
+                addr = addr[1:-1]
+            if not addr:
+                self.report.tok_error(
+                    tok, "empty address", "write addr:service, [v6addr]:service or *:service"
+                )
+                return None
+            if addr == "*":
+                if len(parts) > 1:
+                    self.report.tok_error(
+                        tok,
+                        "'*' cannot be combined with other addresses",
+                        "write *:service alone, or list the addresses",
+                    )
+                    return None
+                continue
+            if any(c in addr for c in "[]/"):
+                self.report.tok_error(
+                    tok, f"bad address {part!r}", "write an IP address or a host name"
+                )
+                return None
+            out.append(addr)
+        return tuple(out)
+
+    def service_field(
+        self, tok: Tok, text: str, protocol: Protocol | None, f: EntryFields
+    ) -> None:
+        """Fill service, addresses, tcpmux and unix_perms from field 1 (``text`` = as written).
+
+        ``protocol`` decides the reading: a unix service is a socket path.
+        """
+        f.locs["service"] = _loc(tok)
+        if protocol is Protocol.UNIX:
+            self.unix_service(tok, text, f)
+            return
+        name = text
+        if ":" in text:
+            # At the last ':', so that BusyBox's ":::svc" is the address "::".
+            host, _, name = text.rpartition(":")
+            f.addresses = self.address_list(tok, host)
+        if name.startswith("tcpmux/"):
+            mux = name[len("tcpmux/") :]
+            f.tcpmux_plus = mux.startswith("+")
+            f.tcpmux = mux[1:] if f.tcpmux_plus else mux
+            if not f.tcpmux or "/" in f.tcpmux:
+                self.report.tok_error(
+                    tok, "tcpmux service needs a name", "write tcpmux/NAME or tcpmux/+NAME"
+                )
+            name = "tcpmux"
+        else:
+            self.service_name(tok, name)
+        f.service = name
+
+    def service_name(self, tok: Tok, name: str) -> None:
+        """Check a service name or port number (it is looked up at resolve time)."""
+        if not name:
+            self.report.tok_error(
+                tok, "empty service name", "write a name from /etc/services or a port"
+            )
+        elif name.startswith("/"):
+            self.report.tok_error(
+                tok, "a path is a unix socket", "use protocol unix for a socket path"
+            )
+        elif "/" in name:
+            self.report.tok_error(
+                tok,
+                "RPC services are not supported",
+                "poolinetd serves tcp, udp and unix services only",
+            )
+        elif name[0].isdigit() or name.isdigit():
+            port = uint(name)
+            if port is None or port > 65535:
+                self.report.tok_error(
+                    tok, f"bad port {name!r}", "a port is a number from 0 to 65535"
+                )
+        elif any(c in name for c in "[],#\x00"):
+            self.report.tok_error(
+                tok, f"bad service name {name!r}", "write a name from /etc/services"
+            )
+
+    def unix_service(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """A unix socket path, with FreeBSD's optional ``:owner:group:mode:`` prefix."""
+        path = text
+        if text.startswith(":"):
+            parts = text.split(":", 4)
+            if len(parts) != 5:
+                self.report.tok_error(
+                    tok, "bad unix socket prefix", "write :owner:group:mode:/path"
+                )
+                return
+            _, owner, group, mode_text, path = parts
+            mode: int | None = None
+            if mode_text:
+                if _OCTAL.fullmatch(mode_text) is None or int(mode_text, 8) > 0o7777:
+                    self.report.tok_error(
+                        tok, f"bad socket mode {mode_text!r}", "write an octal mode like 0660"
+                    )
+                    return
+                mode = int(mode_text, 8)
+            f.unix_perms = UnixPerms(owner or None, group or None, mode)
+        if not path.startswith("/") or len(path) < 2:
+            self.report.tok_error(
+                tok,
+                "a unix service must be an absolute path",
+                "write /run/name.sock or :owner:group:mode:/run/name.sock",
+            )
+        elif "\x00" in path:
+            self.report.tok_error(tok, "NUL byte in socket path", "remove it")
+        f.service = path
+        f.addresses = ()  # a unix socket has no listen address (NetBSD rule)
+
+    def socket_type_field(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """stream, dgram, ...; a BSD ``:acceptfilter`` suffix is ignored with a warning."""
+        f.locs["socket_type"] = _loc(tok)
+        base, colon, _ = text.partition(":")
+        try:
+            f.socket_type = SocketType(base)
+        except ValueError:
+            self.report.tok_error(
+                tok, f"unknown socket type {base!r}", f"use one of {_SOCKET_TYPES}"
+            )
+            return
+        if colon:
+            self.report.warn(
+                tok.lineno,
+                tok.field,
+                tok.raw,
+                "accept filter ignored",
+                "accept filters are a BSD kernel feature",
+            )
+
+    def protocol_field(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """tcp, udp6, unix, ...; ``,sndbuf=N`` and ``/ttcp`` warn, RPC and ``/faith`` fail."""
+        f.locs["protocol"] = _loc(tok)
+        if text.startswith("rpc/"):
+            self.report.tok_error(
+                tok,
+                "RPC services are not supported",
+                "remove the entry or serve it with rpcbind and a standalone daemon",
+            )
+            return
+        base, *bufs = text.split(",")
+        for buf in bufs:
+            if _BUFSIZE.fullmatch(buf) is None:
+                self.report.tok_error(
+                    tok, f"bad protocol option {buf!r}", "write ,sndbuf=N or ,rcvbuf=N"
+                )
+                return
+        if bufs:
+            self.report.warn(
+                tok.lineno,
+                tok.field,
+                tok.raw,
+                "socket buffer sizes ignored",
+                "poolinetd leaves buffer sizes to the kernel",
+            )
+        base, slash, suffix = base.partition("/")
+        if slash:
+            if suffix == "ttcp":
+                self.report.warn(
+                    tok.lineno,
+                    tok.field,
+                    tok.raw,
+                    "/ttcp ignored: T/TCP is obsolete",
+                    "plain TCP is used",
+                )
+            elif suffix == "faith":
+                self.report.tok_error(tok, "FAITH (/faith) is not supported", "remove /faith")
+                return
+            else:
+                self.report.tok_error(
+                    tok, f"unknown protocol suffix /{suffix}", f"use one of {_PROTOCOLS}"
+                )
+                return
+        try:
+            f.protocol = Protocol(base)
+        except ValueError:
+            self.report.tok_error(tok, f"unknown protocol {base!r}", f"use one of {_PROTOCOLS}")
+
+    def wait_field(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """wait or nowait, then FreeBSD's ``/N/N/N`` limits or a per-minute ``.N`` / ``:N``."""
+        f.locs["wait"] = _loc(tok)
+        if text.startswith("nowait"):
+            f.wait, rest = False, text[len("nowait") :]
+        elif text.startswith("wait"):
+            f.wait, rest = True, text[len("wait") :]
+        else:
+            self.report.tok_error(
+                tok,
+                f"expected wait or nowait, not {text!r}",
+                "write wait, nowait, nowait/MAX_CHILD or nowait.PER_MINUTE",
+            )
+            return
+        if not rest:
+            return
+        if rest[0] == "/":
+            self.freebsd_limits(tok, rest[1:], f)
+        elif rest[0] in ".:":
+            self.spawn_rate(tok, rest, f)
+        else:
+            self.report.tok_error(
+                tok,
+                f"unexpected {rest!r} after {text[: len(text) - len(rest)]}",
+                "write nowait/MAX_CHILD[/MAX_CPM[/MAX_PER_IP]] or nowait.PER_MINUTE",
+            )
+
+    def freebsd_limits(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """``MAX_CHILD[/MAX_CPM[/MAX_PER_IP]]`` (after the first '/'); FreeBSD: 0 = no limit."""
+        parts = text.split("/")
+        if len(parts) > 3:
+            self.report.tok_error(
+                tok, "too many /limits", "write nowait/MAX_CHILD/MAX_CPM/MAX_PER_IP"
+            )
+            return
+        numbers: dict[str, int] = {}
+        lifted: set[str] = set()
+        for name, part in zip(_FREEBSD_LIMITS, parts, strict=False):
+            number = uint(part)
+            if number is None:
+                self.report.tok_error(
+                    tok, f"{name} must be an integer from 0 to {INT_MAX}", "0 means no limit"
+                )
+                return
+            if number == 0:
+                lifted.add(name)  # FreeBSD: /0 = no limit
+            else:
+                numbers[name] = number
+        f.limits = Limits(**numbers, unlimited=frozenset(lifted))
+
+    def spawn_rate(self, tok: Tok, rest: str, f: EntryFields) -> None:
+        """``.N`` or ``:N`` after wait/nowait: services started per minute."""
+        number = uint(rest[1:])
+        if number is None:
+            self.report.tok_error(
+                tok,
+                f"spawns per minute must be an integer from 0 to {INT_MAX}",
+                "write nowait.N or nowait:N",
+            )
+            return
+        if number == 0 and rest[0] == ".":
+            # GNU/BusyBox (and OpenBSD's spelling): .0 = no per-service limit.
+            f.limits = Limits(unlimited=frozenset({"max_spawn_per_min"}))
+        else:
+            # NetBSD's :N, like its service_max=N: 0 = nothing is started.
+            f.limits = Limits(max_spawn_per_min=number)
+
+    def user_field(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """``user[:group][/login_class]``; "u.g" stays whole (resolve tries it as a user first)."""
+        f.locs["user"] = _loc(tok)
+        user, slash, login_class = text.partition("/")
+        user, colon, group = user.partition(":")
+        empty_part = not user or (colon and not group) or (slash and not login_class)
+        if empty_part or ":" in group or "/" in login_class:
+            self.report.tok_error(
+                tok, f"bad user {text!r}", "write user, user:group or user:group/class"
+            )
+            return
+        f.user = user
+        f.group = group or None
+        f.login_class = login_class or None
+
+    def server_field(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """``internal`` or an absolute program path."""
+        f.locs["server"] = _loc(tok)
+        if text != "internal" and (not text.startswith("/") or "\x00" in text):
+            self.report.tok_error(
+                tok,
+                "server must be an absolute path or 'internal'",
+                "write e.g. /usr/sbin/in.fingerd in.fingerd",
+            )
+            return
+        f.server = text
