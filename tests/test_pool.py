@@ -217,16 +217,16 @@ def test_launch_depth_holds_connections_until_the_worker_launched() -> None:
         pool.mark_ready(pid, 0)
     first = pool.pick()
     assert first is not None
-    pool.assign(first, launch=True)
+    pool.assign(first, launch_id=101)
     second = pool.pick()
     assert second is not None and second != first
-    pool.assign(second, launch=True)
+    pool.assign(second, launch_id=102)
     assert pool.pick() is None  # both launching
     assert pool.has_room()
     assert pool.spawns_needed(1.0) == 0  # busy launching is not a reason to grow
-    pool.launched(second)
+    pool.launched(second, 102)
     assert pool.pick() == second  # the one that finished its launch takes the next
-    pool.launched(second)  # a stray report never goes below zero
+    pool.launched(second, 102)  # a stray report never goes below zero
     assert pool.workers[second].launching == 0
 
 
@@ -234,8 +234,8 @@ def test_without_launch_depth_assign_counts_no_launches() -> None:
     pool = Pool(PoolSettings(1, 2, 3, 0, 10.0, spread=True))
     pool.add_booting(1, 0)
     pool.mark_ready(1, 0)
-    for _ in range(3):
+    for iid in range(3):
         assert pool.pick() == 1
-        pool.assign(1, launch=True)
+        pool.assign(1, launch_id=iid)
     assert pool.pick() is None and not pool.has_room()  # only the cap limits it
     assert pool.spawns_needed(1.0) == 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from poolinetd.config.spec import PoolSettings
 
@@ -36,7 +36,14 @@ class WorkerSlot:
     last_used: int = 0  # pick order: the most recently used worker goes first (LIFO)
     idle_since: float = 0.0
     request_limit: int = 0  # recycle after this many (0 = never); jittered per worker
-    launching: int = 0  # handed programs it has not launched yet (no SPAWNED/DONE back)
+    # Instances whose program it has not launched yet (no SPAWNED or DONE back): the
+    # one ledger of pending launches (the dispatcher asks, it keeps no copy).
+    launches: set[int] = field(default_factory=set)
+
+    @property
+    def launching(self) -> int:
+        """How many programs it has still to launch (what ``launch_depth`` limits)."""
+        return len(self.launches)
 
 
 class Pool:
@@ -141,17 +148,18 @@ class Pool:
         self._current = best
         return best.pid
 
-    def assign(self, pid: int, launch: bool = False) -> bool:
+    def assign(self, pid: int, launch_id: int | None = None) -> bool:
         """Count one more connection on ``pid``; True when it just reached its request limit.
 
-        ``launch``: it is a program still to be launched (until ``launched``).
-        On True the worker has been moved to DRAINING: the master sends STOP
-        (it finishes what it serves) and the pool starts a replacement.
+        ``launch_id``: the instance's id when it is a program still to be
+        launched (pending until ``launched(pid, launch_id)``). On True the
+        worker has been moved to DRAINING: the master sends STOP (it finishes
+        what it serves) and the pool starts a replacement.
         """
         slot = self.workers[pid]
         slot.load += 1
-        if launch:
-            slot.launching += 1
+        if launch_id is not None:
+            slot.launches.add(launch_id)
         slot.served += 1
         self._clock += 1
         slot.last_used = self._clock
@@ -159,11 +167,16 @@ class Pool:
             return self.drain(pid)
         return False
 
-    def launched(self, pid: int) -> None:
-        """``pid`` launched (or gave up on) one of the programs ``assign`` counted."""
+    def launched(self, pid: int, launch_id: int) -> None:
+        """``pid`` launched (or gave up on, or never got) the program of ``launch_id``.
+
+        Safe to call for any instance, any number of times: only a pending
+        launch is taken off (so the dispatcher says it on every SPAWNED, DONE
+        and re-route without asking first).
+        """
         slot = self.workers.get(pid)
-        if slot is not None and slot.launching:
-            slot.launching -= 1
+        if slot is not None:
+            slot.launches.discard(launch_id)
 
     def has_room(self) -> bool:
         """Whether a READY worker is below ``worker_connections`` (pending launches aside).
