@@ -21,7 +21,9 @@ from poolinetd import __version__, check
 from poolinetd.builtins import internal
 from poolinetd.classic.dispatcher import ForkDispatcher
 from poolinetd.config import resolve
-from poolinetd.config.spec import Diagnostic, Options, Service, Severity
+from poolinetd.config.spec import Options, Service
+from poolinetd.engine import reloadplan
+from poolinetd.engine.ledger import Caps
 from poolinetd.engine.loop import Engine
 from poolinetd.launch import spawn
 from poolinetd.observe import log
@@ -345,9 +347,7 @@ def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
     watchdog = sdnotify.watchdog_interval(os.environ)
     sdnotify.forget_environment(os.environ)
     loaded = _load(args)
-    for diag in loaded.diagnostics:
-        log.event(40 if diag.severity is Severity.ERROR else 30, "config_diagnostic",
-                  message=str(diag))
+    reloadplan.log_diagnostics(loaded.diagnostics)
     if loaded.errors:
         log.error("config_invalid", errors=len(loaded.errors), conf=args.conf or "<built-in>")
         return EX_CONFIG
@@ -380,15 +380,13 @@ def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
     os.chdir("/")
     title = f"poolinetd: master{' -c ' + args.conf if args.conf else ''}"
 
-    server: Engine | None = None
-
-    def reload_config() -> tuple[tuple[Service, ...], tuple[Diagnostic, ...]]:
+    def reload_config() -> reloadplan.NewConfig:
         again = _load(args)
         if again.errors:
-            return (), again.diagnostics
-        if server is not None:  # the global caps follow the file's defaults too
-            server.set_caps(again.max_connections, again.max_programs)
-        return tuple(_servable(again.services)), again.diagnostics
+            return reloadplan.NewConfig((), again.diagnostics)
+        # The global caps follow the file's defaults too: applied with the plan, if it is.
+        return reloadplan.NewConfig(tuple(_servable(again.services)), again.diagnostics,
+                                    Caps(again.max_connections, again.max_programs))
 
     def on_ready() -> None:
         if args.pidfile and passed.from_master:  # an upgrade: take the pidfile over now
@@ -410,8 +408,9 @@ def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
                         # -P: the new master's imports never come from a working
                         # directory (safe_path); it runs in /.
                         upgrade_argv=[sys.executable, "-P", "-m", "poolinetd", *argv],
-                        upgrade_cwd="/", max_connections=loaded.max_connections,
-                        max_programs=loaded.max_programs, on_ready=on_ready)
+                        upgrade_cwd="/",
+                        caps=Caps(loaded.max_connections, loaded.max_programs),
+                        on_ready=on_ready)
     except OSError as exc:
         hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,

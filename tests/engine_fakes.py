@@ -22,7 +22,9 @@ from conftest import TEST_USER
 from poolinetd import cli
 from poolinetd.config import resolve
 from poolinetd.config.spec import Service
+from poolinetd.engine.ledger import Caps
 from poolinetd.engine.loop import Engine, Listener
+from poolinetd.engine.reloadplan import NewConfig
 from poolinetd.pool import wire
 
 
@@ -116,9 +118,14 @@ class FakeWorker:
 
 
 def services_from(text: str) -> tuple[Service, ...]:
+    return config_from(text).services
+
+
+def config_from(text: str) -> NewConfig:
+    """What cli's reload_config makes of ``text``: its services and its global caps."""
     loaded = resolve.load_text(text.format(user=TEST_USER), "<test>")
     assert not loaded.errors, [str(d) for d in loaded.errors]
-    return loaded.services
+    return NewConfig(loaded.services, (), Caps(loaded.max_connections, loaded.max_programs))
 
 
 @dataclass
@@ -199,10 +206,12 @@ def make_rig(conf: str, dispatcher_cls: type, **engine_kw: object) -> Rig:
     system = FakeSystem()
     holder = [conf]
 
-    def load() -> tuple[tuple[Service, ...], tuple[object, ...]]:
-        return services_from(holder[0]), ()
+    def load() -> NewConfig:
+        return config_from(holder[0])
 
-    opened = [(s, cli._open_sockets(s)) for s in services_from(conf)]
+    first = config_from(conf)
+    opened = [(s, cli._open_sockets(s)) for s in first.services]
+    engine_kw.setdefault("caps", first.caps)
     engine = Engine(opened, dispatcher_cls(system), system=system,  # type: ignore[arg-type]
                     load_config=load, open_sockets=cli._open_sockets, **engine_kw)  # type: ignore[arg-type]
     rig = Rig(engine, system, holder)

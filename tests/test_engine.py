@@ -365,7 +365,7 @@ def test_connections_lost_inside_a_hand_off_leave_no_per_source_count(rigs: list
     clients = [rig.connect() for _ in range(wire.MAX_CONN_BATCH)]
     rig.wait_backlog(lst, len(clients))
     worker.channel.close()  # it died (or a hostile one closed its end)
-    rig.engine._accept_batch(lst)
+    rig.engine.accept.accept_batch(lst)
     rig.workers.remove(worker)
     rig.turn(3)
     assert rt.instances == 0
@@ -383,7 +383,7 @@ def test_a_batch_for_a_dead_worker_goes_to_the_other(rigs: list[Rig]) -> None:
     first = rig.engine.dispatcher.pools[lst.rt].pick()  # type: ignore[attr-defined]
     dead, alive = (a, b) if first == a.pid else (b, a)
     dead.channel.close()
-    rig.engine._accept_batch(lst)
+    rig.engine.accept.accept_batch(lst)
     got = []
     while (m := alive.receive_nowait()) is not None:
         assert m[1] is not None
@@ -400,10 +400,34 @@ def test_stop_at_max_requests_comes_after_the_batch(rigs: list[Rig]) -> None:
     lst = rig.listener()
     clients = [rig.connect() for _ in range(3)]
     rig.wait_backlog(lst, len(clients))
-    rig.engine._accept_batch(lst)
+    rig.engine.accept.accept_batch(lst)
     kinds = []
     while (m := worker.receive_nowait()) is not None:
         kinds.append(m[0].kind)
         if m[1] is not None:
             os.close(m[1])
     assert kinds == [wire.CONN, wire.CONN, wire.STOP]
+
+
+@pytest.mark.parametrize("make", [pool_rig, fork_rig], ids=["pool", "classic"])
+def test_global_caps_change_only_with_a_reload_that_applies(rigs: list[Rig], make) -> None:
+    """The caps are part of the plan: a reload that loads but cannot open a new listener
+    changes nothing, the caps included; one that applies changes them."""
+    rig = make(rigs, "defaults on max_connections=50;\n" + ECHO)
+    assert rig.engine.ledger.caps.max_connections == 50
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    rig.conf[0] = ("defaults on max_connections=1, max_programs=1;\n" + ECHO
+                   + f"127.0.0.1:{port} stream tcp nowait {{user}} internal discard\n")
+    try:
+        assert not rig.engine.reload()  # the added listener's port is taken
+        assert rig.engine.ledger.caps.max_connections == 50
+        assert rig.engine.ledger.caps.max_programs is None
+        assert rig.engine.reloads == 0
+    finally:
+        busy.close()
+    assert rig.engine.reload()
+    assert rig.engine.ledger.caps.max_connections == 1
+    assert rig.engine.ledger.caps.max_programs == 1

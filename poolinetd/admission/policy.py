@@ -64,6 +64,11 @@ class Admission:
                            or limits.max_cpm_per_ip is not None)
         self.lists = bool(self.only_from or self.no_access)
 
+    def groups_like(self, other: Admission) -> bool:
+        """Whether ``other`` keys sources as this does (the same prefix lengths), so a
+        key computed by one holds for the other."""
+        return (self.v4_prefix, self.v6_prefix) == (other.v4_prefix, other.v6_prefix)
+
     def source(self, ip: str) -> Hashable:
         """The tracking key of ``ip``: its network at the service's prefix length.
 

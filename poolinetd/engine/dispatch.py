@@ -34,7 +34,10 @@ class Watchable(Protocol):
 class Hooks(Protocol):
     """What a dispatcher may ask of the engine."""
 
-    internal_ports: frozenset[int]
+    @property
+    def internal_ports(self) -> frozenset[int]:
+        """Ports of the built-ins (the datagram loop guard)."""
+
     log_connections: bool
     stopping: bool
 

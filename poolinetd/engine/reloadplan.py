@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from poolinetd.config.spec import Diagnostic, Service, ServiceKey, Severity
+from poolinetd.engine.ledger import NO_CAPS, Caps
 from poolinetd.observe import log
 from poolinetd.ops import listeners
 
@@ -44,8 +45,40 @@ def plan(running: Mapping[ServiceKey, tuple[T, Service]], wanted: Sequence[Servi
     return ReloadPlan(added, removed, changed, unchanged)
 
 
-LoadConfig = Callable[[], tuple[tuple[Service, ...], tuple[Diagnostic, ...]]]
+@dataclass(frozen=True, slots=True)
+class NewConfig:
+    """What a reload reads: the services to serve, what the loader said, the global caps.
+
+    With any error among ``diagnostics`` nothing of it is applied.
+    """
+
+    services: tuple[Service, ...]
+    diagnostics: tuple[Diagnostic, ...]
+    caps: Caps = NO_CAPS
+
+
+LoadConfig = Callable[[], NewConfig]
 Opened = list[tuple[Service, list[socket.socket]]]
+
+
+@dataclass(slots=True)
+class Prepared(Generic[T]):
+    """A reload ready to apply: nothing running has been touched (but see ``prepare``).
+
+    ``opened`` are the added services' new sockets: the caller owns them.
+    """
+
+    plan: ReloadPlan[T]
+    services: tuple[Service, ...]  # the new config's, in config order
+    opened: Opened
+    caps: Caps
+
+
+def log_diagnostics(diagnostics: Sequence[Diagnostic]) -> None:
+    """One ``config_diagnostic`` line each: errors as errors, the rest as warnings."""
+    for diag in diagnostics:
+        log.event(log.ERROR if diag.severity is Severity.ERROR else log.WARNING,
+                  "config_diagnostic", message=str(diag))
 
 
 def _same_address(a: Service, b: Service) -> bool:
@@ -58,11 +91,10 @@ def _same_address(a: Service, b: Service) -> bool:
 def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Service]],
             open_sockets: Callable[[Service], list[socket.socket]],
             release: Callable[[T], Callable[[], None]] | None = None,
-            ) -> tuple[ReloadPlan[T], tuple[Service, ...], Opened] | None:
+            ) -> Prepared[T] | None:
     """Load the new config, diff it, and open every listener it adds.
 
-    Returns (plan, new services in config order, opened sockets of the added
-    services; the caller owns them), or None, after logging every reason, when
+    Returns what to apply, or None, after logging every reason, when
     the reload must change nothing: a config error, or an added listener that
     cannot be opened (those opened so far are closed again). Nothing running
     is touched here, so the caller applies the plan all or nothing; with one
@@ -71,11 +103,10 @@ def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Servi
     closes the removed one's listeners early and returns how to reopen them,
     which is done if the reload fails after all.
     """
-    services, diagnostics = load_config()
-    errors = [d for d in diagnostics if d.severity is Severity.ERROR]
-    for diag in diagnostics:
-        log.event(40 if diag.severity is Severity.ERROR else 30, "config_diagnostic",
-                  message=str(diag))
+    new = load_config()
+    services = new.services
+    errors = [d for d in new.diagnostics if d.severity is Severity.ERROR]
+    log_diagnostics(new.diagnostics)
     if errors:
         log.error("reload_failed", errors=len(errors), action="kept the running config")
         return None
@@ -103,4 +134,4 @@ def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Servi
                 restore()
             log.error("reload_failed", error=str(exc), action="kept the running config")
             return None
-    return diff, services, opened
+    return Prepared(diff, services, opened, new.caps)

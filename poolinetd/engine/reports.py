@@ -1,50 +1,53 @@
 """The documents the engine answers with: status, the metrics, the ready report, STATUS=.
 
-Pure functions of the engine's state (they read it, change nothing but
-forgetting retired generations): ``poolinetd status``, ``/metrics`` and
-``poolinetd metrics``, the ``--ready-fd`` listener list, systemd's STATUS line.
-The same shapes in both modes.
+Pure functions of what they are given (they read it and change nothing):
+``poolinetd status``, ``/metrics`` and ``poolinetd metrics``, the
+``--ready-fd`` listener list, systemd's STATUS line. The same shapes in both
+modes. ``runtimes`` are the engine's generations in config order; the
+dispatcher answers for its part of each (workers, pool sizes, failures).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
+from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.runtime import ServiceRuntime
 from poolinetd.observe import metrics
 
-if TYPE_CHECKING:
-    from poolinetd.engine.loop import Engine
+Runtimes = Sequence[ServiceRuntime]
 
 
-def summary(engine: Engine) -> str:
+def summary(runtimes: Runtimes, mode: str, reloads: int) -> str:
     """One line for systemd's STATUS=: what is served and how busy it is."""
-    live = [rt for rt in engine.runtimes if not rt.retired]
-    active = sum(rt.instances for rt in engine.runtimes)
-    return (f"{engine.dispatcher.mode} mode: {len(live)} services, {active} active, "
-            f"{sum(rt.stats.accepted for rt in live)} accepted, {engine.reloads} reloads")
+    live = [rt for rt in runtimes if not rt.retired]
+    active = sum(rt.instances for rt in runtimes)
+    return (f"{mode} mode: {len(live)} services, {active} active, "
+            f"{sum(rt.stats.accepted for rt in live)} accepted, {reloads} reloads")
 
 
-
-def listener_report(engine: Engine) -> list[dict[str, object]]:
+def listener_report(runtimes: Runtimes) -> list[dict[str, object]]:
     """What is listened on, in config order (for --ready-fd, startup log, status)."""
     return [{"service": rt.name, "family": lst.bound.family, "address": lst.bound.address,
              "port": lst.bound.port, "socket_type": rt.service.socket_type.value,
              "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}"}
-            for rt in engine.runtimes if not rt.retired for lst in rt.listeners]
+            for rt in runtimes if not rt.retired for lst in rt.listeners]
 
 
-def status(engine: Engine) -> dict[str, object]:
-    """The live state, as ``poolinetd status --json`` prints it (the same in both modes)."""
-    now = engine.system.clock()
-    engine.collect_garbage()
+def status(runtimes: Runtimes, dispatcher: Dispatcher, now: float, *, started: float,
+           reloads: int, stopping: bool, upgrading: int) -> dict[str, object]:
+    """The live state, as ``poolinetd status --json`` prints it (the same in both modes).
+
+    ``started``: the master's start (wall clock); ``upgrading``: the new master's pid
+    while an upgrade is under way, else 0.
+    """
     services = []
-    for rt in engine.runtimes:
-        part = report(engine, rt, now)
+    for rt in runtimes:
+        part = report(dispatcher, rt, now)
         state = ("retiring" if rt.retired else "failing" if (
-            not rt.engine_served and engine.dispatcher.failing(rt))
+            not rt.engine_served and dispatcher.failing(rt))
                  else "paused" if rt.resting_until > now else "serving")
         services.append({
             "service": rt.name,
@@ -60,31 +63,27 @@ def status(engine: Engine) -> dict[str, object]:
             **part,
             "last_error": rt.last_error or part.get("last_error", ""),
         })
-    return {"pid": os.getpid(), "mode": engine.dispatcher.mode,
-            "uptime": round(time.time() - engine.started, 3), "reloads": engine.reloads,
-            "stopping": engine.stopping,
-            "upgrading": engine.upgrading.pid if engine.upgrading is not None else 0,
-            "services": services}
+    return {"pid": os.getpid(), "mode": dispatcher.mode,
+            "uptime": round(time.time() - started, 3), "reloads": reloads,
+            "stopping": stopping, "upgrading": upgrading, "services": services}
 
 
-def report(engine: Engine, rt: ServiceRuntime, now: float) -> dict[str, object]:
+def report(dispatcher: Dispatcher, rt: ServiceRuntime, now: float) -> dict[str, object]:
     """The dispatcher's part of ``rt``'s status (workers, pool sizes, failures)."""
     if rt.engine_served:  # served by the engine itself: no workers, no children
         return {"workers": {"booting": 0, "idle": 0, "busy": 0, "draining": 0,
                             "stalled": 0}, "pool_min": 0, "pool_max": 0, "restarts": 0,
                 "boot_failures": 0, "retry_in": 0.0}
-    return engine.dispatcher.report(rt, now)
+    return dispatcher.report(rt, now)
 
-def render_metrics(engine: Engine) -> bytes:
-    return metrics.render(metrics_document(engine))
 
-def metrics_document(engine: Engine) -> metrics.MetricsDocument:
-    """Every counter for ``render`` (the /metrics endpoint, ``poolinetd metrics``)."""
-    now = engine.system.clock()
+def metrics_document(runtimes: Runtimes, dispatcher: Dispatcher, now: float,
+                     loop_turn: metrics.Histogram) -> metrics.MetricsDocument:
+    """Every counter for ``metrics.render`` (the /metrics endpoint, ``poolinetd metrics``)."""
     services: list[metrics.ServiceMetrics] = []
     seen: dict[int, metrics.ServiceMetrics] = {}
-    for rt in engine.runtimes:  # generations of one service share their stats
-        part = report(engine, rt, now)
+    for rt in runtimes:  # generations of one service share their stats
+        part = report(dispatcher, rt, now)
         workers = part.get("workers", {})
         assert isinstance(workers, dict)
         entry = seen.get(id(rt.stats))
@@ -114,5 +113,5 @@ def metrics_document(engine: Engine) -> metrics.MetricsDocument:
         open_fds = len(os.listdir("/proc/self/fd"))
     except OSError:
         open_fds = 0
-    return {"engine": {"loop_turn_seconds": engine.loop_turn.snapshot(), "open_fds": open_fds},
+    return {"engine": {"loop_turn_seconds": loop_turn.snapshot(), "open_fds": open_fds},
             "services": services}

@@ -8,6 +8,7 @@ Keys that are always there: ``event``; usually ``service``, ``pid``,
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
@@ -155,33 +156,50 @@ def log_fd() -> int:
     return 2
 
 
-def event(level: int, name: str, **fields: Any) -> None:
+class Level(enum.IntEnum):
+    """Event severities (the stdlib logging numbers, so handlers and filters agree)."""
+
+    DEBUG = logging.DEBUG
+    INFO = logging.INFO
+    WARNING = logging.WARNING
+    ERROR = logging.ERROR
+
+
+DEBUG, INFO, WARNING, ERROR = Level.DEBUG, Level.INFO, Level.WARNING, Level.ERROR
+
+
+def event(level: Level, name: str, **fields: Any) -> None:
     """Log one event line: ``name`` plus ``fields`` in the order given."""
     if LOGGER.isEnabledFor(level):
         LOGGER.log(level, name, extra={"fields": fields})
 
 
-def enabled(level: int) -> bool:
+def enabled(level: Level) -> bool:
     return LOGGER.isEnabledFor(level)
 
 
 def info(name: str, **fields: Any) -> None:
-    event(logging.INFO, name, **fields)
+    event(Level.INFO, name, **fields)
 
 
 def warning(name: str, **fields: Any) -> None:
-    event(logging.WARNING, name, **fields)
+    event(Level.WARNING, name, **fields)
 
 
 def error(name: str, **fields: Any) -> None:
-    event(logging.ERROR, name, **fields)
+    event(Level.ERROR, name, **fields)
 
 
 def debug(name: str, **fields: Any) -> None:
-    event(logging.DEBUG, name, **fields)
+    event(Level.DEBUG, name, **fields)
 
 
 __all__ = [
+    "DEBUG",
+    "ERROR",
+    "INFO",
+    "WARNING",
+    "Level",
     "debug",
     "enabled",
     "error",

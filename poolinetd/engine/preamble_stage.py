@@ -1,0 +1,186 @@
+"""The preamble stage: connections whose first bytes say more (PROXY header, tcpmux name).
+
+Touches the OS: non-blocking peeks and reads on accepted connections, and
+the engine's selector. Only services that read a preamble use it; for the
+others it costs nothing.
+
+Each connection gets a reader (``admission.readers``) that is fed what has
+arrived so far, peeked, never consumed beyond what it says is preamble; it
+answers NeedMore, Refuse or Proceed (``net.preamble``). On Proceed the
+accept stage decides where the connection goes (``route``: the real
+client's admission, the tcpmux sub-service) *before* anything is consumed or
+answered, so a client that will be refused is never told "+Go"; then
+exactly the rest of the preamble is read and the connection is delivered.
+
+fd ownership: a connection in the stage is owned here (``Pending.sock``)
+until it is refused (closed here), timed out (closed here) or delivered
+(detached and given to ``deliver``, which takes it on every path).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import selectors
+import socket
+from collections.abc import Callable, Hashable
+
+from poolinetd.admission import readers
+from poolinetd.engine.refusals import Refusals
+from poolinetd.engine.runtime import Listener, Pending, ServiceRuntime
+from poolinetd.engine.services import ServiceTable
+from poolinetd.net import preamble as pre
+
+Peer = tuple[str, int] | None
+# route(item, result, peer) -> (service, admission key) to deliver to, or None:
+# refused (route counted it).
+Route = Callable[[Pending, pre.Proceed, Peer], tuple[ServiceRuntime, Hashable] | None]
+# deliver(rt, fd, family, key, peer, accepted_at, local): takes fd on every path.
+Deliver = Callable[[ServiceRuntime, int, int, Hashable, Peer, float, Peer], None]
+
+
+class PreambleStage:
+    """The connections reading their preamble, by fd and by deadline."""
+
+    def __init__(self, sel: selectors.BaseSelector, table: ServiceTable, refusals: Refusals,
+                 clock: Callable[[], float], route: Route, deliver: Deliver) -> None:
+        self.sel = sel
+        self.table = table
+        self.refusals = refusals
+        self.clock = clock
+        self.route = route
+        self.deliver = deliver
+        self.pending: dict[int, Pending] = {}  # by fd
+        self.order: collections.deque[Pending] = collections.deque()  # by deadline
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def admits(self, rt: ServiceRuntime, source: Hashable) -> bool:
+        """Whether ``source`` may start one more preamble on ``rt`` (slowloris guard)."""
+        return rt.pending_by.get(source, 0) < pre.MAX_PENDING_PER_SOURCE
+
+    def begin(self, lst: Listener, fd: int, family: int, peer: Peer, source: Hashable,
+              now: float) -> None:
+        """Take accepted connection ``fd`` (owned here from now on) into the stage."""
+        rt = lst.rt
+        assert rt.preamble is not None
+        sock = socket.socket(family, lst.sock.type, 0, fileno=fd)
+        item = Pending(sock, rt, peer, source, rt.preamble(), now + pre.DEADLINE)
+        rt.pending_by[source] = rt.pending_by.get(source, 0) + 1
+        self.pending[fd] = item
+        self.order.append(item)
+        rt.pending += 1
+        self.on_readable(item)  # the header is usually there already
+        if fd in self.pending:
+            self.sel.register(sock, selectors.EVENT_READ, lambda _mask: self.on_readable(item))
+
+    def on_readable(self, item: Pending) -> None:
+        """Peek at what arrived and let the reader decide; never blocks, never over-reads.
+
+        Bytes the reader said were all preamble (NeedMore) are taken off the
+        socket for real, so a level-triggered selector does not wake the loop
+        again for bytes it has already seen.
+        """
+        room = item.reader.limit - len(item.got)
+        try:
+            data = item.sock.recv(room, socket.MSG_PEEK | socket.MSG_DONTWAIT) if room else b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(item, "preamble_reset")
+            return
+        result = item.reader.feed(item.got + data, eof=not data)
+        if isinstance(result, pre.NeedMore):
+            self._need_more(item, data)
+        elif isinstance(result, pre.Refuse):
+            self._refuse(item, result, len(data))
+        else:
+            self._proceed(item, result)
+
+    def _need_more(self, item: Pending, data: bytes) -> None:
+        if not data:  # EOF (or the limit) before a verdict
+            self.drop(item, "preamble_incomplete")
+            return
+        try:
+            item.got += item.sock.recv(len(data), socket.MSG_DONTWAIT)
+        except OSError:
+            self.drop(item, "preamble_reset")
+
+    def _refuse(self, item: Pending, result: pre.Refuse, peeked: int) -> None:
+        if result.reply:
+            with contextlib.suppress(OSError):
+                # Read what was peeked first: closing with unread bytes would send a
+                # reset, which can destroy the reply before the client reads it.
+                item.sock.recv(peeked, socket.MSG_DONTWAIT)
+                item.sock.send(result.reply, socket.MSG_DONTWAIT)  # best-effort
+        if result.reason in readers.ANSWERED:  # e.g. tcpmux HELP: served, not refused
+            self.forget(item)
+            item.sock.close()
+            return
+        self.drop(item, result.reason)
+
+    def _proceed(self, item: Pending, result: pre.Proceed) -> None:
+        peer = result.peer or item.peer
+        self.forget(item)
+        target = self.route(item, result, peer)  # decided before "+Go" or any consumption
+        if target is None:
+            item.sock.close()
+            return
+        rt, key = target
+        # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
+        need = max(0, result.consumed - len(item.got))
+        try:
+            got = item.sock.recv(need, socket.MSG_DONTWAIT) if need else b""
+            if len(got) == need and result.reply:
+                item.sock.send(result.reply, socket.MSG_DONTWAIT)
+        except OSError:
+            item.sock.close()
+            self.refusals.count(rt, "preamble_reset")
+            return
+        if len(got) != need:
+            item.sock.close()
+            self.refusals.count(rt, "preamble_incomplete")
+            return
+        fd = item.sock.detach()
+        self.deliver(rt, fd, item.sock.family, key, peer, item.deadline - pre.DEADLINE,
+                     result.local)
+
+    def forget(self, item: Pending) -> None:
+        """Take ``item`` out of the stage (its socket stays open: the caller's now)."""
+        fd = item.sock.fileno()
+        if self.pending.pop(fd, None) is None:
+            return
+        rt = item.rt
+        rt.pending -= 1
+        left = rt.pending_by.get(item.source, 0) - 1
+        if left > 0:
+            rt.pending_by[item.source] = left
+        else:
+            rt.pending_by.pop(item.source, None)
+        self.table.dirty.add(rt.successor or rt)
+        with contextlib.suppress(KeyError, ValueError):  # not registered if decided at once
+            self.sel.unregister(item.sock)
+
+    def drop(self, item: Pending, why: str) -> None:
+        """Refuse ``item`` for ``why``: closed, counted and logged."""
+        self.forget(item)
+        item.sock.close()
+        self.refusals.refused(item.rt, item.peer[0] if item.peer else "", why, self.clock())
+
+    def next_deadline(self) -> float | None:
+        return self.order[0].deadline if self.order else None
+
+    def expire(self, now: float) -> None:
+        """Refuse what has not finished its preamble by its deadline."""
+        while self.order and self.order[0].deadline <= now:
+            item = self.order.popleft()
+            if self.pending.get(item.sock.fileno()) is item:
+                self.drop(item, "preamble_timeout")
+
+    def close_all(self) -> None:
+        """Close every connection still in the stage (a stop), unanswered and uncounted."""
+        for item in list(self.pending.values()):
+            self.forget(item)
+            item.sock.close()
+        self.order.clear()
