@@ -53,7 +53,8 @@ def runtime(service: Service, sockets: list[socket.socket]) -> ServiceRuntime:
     return rt
 
 
-def test_status_lists_every_generation_with_its_state_and_counters(sockets: list[socket.socket]) -> None:
+def test_status_lists_every_generation_with_its_state_and_counters(
+        sockets: list[socket.socket]) -> None:
     echo, daytime = (runtime(s, sockets) for s in services_from(ECHO + DAYTIME))
     daytime.engine_served = True
     echo.instances, echo.programs, echo.pending = 3, 0, 1
