@@ -1,11 +1,13 @@
 """The config layer: inetd.conf text -> frozen, resolved service specs.
 
-Owns the frozen specs (``spec``), the parser (``inetdconf``, positional and
-key=value forms), includes, ``resolve`` (names -> numbers: ports, users,
-groups, built-ins) and overlap detection. Pure: it never raises on user
-input; every problem is a ``Diagnostic`` with file, line and field.
-``spec.BUILTIN_NAMES`` is the vocabulary of ``internal NAME``; the builtins
-layer implements it.
+Owns the frozen specs (``spec``); the parser (``inetdconf``, the front door,
+with ``tokens``, ``fields``, ``positional``, ``kvscan``, ``keyvalues``,
+``keys``, ``values``, ``formatter``), includes; ``resolve`` (names -> numbers,
+the front door, with ``lookups``, ``endpoints``, ``identity``, ``servers``,
+``settings``) and overlap detection; ``report`` and ``accesslists`` serve both.
+Pure: it never raises on user input; every problem is a ``Diagnostic`` with
+file, line and field. ``spec.BUILTIN_NAMES`` is the vocabulary of
+``internal NAME``; the builtins layer implements it.
 
 May import: observe, net.
 """

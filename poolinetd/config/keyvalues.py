@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from poolinetd.config import accesslists
 from poolinetd.config.fields import EntryFields, FieldReader
 from poolinetd.config.keys import (
     DEFAULTS_KEYS,
@@ -331,20 +332,11 @@ class KeyValues:
 
     def contradiction(self, where: Opt, only: AddressList, deny: AddressList) -> None:
         """Diagnose only_from entries that no_access makes useless (all of them: an error)."""
-        dead = netmatch.shadowed(only, deny)
-        if not dead:
+        found = accesslists.contradiction(only, deny)
+        if found is None:
             return
-        shown = ", ".join(str(n) for n in dead[:5]) + (", ..." if len(dead) > 5 else "")
-        if len(dead) == len(only):
-            self.report.error(where.lineno, where.field, short(where.raw),
-                              "only_from and no_access contradict: no_access covers every "
-                              f"only_from entry ({shown}), so the service refuses every client",
-                              "remove the no_access entries that cover only_from, or fix "
-                              "only_from")
-        else:
-            self.report.warn(where.lineno, where.field, short(where.raw),
-                             f"only_from entries inside no_access allow nobody: {shown}",
-                             "remove them from only_from")
+        say = self.report.error if found.error else self.report.warn
+        say(where.lineno, where.field, short(where.raw), found.message, found.hint)
 
     def option_value(self, opt: Opt, key: str, value: str) -> object | None:
         """Parse one poolinetd option value; None after reporting an error."""
