@@ -341,6 +341,33 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             holder.release()
 
 
+def _open_all(args: argparse.Namespace, services: Sequence[Service], passed: adopt.Passed
+              ) -> tuple[list[tuple[Service, list[socket.socket]]], socket.socket | None]:
+    """Every service's listeners (adopted where passed) and the metrics listener.
+
+    The caller owns what is returned; on error (raised) nothing stays open.
+    """
+    opened: list[tuple[Service, list[socket.socket]]] = []
+    own_metrics = passed.own_fd(adopt.METRICS_NAME)
+    try:
+        for service in services:
+            opened.append((service, _open_sockets(service, passed)))
+        if own_metrics is not None:
+            return opened, socket.socket(fileno=own_metrics)
+        if args.metrics:
+            return opened, metricshttp.open_listener(*metricshttp.parse_address(args.metrics))
+        return opened, None
+    except (listeners.ListenError, OSError, ValueError):
+        _close_opened(opened)
+        raise
+
+
+def _close_opened(opened: list[tuple[Service, list[socket.socket]]]) -> None:
+    for _, socks in opened:
+        for sock in socks:
+            listeners.close_listener(sock)
+
+
 def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
            held: list[pidfile.Pidfile]) -> int:
     notifier = sdnotify.Notifier.from_env(os.environ)
@@ -359,21 +386,10 @@ def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
     if ready_fd is None:
         ready_fd = passed.own_fd(adopt.READY_NAME)  # an upgrade: the old master waits on it
     own_control = passed.own_fd(adopt.CONTROL_NAME)
-    own_metrics = passed.own_fd(adopt.METRICS_NAME)
-    opened: list[tuple[Service, list[socket.socket]]] = []
-    metrics_sock: socket.socket | None = None
     try:
-        for service in services:
-            opened.append((service, _open_sockets(service, passed)))
-        if own_metrics is not None:
-            metrics_sock = socket.socket(fileno=own_metrics)
-        elif args.metrics:
-            metrics_sock = metricshttp.open_listener(*metricshttp.parse_address(args.metrics))
+        opened, metrics_sock = _open_all(args, services, passed)
     except (listeners.ListenError, OSError, ValueError) as exc:
         log.error("listen_failed", error=str(exc))
-        for _, socks in opened:
-            for sock in socks:
-                listeners.close_listener(sock)
         return EX_OSERR
     passed.close_unused()
     # Like inetd: work from /, so programs start there and no mount point is held busy.
@@ -415,9 +431,7 @@ def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
         hint = ("another poolinetd may be running; " if exc.errno == errno.EADDRINUSE else "")
         log.error("control_socket_failed", path=control_path, error=exc.strerror,
                   hint=hint + "use --control PATH or --no-control")
-        for _, socks in opened:
-            for sock in socks:
-                listeners.close_listener(sock)
+        _close_opened(opened)
         if metrics_sock is not None:
             metrics_sock.close()
         return EX_OSERR

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 from poolinetd.config.spec import Service
 from poolinetd.net import preamble, proxyproto, tcpmux
-from poolinetd.net.preamble import NeedMore, Proceed, Refuse, Result
+from poolinetd.net.preamble import Invalid, NeedMore, Proceed, Refuse, Result
 
 PROXY_MALFORMED = "proxy_malformed"
 PROXY_TRUNCATED = "proxy_truncated"
@@ -34,9 +34,9 @@ class ProxyHeader:
 
     def feed(self, data: bytes, eof: bool) -> Result:
         got = proxyproto.parse(data)
-        if isinstance(got, proxyproto.NeedMore):
+        if isinstance(got, NeedMore):
             return Refuse(PROXY_TRUNCATED) if eof else NeedMore()
-        if isinstance(got, proxyproto.Invalid):
+        if isinstance(got, Invalid):
             return Refuse(PROXY_MALFORMED)
         if got.command == "LOCAL" or got.src is None:
             return Proceed(got.consumed)
@@ -57,9 +57,9 @@ class TcpmuxRequest:
 
     def feed(self, data: bytes, eof: bool) -> Result:
         got = tcpmux.parse_request(data)
-        if isinstance(got, tcpmux.NeedMore):
+        if isinstance(got, NeedMore):
             return Refuse(TCPMUX_MALFORMED, tcpmux.ERROR_READING) if eof else NeedMore()
-        if isinstance(got, tcpmux.Invalid):
+        if isinstance(got, Invalid):
             return Refuse(TCPMUX_MALFORMED, tcpmux.ERROR_READING)
         if got.is_help:
             return Refuse(TCPMUX_HELP, tcpmux.help_reply(sorted(self.names)))

@@ -33,7 +33,20 @@ MAX_PENDING_PER_SOURCE = MAX_PENDING // 4  # ... from one source (its network, a
 
 @dataclass(frozen=True, slots=True)
 class NeedMore:
-    """Wait for more bytes."""
+    """Every byte so far is a valid prefix; wait for at least ``at_least`` (>= 1) more.
+
+    The one "not yet" of every preamble parser (PROXY, tcpmux) and reader.
+    """
+
+    at_least: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A parser's verdict: not valid, whatever follows. ``reason`` is fixed text, safe to
+    log (a reader turns it into a ``Refuse``)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from poolinetd.net.preamble import Invalid, NeedMore
+
 V1_SIGNATURE = b"PROXY "
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX_LINE = 107  # "PROXY UNKNOWN <v6> <v6> 65535 65535\r\n", the spec's worst case
@@ -88,20 +90,6 @@ Command = Literal["PROXY", "LOCAL"]
 Family = Literal["inet", "inet6", "unix", "unspec"]
 Address = tuple[str, int]
 Tlv = tuple[int, bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class NeedMore:
-    """The bytes so far are a valid prefix; at least ``at_least`` (>= 1) more are needed."""
-
-    at_least: int
-
-
-@dataclass(frozen=True, slots=True)
-class Invalid:
-    """Not a valid header, whatever follows; ``reason`` is a fixed phrase safe to log."""
-
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)

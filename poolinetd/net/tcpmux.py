@@ -32,26 +32,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from poolinetd.net.preamble import Invalid, NeedMore
+
 MAX_NAME = 256
 MAX_REQUEST = MAX_NAME + 2  # FreeBSD's MAX_SERV_LEN: the name and CRLF
 HELP = "help"
 
 GO = b"+Go\r\n"
 _BLANKS = b" \t"
-
-
-@dataclass(frozen=True, slots=True)
-class NeedMore:
-    """The bytes so far are a valid prefix; at least ``at_least`` (>= 1) more are needed."""
-
-    at_least: int
-
-
-@dataclass(frozen=True, slots=True)
-class Invalid:
-    """Not a valid request line, whatever follows; ``reason`` is fixed text, safe to log."""
-
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
