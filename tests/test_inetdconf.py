@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from config_helpers import parse_errors as errors
+from config_helpers import parse_one as one
+from config_helpers import parse_warnings as warnings
 
 from poolinetd.config.inetdconf import format_spec, parse
 from poolinetd.config.spec import (
@@ -18,22 +21,6 @@ from poolinetd.config.spec import (
     StderrRoute,
     UnixPerms,
 )
-
-
-def one(text: str) -> ServiceSpec:
-    parsed = parse(text, "t.conf")
-    assert parsed.errors == (), [str(d) for d in parsed.errors]
-    assert len(parsed.specs) == 1, parsed.specs
-    return parsed.specs[0]
-
-
-def errors(text: str) -> list[str]:
-    return [str(d) for d in parse(text, "t.conf").errors]
-
-
-def warnings(text: str) -> list[str]:
-    return [str(d) for d in parse(text, "t.conf").warnings]
-
 
 ECHO = ServiceSpec("echo", SocketType.STREAM, Protocol.TCP, False, "root", "internal")
 
@@ -445,7 +432,6 @@ def test_format_round_trip(line: str) -> None:
 def test_format_prefers_positional() -> None:
     assert format_spec(ECHO) == "echo\tstream\ttcp\tnowait\troot\tinternal"
     assert format_spec(replace(ECHO, options=Options(pool_max=2))).endswith("pool_max=2;")
-
 
 
 def test_severity_of_warnings() -> None:

@@ -4,32 +4,10 @@ parsed, diagnosed at FILE:LINE: field N, resolved into Service fields (issues 9 
 from __future__ import annotations
 
 import pytest
-from config_fakes import fake_lookups
+from config_helpers import errors, load, only, warnings
 
-from poolinetd.config.resolve import LoadedConfig, load_text
-from poolinetd.config.spec import Options, Service, Severity
+from poolinetd.config.spec import Options, Severity
 from poolinetd.net.netmatch import AddressList, Network, parse_cidr
-
-NO_OPTIONS = Options()
-
-
-def load(text: str, cli: Options = NO_OPTIONS) -> LoadedConfig:
-    return load_text(text, "/etc/t.conf", cli, fake_lookups())
-
-
-def only(text: str, cli: Options = NO_OPTIONS) -> Service:
-    loaded = load(text, cli)
-    assert loaded.errors == (), [str(d) for d in loaded.errors]
-    (service,) = loaded.services
-    return service
-
-
-def errors(text: str) -> list[str]:
-    return [str(d) for d in load(text).errors]
-
-
-def warnings(text: str) -> list[str]:
-    return [str(d) for d in load(text).warnings]
 
 
 def nets(*words: str) -> AddressList:

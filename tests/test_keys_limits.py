@@ -7,36 +7,20 @@ from pathlib import Path
 
 import pytest
 from config_fakes import fake_lookups
+from config_helpers import NO_OPTIONS, errors, load, only
 
 from poolinetd.config.inetdconf import format_spec, parse
-from poolinetd.config.resolve import LoadedConfig, load_file, load_text
+from poolinetd.config.resolve import load_file
 from poolinetd.config.spec import (
     DEFAULT_POOL_MAX,
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
     Limits,
     Options,
-    Service,
 )
 
-NO_OPTIONS = Options()
 SAFE_BUILTIN = DEFAULT_POOL_MAX * DEFAULT_WORKER_CONNECTIONS_INTERNAL // 4  # 1024
 SAFE_PROGRAM = DEFAULT_POOL_MAX * DEFAULT_WORKER_CONNECTIONS_PROGRAM // 4  # 256
-
-
-def load(text: str, cli: Options = NO_OPTIONS) -> LoadedConfig:
-    return load_text(text, "/etc/t.conf", cli, fake_lookups())
-
-
-def only(text: str, cli: Options = NO_OPTIONS) -> Service:
-    loaded = load(text, cli)
-    assert loaded.errors == (), [str(d) for d in loaded.errors]
-    (service,) = loaded.services
-    return service
-
-
-def errors(text: str) -> list[str]:
-    return [str(d) for d in load(text).errors]
 
 
 # -- each notation's 0 -----------------------------------------------------------------------

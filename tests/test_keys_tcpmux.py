@@ -4,20 +4,11 @@ sub-services, FreeBSD/NetBSD syntax (issue 11)."""
 from __future__ import annotations
 
 import pytest
-from config_fakes import fake_lookups
+from config_helpers import errors, load
 
-from poolinetd.config.resolve import LoadedConfig, load_text
-from poolinetd.config.spec import TCPMUX, Options, ServiceKey, SocketType
+from poolinetd.config.spec import TCPMUX, ServiceKey, SocketType
 
 LISTENER = "tcpmux\tstream\ttcp\tnowait\troot\tinternal\n"
-
-
-def load(text: str) -> LoadedConfig:
-    return load_text(text, "/etc/t.conf", Options(), fake_lookups())
-
-
-def errors(text: str) -> list[str]:
-    return [str(d) for d in load(text).errors]
 
 
 def test_the_listener_is_a_built_in_on_port_1() -> None:

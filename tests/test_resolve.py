@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 from config_fakes import fake_lookups
+from config_helpers import errors, load, only
 
 from poolinetd.config.inetdconf import parse
-from poolinetd.config.resolve import LoadedConfig, load_file, load_text, resolve, system_lookups
+from poolinetd.config.resolve import load_file, load_text, resolve, system_lookups
 from poolinetd.config.spec import (
     DEFAULT_POOL_MAX,
     DEFAULT_WORKER_CONNECTIONS_INTERNAL,
@@ -20,24 +21,6 @@ from poolinetd.config.spec import (
     SocketOwner,
     StderrRoute,
 )
-
-NO_OPTIONS = Options()
-
-
-def load(text: str, cli: Options = NO_OPTIONS) -> LoadedConfig:
-    return load_text(text, "/etc/t.conf", cli, fake_lookups())
-
-
-def only(text: str, cli: Options = NO_OPTIONS) -> Service:
-    loaded = load(text, cli)
-    assert loaded.errors == (), [str(d) for d in loaded.errors]
-    assert len(loaded.services) == 1
-    return loaded.services[0]
-
-
-def errs(text: str) -> list[str]:
-    return [str(d) for d in load(text).errors]
-
 
 # -- endpoints -----------------------------------------------------------------------------
 
@@ -78,25 +61,26 @@ def test_endpoints(line: str, endpoints: list[Endpoint]) -> None:
 
 
 def test_address_family_mismatch_is_an_error() -> None:
-    assert errs("::1,127.0.0.1:echo stream tcp4 nowait root internal") == [
+    assert errors("::1,127.0.0.1:echo stream tcp4 nowait root internal") == [
         "/etc/t.conf:1: field 3 'tcp4': ::1 is IPv6 but tcp4 is IPv4-only "
         "(use tcp6/udp6 for IPv6 addresses)"
     ]
-    assert "is IPv4 but tcp6" in errs("127.0.0.1:echo stream tcp6 nowait root internal")[0]
+    assert "is IPv4 but tcp6" in errors("127.0.0.1:echo stream tcp6 nowait root internal")[0]
 
 
 def test_unknown_host_and_service() -> None:
-    assert errs("nosuch:echo stream tcp nowait root internal") == [
+    assert errors("nosuch:echo stream tcp nowait root internal") == [
         "/etc/t.conf:1: field 1 'nosuch:echo': cannot resolve host 'nosuch' "
         "(write a numeric address or fix the name)"
     ]
-    assert errs("bogus stream tcp nowait root /bin/cat cat") == [
+    assert errors("bogus stream tcp nowait root /bin/cat cat") == [
         "/etc/t.conf:1: field 1 'bogus': unknown service 'bogus' for tcp "
         "(add it to /etc/services or write the port number)"
     ]
     # comsat is udp-only in the fake world
     assert (
-        "unknown service 'comsat' for tcp" in errs("comsat stream tcp nowait root /bin/cat cat")[0]
+        "unknown service 'comsat' for tcp"
+        in errors("comsat stream tcp nowait root /bin/cat cat")[0]
     )
 
 
@@ -138,13 +122,13 @@ def test_builtin_worker_connections_default() -> None:
 
 
 def test_unsupported_builtins() -> None:
-    assert errs("auth stream tcp nowait root internal auth -r -f") == [
+    assert errors("auth stream tcp nowait root internal auth -r -f") == [
         "/etc/t.conf:1: field 7 'auth': built-in 'auth' is not supported by poolinetd "
         "(built-ins: echo, discard, chargen, daytime, time, tcpmux)"
     ]
-    assert "no built-in service 'http'" in errs("http stream tcp nowait root internal")[0]
-    assert "no built-in for port 7007" in errs("7007 stream tcp nowait root internal")[0]
-    assert "takes no arguments" in errs("echo stream tcp nowait root internal echo -x")[0]
+    assert "no built-in service 'http'" in errors("http stream tcp nowait root internal")[0]
+    assert "no built-in for port 7007" in errors("7007 stream tcp nowait root internal")[0]
+    assert "takes no arguments" in errors("echo stream tcp nowait root internal echo -x")[0]
 
 
 def test_stream_builtin_wait_is_forced_nowait_with_warning() -> None:
@@ -174,7 +158,7 @@ def test_dgram_builtin_wait_is_fine() -> None:
     ],
 )
 def test_socket_type_protocol_mismatch(line: str, message: str) -> None:
-    (err,) = errs(line)
+    (err,) = errors(line)
     assert message in err
 
 
@@ -187,11 +171,11 @@ def test_program() -> None:
 
 
 def test_missing_argv0_and_missing_program() -> None:
-    assert errs("ftp stream tcp nowait root /usr/libexec/ftpd") == [
+    assert errors("ftp stream tcp nowait root /usr/libexec/ftpd") == [
         "/etc/t.conf:1: field 6 '/usr/libexec/ftpd': argv[0] is missing "
         "(write the program name after the path: /usr/libexec/ftpd ftpd)"
     ]
-    assert errs("ftp stream tcp nowait root /nope/ftpd ftpd") == [
+    assert errors("ftp stream tcp nowait root /nope/ftpd ftpd") == [
         "/etc/t.conf:1: field 6 '/nope/ftpd': program /nope/ftpd not found or not executable "
         "(install it or fix the path)"
     ]
@@ -217,10 +201,10 @@ def test_user_and_group(word: str, uid: int, gid: int, groups: tuple[int, ...]) 
 
 
 def test_unknown_user_and_group() -> None:
-    assert errs("echo stream tcp nowait ghost internal") == [
+    assert errors("echo stream tcp nowait ghost internal") == [
         "/etc/t.conf:1: field 5 'ghost': unknown user 'ghost' (create the user or fix the name)"
     ]
-    assert errs("echo stream tcp nowait root:ghosts internal") == [
+    assert errors("echo stream tcp nowait root:ghosts internal") == [
         "/etc/t.conf:1: field 5 'root:ghosts': unknown group 'ghosts' "
         "(create the group or fix the name)"
     ]
@@ -237,14 +221,14 @@ def test_unix_socket_owner() -> None:
     assert svc.socket_owner == SocketOwner(65534, 5, 0o660)
     assert (
         "unknown socket owner"
-        in errs(":ghost::0660:/run/e.sock stream unix nowait root internal echo")[0]
+        in errors(":ghost::0660:/run/e.sock stream unix nowait root internal echo")[0]
     )
 
 
 def test_unix_path_too_long() -> None:
     assert (
         "socket path too long"
-        in errs("/" + "x" * 120 + " stream unix nowait root internal echo")[0]
+        in errors("/" + "x" * 120 + " stream unix nowait root internal echo")[0]
     )
 
 
@@ -274,7 +258,7 @@ def test_option_precedence_entry_defaults_cli_builtin() -> None:
 
 
 def test_pool_min_above_pool_max() -> None:
-    assert errs("echo on protocol=tcp, user=root, pool_min=9, pool_max=3;") == [
+    assert errors("echo on protocol=tcp, user=root, pool_min=9, pool_max=3;") == [
         "/etc/t.conf:1: field 5 'pool_min=9': pool_min 9 is larger than pool_max 3 "
         "(raise pool_max or lower pool_min)"
     ]
