@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from poolinetd.config.resolve import Lookups, UserEntry
+from poolinetd.config.lookups import Lookups, UserEntry
 
 # name -> (tcp port, udp port); None = not offered for that protocol.
 SERVICES: dict[str, tuple[int | None, int | None]] = {

@@ -50,6 +50,7 @@ def _kv_value(value: str) -> str:
 
 
 def _service_token(spec: ServiceSpec) -> str:
+    """Field 1: the service with its address prefix, tcpmux name or unix socket prefix."""
     if spec.protocol is Protocol.UNIX:
         perms = spec.unix_perms
         if perms is None:
@@ -67,6 +68,7 @@ def _service_token(spec: ServiceSpec) -> str:
 
 
 def _user_token(spec: ServiceSpec) -> str:
+    """``user[:group][/login_class]``."""
     text = spec.user
     if spec.group is not None:
         text += ":" + spec.group
@@ -130,6 +132,7 @@ def format_spec(spec: ServiceSpec) -> str:
 
 
 def _format_kv(spec: ServiceSpec) -> str:
+    """``spec`` as a key-values definition (every field spelled out)."""
     opts = [
         f"socktype={spec.socket_type.value}",
         f"protocol={spec.protocol.value}",
@@ -147,6 +150,7 @@ def _format_kv(spec: ServiceSpec) -> str:
 
 
 def _format_limits(limits: Limits) -> list[str]:
+    """``key=value`` for each limit set (a lifted one as ``unlimited``)."""
     out: list[str] = []
     for name in LIMIT_KEYS:
         value = getattr(limits, name)
@@ -158,6 +162,7 @@ def _format_limits(limits: Limits) -> list[str]:
 
 
 def _format_options(options: Options) -> list[str]:
+    """``key=value`` for each option set, in the order docs list them."""
     out: list[str] = []
     for name in OPTION_KEYS:
         value = getattr(options, name)

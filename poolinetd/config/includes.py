@@ -36,6 +36,7 @@ import stat
 from dataclasses import dataclass, field
 
 from poolinetd.config import inetdconf
+from poolinetd.config.report import short
 from poolinetd.config.spec import (
     LIMIT_NAMES,
     Diagnostic,
@@ -161,7 +162,7 @@ def check_utf8(text: str, source: str) -> tuple[str, list[Diagnostic], frozenset
             word = words[-1].group() if words else line[col:col + 1]
             byte = line[col].encode("utf-8", "surrogateescape")[0]
             diags.append(Diagnostic(
-                source, index + 1, len(words), _escaped(word)[:120],
+                source, index + 1, len(words), short(_escaped(word)),
                 f"byte 0x{byte:02x} at column {col + 1} is not UTF-8",
                 "write the file in UTF-8 (e.g. iconv -f latin1 -t utf-8); only full-line "
                 "comments may hold other bytes"))
@@ -207,9 +208,12 @@ class _Loader:
 
     def error(self, inc: Include, message: str, hint: str,
               severity: Severity = Severity.ERROR) -> Diagnostic:
-        return Diagnostic(inc.source, inc.lineno, 2, inc.pattern[:120], message, hint, severity)
+        """A problem with an ``.include`` line, placed on its pattern (field 2)."""
+        return Diagnostic(inc.source, inc.lineno, 2, short(inc.pattern), message, hint, severity)
 
     def count_entries(self, parsed: ParsedConfig, where: Include | None) -> Diagnostic | None:
+        """Count ``parsed``'s entries against the bound; the problem once it is passed
+        (placed on the ``.include`` that brought them, or on the first entry too many)."""
         self.entries += len(parsed.specs)
         if self.entries <= self.limits.entries:
             return None
@@ -239,6 +243,11 @@ class _Loader:
 
     def include(self, inc: Include, stack: tuple[tuple[int, int], ...],
                 specs: list[ServiceSpec], diags: list[Diagnostic]) -> None:
+        """Read, parse and splice the files ``inc`` names into ``specs``, in sorted order.
+
+        Each bound (files, bytes, depth) stops the whole load once hit; a cycle
+        is an error, a file included twice a warning (it is read once).
+        """
         pattern = os.path.join(os.path.dirname(inc.source), inc.pattern)
         if glob.has_magic(pattern):
             found = list(itertools.islice(glob.iglob(pattern), self.limits.files + 1))
@@ -319,6 +328,7 @@ class _Loader:
 
 
 def _identity(source: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of ``source`` when it is a file (a text may name none)."""
     try:
         st = os.stat(source)
     except (OSError, ValueError):
@@ -328,6 +338,7 @@ def _identity(source: str) -> tuple[int, int] | None:
 
 def _load(text: str, source: str, ident: tuple[int, int] | None,
           limits: LoadLimits) -> ParsedConfig:
+    """Parse ``text`` (the main file, ``ident`` if on disk) and splice its includes."""
     loader = _Loader(limits)
     top = _parse_checked(text, source)
     problem = loader.count_entries(top, None)

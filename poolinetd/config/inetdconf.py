@@ -110,6 +110,7 @@ class _Parser:
         self.default_addrs: tuple[str, ...] = ()
 
     def run(self) -> ParsedConfig:
+        """Read every line: comments and blanks skipped, statements dispatched."""
         i, n = 0, len(self.lines)
         while i < n:
             line = self.lines[i]

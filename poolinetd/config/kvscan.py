@@ -50,6 +50,7 @@ class _Scanner:
         self.start_col = 0  # where ``cur`` starts on its line (for its ``raw``)
 
     def run(self) -> tuple[list[Opt], int]:
+        """Scan to the ';' (or to where it is missing): see ``scan``."""
         while True:
             if self.li >= len(self.lines):
                 if self.pending is not None:

@@ -90,6 +90,7 @@ class _Index:
         return min(found, key=lambda h: h[0], default=None)
 
     def add(self, transport: str, service: Service, ep: Endpoint) -> None:
+        """Record that ``service`` holds ``ep`` (the first holder of a place keeps it)."""
         holder = (self.count, service, ep)
         self.count += 1
         if transport == "unix":

@@ -291,6 +291,10 @@ def _tcpmux_check(services: list[Service]) -> tuple[list[Service], list[Diagnost
 
 
 def _ordered(diags: Iterable[Diagnostic], sources: list[str]) -> tuple[Diagnostic, ...]:
+    """``diags`` in file order: by file (as first met in ``sources``), then line and field.
+
+    Stable, so problems found at the same field keep the order they were found in.
+    """
     rank: dict[str, int] = {}
     for src in sources:
         rank.setdefault(src, len(rank))
@@ -308,7 +312,7 @@ def load_text(
 ) -> LoadedConfig:
     """Parse and resolve ``text`` (``.include`` paths relative to ``source``'s directory).
 
-    Reading follows the rules of ``poolinetd.includes`` (regular files only,
+    Reading follows the rules of ``config.includes`` (regular files only,
     bounded, each once, UTF-8 outside comments).
     """
     return _finish(includes.load_text(text, source), source, cli_defaults, lookups)
@@ -320,13 +324,14 @@ def load_file(
     """Read, parse and resolve the config at ``path``; an unreadable file is a diagnostic.
 
     A FIFO, device or directory given as ``path`` is refused without
-    waiting on it (see ``poolinetd.includes``).
+    waiting on it (see ``config.includes``).
     """
     return _finish(includes.load_path(path), path, cli_defaults, lookups)
 
 
 def _finish(parsed: ParsedConfig, source: str, cli_defaults: Options,
             lookups: Lookups | None) -> LoadedConfig:
+    """Resolve ``parsed`` (read from ``source``) and settle the global caps."""
     services, diags = resolve(
         parsed, cli_defaults, lookups if lookups is not None else system_lookups()
     )
