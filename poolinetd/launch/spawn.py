@@ -7,7 +7,9 @@ fd except ``keep`` and stdio, resets signals, runs ``body`` and always ends
 in ``os._exit`` (a child that returned into the master's stack would run the
 master's loop twice). ``launch(...)`` starts a server program with
 ``os.posix_spawn``: no Python runs between fork and exec, so the cost does
-not grow with the caller's size and there is no preexec_fn hazard.
+not grow with the caller's size and there is no preexec_fn hazard. These are
+the primitives; what a service's program is given (environment, stderr,
+user) is ``launch.program``'s.
 """
 
 from __future__ import annotations
