@@ -38,6 +38,17 @@ def test_the_safe_default_keeps_one_source_from_taking_the_service() -> None:
     assert admit(adm, "192.0.2.2") == ""  # another source is served
 
 
+def test_one_ipv6_host_is_one_source_by_default() -> None:
+    """Issue 21: four addresses of one /64 held all 8 slots of a max_child=8 service when
+    each IPv6 address counted as a source of its own. By default a /64 is one source."""
+    svc = service("max_child=8")
+    assert svc.source_v6_prefix == 64 and svc.limits.max_child_per_ip == 2
+    adm = Admission(svc)
+    host = [f"2001:db8:1:2::{i:x}" for i in range(1, 5)]
+    assert [admit(adm, ip) for ip in host] == ["", "", "max_child_per_ip", "max_child_per_ip"]
+    assert admit(adm, "2001:db8:1:3::1") == ""  # the next /64 is another source
+
+
 def test_concurrency_counts_by_network_prefix() -> None:
     adm = Admission(service("max_child_per_ip=2, source_v4_prefix=24"))
     assert admit(adm, "198.51.100.1") == "" and admit(adm, "198.51.100.2") == ""

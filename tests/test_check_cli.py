@@ -187,7 +187,7 @@ def test_cli_check_json_shows_the_effective_access_and_limit_values(tmp_path: Pa
     assert (doc["max_connections"], doc["max_programs"]) == (5000, None)
     echo, discard, mux, sub = doc["services"]
     assert echo["only_from"] == ["127.0.0.0/8"] and echo["no_access"] == ["127.0.0.2/32"]
-    assert (echo["source_v4_prefix"], echo["source_v6_prefix"]) == (24, 128)
+    assert (echo["source_v4_prefix"], echo["source_v6_prefix"]) == (24, 64)
     assert echo["block_time"] == 10.0
     assert (echo["reuseport"], echo["proxy_protocol"], echo["proxy_from"]) == (
         True, True, ["127.0.0.1/32"])

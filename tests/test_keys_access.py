@@ -32,7 +32,7 @@ def test_lists_resolve_into_the_service() -> None:
 def test_without_lists_everyone_may_connect() -> None:
     svc = only(f"{ECHO};")
     assert not svc.only_from and not svc.no_access and not svc.proxy_from
-    assert (svc.source_v4_prefix, svc.source_v6_prefix, svc.block_time) == (32, 128, 0.0)
+    assert (svc.source_v4_prefix, svc.source_v6_prefix, svc.block_time) == (32, 64, 0.0)
     assert (svc.reuseport, svc.proxy_protocol) == (False, False)
 
 

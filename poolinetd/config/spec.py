@@ -178,7 +178,10 @@ DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONN_TIMEOUT = 300.0
 DEFAULT_SOURCE_V4_PREFIX = 32  # per-source limits count each IPv4 address ...
-DEFAULT_SOURCE_V6_PREFIX = 128  # ... and each IPv6 address on its own
+# ... and IPv6 sources by their /64: one host usually holds a whole /64 (SLAAC,
+# privacy addresses), so counted per address one host would be many sources and
+# could take a whole service (issue 21). systemd and others group by /64 too.
+DEFAULT_SOURCE_V6_PREFIX = 64
 # Safe default: without a per-source concurrency limit written anywhere, one source
 # may hold at most 1/SAFE_SHARE of a connection service's capacity (resolve.py).
 SAFE_SHARE = 4
