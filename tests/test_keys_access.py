@@ -143,7 +143,7 @@ def test_prefixes_block_time_reuseport_resolve_with_defaults() -> None:
     assert (a.source_v4_prefix, a.source_v6_prefix, a.block_time, a.reuseport) == (
         24, 48, 30.0, True)
     assert (b.source_v4_prefix, b.source_v6_prefix, b.block_time, b.reuseport) == (
-        0, 128, 0.0, False)
+        0, 64, 0.0, False)
 
 
 def test_command_line_options_come_after_the_file() -> None:
