@@ -431,3 +431,34 @@ def test_global_caps_change_only_with_a_reload_that_applies(rigs: list[Rig], mak
     assert rig.engine.reload()
     assert rig.engine.ledger.caps.max_connections == 1
     assert rig.engine.ledger.caps.max_programs == 1
+
+
+def test_a_full_preamble_stage_still_admits_a_new_source(rigs: list[Rig],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21: four sources at a quarter each filled the stage and a legitimate client
+    waited out the deadline. Now a newcomer from a lighter source takes the place of the
+    heaviest source's oldest connection; the heaviest source itself gets no more."""
+    monkeypatch.setattr(preamble, "MAX_PENDING", 8)
+    monkeypatch.setattr(preamble, "MAX_PENDING_PER_SOURCE", 2)
+    rig = fork_rig(rigs, ECHO, preambles=lambda service: _Hello)
+    port = rig.listener().bound.port
+    silent = []
+    for i in range(4):  # four sources, two silent connections each: the stage is full
+        for _ in range(2):
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{i + 2}", 0))
+            sock.connect(("127.0.0.1", port))
+            silent.append(sock)
+    rig.turn(3)
+    rt = rig.engine.runtimes[0]
+    assert rt.pending == 8
+    legit = socket.socket()
+    legit.bind(("127.0.0.9", 0))
+    legit.connect(("127.0.0.1", port))
+    legit.sendall(b"HELLO\nhi")
+    rig.turn(3)
+    assert rt.stats.refused_by.get("preamble_evicted") == 1
+    assert len(rig.system.forked) == 1  # the newcomer was served
+    assert rt.pending == 7
+    for sock in [*silent, legit]:
+        sock.close()

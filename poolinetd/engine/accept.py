@@ -140,7 +140,7 @@ class AcceptStage:
             why = "" if trusted else readers.PROXY_UNTRUSTED
         else:
             why = rt.admission.check(key, ip, now)
-        if not why and rt.preamble is not None and not self.preambles.admits(rt, key):
+        if not why and rt.preamble is not None and not self.preambles.make_room(rt, key):
             why = "preamble_busy"  # one source may not fill the stage (slowloris)
         if why:
             os.close(fd)

@@ -54,7 +54,6 @@ from poolinetd.engine.upgrading import Upgrading
 from poolinetd.launch import spawn
 from poolinetd.launch.signals import SignalPipe
 from poolinetd.launch.system import System
-from poolinetd.net import preamble as pre
 from poolinetd.observe import log, metrics, stagetrace
 from poolinetd.ops import control, metricshttp
 from poolinetd.ops.sdnotify import Notifier
@@ -289,8 +288,8 @@ class Engine:
             return False
         if not self.ledger.below_caps(rt):
             return False
-        if rt.preamble is not None and rt.pending >= pre.MAX_PENDING:
-            return False
+        # A full preamble stage does not stop accepting: a newcomer from a light
+        # source takes the place of the heaviest source's oldest (PreambleStage.admits).
         return rt.engine_served or self.dispatcher.can_take(rt)
 
     def rest(self, rt: ServiceRuntime, why: str, now: float | None = None) -> None:

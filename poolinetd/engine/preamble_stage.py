@@ -56,9 +56,32 @@ class PreambleStage:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def admits(self, rt: ServiceRuntime, source: Hashable) -> bool:
-        """Whether ``source`` may start one more preamble on ``rt`` (slowloris guard)."""
-        return rt.pending_by.get(source, 0) < pre.MAX_PENDING_PER_SOURCE
+    def make_room(self, rt: ServiceRuntime, source: Hashable) -> bool:
+        """Whether ``source`` may start one more preamble on ``rt`` now (slowloris guard).
+
+        One source holds at most MAX_PENDING_PER_SOURCE places. When ``rt``'s
+        stage is full, a newcomer takes the place of the oldest connection of
+        the source holding the most, unless that is its own source: a few
+        sources (four at a quarter each) can then never fill the stage for
+        everyone else (issue 21).
+        """
+        held = rt.pending_by.get(source, 0)
+        if held >= pre.MAX_PENDING_PER_SOURCE:
+            return False
+        if rt.pending < pre.MAX_PENDING:
+            return True
+        heaviest = max(rt.pending_by, key=rt.pending_by.__getitem__)
+        if rt.pending_by[heaviest] <= held:
+            return False
+        self._evict_oldest(rt, heaviest)
+        return True
+
+    def _evict_oldest(self, rt: ServiceRuntime, source: Hashable) -> None:
+        for item in self.order:  # oldest first; only scanned when a stage is full
+            if item.rt is rt and item.source == source and self.pending.get(
+                    item.sock.fileno()) is item:
+                self.drop(item, "preamble_evicted")
+                return
 
     def begin(self, lst: Listener, fd: int, family: int, peer: Peer, source: Hashable,
               now: float) -> None:
