@@ -18,7 +18,9 @@ import contextlib
 import errno
 import selectors
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+
+from poolinetd.net import netmatch
 
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -27,7 +29,7 @@ class Client:
     """One connection to a ``RequestServer``."""
 
     def __init__(self, server: RequestServer, sock: socket.socket, deadline: float,
-                 source: str = "") -> None:
+                 source: Hashable = "") -> None:
         self.server = server
         self.sock = sock
         self.deadline = deadline
@@ -68,6 +70,14 @@ class Client:
             self.server.drop(self)
 
 
+def _source(addr: object) -> Hashable:
+    """Who a client is, for the per-source share: its address, an IPv6 one by its /64
+    (one host usually holds a whole /64); "" for a unix peer."""
+    if not isinstance(addr, tuple):
+        return ""
+    return netmatch.source_key(str(addr[0]), 32, 64)
+
+
 class RequestServer:
     """Registered in ``sel`` at construction; the engine calls ``expire`` and ``close``."""
 
@@ -85,7 +95,7 @@ class RequestServer:
         self.clock = clock
         self._close_listener = close_listener
         self.clients: list[Client] = []
-        self.by_source: dict[str, int] = {}
+        self.by_source: dict[Hashable, int] = {}
         self.resume_at = 0.0  # > 0 while accepting rests after running out of fds
         sel.register(sock, selectors.EVENT_READ, self.on_event)
 
@@ -105,9 +115,8 @@ class RequestServer:
                     self.sel.unregister(self.sock)
                     self.resume_at = self.clock() + 1.0
                 return
-            source = addr[0] if isinstance(addr, tuple) else ""
-            if len(self.clients) >= self.max_clients or (
-                    self.per_source and self.by_source.get(source, 0) >= self.per_source):
+            source = _source(addr)
+            if not self._make_room(source):
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -115,6 +124,26 @@ class RequestServer:
             self.by_source[source] = self.by_source.get(source, 0) + 1
             self.clients.append(client)
             self.sel.register(conn, selectors.EVENT_READ, client.on_event)
+
+    def _make_room(self, source: Hashable) -> bool:
+        """Whether a client from ``source`` may be served now.
+
+        At most ``per_source`` clients per source; when every slot is taken, a
+        newcomer takes the place of the oldest client of the source holding the
+        most, unless that is its own source, so a few sources holding silent
+        connections can never blind the server for everyone else (issue 21).
+        """
+        held = self.by_source.get(source, 0)
+        if self.per_source and held >= self.per_source:
+            return False
+        if len(self.clients) < self.max_clients:
+            return True
+        heaviest = max(self.by_source, key=self.by_source.__getitem__)
+        if self.by_source[heaviest] <= held:
+            return False
+        oldest = next(c for c in self.clients if c.source == heaviest)  # in arrival order
+        self.drop(oldest)
+        return True
 
     def drop(self, client: Client) -> None:
         with contextlib.suppress(KeyError, ValueError):

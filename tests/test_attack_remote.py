@@ -1,0 +1,73 @@
+"""Attacks by remote clients on the master's own endpoints, against a running server.
+
+Each test reproduces a finding of a hostile review (issue 21) on loopback and
+fails without its fix.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+ECHO = "127.0.0.1:0 stream tcp nowait nobody internal echo\n"
+
+
+def _backlog(port: int) -> int | None:
+    """How many connections wait in the accept queue of the loopback listener on ``port``
+    (/proc/net/tcp: a LISTEN socket's rx_queue is its accept queue)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and int(local.split(":")[1], 16) == port:
+                return int(queues.split(":")[1], 16)
+    return None
+
+
+def wait_accepted(port: int, timeout: float = 30.0) -> None:
+    """Until the server has accepted every connection queued on ``port``."""
+    deadline = time.monotonic() + timeout
+    while _backlog(port) != 0:
+        assert time.monotonic() < deadline, f"connections still queued on {port}"
+        time.sleep(0.01)
+
+
+def _scrape_from(source: str, port: int, timeout: float = 10.0) -> bytes:
+    """GET /metrics from ``source`` (a loopback address), whole answer."""
+    with socket.socket() as sock:
+        sock.bind((source, 0))
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("mode", ["pool", "classic"])
+def test_silent_connections_from_a_few_sources_cannot_blind_metrics(serve, mode: str) -> None:
+    """Eight addresses x 4 silent connections held every /metrics slot: 0 of 35 scrapes
+    were answered. A scraper from another source now takes the place of the heaviest
+    source's oldest connection."""
+    server = serve(ECHO, "--metrics", "127.0.0.1:0", mode=mode)
+    port = server.info["metrics"]["port"]  # type: ignore[index]
+    silent = []
+    try:
+        for i in range(8):
+            for _ in range(4):
+                sock = socket.socket()
+                sock.bind((f"127.0.0.{i + 2}", 0))
+                sock.connect(("127.0.0.1", port))
+                silent.append(sock)
+        wait_accepted(port)
+        answered = 0
+        for _ in range(35):
+            reply = _scrape_from("127.0.0.20", port)
+            answered += reply.startswith(b"HTTP/1.0 200")
+        assert answered == 35
+    finally:
+        for sock in silent:
+            sock.close()
