@@ -392,6 +392,38 @@ def test_latin1_comment_is_fine_latin1_argument_is_an_error(tmp_path: Path) -> N
     assert [s.name for s in loaded.services] == ["echo/tcp"]  # the bad line yields nothing
 
 
+def test_a_lone_surrogate_in_text_is_an_error_at_its_line_not_an_exception() -> None:
+    # "\ud800" cannot come from decoding bytes (surrogateescape gives U+DC80..U+DCFF only),
+    # but load_text takes any str: it must answer with a diagnostic, never raise.
+    text = ("echo stream tcp nowait root internal\n"
+            "ftp stream tcp nowait root /bin/ftpd ftpd -x\ud800y\n"
+            "\ud800 stream tcp nowait root internal\n"
+            "# a comment may hold one: \udbff\n")
+    loaded = load_text(text, "t.conf", Options(), fake_lookups())
+    assert [(d.lineno, d.field) for d in loaded.errors] == [(2, 8), (3, 1)]
+    assert "U+D800 at column 45" in loaded.errors[0].message
+    assert loaded.errors[0].token == "-x\\ud800y"  # shown escaped, valid text
+    assert [s.name for s in loaded.services] == ["echo/tcp"]
+
+
+def test_an_include_path_that_is_not_a_path_is_an_error_at_its_line(tmp_path: Path) -> None:
+    # A NUL byte in an .include pattern, or a source directory that cannot be encoded, makes
+    # os.stat raise ValueError: a diagnostic on the .include line, never an exception.
+    loaded = load_text("echo stream tcp nowait root internal\n.include a\x00b\n", "t.conf",
+                       Options(), fake_lookups())
+    (err,) = loaded.errors
+    assert (err.lineno, err.field) == (2, 2) and "cannot include" in err.message
+    for pattern in ("x.conf", "*.conf"):
+        loaded = load_text(f".include {pattern}\n", str(tmp_path / "\ud800" / "a.conf"),
+                           Options(), fake_lookups())
+        (err,) = loaded.errors
+        assert err.lineno == 1 and "cannot include" in err.message
+    (tmp_path / "nul.conf").write_bytes(b".include a\x00b\necho stream tcp nowait root internal\n")
+    loaded = load_file(str(tmp_path / "nul.conf"), Options(), fake_lookups())
+    assert [d.lineno for d in loaded.errors] == [1]
+    assert [s.name for s in loaded.services] == ["echo/tcp"]
+
+
 # -- the real system -------------------------------------------------------------------------
 
 

@@ -93,6 +93,8 @@ def _read_bytes(path: str, limit: int) -> tuple[bytes, tuple[int, int]]:
         st = os.stat(path)
     except OSError as exc:
         raise _ReadError(exc.strerror or str(exc)) from exc
+    except ValueError as exc:  # a NUL byte, or a lone surrogate the file system cannot take
+        raise _ReadError(f"not a usable path: {exc}") from exc
     if not stat.S_ISREG(st.st_mode):
         raise _ReadError(f"it is {_kind(st.st_mode)}, not a regular file")
     if st.st_size > limit:
@@ -138,7 +140,24 @@ def _unreadable(path: str, reason: str) -> Diagnostic:
 
 
 def _escaped(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` as valid text: each surrogate shown as an escape (never raises)."""
+    return _SURROGATE.sub(lambda found: _escape(found.group()), text)
+
+
+def _escape(char: str) -> str:
+    """A lone surrogate as text: ``\\xNN`` for the undecodable byte NN that surrogateescape
+    made U+DCNN, ``\\uNNNN`` for one that did not come from a byte (text handed to
+    ``load_text`` may hold any str)."""
+    code = ord(char)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def _not_text(char: str, column: int) -> str:
+    """Why the surrogate ``char`` at ``column`` (1-based) is refused, for a Diagnostic."""
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"byte 0x{code - 0xDC00:02x} at column {column} is not UTF-8"
+    return f"character U+{code:04X} at column {column} is not valid text (a lone surrogate)"
 
 
 def check_utf8(text: str, source: str) -> tuple[str, list[Diagnostic], frozenset[int]]:
@@ -160,10 +179,8 @@ def check_utf8(text: str, source: str) -> tuple[str, list[Diagnostic], frozenset
             col = found.start()
             words = [m for m in _FIELD.finditer(line) if m.start() <= col]
             word = words[-1].group() if words else line[col:col + 1]
-            byte = line[col].encode("utf-8", "surrogateescape")[0]
             diags.append(Diagnostic(
-                source, index + 1, len(words), short(_escaped(word)),
-                f"byte 0x{byte:02x} at column {col + 1} is not UTF-8",
+                source, index + 1, len(words), short(_escaped(word)), _not_text(line[col], col + 1),
                 "write the file in UTF-8 (e.g. iconv -f latin1 -t utf-8); only full-line "
                 "comments may hold other bytes"))
             bad.add(index + 1)
@@ -250,7 +267,12 @@ class _Loader:
         """
         pattern = os.path.join(os.path.dirname(inc.source), inc.pattern)
         if glob.has_magic(pattern):
-            found = list(itertools.islice(glob.iglob(pattern), self.limits.files + 1))
+            try:
+                found = list(itertools.islice(glob.iglob(pattern), self.limits.files + 1))
+            except ValueError as exc:  # a directory name the file system cannot take
+                diags.append(self.error(inc, f"{pattern}: cannot include: not a usable path: "
+                                        f"{exc}", "include only regular, readable files"))
+                return
             if len(found) > self.limits.files:
                 self.stopped = True
                 diags.append(self.error(inc, f"matches more than {self.limits.files} files",
@@ -323,7 +345,7 @@ class _Loader:
         values["env"] = tuple(env.items())
         values["limits"] = Limits(
             **{k: v for k, v in limits.items() if v is not None},
-            unlimited=frozenset(k for k, v in limits.items() if v is None))
+            unlimited=frozenset(k for k, v in limits.items() if v is None), safe_default=False)
         return Options(**values)  # type: ignore[arg-type]
 
 
