@@ -462,3 +462,31 @@ def test_a_full_preamble_stage_still_admits_a_new_source(rigs: list[Rig],
     assert rt.pending == 7
     for sock in [*silent, legit]:
         sock.close()
+
+
+def test_classic_mode_caps_one_source_at_what_it_forks_quickly(rigs: list[Rig]) -> None:
+    """Issue 21: under the safe default one source could make the classic master fork up
+    to 1,024 children (a quarter of the pool's capacity) before anyone else was served.
+    Classic mode caps that share at CLASSIC_SOURCE_SHARE; a written limit still holds."""
+    from poolinetd.classic.dispatcher import CLASSIC_SOURCE_SHARE
+
+    pool = pool_rig(rigs, ECHO).engine.runtimes[0]
+    assert pool.service.limits.safe_default
+    assert pool.admission.source_limits.max_child_per_ip == pool.service.limits.max_child_per_ip
+    assert pool.service.limits.max_child_per_ip > CLASSIC_SOURCE_SHARE
+    rig = fork_rig(rigs, ECHO)
+    rt = rig.engine.runtimes[0]
+    assert rt.admission.source_limits.max_child_per_ip == CLASSIC_SOURCE_SHARE
+    clients = [rig.connect() for _ in range(CLASSIC_SOURCE_SHARE + 3)]
+    rig.turn(5)
+    assert len(rig.system.forked) == CLASSIC_SOURCE_SHARE
+    assert rt.stats.refused_by.get("max_child_per_ip") == 3
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))
+    other.connect(("127.0.0.1", rig.listener().bound.port))
+    rig.turn(2)
+    assert len(rig.system.forked) == CLASSIC_SOURCE_SHARE + 1  # another source is served
+    written = fork_rig(rigs, ECHO_KV.format(user="{user}", extra="max_child_per_ip=500"))
+    assert written.engine.runtimes[0].admission.source_limits.max_child_per_ip == 500
+    for sock in [*clients, other]:
+        sock.close()

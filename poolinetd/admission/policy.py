@@ -42,7 +42,11 @@ _NO_LISTS = "\0no lists"  # check() without the access lists (a start with no pe
 class Admission:
     """The admission state of one service (across its reload generations)."""
 
-    def __init__(self, service: Service, cap: int = sources.DEFAULT_CAP) -> None:
+    def __init__(self, service: Service, cap: int = sources.DEFAULT_CAP,
+                 share_cap: int | None = None) -> None:
+        """``share_cap``: the most instances one source may hold where ``max_child_per_ip``
+        is the safe default rather than written (the mode's, kept across updates)."""
+        self.share_cap = share_cap
         self.tracker = sources.Tracker(cap)
         self.spawn_history: deque[float] = deque()
         self.paused_until = 0.0
@@ -58,8 +62,11 @@ class Admission:
         self.v4_prefix = service.source_v4_prefix
         self.v6_prefix = service.source_v6_prefix
         self._keys: dict[str, Hashable] = {}
-        self.source_limits = sources.SourceLimits(
-            limits.max_child_per_ip, limits.max_cpm_per_ip, service.block_time)
+        per_ip = limits.max_child_per_ip
+        if limits.safe_default and per_ip is not None and self.share_cap is not None:
+            per_ip = min(per_ip, self.share_cap)
+        self.source_limits = sources.SourceLimits(per_ip, limits.max_cpm_per_ip,
+                                                  service.block_time)
         self.per_source = (limits.max_child_per_ip is not None
                            or limits.max_cpm_per_ip is not None)
         self.lists = bool(self.only_from or self.no_access)

@@ -34,6 +34,7 @@ from poolinetd.launch import program, spawn
 from poolinetd.launch.system import System
 from poolinetd.observe import log
 
+CLASSIC_SOURCE_SHARE = 64  # children one source may hold by default (forked in ~50-100 ms)
 _DGRAM_BATCHES = 16  # a datagram child answers at most this many batches, then exits
 # A datagram child's exit status when it logged a refusal: the next child, forked
 # with the time of that line, keeps the once-an-interval throttle across children.
@@ -58,6 +59,10 @@ class ForkDispatcher:
 
     mode = "classic"
     lends_per_burst = True  # a datagram built-in's socket goes to a child per burst
+    # One source may hold at most this many children under the safe default
+    # (max_child_per_ip not written): each is a fork in the master's loop, so a
+    # source holding 1,024 (the pool's share) kept everyone else waiting (issue 21).
+    source_share_cap: int | None = CLASSIC_SOURCE_SHARE
 
     def __init__(self, system: System | None = None) -> None:
         self.system = system or System()

@@ -300,7 +300,7 @@ class FieldReader:
                 lifted.add(name)  # FreeBSD: /0 = no limit
             else:
                 numbers[name] = number
-        f.limits = Limits(**numbers, unlimited=frozenset(lifted))
+        f.limits = Limits(**numbers, unlimited=frozenset(lifted), safe_default=False)
 
     def spawn_rate(self, tok: Tok, rest: str, f: EntryFields) -> None:
         """``.N`` or ``:N`` after wait/nowait: services started per minute."""

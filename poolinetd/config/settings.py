@@ -256,4 +256,5 @@ class Settings:
         if connections and "max_child_per_ip" not in values and "max_child_per_ip" not in lifted:
             capacity = values.get("max_child") or pool.pool_max * pool.worker_connections
             values["max_child_per_ip"] = max(1, capacity // SAFE_SHARE)
-        return Limits(**values, unlimited=frozenset(lifted))
+            return Limits(**values, unlimited=frozenset(lifted), safe_default=True)
+        return Limits(**values, unlimited=frozenset(lifted), safe_default=False)

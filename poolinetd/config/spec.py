@@ -111,6 +111,9 @@ class Limits:
     max_child_per_ip: int | None = None
     max_spawn_per_min: int | None = None
     unlimited: frozenset[str] = frozenset()
+    # max_child_per_ip is the safe default (a share of the capacity), not written:
+    # a mode may lower it (classic: Dispatcher.source_share_cap).
+    safe_default: bool = False
 
     def given(self, name: str) -> bool:
         """Whether limit ``name`` is written here (as a number or as "no limit")."""

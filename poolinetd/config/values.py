@@ -79,4 +79,4 @@ def limits_from(values: dict[str, int | None]) -> Limits:
     """Limits from parsed limit keys (a None value = "unlimited" written)."""
     numbers = {k: v for k, v in values.items() if v is not None}
     lifted = frozenset(k for k, v in values.items() if v is None)
-    return Limits(**numbers, unlimited=lifted)
+    return Limits(**numbers, unlimited=lifted, safe_default=False)

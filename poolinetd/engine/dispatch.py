@@ -74,6 +74,9 @@ class Dispatcher(Protocol):
 
     mode: str
     lends_per_burst: bool  # a datagram built-in's loan ends after each burst (classic)
+    # At most this many instances per source where max_child_per_ip is the safe
+    # default (not written): what the mode can start quickly. None: as configured.
+    source_share_cap: int | None
 
     def attach(self, hooks: Hooks) -> None:
         """Called once, before anything else."""

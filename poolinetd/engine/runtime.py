@@ -17,7 +17,7 @@ from __future__ import annotations
 import signal
 import socket
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from poolinetd.admission.policy import Admission
 from poolinetd.config.spec import Service, SocketType
@@ -115,9 +115,10 @@ class ServiceRuntime:
     is_program: bool = field(init=False)
     stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
+    share_cap: InitVar[int | None] = None  # the mode's per-source share (Admission)
 
-    def __post_init__(self) -> None:
-        self.admission = Admission(self.service)
+    def __post_init__(self, share_cap: int | None) -> None:
+        self.admission = Admission(self.service, share_cap=share_cap)
         # Whether its instances count against the global caps (a datagram built-in's
         # loan is not a connection), and as programs; fixed per generation.
         self.counts_active = not (self.lends and self.service.internal is not None)

@@ -52,7 +52,7 @@ class ServiceTable:
 
     def add(self, service: Service, socks: Iterable[socket.socket]) -> ServiceRuntime:
         """A new generation of ``service`` on ``socks`` (taken: the table owns them now)."""
-        rt = ServiceRuntime(service)
+        rt = ServiceRuntime(service, share_cap=self.dispatcher.source_share_cap)
         if self.preambles is not None:
             rt.preamble = self.preambles(service)
         else:

@@ -63,6 +63,7 @@ class PoolDispatcher:
 
     mode = "pool"
     lends_per_burst = False  # a datagram built-in's socket stays with one worker
+    source_share_cap: int | None = None  # the safe default's share holds as configured
 
     def __init__(self, system: System | None = None) -> None:
         self.system = system or System()
