@@ -315,11 +315,45 @@ def _open_sockets(service: Service, passed: adopt.Passed | None = None) -> list[
     return socks
 
 
+# The options of run that name a file: made absolute at start (``absolute_paths``).
+PATH_OPTIONS = ("conf", "pidfile", "log_file", "control")
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute against the working directory, naming what it names now.
+
+    "." and empty components go; ".." stays, because after a symlink it is not
+    the lexical parent that ``os.path.abspath`` would take. Raises OSError if
+    ``path`` is relative and the working directory is gone.
+    """
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return os.path.join("/" if path.startswith("/") else os.getcwd(), *parts)
+
+
+def absolute_paths(args: argparse.Namespace) -> None:
+    """Make every path option of ``run`` in ``args`` absolute, in place.
+
+    The master works from / (like inetd), and an upgrade starts the new master
+    there: a path is resolved once, here, against the directory poolinetd was
+    started in, so the config, the pidfile, the log file (reopened on SIGUSR1)
+    and the control socket stay the files the operator named, whenever they
+    are used. Empty values (meaning "none" or "the default") are left alone.
+    """
+    for name in PATH_OPTIONS:
+        value = getattr(args, name)
+        if value:
+            setattr(args, name, absolute(value))
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        absolute_paths(args)  # before anything opens a path or changes directory
+    except OSError as exc:
+        print(f"poolinetd: cannot make the paths absolute: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EX_USAGE
     _ensure_stdio()
     _raise_fd_limit()
-    if args.conf:
-        args.conf = os.path.abspath(args.conf)  # reloads must find it after the chdir below
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
     log.setup(args.log_format, level, args.log_file)
     # What systemd (or the master we take over from) gave us; no worker or program may

@@ -34,20 +34,29 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _run(args: list[str], tmp_path: Path, prefix: tuple[str, ...] = (),
-         python: str = sys.executable, env: dict[str, str] | None = None) -> tuple[
+def run_master(args: list[str], tmp_path: Path, prefix: tuple[str, ...] = (),
+               python: str = sys.executable, env: dict[str, str] | None = None,
+               cwd: Path | None = None, ready: str = "--ready-fd") -> tuple[
         subprocess.Popen[bytes], dict[str, object], Path]:
+    """Start ``python -m poolinetd ARGS READY N`` and wait for its ready line (20 s).
+
+    ``ready`` is how the ready option is spelled (an abbreviation, say); the
+    process runs in ``cwd`` (default: the checkout, or / with an ``env`` of
+    its own); its stdout and stderr go to ``tmp_path / "log"``.
+    """
     rfd, wfd = os.pipe()
     log_path = tmp_path / "log"
+    if cwd is None:
+        cwd = REPO if env is None else Path("/")
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen([*prefix, python, "-m", "poolinetd", *args,
-                                 "--ready-fd", str(wfd)], pass_fds=(wfd,), stdout=logf,
+                                 ready, str(wfd)], pass_fds=(wfd,), stdout=logf,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=REPO if env is None else "/", env=env)
+                                cwd=cwd, env=env)
     os.close(wfd)
     try:
-        ready, _, _ = select.select([rfd], [], [], 20)
-        line = os.read(rfd, 65536) if ready else b""
+        ready_now, _, _ = select.select([rfd], [], [], 20)
+        line = os.read(rfd, 65536) if ready_now else b""
     finally:
         os.close(rfd)
     if not line:
@@ -63,7 +72,7 @@ def test_no_config_serves_the_builtin_default_on_localhost(tmp_path: Path, mode:
 
     if not all(_port_free(p) for p in DEFAULT_PORTS.values()):
         pytest.skip("a default port (7007-7037) is in use on this machine")
-    proc, info, log_path = _run(["--no-control", "--mode", mode], tmp_path)
+    proc, info, log_path = run_master(["--no-control", "--mode", mode], tmp_path)
     try:
         listeners = info["listeners"]
         assert isinstance(listeners, list) and len(listeners) == 10
@@ -94,7 +103,7 @@ def test_started_as_a_normal_user_serves_only_that_users_services(
     # writable by others is refused for a socket, which could be swapped there).
     nobody = pwd.getpwnam("nobody")
     os.chown(log_dir, nobody.pw_uid, nobody.pw_gid)
-    proc, info, log_path = _run(["-c", str(conf), "--control", str(log_dir / "ctl.sock"),
+    proc, info, log_path = run_master(["-c", str(conf), "--control", str(log_dir / "ctl.sock"),
                                  "--mode", mode],
                                 log_dir, ("/usr/bin/setpriv", "--reuid=nobody",
                                           "--regid=nogroup", "--clear-groups"),
@@ -173,7 +182,7 @@ def test_programs_get_the_fd_limit_poolinetd_was_started_with(tmp_path: Path) ->
     conf = tmp_path / "limits.conf"
     conf.write_text("127.0.0.1:0 stream tcp nowait root /bin/sh sh -c 'ulimit -n'\n")
     for mode in ("pool", "classic"):
-        proc, info, _ = _run(["-c", str(conf), "--no-control", "--mode", mode], tmp_path,
+        proc, info, _ = run_master(["-c", str(conf), "--no-control", "--mode", mode], tmp_path,
                              ("prlimit", "--nofile=512:"))
         try:
             listeners = info["listeners"]
