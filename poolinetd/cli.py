@@ -87,15 +87,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="poolinetd",
-        description="An inetd that serves inetd.conf from pools of pre-forked workers.",
-        epilog="Commands: run (default), check, status, reload. 'poolinetd COMMAND -h' for each.")
-    parser.add_argument("--version", action="version", version=f"poolinetd {__version__}")
-    sub = parser.add_subparsers(dest="command")
-
-    run = sub.add_parser("run", help="serve (the default command)")
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    """The options of ``run`` (also read by ``run_options`` to rebuild a command line)."""
     run.add_argument("-c", "--conf", metavar="FILE",
                      help="inetd.conf to serve (default: a built-in localhost config)")
     run.add_argument("--mode", choices=("pool", "classic"), default="pool",
@@ -117,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="serve Prometheus metrics at http://ADDR:PORT/metrics")
     _add_pool_options(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="poolinetd",
+        description="An inetd that serves inetd.conf from pools of pre-forked workers.",
+        epilog="Commands: run (default), check, status, reload. 'poolinetd COMMAND -h' for each.")
+    parser.add_argument("--version", action="version", version=f"poolinetd {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    _add_run_options(sub.add_parser("run", help="serve (the default command)"))
 
     chk = sub.add_parser("check", help="check a config file; exit 78 on any error")
     chk.add_argument("-c", "--conf", metavar="FILE", default=DEFAULT_CONF)
@@ -188,37 +192,45 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(check.run_check(args.conf, args.json, sys.stdout, sys.stderr, _options(args)))
     if args.command in ("status", "reload", "metrics", "upgrade"):
         sys.exit(_client(args))
-    sys.exit(_run(args, _without_ready_fd(args_list)))
+    sys.exit(_run(args))
 
 
-_PATH_OPTIONS = ("-c", "--conf", "--control", "--pidfile", "--log-file")
+# Options of run a new master is not given in an upgrade: it reports ready on a pipe of its
+# own (passed as poolinetd-ready), and the old master's --ready-fd is not its to write to.
+_NOT_PASSED_ON = frozenset({"ready_fd"})
 
 
-def _without_ready_fd(args_list: list[str]) -> list[str]:
-    """The command line a new master is started with in an upgrade: ours, less --ready-fd
-    (the new master tells us it is ready on a pipe of its own), with every path made
-    absolute: the new master starts in /, never in a directory someone could write to."""
-    out: list[str] = []
-    skip = False
-    absolute_next = False
-    for arg in args_list:
-        if skip:
-            skip = False
-        elif absolute_next:
-            out.append(os.path.abspath(arg))
-            absolute_next = False
-        elif arg == "--ready-fd":
-            skip = True
-        elif arg.startswith("--ready-fd="):
+def run_options() -> list[argparse.Action]:
+    """Every option of ``run``, as argparse defined it (from ``_add_run_options``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_run_options(parser)
+    return list(parser._actions)  # argparse has no public list of a parser's options
+
+
+def upgrade_command(args: argparse.Namespace) -> list[str]:
+    """The poolinetd arguments a new master is started with in an upgrade: ``run`` and
+    every option of ``args`` (parsed, paths already absolute) whose value is not the
+    default, in one canonical spelling, less ``--ready-fd``.
+
+    Built from what argparse understood, never from the words typed, so every
+    spelling argparse accepts (``-cFILE``, ``--conf=FILE``, a prefix such as
+    ``--pid``) reaches the new master with the same meaning. Each value goes
+    as ``--long-name=VALUE``, so a value that starts with "-" stays a value;
+    floats go as ``repr`` so that they parse back to the same number.
+    ``parse_args(upgrade_command(args))`` gives ``args`` back, ``ready_fd`` aside.
+    """
+    out = ["run"]
+    for action in run_options():
+        if action.dest in _NOT_PASSED_ON or action.default == argparse.SUPPRESS:
             continue
-        elif arg in _PATH_OPTIONS:
-            out.append(arg)
-            absolute_next = True
-        elif "=" in arg and arg.split("=", 1)[0] in _PATH_OPTIONS:
-            name, value = arg.split("=", 1)
-            out.append(f"{name}={os.path.abspath(value)}")
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        name = max(action.option_strings, key=len)  # the long spelling
+        if action.nargs == 0:  # a flag (store_true): its presence is its value
+            out.append(name)
         else:
-            out.append(arg)
+            out.append(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}")
     return out
 
 
@@ -345,7 +357,7 @@ def absolute_paths(args: argparse.Namespace) -> None:
             setattr(args, name, absolute(value))
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
+def _run(args: argparse.Namespace) -> int:
     try:
         absolute_paths(args)  # before anything opens a path or changes directory
     except OSError as exc:
@@ -369,7 +381,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             return EX_OSERR
         held.append(holder)
     try:
-        return _serve(args, argv, passed, held)
+        return _serve(args, passed, held)
     finally:
         for holder in held:
             holder.release()
@@ -402,8 +414,7 @@ def _close_opened(opened: list[tuple[Service, list[socket.socket]]]) -> None:
             listeners.close_listener(sock)
 
 
-def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
-           held: list[pidfile.Pidfile]) -> int:
+def _serve(args: argparse.Namespace, passed: adopt.Passed, held: list[pidfile.Pidfile]) -> int:
     notifier = sdnotify.Notifier.from_env(os.environ)
     watchdog = sdnotify.watchdog_interval(os.environ)
     sdnotify.forget_environment(os.environ)
@@ -457,7 +468,8 @@ def _serve(args: argparse.Namespace, argv: list[str], passed: adopt.Passed,
                         metrics_sock=metrics_sock, control_sock=control_sock,
                         # -P: the new master's imports never come from a working
                         # directory (safe_path); it runs in /.
-                        upgrade_argv=[sys.executable, "-P", "-m", "poolinetd", *argv],
+                        upgrade_argv=[sys.executable, "-P", "-m", "poolinetd",
+                                      *upgrade_command(args)],
                         upgrade_cwd="/",
                         caps=Caps(loaded.max_connections, loaded.max_programs),
                         on_ready=on_ready)

@@ -1,14 +1,15 @@
-"""Attacks on what a master is started with: relative paths after the chdir to /
-(issue 21, finding 13).
+"""Attacks on what a master is started with: the upgrade's command line, and relative
+paths after the chdir to / (issue 21, findings 11 and 13).
 
 A master started from a working directory with relative paths, glued short options
 (``-cFILE``) or argparse prefixes (``--pid``, ``--log-fi``, ``--ready``) must serve the same
 config, write the same pidfile and log to the same file after the chdir to / and after an
-upgrade; and an upgrade must not change the file limit programs get.
+upgrade.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -21,9 +22,66 @@ import pytest
 from conftest import TEST_USER, tcp_exchange, wait_until
 from test_cli import run_master
 
+from poolinetd import cli
 from poolinetd.ops import control
 
 U = TEST_USER
+
+
+# ---------------------------------------------------------------- the command line (in-process)
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    return cli.build_parser().parse_args(["run", *argv])
+
+
+def test_upgrade_command_comes_from_the_parsed_options(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spellings = [  # each a way argparse accepts to say the same thing
+        ["-cinetd.conf", "--pid", "run.pid", "--log-fi", "p.log", "--contr", "c.sock",
+         "--ready", "9"],
+        ["-c", "inetd.conf", "--pidfile=run.pid", "--log-file", "p.log", "--control=c.sock",
+         "--ready-fd=9"],
+        ["--conf=./inetd.conf", "--pidf", "./run.pid", "--log-file=p.log", "--control", "c.sock"],
+    ]
+    commands = []
+    for argv in spellings:
+        args = _parse(argv)
+        cli.absolute_paths(args)
+        command = cli.upgrade_command(args)
+        commands.append(command)
+        again = _parse(command[1:])
+        assert command[0] == "run"
+        assert again.conf == str(tmp_path / "inetd.conf")
+        assert again.pidfile == str(tmp_path / "run.pid")
+        assert again.log_file == str(tmp_path / "p.log")
+        assert again.control == str(tmp_path / "c.sock")
+        assert again.ready_fd is None  # the new master reports ready on its own pipe
+        assert not any(a.startswith("--ready") for a in command)
+    assert commands[0] == commands[1] == commands[2]
+
+
+def test_every_run_option_survives_the_round_trip(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option of ``run`` (a new one too) reaches the new master with its value."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["-c", "a b.conf", "--mode", "classic", "--pidfile=-odd.pid",
+            "--log-format", "json", "--log-file", "l.log", "--log-level", "debug",
+            "--log-connections", "--control", "/abs/c.sock", "--graceful-timeout", "0.1",
+            "--metrics", "127.0.0.1:0", "--pool-min", "2", "--pool-max", "7",
+            "--worker-connections", "3", "--max-requests", "11", "--idle-timeout", "1e-3",
+            "--conn-timeout", "2.5", "--max-connections", "0", "--max-programs", "5"]
+    args = _parse(argv)
+    cli.absolute_paths(args)
+    again = _parse(cli.upgrade_command(args)[1:])
+    assert vars(again) == vars(args)
+    given = {a.dest for a in cli.run_options() if a.default != argparse.SUPPRESS}
+    differs = {name for name in given if getattr(args, name) != _parse([]).__dict__[name]}
+    # Every option but --ready-fd and --no-control (exclusive with --control) was given.
+    assert given - differs == {"ready_fd", "no_control"}
+    args = _parse(["--no-control"])
+    assert cli.upgrade_command(args) == ["run", "--no-control"]
+    assert cli.upgrade_command(_parse([])) == ["run"]
 
 
 # ---------------------------------------------------------------- real masters
@@ -76,6 +134,38 @@ def _stop(pid: int) -> None:
     if pid > 0 and _alive(pid):
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not _alive(pid), 30, f"pid {pid} to stop")
+
+
+@pytest.mark.process
+def test_upgrade_keeps_config_pidfile_and_log_spelled_relative_glued_or_abbreviated(
+        tmp_path: Path, unique: str) -> None:
+    (tmp_path / f"{unique}.conf").write_text(f"127.0.0.1:0 stream tcp nowait {U} internal echo\n")
+    pid_path, log_path = tmp_path / f"{unique}.pid", tmp_path / f"{unique}.log"
+    ctl = tmp_path / f"{unique}.sock"
+    proc, info = _start(tmp_path, [f"-c{unique}.conf", "--pid", f"{unique}.pid",
+                                   "--log-fi", f"{unique}.log", "--contr", str(ctl),
+                                   "--graceful-timeout", "5"], ready="--ready")
+    port, new_pid = _port(info), 0
+    try:
+        assert tcp_exchange(port, b"before") == b"before"
+        assert control.request(str(ctl), "upgrade") == {"ok": True}
+        new_pid = int(wait_until(lambda: _new_master(log_path), 60, "the upgrade's outcome"))
+        assert new_pid > 0, log_path.read_text()
+        assert proc.wait(30) == 0
+        title = Path(f"/proc/{new_pid}/cmdline").read_bytes().decode()
+        assert title.startswith(f"poolinetd: master -c {tmp_path}/{unique}.conf")
+        assert tcp_exchange(port, b"after") == b"after"  # echo still: the same config
+        assert pid_path.read_text().strip() == str(new_pid)
+        doc = control.request(str(ctl), "status")
+        assert doc["pid"] == new_pid
+        os.kill(new_pid, signal.SIGUSR1)  # the new master logs to the same file
+        wait_until(lambda: f"poolinetd[{new_pid}] info log_reopened" in log_path.read_text(),
+                   20, "the new master's line in the same log")
+    finally:
+        _stop(proc.pid)
+        _stop(new_pid)
+    assert not pid_path.exists()
+    assert not any(os.path.lexists(f"/{unique}{s}") for s in (".conf", ".pid", ".log", ".sock"))
 
 
 @pytest.mark.process
