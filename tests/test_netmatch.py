@@ -84,7 +84,11 @@ def test_host_bits_are_cleared_with_a_note() -> None:
         ("10.0.0", "is not an IPv4 or IPv6 address"),
         ("010.0.0.1", "is not an IPv4 or IPv6 address"),  # octal or decimal? refuse
         ("[::1]", "without brackets"),
-        ("fe80::1%eth0", "scope ids"),
+        ("fe80::1", "name the interface (fe80::1%eth0)"),
+        ("fe80::/64", "name the interface"),
+        ("fe80::1%", "is not an interface name"),
+        ("fe80::1%eth0/0", "only a link-local address"),  # ::/0 is not link-local
+        ("2001:db8::1%eth0", "only a link-local address (fe80::/10) takes an interface"),
     ],
 )
 def test_parse_cidr_refuses_with_a_reason(text: str, says: str) -> None:
@@ -324,3 +328,34 @@ def test_source_key_is_the_network_at_the_prefix(
     first = parse_ip(str(addrs[0]))
     assert first is not None
     assert len({source_key_addr(first, q, q) for q in range(33)}) == 33
+
+
+def test_link_local_entries_match_only_on_their_interface() -> None:
+    """Issue 21: the peer's scope was dropped, so proxy_from=fe80::5 (then refused in the
+    config only when scoped) trusted fe80::5 on another link. An entry names its link."""
+    net = parse_cidr("fe80::5%eth0")
+    assert isinstance(net, Network) and net.scope == "eth0" and str(net) == "fe80::5%eth0/128"
+    lst = AddressList([net])
+    assert lst.matches("fe80::5%eth0")
+    assert not lst.matches("fe80::5%eth1")
+    assert not lst.matches("fe80::5")  # a link-local peer without its link matches no entry
+    assert not lst.matches("fe80::6%eth0")
+    wide = parse_cidr("fe80::%eth1/10")
+    assert isinstance(wide, Network)
+    assert AddressList([wide]).matches("fe80::1234%eth1")
+    assert not AddressList([wide]).matches("fe80::1234%eth0")
+    everyone = parse_cidr("::/0")
+    assert isinstance(everyone, Network)
+    assert AddressList([everyone]).matches("fe80::5%eth7")  # as written: every IPv6 peer
+    # no_access wins on the peer's own link only
+    assert access_reason(AddressList([everyone]), lst, parse_ip("fe80::5%eth0"),
+                         "eth0") == "no_access"
+    assert access_reason(AddressList([everyone]), lst, parse_ip("fe80::5%eth1"), "eth1") == ""
+    assert AddressList([everyone]).covers(net) and lst.covers(net)
+    assert not AddressList([parse_cidr("fe80::5%eth1")]).covers(net)  # type: ignore[list-item]
+
+
+def test_link_local_sources_are_keyed_per_link_and_address() -> None:
+    """fe80::/64 is every host of every link: a link-local peer is a source of its own."""
+    assert source_key("fe80::5%eth0", 32, 64) == "fe80::5%eth0"
+    assert source_key("fe80::5%eth0", 32, 64) != source_key("fe80::5%eth1", 32, 64)

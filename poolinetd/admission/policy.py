@@ -100,7 +100,7 @@ class Admission:
         """
         self.looping = False
         if self.lists and ip is not _NO_LISTS:
-            why = netmatch.access_reason(self.only_from, self.no_access, netmatch.parse_ip(ip))
+            why = netmatch.peer_access_reason(self.only_from, self.no_access, ip)
             if why:
                 return why
         limit = self.limits.max_spawn_per_min
@@ -126,7 +126,7 @@ class Admission:
         """The access lists alone ("" if ``ip`` may be served)."""
         if not self.lists:
             return ""
-        return netmatch.access_reason(self.only_from, self.no_access, netmatch.parse_ip(ip))
+        return netmatch.peer_access_reason(self.only_from, self.no_access, ip)
 
     def check_start(self, now: float) -> str:
         """The service-wide rate only, for a start with no known source (stream wait)."""

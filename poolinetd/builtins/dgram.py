@@ -60,9 +60,8 @@ class DgramResponder:
             if isinstance(addr, tuple):
                 why = internal.loop_guard(addr[1], self.internal_ports)
                 if why is None and self.lists:  # the access lists, per datagram
-                    why = netmatch.access_reason(self.service.only_from,
-                                                 self.service.no_access,
-                                                 netmatch.parse_ip(addr[0])) or None
+                    why = netmatch.peer_access_reason(self.service.only_from,
+                                                      self.service.no_access, addr[0]) or None
                 if why is not None:
                     self._refused(f"{addr[0]} {addr[1]}", why)
                     continue

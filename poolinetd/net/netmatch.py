@@ -17,6 +17,13 @@ and share one tracking key. Native IPv6 entries never match IPv4 peers (not
 even ``::/0``: write ``0.0.0.0/0`` for "every IPv4 client"); an entry written
 inside ``::ffff:0:0/96`` is read as the IPv4 network it denotes.
 
+Link-local addresses (fe80::/10) are only unique on their link, and the
+kernel reports a link-local peer with its interface (``fe80::5%eth0``). An
+entry inside fe80::/10 must therefore name its interface
+(``fe80::5%eth0``, ``fe80::%eth1/10``) and matches only peers on that
+interface; a wider entry (``::/0``) matches link-local peers on every link,
+as written. (Unscoped, ``proxy_from=fe80::5`` trusted fe80::5 on every link.)
+
 Matching is one ``bisect`` over the list's merged address ranges: O(log n) in
 C, about as cheap for 10,000 entries of many prefix lengths as for one (a set
 lookup per distinct prefix length was measured slower for every list size).
@@ -36,6 +43,10 @@ SourceKey = int | str  # from source_key: an int for IP peers, the peer string o
 _MAPPED = 0xFFFF << 32  # ::ffff:0.0.0.0, the IPv4-mapped prefix as an Addr
 _V4_MASK = 0xFFFFFFFF
 _from_bytes = int.from_bytes
+_LINK_LOCAL = 0xFE80 << 112  # fe80::/10
+_LINK_LOCAL_PREFIX = 10
+# Interface names as the kernel allows them (IFNAMSIZ 16), or an interface index.
+_SCOPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-@")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -51,6 +62,7 @@ class Network:
     value: int
     prefix: int
     note: str = field(default="", compare=False)
+    scope: str = ""  # the interface of a link-local network ("" for every other)
 
     @property
     def bits(self) -> int:
@@ -59,7 +71,8 @@ class Network:
     def __str__(self) -> str:
         if self.version == 4:
             return f"{ipaddress.IPv4Address(self.value)}/{self.prefix}"
-        return f"{ipaddress.IPv6Address(self.value)}/{self.prefix}"
+        scope = f"%{self.scope}" if self.scope else ""
+        return f"{ipaddress.IPv6Address(self.value)}{scope}/{self.prefix}"
 
     def as_addr_range(self) -> tuple[int, int]:
         """(first, last) Addr of this network, inclusive, in IPv6 space."""
@@ -74,8 +87,9 @@ def parse_cidr(text: str) -> Network | str:
     for IPv6. Host bits set (``10.1.2.3/8``) are accepted and cleared, as
     ``ipaddress``'s non-strict mode and most access-list tools do, and the
     Network's ``note`` says so, so ``check`` can warn without failing. Host
-    names, netmask notation, brackets and IPv6 scope ids are refused with a
-    message that says which. The message never includes file or line: the
+    names, netmask notation and brackets are refused with a message that says
+    which. A link-local network must name its interface (``fe80::5%eth0``) and
+    only a link-local one may. The message never includes file or line: the
     caller adds ``file:line:field``.
     """
     addr_text, slash, len_text = text.partition("/")
@@ -83,8 +97,9 @@ def parse_cidr(text: str) -> Network | str:
         return f"{text!r}: missing address before '/'" if slash else "empty address"
     if addr_text.startswith("["):
         return f"{text!r}: write IPv6 networks without brackets (2001:db8::/32)"
-    if "%" in addr_text:
-        return f"{text!r}: IPv6 scope ids (%...) are not accepted in access lists"
+    addr_text, percent, scope = addr_text.partition("%")
+    if percent and not _SCOPE_CHARS.issuperset(scope or "\0"):
+        return f"{text!r}: {scope!r} is not an interface name"
     try:
         addr = ipaddress.ip_address(addr_text)
     except ValueError:
@@ -114,10 +129,18 @@ def parse_cidr(text: str) -> Network | str:
         version, value, prefix, bits = 4, value & _V4_MASK, prefix - 96, 32
     shift = bits - prefix
     masked = value >> shift << shift
+    link_local = version == 6 and prefix >= _LINK_LOCAL_PREFIX and (
+        masked >> (128 - _LINK_LOCAL_PREFIX) == _LINK_LOCAL >> (128 - _LINK_LOCAL_PREFIX))
+    if link_local and not scope:
+        return (f"{text!r}: a link-local address is the same on every link: name the "
+                f"interface ({addr_text}%eth0)")
+    if scope and not link_local:
+        return f"{text!r}: only a link-local address (fe80::/10) takes an interface (%...)"
     note = ""
     if masked != value:
-        note = f"host bits set: {text} is taken as {Network(version, masked, prefix)}"
-    return Network(version, masked, prefix, note)
+        taken = Network(version, masked, prefix, scope=scope)
+        note = f"host bits set: {text} is taken as {taken}"
+    return Network(version, masked, prefix, note, scope)
 
 
 def parse_ip(ip: str) -> Addr | None:
@@ -138,6 +161,11 @@ def parse_ip(ip: str) -> Addr | None:
         return _MAPPED | _from_bytes(inet_pton(AF_INET, ip))
     except (OSError, ValueError):
         return None
+
+
+def peer_scope(ip: str) -> str:
+    """The interface of a link-local peer address string ("fe80::5%eth0" -> "eth0")."""
+    return ip.partition("%")[2]
 
 
 def is_v4(addr: Addr) -> bool:
@@ -161,12 +189,15 @@ class AddressList:
     entries and prefix lengths the list has.
     """
 
-    __slots__ = ("_v4_ends", "_v4_starts", "_v6_ends", "_v6_starts", "networks")
+    __slots__ = ("_scoped", "_v4_ends", "_v4_starts", "_v6_ends", "_v6_starts", "networks")
 
     def __init__(self, networks: Iterable[Network] = ()) -> None:
         self.networks: tuple[Network, ...] = tuple(sorted(set(networks)))
         self._v4_starts, self._v4_ends = _merge(n for n in self.networks if n.version == 4)
-        self._v6_starts, self._v6_ends = _merge(n for n in self.networks if n.version == 6)
+        self._v6_starts, self._v6_ends = _merge(
+            n for n in self.networks if n.version == 6 and not n.scope)
+        # Link-local entries, by interface: few, so a scan (never on the unscoped path).
+        self._scoped = tuple(n for n in self.networks if n.scope)
 
     def __len__(self) -> int:
         return len(self.networks)
@@ -188,19 +219,26 @@ class AddressList:
         """How many disjoint address ranges the entries merged into."""
         return len(self._v4_starts) + len(self._v6_starts)
 
-    def matches_addr(self, addr: Addr) -> bool:
-        """True if ``addr`` (from parse_ip) is in one of the networks."""
+    def matches_addr(self, addr: Addr, scope: str = "") -> bool:
+        """True if ``addr`` (from parse_ip) is in one of the networks. ``scope``: the
+        interface of a link-local peer (``peer_scope``); only entries naming that
+        interface, or wider unscoped ones, match it."""
         if addr >> 32 == 0xFFFF:
             starts, ends = self._v4_starts, self._v4_ends
         else:
             starts, ends = self._v6_starts, self._v6_ends
+            if scope and self._scoped:
+                for net in self._scoped:
+                    first, last = net.as_addr_range()
+                    if net.scope == scope and first <= addr <= last:
+                        return True
         i = _bisect_right(starts, addr) - 1
         return i >= 0 and addr <= ends[i]
 
     def matches(self, ip: str) -> bool:
         """True if the peer address string is in one of the networks (never for non-IP peers)."""
         addr = parse_ip(ip)
-        return addr is not None and self.matches_addr(addr)
+        return addr is not None and self.matches_addr(addr, peer_scope(ip))
 
     def covers(self, net: Network) -> bool:
         """True if every address of ``net`` is in the list (maybe across several entries)."""
@@ -209,6 +247,10 @@ class AddressList:
             starts, ends = self._v4_starts, self._v4_ends
         else:
             starts, ends = self._v6_starts, self._v6_ends
+            if net.scope and any(
+                    other.scope == net.scope and other.as_addr_range()[0] <= first
+                    and last <= other.as_addr_range()[1] for other in self._scoped):
+                return True
         i = _bisect_right(starts, first) - 1
         return i >= 0 and last <= ends[i]
 
@@ -227,8 +269,11 @@ def _merge(networks: Iterable[Network]) -> tuple[list[int], list[int]]:
     return starts, ends
 
 
-def access_reason(only_from: AddressList, no_access: AddressList, addr: Addr | None) -> str:
+def access_reason(only_from: AddressList, no_access: AddressList, addr: Addr | None,
+                  scope: str = "") -> str:
     """Why a peer is refused by the lists: "no_access", "only_from", or "" if allowed.
+
+    ``scope``: the interface of a link-local peer (see ``AddressList.matches_addr``).
 
     ``no_access`` wins over ``only_from``; an empty ``only_from`` allows everyone.
     A peer that is not an IP address (None) matches no entry, so it is refused
@@ -236,16 +281,21 @@ def access_reason(only_from: AddressList, no_access: AddressList, addr: Addr | N
     """
     if addr is None:
         return "only_from" if only_from else ""
-    if no_access and no_access.matches_addr(addr):
+    if no_access and no_access.matches_addr(addr, scope):
         return "no_access"
-    if only_from and not only_from.matches_addr(addr):
+    if only_from and not only_from.matches_addr(addr, scope):
         return "only_from"
     return ""
 
 
+def peer_access_reason(only_from: AddressList, no_access: AddressList, ip: str) -> str:
+    """``access_reason`` of a peer address string (with its link-local scope, if any)."""
+    return access_reason(only_from, no_access, parse_ip(ip), peer_scope(ip))
+
+
 def decide(only_from: AddressList, no_access: AddressList, ip: str) -> bool:
     """True if a peer (address string) may connect; see ``access_reason``."""
-    return not access_reason(only_from, no_access, parse_ip(ip))
+    return not peer_access_reason(only_from, no_access, ip)
 
 
 def shadowed(only_from: AddressList, no_access: AddressList) -> list[Network]:
@@ -265,9 +315,10 @@ def source_key_addr(addr: Addr, v4_prefix: int, v6_prefix: int) -> int:
 
 
 def source_key(ip: str, v4_prefix: int, v6_prefix: int) -> SourceKey:
-    """``source_key_addr`` of a peer address string; a non-IP peer is its own key."""
+    """``source_key_addr`` of a peer address string; a non-IP peer is its own key, and
+    so is a link-local one with its interface (fe80::/64 is every host of every link)."""
     addr = parse_ip(ip)
-    if addr is None:
+    if addr is None or "%" in ip:
         return ip
     return source_key_addr(addr, v4_prefix, v6_prefix)
 
