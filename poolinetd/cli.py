@@ -27,7 +27,7 @@ from poolinetd.engine.ledger import Caps
 from poolinetd.engine.loop import Engine
 from poolinetd.launch import spawn
 from poolinetd.observe import log
-from poolinetd.ops import adopt, control, listeners, metricshttp, pidfile, sdnotify
+from poolinetd.ops import adopt, control, listeners, metricshttp, pidfile, sdnotify, upgrade
 from poolinetd.pool.dispatcher import PoolDispatcher
 
 EX_USAGE = 64
@@ -150,20 +150,30 @@ def _options(args: argparse.Namespace) -> Options:
                    max_connections=args.max_connections, max_programs=args.max_programs)
 
 
-def _raise_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit, as busy daemons do (inherited by workers).
+def _raise_fd_limit(from_master: bool) -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as busy daemons do (inherited by workers);
+    programs get the original soft limit back (``spawn.original_nofile``).
 
     A worker serving hundreds of connections at once must not run out of fds
-    while receiving one (the kernel would drop it: MSG_CTRUNC).
+    while receiving one (the kernel would drop it: MSG_CTRUNC). The original
+    is the limit we were started with, except in an upgrade (``from_master``):
+    the old master raised its own, we inherit that, and the limit its
+    programs got comes in ``upgrade.NOFILE_ENV``. The variable is removed from
+    the environment either way, and honoured only from the master that
+    started us. Whatever the original, it is recorded for the next upgrade.
     """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    passed_on = upgrade.take_program_nofile(os.environ, hard)
+    original = passed_on if from_master and passed_on is not None else soft
     target = hard if hard != resource.RLIM_INFINITY else 65536
     if soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            spawn.original_nofile = soft  # programs get the original back
+    if original != resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
+        spawn.original_nofile = original  # programs get the original back
+    upgrade.program_nofile = original
 
 
 def _ensure_stdio() -> None:
@@ -365,12 +375,12 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EX_USAGE
     _ensure_stdio()
-    _raise_fd_limit()
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
     log.setup(args.log_format, level, args.log_file)
     # What systemd (or the master we take over from) gave us; no worker or program may
     # inherit it, so it leaves the environment here, before anything forks.
     passed = adopt.Passed.from_env(os.environ)
+    _raise_fd_limit(bool(passed.from_master))
     # A live pidfile stops a start before anything is bound. In an upgrade the new
     # master takes the pidfile over only once it is ready (a failed one leaves it alone).
     held: list[pidfile.Pidfile] = []

@@ -1,10 +1,10 @@
-"""Attacks on what a master is started with: the upgrade's command line, and relative
-paths after the chdir to / (issue 21, findings 11 and 13).
+"""Attacks on what a master is started with: the upgrade's command line and fd limit, and
+relative paths after the chdir to / (issue 21, findings 11, 12 and 13).
 
 A master started from a working directory with relative paths, glued short options
 (``-cFILE``) or argparse prefixes (``--pid``, ``--log-fi``, ``--ready``) must serve the same
 config, write the same pidfile and log to the same file after the chdir to / and after an
-upgrade.
+upgrade; and an upgrade must not change the file limit programs get.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from conftest import TEST_USER, tcp_exchange, wait_until
 from test_cli import run_master
 
 from poolinetd import cli
-from poolinetd.ops import control
+from poolinetd.ops import control, upgrade
 
 U = TEST_USER
 
@@ -82,6 +82,20 @@ def test_every_run_option_survives_the_round_trip(tmp_path: Path,
     args = _parse(["--no-control"])
     assert cli.upgrade_command(args) == ["run", "--no-control"]
     assert cli.upgrade_command(_parse([])) == ["run"]
+
+
+def test_the_programs_fd_limit_passed_on_is_checked_and_always_removed() -> None:
+    import resource
+
+    environ = {upgrade.NOFILE_ENV: "1024", "HOME": "/root"}
+    assert upgrade.take_program_nofile(environ, 4096) == 1024
+    assert environ == {"HOME": "/root"}
+    for bad in ("", "-1", "1e3", "\u0663", "5000", "9" * 30):
+        environ = {upgrade.NOFILE_ENV: bad}
+        assert upgrade.take_program_nofile(environ, 4096) is None, bad
+        assert environ == {}
+    assert upgrade.take_program_nofile({upgrade.NOFILE_ENV: "5000"},
+                                       resource.RLIM_INFINITY) == 5000
 
 
 # ---------------------------------------------------------------- real masters
@@ -166,6 +180,40 @@ def test_upgrade_keeps_config_pidfile_and_log_spelled_relative_glued_or_abbrevia
         _stop(new_pid)
     assert not pid_path.exists()
     assert not any(os.path.lexists(f"/{unique}{s}") for s in (".conf", ".pid", ".log", ".sock"))
+
+
+@pytest.mark.process
+def test_upgrade_keeps_the_fd_limit_programs_were_given(tmp_path: Path, unique: str) -> None:
+    hard = int(subprocess.run(["sh", "-c", "ulimit -Hn"], capture_output=True, text=True,
+                              timeout=10).stdout)
+    if hard <= 512:
+        pytest.skip("hard fd limit too low to tell a raised soft limit apart")
+    conf = tmp_path / "limits.conf"
+    conf.write_text(f"127.0.0.1:0 stream tcp nowait {U} /bin/sh sh -c 'ulimit -n'\n")
+    log_path = tmp_path / "p.log"
+    proc, info = _start(tmp_path, ["-c", str(conf), "--control", str(tmp_path / "c.sock"),
+                                   "--log-file", str(log_path)], ("prlimit", "--nofile=512:"))
+    port, new_pid = _port(info), 0
+    try:
+        assert tcp_exchange(port) == b"512\n"
+        proc.send_signal(signal.SIGUSR2)
+        new_pid = int(wait_until(lambda: _new_master(log_path), 60, "the upgrade's outcome"))
+        assert new_pid > 0, log_path.read_text()
+        assert proc.wait(30) == 0
+        limits = Path(f"/proc/{new_pid}/limits").read_text()
+        assert int(limits.split("Max open files")[1].split()[0]) == hard  # raised for itself
+        assert tcp_exchange(port) == b"512\n"  # and 512 again for its programs
+        os.kill(new_pid, signal.SIGUSR2)  # a second upgrade keeps it too
+        wait_until(lambda: log_path.read_text().count("upgrade_ready") == 2
+                   or "upgrade_failed" in log_path.read_text(), 60, "the second upgrade")
+        assert "upgrade_failed" not in log_path.read_text()
+        newer = int(log_path.read_text().split("upgrade_ready new_pid=")[2].split()[0])
+        wait_until(lambda: not _alive(new_pid), 30, "the first new master to exit")
+        new_pid = newer
+        assert tcp_exchange(port) == b"512\n"
+    finally:
+        _stop(proc.pid)
+        _stop(new_pid)
 
 
 @pytest.mark.process

@@ -15,6 +15,11 @@ drains (engine.py). If the new master exits, closes the pipe without a
 line, or is not ready within ``TIMEOUT``, the upgrade has failed: the old
 master keeps serving and says why.
 
+The new master also learns the soft RLIMIT_NOFILE that launched programs get
+(``NOFILE_ENV``): every master raises its own soft limit, so the one a new
+master inherits is the raised one, not the one the first master was started
+with; ``take_program_nofile`` reads it back (and removes it) at start.
+
 fd ownership: ``Upgrade`` owns the read end of the pipe (``reader``) until
 ``close``; the passed sockets stay the old master's (the new master has its
 own copies of the same open files).
@@ -23,8 +28,9 @@ own copies of the same open files).
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -34,6 +40,25 @@ from poolinetd.ops import adopt, handoff
 TIMEOUT = 60.0  # seconds the new master has to become ready
 EXIT_GRACE = 2.0  # after its pipe closes, how long to wait for its exit status
 _LINE_MAX = 1 << 20
+NOFILE_ENV = "POOLINETD_PROGRAM_NOFILE"
+
+# The soft RLIMIT_NOFILE this master's programs get, recorded by cli at start and handed
+# to every new master this one starts (None: not recorded, nothing is passed).
+program_nofile: int | None = None
+
+
+def take_program_nofile(environ: MutableMapping[str, str], hard: int) -> int | None:
+    """The programs' soft fd limit the previous master passed in ``environ``, removed from it.
+
+    None when it is absent or not a limit a process whose hard limit is
+    ``hard`` (``resource.RLIM_INFINITY``: none) could set: ASCII digits, at
+    most ``hard``. Always removes the variable, so that no worker inherits it.
+    """
+    text = environ.pop(NOFILE_ENV, "")
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
+        return None
+    value = int(text)
+    return value if hard == resource.RLIM_INFINITY or value <= hard else None
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +85,8 @@ class Upgrade:
         reader, writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             env = {**extra_env, adopt.UPGRADE_ENV: str(os.getpid())}
+            if program_nofile is not None:
+                env[NOFILE_ENV] = str(program_nofile)
             proc = handoff.spawn_with_fds(argv, [(writer, adopt.READY_NAME), *sockets], env,
                                           pid_variables=pid_variables, cwd=cwd)
         except OSError:
