@@ -3,14 +3,16 @@
 Real: listening sockets on loopback, the channel socketpairs, the selector.
 Fake (tests/engine_fakes.FakeSystem): clock, fork, waitpid, kill, the unread
 count of a channel. A fake worker is the test holding the worker's end of
-its channel; a fake classic child is a pid whose exit the test queues.
+its channel and of its upward pipe; a fake classic child is a pid whose exit the test queues.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -331,13 +333,14 @@ def open_fds() -> int:
 
 
 @pytest.mark.parametrize("kind", ["conn", "lend", "logfd"])
-def test_the_master_closes_every_fd_a_worker_sends(rigs: list[Rig], kind: str) -> None:
-    """A taken-over worker sends fds with messages of kinds that carry them: the root
-    master must not keep them (16 per message would run it out of fds)."""
+def test_a_worker_cannot_send_the_master_any_fd(rigs: list[Rig], kind: str) -> None:
+    """A taken-over worker tries to send fds with messages of kinds that carry them: the
+    master's end of the channel is shut for reading, so the send fails (EPIPE) and no
+    fd ever reaches the root master (whose last close of one could block it)."""
     rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1"))
     worker = rig.boot_worker()
     before = open_fds()
-    for _ in range(20):
+    for _ in range(3):
         r, w = os.pipe()
         if kind == "conn":
             fds = [r] * wire.MAX_CONN_BATCH
@@ -346,11 +349,13 @@ def test_the_master_closes_every_fd_a_worker_sends(rigs: list[Rig], kind: str) -
         else:
             fds = [r]
             payload = wire.encode_lend(1) if kind == "lend" else wire.encode_logfd()
-        wire.send_fds(worker.channel, payload, fds)
+        with pytest.raises(BrokenPipeError):
+            wire.send_fds(worker.channel, payload, fds)
         os.close(r)
         os.close(w)
         rig.turn()
     assert open_fds() - before == 0
+    assert rig.engine.dispatcher.workers[worker.pid].open  # type: ignore[attr-defined]
 
 
 def test_connections_lost_inside_a_hand_off_leave_no_per_source_count(rigs: list[Rig]) -> None:
@@ -364,7 +369,7 @@ def test_connections_lost_inside_a_hand_off_leave_no_per_source_count(rigs: list
     rt = lst.rt
     clients = [rig.connect() for _ in range(wire.MAX_CONN_BATCH)]
     rig.wait_backlog(lst, len(clients))
-    worker.channel.close()  # it died (or a hostile one closed its end)
+    worker.close()  # it died (or a hostile one closed its ends)
     rig.engine.accept.accept_batch(lst)
     rig.workers.remove(worker)
     rig.turn(3)
@@ -382,7 +387,7 @@ def test_a_batch_for_a_dead_worker_goes_to_the_other(rigs: list[Rig]) -> None:
     before = open_fds()
     first = rig.engine.dispatcher.pools[lst.rt].pick()  # type: ignore[attr-defined]
     dead, alive = (a, b) if first == a.pid else (b, a)
-    dead.channel.close()
+    dead.close()
     rig.engine.accept.accept_batch(lst)
     got = []
     while (m := alive.receive_nowait()) is not None:
@@ -390,7 +395,8 @@ def test_a_batch_for_a_dead_worker_goes_to_the_other(rigs: list[Rig]) -> None:
         got.append(m[0].ident)
         os.close(m[1])
     assert len(got) == 20 and lst.rt.instances == 20
-    assert open_fds() - before == -2  # the dead channel's two ends; no connection fd kept
+    # The dead worker's two ends (channel, pipe) and the master's; no connection fd kept.
+    assert open_fds() - before == -4
     rig.workers.remove(dead)
 
 
@@ -490,3 +496,38 @@ def test_classic_mode_caps_one_source_at_what_it_forks_quickly(rigs: list[Rig]) 
     assert written.engine.runtimes[0].admission.source_limits.max_child_per_ip == 500
     for sock in [*clients, other]:
         sock.close()
+
+
+def _drop_all_and_lock(sock: socket.socket) -> None:
+    """What a taken-over worker did: a locked drop-all filter on the socket it holds."""
+    insn = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, accept 0 bytes
+    program = ctypes.create_string_buffer(insn, len(insn))
+    sock.setsockopt(socket.SOL_SOCKET, 26, struct.pack("HL", 1, ctypes.addressof(program)))
+    sock.setsockopt(socket.SOL_SOCKET, 44, 1)  # SO_LOCK_FILTER: not even root detaches it
+
+
+@pytest.mark.parametrize("poison", ["filter", "connect"])
+def test_a_lent_socket_poisoned_by_its_worker_is_replaced(rigs: list[Rig], poison: str) -> None:
+    """Issue 21: a taken-over datagram worker locked a drop-all filter on its lent socket
+    and died: the service answered nothing until a restart, status said serving. The
+    master now checks a socket that comes back and serves on a fresh one."""
+    rig = pool_rig(rigs, "127.0.0.1:0 dgram udp wait {user} internal echo\n")
+    worker = rig.boot_worker()
+    lst = rig.listener()
+    port = lst.bound.port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"wake", ("127.0.0.1", port))
+        rig.turn(2)
+        msg, fd = worker.receive()
+        assert msg.kind == wire.LEND and fd is not None
+        with socket.socket(fileno=fd) as lent:
+            if poison == "filter":
+                _drop_all_and_lock(lent)
+            else:
+                lent.connect(("127.0.0.1", 9))
+        worker.send(wire.encode_done([msg.ident])[0])  # the loan is over
+        rig.turn(2)
+        assert lst.sock.getsockopt(socket.SOL_SOCKET, 26, 1024) == b""
+        assert lst.bound.port == port and lst.sock.getsockname()[1] == port
+        client.sendto(b"again", ("127.0.0.1", port))
+        assert lst.sock.recv(100, socket.MSG_PEEK) in (b"wake", b"again")  # it receives

@@ -15,6 +15,7 @@ new generation by a reload; a lent listener stays here, only unpolled.
 
 from __future__ import annotations
 
+import dataclasses
 import selectors
 import socket
 from collections.abc import Callable, Iterable
@@ -102,6 +103,23 @@ class ServiceTable:
         else:
             self.sel.unregister(lst.sock)
         lst.polled = want
+
+    def reopen(self, lst: Listener) -> str:
+        """Replace ``lst``'s socket by a fresh one on the same address (a holder tampered
+        with it); "" if done, else why not (the listener is then gone)."""
+        rt = lst.rt
+        endpoint = rt.service.key.endpoints[rt.listeners.index(lst)]
+        if endpoint.port == 0:  # "any free port": keep the one clients were told
+            endpoint = dataclasses.replace(endpoint, port=lst.bound.port)
+        self.set_polled(lst, False)
+        listeners.close_listener(lst.sock)
+        try:
+            lst.sock = listeners.open_endpoint(rt.service, endpoint)
+        except listeners.ListenError as exc:
+            rt.listeners.remove(lst)
+            return str(exc)
+        self.dirty.add(rt)
+        return ""
 
     def close_listeners(self, rt: ServiceRuntime) -> None:
         for lst in rt.listeners:

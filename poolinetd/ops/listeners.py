@@ -218,6 +218,36 @@ def bound_address(sock: socket.socket) -> Bound:
     return Bound(family_name(sock.family), name[0], name[1])
 
 
+_SO_GET_FILTER = 26  # SO_ATTACH_FILTER's number: getsockopt reads the attached filter
+_SO_LOCK_FILTER = 44
+
+
+def tampered(sock: socket.socket) -> str:
+    """What a process that held ``sock`` (a lent listener) changed that would shut out
+    whoever gets it next, or "" if nothing seen.
+
+    A worker or a ``wait`` program holds the very socket the master keeps: a
+    socket filter it attached (and locked: not even root can detach it) drops
+    every datagram or connection for its successors; a datagram socket it
+    connected receives from one peer only. Neither can be undone, only
+    replaced by a fresh socket (``open_endpoint``).
+    """
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, _SO_GET_FILTER, 1024):
+            return "a socket filter was attached to it"
+        if sock.getsockopt(socket.SOL_SOCKET, _SO_LOCK_FILTER):
+            return "its socket filter was locked"
+    except OSError:
+        pass  # a kernel without these options has no such state either
+    if sock.type == socket.SOCK_DGRAM:
+        try:
+            sock.getpeername()
+        except OSError:
+            return ""
+        return "it was connected to one peer"
+    return ""
+
+
 def close_listener(sock: socket.socket) -> None:
     """Close a listener; the unix socket file it created is unlinked if it is still there.
 
