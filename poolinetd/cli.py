@@ -375,11 +375,17 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EX_USAGE
     _ensure_stdio()
+    # What systemd (or the master we take over from) gave us; no worker or program may
+    # inherit it, so it leaves the environment here, before anything forks. Read before
+    # the log file is opened: an fd of ours in the passed range would be taken for a
+    # passed one and closed as unused.
+    passed = adopt.Passed.from_env(
+        os.environ, reserved=() if args.ready_fd is None else (args.ready_fd,))
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
     log.setup(args.log_format, level, args.log_file)
-    # What systemd (or the master we take over from) gave us; no worker or program may
-    # inherit it, so it leaves the environment here, before anything forks.
-    passed = adopt.Passed.from_env(os.environ)
+    if passed.problem:
+        log.error("listen_failed", error=passed.problem)
+        return EX_OSERR
     _raise_fd_limit(bool(passed.from_master))
     # A live pidfile stops a start before anything is bound. In an upgrade the new
     # master takes the pidfile over only once it is ready (a failed one leaves it alone).

@@ -507,3 +507,77 @@ def test_names_are_made_safe_for_the_protocol() -> None:
 def test_trampoline_refuses_sources_in_the_target_range() -> None:
     with pytest.raises(ValueError):
         handoff.trampoline_argv([3, 10], ["true"])
+
+
+# ---------------------------------------------------------------- a LISTEN_FDS that lies
+
+def _first_closed_fd() -> int:
+    fd = activation.LISTEN_FDS_START
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            return fd
+        fd += 1
+
+
+def test_a_count_reaching_a_closed_or_reserved_fd_is_refused_touching_nothing() -> None:
+    closed = _first_closed_fd()
+    count = closed - activation.LISTEN_FDS_START + 1  # the last fd it names is not open
+    environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(count)}
+    with pytest.raises(activation.ListenFdsError, match=f"fd {closed} is not open"):
+        activation.listen_fds(environ)
+    assert environ == {}
+    r, w = os.pipe()  # an fd of our own inside the range: never the protocol's
+    try:
+        os.set_inheritable(r, True)
+        high = max(r, w)
+        environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(high - 2)}
+        with pytest.raises(activation.ListenFdsError):
+            activation.listen_fds(environ, reserved=(r,))
+        assert os.get_inheritable(r)  # untouched: not even close-on-exec
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("count", [4, activation.MAX_FDS])
+def test_an_oversized_listen_fds_is_refused_and_the_log_kept(tmp_path: Path, count: int) -> None:
+    """Finding 14: LISTEN_FDS=4 with one socket passed. poolinetd opened its log file at
+    fd 4, took it for a passed fd that is not a socket, closed it, and went on logging into
+    whatever reused fd 4. Now the count is checked against what is open, before the log is
+    opened, and poolinetd refuses to start, saying why, in its log."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    log_path = tmp_path / "poolinetd.log"
+    conf = tmp_path / "inetd.conf"
+    user = "nobody" if IS_ROOT else __import__("pwd").getpwuid(os.getuid()).pw_name
+    conf.write_text(f"127.0.0.1:{listener.getsockname()[1]} stream tcp nowait {user} "
+                    "internal echo\n")
+    high = fcntl.fcntl(listener.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    env["LISTEN_FDS"] = str(count)  # the trampoline sets LISTEN_PID to poolinetd's pid
+    argv = handoff.trampoline_argv([high], [
+        sys.executable, "-m", "poolinetd", "run", "-c", str(conf), "--no-control",
+        "--log-file", str(log_path), "--log-connections"])
+    try:
+        proc = subprocess.Popen(argv, env=env, pass_fds=(high,), cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    finally:
+        os.close(high)
+    try:
+        def logged() -> str:
+            return log_path.read_text() if log_path.exists() else ""
+
+        wait_until(lambda: proc.poll() is not None or " ready " in logged(), 30,
+                   "poolinetd to refuse or to serve")
+        text = logged()
+        assert proc.wait(30) == 71, text
+        assert "listen_failed" in text and f"LISTEN_FDS={count}" in text, text
+        assert "fd 4 is not open" in text and "listening" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()

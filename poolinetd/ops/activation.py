@@ -15,15 +15,22 @@ result (including the ones with a ``problem``). It adopts the matched ones
 (``socket.socket(fileno=fd)``) and closes the rest after warning about them.
 Names are only reported, never trusted: a socket is adopted for the endpoint
 its getsockname/SO_TYPE/SO_ACCEPTCONN say it is.
+
+A count that names an fd which is not open, or one the caller reserves as its
+own (``--ready-fd``), is a broken environment (libsystemd's sd_listen_fds
+fails with EBADF then too): ``ListenFdsError``, with no fd touched. Read the
+environment before opening anything of your own, so that no fd you opened
+can sit in the range and be taken (and later closed) as a passed one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import socket
-from collections.abc import Hashable, MutableMapping, Sequence
+from collections.abc import Collection, Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -96,13 +103,18 @@ class WantedSocket(Generic[K]):
 
 
 
+class ListenFdsError(ValueError):
+    """LISTEN_FDS names an fd that was not passed (a message for the operator)."""
+
+
 def forget_environment(environ: MutableMapping[str, str]) -> None:
     """Remove LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES from ``environ``."""
     for name in ENVIRONMENT:
         environ.pop(name, None)
 
 
-def listen_fds(environ: MutableMapping[str, str], pid: int | None = None) -> list[PassedSocket]:
+def listen_fds(environ: MutableMapping[str, str], pid: int | None = None,
+               reserved: Collection[int] = ()) -> list[PassedSocket]:
     """The sockets passed to process ``pid`` (default ours), described; [] if none were.
 
     Always removes the LISTEN_* variables from ``environ`` (pass ``os.environ``).
@@ -110,6 +122,8 @@ def listen_fds(environ: MutableMapping[str, str], pid: int | None = None) -> lis
     means nothing was passed to us: those fds are not ours to touch. Each fd
     that was passed is marked close-on-exec (workers and programs must not
     inherit listeners by accident) and inspected; it never raises for an odd fd.
+    Raises ListenFdsError, before touching any fd, when the count reaches an
+    fd that is not open or is in ``reserved`` (fds the caller owns).
     """
     pid_text = environ.get("LISTEN_PID", "")
     count_text = environ.get("LISTEN_FDS", "")
@@ -121,11 +135,29 @@ def listen_fds(environ: MutableMapping[str, str], pid: int | None = None) -> lis
     count = int(count_text)
     if count > MAX_FDS:
         return []
+    _check_range(count, reserved)
     names = names_text.split(":") if names_text is not None else []
     if len(names) != count:  # sd_listen_fds_with_names: a mismatch leaves them unnamed
         names = ["unknown"] * count
     return [inspect(fd, names[i] or "unknown")
             for i, fd in enumerate(range(LISTEN_FDS_START, LISTEN_FDS_START + count))]
+
+
+def _check_range(count: int, reserved: Collection[int]) -> None:
+    """Raise ListenFdsError unless fds 3 .. 3+count-1 are all open and none is reserved."""
+    last = LISTEN_FDS_START + count - 1
+    for fd in range(LISTEN_FDS_START, last + 1):
+        if fd in reserved:
+            why = "is poolinetd's own (--ready-fd)"
+        else:
+            try:
+                fcntl.fcntl(fd, fcntl.F_GETFD)
+                continue
+            except OSError:
+                why = "is not open"
+        raise ListenFdsError(
+            f"LISTEN_FDS={count} names fds {LISTEN_FDS_START}-{last}, but fd {fd} {why}: "
+            "the count is larger than the fds passed; no passed socket was used")
 
 
 def inspect(fd: int, name: str) -> PassedSocket:

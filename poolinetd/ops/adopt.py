@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 
 from poolinetd.config.spec import Endpoint, Service
 from poolinetd.observe import log
@@ -44,8 +44,10 @@ def endpoint_name(service: Service, index: int) -> str:
 class Passed:
     """The sockets passed to this process, waiting for the services that match them."""
 
-    def __init__(self, passed: list[activation.PassedSocket], from_master: int = 0) -> None:
+    def __init__(self, passed: list[activation.PassedSocket], from_master: int = 0,
+                 problem: str = "") -> None:
         self.from_master = from_master  # pid of the old master that passed them (0: systemd)
+        self.problem = problem  # why LISTEN_FDS was refused ("" if it was not)
         self.own: dict[str, activation.PassedSocket] = {}
         self.free: list[activation.PassedSocket] = []
         for item in passed:
@@ -55,11 +57,22 @@ class Passed:
                 self.free.append(item)
 
     @classmethod
-    def from_env(cls, environ: MutableMapping[str, str]) -> Passed:
-        """Read (and remove) LISTEN_* and the upgrade marker from ``environ``."""
+    def from_env(cls, environ: MutableMapping[str, str], reserved: Collection[int] = ()
+                 ) -> Passed:
+        """Read (and remove) LISTEN_* and the upgrade marker from ``environ``.
+
+        Call it before opening any fd of our own (the log): an fd in the passed
+        range is then one that was passed. ``reserved`` are fds inherited for
+        another purpose (``--ready-fd``). A count reaching an fd that is not
+        open or is reserved gives no socket and a ``problem`` saying why; the
+        caller refuses to start (no fd was touched).
+        """
         upgrade = environ.pop(UPGRADE_ENV, "")
         from_master = int(upgrade) if upgrade.isdigit() and int(upgrade) == os.getppid() else 0
-        return cls(activation.listen_fds(environ), from_master)
+        try:
+            return cls(activation.listen_fds(environ, reserved=reserved), from_master)
+        except activation.ListenFdsError as exc:
+            return cls([], from_master, str(exc))
 
     def take(self, service: Service) -> dict[int, socket.socket]:
         """Passed listeners for ``service``'s endpoints, by endpoint index (may be partial)."""
