@@ -2,8 +2,9 @@
 
 ``FakeSystem`` stands in for poolinetd.system.System: a settable clock, a
 fork that starts nothing (it keeps a copy of the first fd the child would
-keep: a worker's channel end, or a classic child's connection), a queue of
-exits for waitpid, a record of kills, and a settable unread count.
+keep: a worker's channel end, or a classic child's connection; and of the
+second, a worker's upward pipe), a queue of exits for waitpid, a record of
+kills, and a settable unread count.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class FakeSystem:
         self.now = 1000.0
         self.next_pid = 50_000
         self.forked: list[tuple[int, int]] = []  # (pid, copy of the child's first kept fd)
+        self.second_fd: dict[int, int] = {}  # pid -> copy of its second kept fd (pool: the pipe)
         self.alive: set[int] = set()
         self.exits: collections.deque[tuple[int, int]] = collections.deque()
         self.killed: list[tuple[int, int]] = []
@@ -45,8 +47,10 @@ class FakeSystem:
     def fork(self, body: Callable[[], int], keep: Iterable[int]) -> int:
         pid = self.next_pid
         self.next_pid += 1
-        first = next(iter(keep))
-        self.forked.append((pid, os.dup(first)))
+        kept = list(keep)
+        self.forked.append((pid, os.dup(kept[0])))
+        if len(kept) > 1:
+            self.second_fd[pid] = os.dup(kept[1])
         self.alive.add(pid)
         return pid
 
@@ -79,7 +83,8 @@ class FakeSystem:
 
 @dataclass
 class FakeWorker:
-    """The test's side of a worker's channel.
+    """The test's side of a worker: its channel end (messages down) and the write end
+    of its upward pipe (``send``).
 
     ``receive`` gives one connection at a time: a CONN that carries several
     is split into one message per connection (``ident`` = its conn_id).
@@ -87,6 +92,7 @@ class FakeWorker:
 
     pid: int
     channel: socket.socket
+    upward: wire.UpWriter
     queued: list[tuple[wire.Message, int | None]] = field(default_factory=list)
 
     def receive(self, timeout: float = 5.0) -> tuple[wire.Message, int | None]:
@@ -114,7 +120,11 @@ class FakeWorker:
             self.queued.append((wire.Message(wire.CONN, info.conn_id, conns=(info,)), fd))
 
     def send(self, payload: bytes) -> None:
-        wire.send(self.channel, payload)
+        self.upward.send(payload)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.upward.close()
 
 
 def services_from(text: str) -> tuple[Service, ...]:
@@ -150,7 +160,8 @@ class Rig:
             self.turn()
         assert fresh, "the pool started no worker"
         pid, fd = fresh[0]
-        worker = FakeWorker(pid, socket.socket(fileno=fd))
+        worker = FakeWorker(pid, socket.socket(fileno=fd),
+                            wire.UpWriter(self.system.second_fd.pop(pid)))
         self.workers.append(worker)
         worker.send(wire.encode_ready(pid))
         self.turn(2)
@@ -192,7 +203,7 @@ class Rig:
         self.engine.dispatcher.close()
         self.engine._close_all()
         for worker in self.workers:
-            worker.channel.close()
+            worker.close()
         for client in self.clients:
             client.close()
         taken = {w.pid for w in self.workers}
@@ -200,6 +211,9 @@ class Rig:
             if pid not in taken:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        for fd in self.system.second_fd.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def make_rig(conf: str, dispatcher_cls: type, **engine_kw: object) -> Rig:

@@ -219,7 +219,9 @@ def test_worker_inherits_no_fd_of_the_master(serve) -> None:
         # channel + its own SIGTERM wakeup pair; epoll is not a socket
         assert len(mine) == 3, fd_targets(pid)
         others = [t for t in fd_targets(pid) if int(t.split(":")[0]) > 2 and "socket:" not in t]
-        assert all("eventpoll" in t for t in others), others
+        # its epoll, and the write end of its upward pipe (what it says to the master)
+        assert sorted(t.split(":", 1)[1].split(":")[0] for t in others) == [
+            "anon_inode", "pipe"] and any("eventpoll" in t for t in others), others
 
 
 def test_master_fd_count_returns_to_baseline_after_a_burst(served) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
@@ -9,7 +10,10 @@ import pytest
 from engine_fakes import services_from
 
 from poolinetd.engine.runtime import ServiceRuntime
+from poolinetd.pool import wire
 from poolinetd.pool.handles import (
+    LOG_DROP_REPORT,
+    LOG_RATE,
     STALL_KILL,
     STALL_TIMEOUT,
     Liveness,
@@ -23,11 +27,13 @@ from poolinetd.pool.handles import (
 @pytest.fixture
 def handle() -> Iterator[WorkerHandle]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    up_read, up_write = wire.upward_pipe()
     rt = ServiceRuntime(services_from("127.0.0.1:0 stream tcp nowait {user} internal echo\n")[0])
-    made = WorkerHandle(4242, ours, rt)
+    made = WorkerHandle(4242, ours, wire.UpReader(up_read), rt)
     yield made
-    made.close_channel(lambda _sock: None)
+    made.close_channel(lambda _up: None)
     theirs.close()
+    os.close(up_write)
 
 
 def test_the_stop_ladder_goes_one_way(handle: WorkerHandle) -> None:
@@ -47,7 +53,7 @@ def test_the_stop_ladder_goes_one_way(handle: WorkerHandle) -> None:
 
 
 def test_a_closed_channel_takes_no_stop_and_is_closed_once(handle: WorkerHandle) -> None:
-    unwatched: list[socket.socket] = []
+    unwatched: list[wire.UpReader] = []
     assert handle.open and handle.watch_queue(1.0)
     assert handle.close_channel(unwatched.append)
     assert not handle.close_channel(unwatched.append)
@@ -80,3 +86,15 @@ def test_reading_or_talking_is_progress(handle: WorkerHandle) -> None:
     handle.last_heard = 2.0 + STALL_TIMEOUT
     assert handle.look(200, 2.0 + STALL_TIMEOUT) is StallStep.NOTHING  # it said something
     assert handle.look(-1, 9.0) is StallStep.CLEARED  # the kernel cannot say: assume progress
+
+
+def test_a_workers_log_lines_are_bounded_per_second_and_drops_told_rarely(
+        handle: WorkerHandle) -> None:
+    now = 100.0
+    written = sum(handle.may_log(now) for _ in range(int(LOG_RATE) * 3))
+    assert written == LOG_RATE and handle.log_dropped == 2 * LOG_RATE
+    assert handle.log_drops_due(now) == 2 * LOG_RATE  # told once...
+    assert not handle.may_log(now)
+    assert handle.log_drops_due(now + 1.0) == 0  # ...then not again for a while
+    assert handle.may_log(now + 0.5)  # the budget refills with time
+    assert handle.log_drops_due(now + LOG_DROP_REPORT) == 1

@@ -205,3 +205,143 @@ def test_stats_round_trip_and_split() -> None:
     assert sum(m.bytes_in for m in msgs) == 15 and sum(m.bytes_out for m in msgs) == 30
     assert [e for m in msgs for e in m.exits] == exits
     assert wire.decode(wire.encode_stats(1, 2, [])[0]).exits == ()
+
+
+def test_stats_with_an_exit_code_no_program_can_have_is_refused() -> None:
+    """Exit codes become metrics labels: only 0..255 and -1..-64 (signals) exist."""
+    for code in (0, 255, -1, -64):
+        assert wire.decode(wire.encode_stats(0, 0, [(code, 1)])[0]).exits == ((code, 1),)
+    for code in (256, -65, 2**31 - 1, -(2**31)):
+        with pytest.raises(wire.ProtocolError, match="exit code"):
+            wire.decode(wire.encode_stats(0, 0, [(code, 1)])[0])
+
+
+# -- the upward pipe ---------------------------------------------------------------------------
+
+
+def test_the_workers_end_of_a_read_shut_channel_cannot_send() -> None:
+    """What the master does before forking: SHUT_RD on its end. On Linux the peer's sends
+    then fail with EPIPE, with or without fds, while the master's sends still arrive."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.shutdown(socket.SHUT_RD)
+    r, w = os.pipe()
+    with ours, theirs:
+        with pytest.raises(BrokenPipeError):
+            wire.send(theirs, wire.encode_ready(1), r)
+        with pytest.raises(BrokenPipeError):
+            theirs.send(b"x")
+        wire.send(ours, wire.encode_lend(3), r)
+        data, fds = wire.recv(theirs)
+        assert wire.decode(data).ident == 3 and len(fds) == 1
+        os.close(fds[0])
+        ours.setblocking(False)
+        assert ours.recvmsg(10, 1024) == (b"", [], 0, None)  # nothing queued to it: EOF
+    os.close(r)
+    os.close(w)
+
+
+def up_pair() -> tuple[wire.UpReader, wire.UpWriter]:
+    r, w = wire.upward_pipe()
+    return wire.UpReader(r), wire.UpWriter(w)
+
+
+def test_upward_frames_round_trip_and_a_pipe_cannot_carry_fds() -> None:
+    reader, writer = up_pair()
+    try:
+        assert reader.read() == ([], "")  # non-blocking: nothing yet
+        writer.send(wire.encode_ready(7))
+        for payload in wire.encode_done(list(range(1500))):  # several full frames
+            writer.send(payload)
+        writer.send(wire.encode_spawned(3, 99))
+        got: list[wire.Message] = []
+        while True:
+            msgs, error = reader.read()
+            assert not error
+            if not msgs:
+                break
+            got.extend(msgs)
+        assert got[0] == wire.Message(wire.READY, pid=7)
+        assert [i for m in got[1:-1] for i in m.ids] == list(range(1500))
+        assert got[-1] == wire.Message(wire.SPAWNED, 3, pid=99)
+        assert os.fstat(reader.fileno()).st_mode & 0o170000 == 0o010000  # a FIFO
+    finally:
+        writer.close()
+    assert reader.read() == ([wire.Message(wire.EOF)], "")
+    reader.close()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff" + b"\0" * 8,  # a length past PIPE_BUF
+    b"\x00\x00",  # an empty frame
+    b"\x00\x03\x0b\x03\x00",  # DONE with a cut id
+    b"\x00\x02\x63\x03",  # kind 99
+])
+def test_a_malformed_frame_is_a_protocol_error_without_blocking(garbage: bytes) -> None:
+    reader, writer = up_pair()
+    try:
+        writer.send(wire.encode_ready(1))
+        os.write(writer.fileno(), garbage)
+        msgs, error = reader.read()
+        assert msgs == [wire.Message(wire.READY, pid=1)] and error
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_frame_cut_by_eof_is_an_error_and_a_split_frame_waits() -> None:
+    reader, writer = up_pair()
+    frame = wire.frame(wire.encode_ready(5))
+    os.write(writer.fileno(), frame[:3])
+    assert reader.read() == ([], "")
+    os.write(writer.fileno(), frame[3:])
+    assert reader.read() == ([wire.Message(wire.READY, pid=5)], "")
+    os.write(writer.fileno(), frame[:3])
+    writer.close()
+    assert reader.read() == ([], "")
+    msgs, error = reader.read()
+    assert msgs == [wire.Message(wire.EOF)] and "cut short" in error
+    reader.close()
+
+
+def test_the_largest_upward_messages_fit_one_atomic_write() -> None:
+    for payload in (wire.encode_done(list(range(5000)))
+                    + wire.encode_stats(1, 2, [(1, 2)] * 2000)
+                    + [wire.encode_boot_failed("x" * 10_000),
+                       wire.encode_log(40, "exec_failed", {f"k{i}": "v" * 5000
+                                                          for i in range(40)})]):
+        assert len(wire.frame(payload)) <= wire.PIPE_BUF == 4096
+
+
+_LOG_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                       st.floats(allow_nan=False), st.text(max_size=50))
+
+
+@given(st.sampled_from(sorted(wire.LOG_LEVELS)),
+       st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True), _LOG_VALUE,
+                       max_size=wire.MAX_LOG_FIELDS))
+def test_log_round_trip(level: int, fields: dict[str, object]) -> None:
+    msg = wire.decode(wire.encode_log(level, "conn_end", fields))
+    assert (msg.kind, msg.level, msg.text) == (wire.LOG, level, "conn_end")
+    assert dict(msg.fields) == {k: v.encode("utf-8", "backslashreplace").decode("utf-8")
+                                if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def test_log_encoding_is_total_and_decoding_strict() -> None:
+    msg = wire.decode(wire.encode_log(20, "conn_end", {
+        "big": 2**70, "obj": object, "Bad Key": 1, "text": "\udc80\x1b[2J"}))
+    assert dict(msg.fields)["big"] == str(2**70) and "Bad Key" not in dict(msg.fields)
+    head = bytes([wire.LOG, wire.VERSION])
+    for body in (bytes([20, 4]) + b"STOP" + b"\0",  # not a plain name
+                 bytes([21, 4]) + b"stop" + b"\0",  # no such level
+                 bytes([20, 4]) + b"stop" + b"\x11",  # 17 fields
+                 bytes([20, 4]) + b"stop" + b"\x01\x01az\x01",  # a bad value tag
+                 bytes([20, 4]) + b"stop" + b"\x01\x01as\xff\xff",  # text past the end
+                 bytes([20, 4]) + b"stop" + b"\0" + b"x"):  # bytes after the fields
+        with pytest.raises(wire.ProtocolError):
+            wire.decode(head + body)
+
+
+@given(st.binary(max_size=200))
+def test_log_decoding_never_crashes_on_garbage(body: bytes) -> None:
+    with contextlib.suppress(wire.ProtocolError):
+        wire.decode(bytes([wire.LOG, wire.VERSION]) + body)

@@ -1,11 +1,13 @@
 """The worker loop (pool.worker.Worker) in this process, turn by turn, through its seams.
 
 Real: the channel (a SOCK_SEQPACKET socketpair; the test holds the
-master's end and speaks the real wire), loopback sockets, the programs
-(/bin/true, /bin/sh, reaped through their pidfds). Injected: the clock (so
-timeouts need no waiting) and the title setter (the test process keeps its
-own). No privilege drop and no signal handlers: ``Worker.run`` would add
-those (``take_signals``); the tests call ``start``, ``turn`` and ``close``.
+master's end, shut for reading as the master has it) and the upward pipe
+(the test reads its frames as the master does), speaking the real wire;
+loopback sockets, the programs (/bin/true, /bin/sh, reaped through their
+pidfds). Injected: the clock (so timeouts need no waiting) and the title
+setter (the test process keeps its own). No privilege drop and no signal
+handlers: ``Worker.run`` would add those (``take_signals``); the tests call
+``start``, ``turn`` and ``close``.
 """
 
 from __future__ import annotations
@@ -38,14 +40,19 @@ def service(line: str) -> Service:
 
 
 class Rig:
-    """A Worker and the master's end of its channel (non-blocking, as the master has it)."""
+    """A Worker, the master's end of its channel (non-blocking and shut for reading, as the
+    master has it) and the read end of its upward pipe."""
 
     def __init__(self, svc: Service, log_connections: bool = False) -> None:
         self.master, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.master.shutdown(socket.SHUT_RD)
         self.master.setblocking(False)
+        up_read, up_write = wire.upward_pipe()
+        self.upward = wire.UpReader(up_read)
+        self.heard: list[wire.Message] = []
         self.now = 1000.0
         self.titles: list[str] = []
-        self.worker = Worker(theirs, svc, frozenset(), log_connections,
+        self.worker = Worker(theirs, wire.UpWriter(up_write), svc, frozenset(), log_connections,
                              clock=lambda: self.now, set_title=self.titles.append)
         self.closed = False
 
@@ -59,14 +66,20 @@ class Rig:
             [wire.ConnInfo(conn_id, sock.family, peer)]), [sock.fileno()])
         sock.close()
 
+    def receive(self) -> wire.Message | None:
+        """The next message the worker sent up, if any (as the master reads it)."""
+        if not self.heard:
+            msgs, error = self.upward.read()
+            assert not error, error
+            self.heard.extend(msgs)
+        return self.heard.pop(0) if self.heard else None
+
     def next_message(self, timeout: float = 10.0) -> wire.Message:
         """Turn the worker until it says something; fail after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
-            got = wire.receive(self.master)
-            if got is not None:
-                msg, fds = got
-                assert fds == [], "a worker sends no fds"
+            msg = self.receive()
+            if msg is not None:
                 return msg
             assert time.monotonic() < deadline, "the worker said nothing"
             self.worker.turn(max_wait=0.05)
@@ -79,7 +92,7 @@ class Rig:
     def silent(self) -> bool:
         """Whether the worker has nothing more to say right now (after one turn)."""
         self.worker.turn(max_wait=0.0)
-        return wire.receive(self.master) is None
+        return self.receive() is None
 
     def close(self) -> None:
         if self.closed:
@@ -90,6 +103,7 @@ class Rig:
         self.worker.conns.clear()
         self.worker.close()
         self.master.close()
+        self.upward.close()
 
 
 @pytest.fixture
@@ -237,18 +251,34 @@ def test_stop_drains_what_is_served_then_the_worker_closes_its_channel(rigs: lis
     assert not rig.worker.serving  # nothing left: run() would now close and exit
 
 
-def test_stop_ends_with_eof_on_the_channel(rigs: list[Rig]) -> None:
+def test_stop_ends_with_eof_on_the_upward_pipe(rigs: list[Rig]) -> None:
     rig = make(rigs, ECHO)
     rig.start()
     wire.send(rig.master, wire.encode_stop())
     rig.worker.turn(max_wait=1.0)
     assert not rig.worker.serving
-    master = rig.master
     rig.closed = True  # closes only the worker's side here
     rig.worker.close()
-    got = wire.receive(master)
-    assert got is not None and got[0].kind == wire.EOF
-    master.close()
+    assert rig.upward.read() == ([wire.Message(wire.EOF)], "")
+    rig.master.close()
+    rig.upward.close()
+
+
+def test_the_worker_cannot_send_on_its_channel(rigs: list[Rig]) -> None:
+    """The master's end is shut for reading: a send from the worker's end (a taken-over
+    worker trying to hand the master an fd) fails with EPIPE."""
+    rig = make(rigs, ECHO)
+    rig.start()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(BrokenPipeError):
+            wire.send(rig.worker.channel, wire.encode_ready(1), r)
+        with pytest.raises(BrokenPipeError):
+            wire.send(rig.worker.channel, wire.encode_ready(1))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert rig.silent()
 
 
 def test_master_eof_gives_built_ins_a_grace_period_then_closes_them(rigs: list[Rig]) -> None:
@@ -258,6 +288,7 @@ def test_master_eof_gives_built_ins_a_grace_period_then_closes_them(rigs: list[R
     rig.send_conn(51, server)
     rig.worker.turn(max_wait=1.0)
     rig.master.close()  # the master is gone
+    rig.upward.close()
     rig.worker.turn(max_wait=1.0)
     assert rig.worker.stopping and rig.worker.serving
     rig.now += STOP_GRACE_ON_MASTER_LOSS - 1.0

@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -156,6 +158,60 @@ def log_fd() -> int:
     return 2
 
 
+# -- lines that workers send to the master (pool mode) ------------------------------------------
+
+# Handlers a worker inherited from the master by fork and stopped using
+# (``forward``). Kept referenced, never closed: fork_child already closed the
+# fds under them, and the numbers may since belong to something else, which
+# closing (or a garbage-collected file object) would close by mistake.
+_inherited: list[logging.Handler] = []
+
+
+class _Forward(logging.Handler):
+    """A worker's handler: every line goes to ``sink(level, name, fields)`` (the upward
+    pipe), none to a file. ``sink`` must not log (it would recurse) and must not raise."""
+
+    def __init__(self, sink: Callable[[int, str, dict[str, Any]], None]) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink(record.levelno, str(record.msg), dict(getattr(record, "fields", {})))
+
+
+def forward(sink: Callable[[int, str, dict[str, Any]], None]) -> None:
+    """In a worker: send every line to ``sink`` instead of writing it (the master writes
+    it: see ``reemit``). The level stays the master's. ``log_fd()`` answers 2 from
+    now on: the worker's fd 2 is where a stderr=log program's stderr goes."""
+    for old in list(LOGGER.handlers):
+        LOGGER.removeHandler(old)
+        _inherited.append(old)
+    LOGGER.addHandler(_Forward(sink))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def worker_text(value: str) -> str:
+    """Text a worker sent, safe to write and to show: valid UTF-8, and every control
+    character (escape sequences, BEL, CR, newlines) as a visible ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", safe_text(value))
+
+
+def reemit(level: Level, name: str, pid: int, fields: dict[str, Any]) -> None:
+    """Write a line a worker sent as if the worker had written it: the text form's
+    bracketed pid and JSON's ``pid`` are the worker's. The caller has checked the
+    name, the level and the keys; text values are passed through ``worker_text``."""
+    if not LOGGER.isEnabledFor(level):
+        return
+    clean = {key: worker_text(value) if isinstance(value, str) else value
+             for key, value in fields.items()}
+    record = LOGGER.makeRecord(LOGGER.name, level, "(worker)", 0, name, (), None,
+                               extra={"fields": clean})
+    record.process = pid
+    LOGGER.handle(record)
+
+
 class Level(enum.IntEnum):
     """Event severities (the stdlib logging numbers, so handlers and filters agree)."""
 
@@ -204,11 +260,14 @@ __all__ = [
     "enabled",
     "error",
     "event",
+    "forward",
     "info",
     "json_bytes",
     "log_fd",
+    "reemit",
     "reopen",
     "safe_text",
     "setup",
     "warning",
+    "worker_text",
 ]

@@ -7,8 +7,13 @@ reads its channel is ``handles``'; which worker and program serve each
 instance is ``instances``' (with ``orphans``, programs whose worker died
 first). This module carries out their answers.
 
-fd ownership: the dispatcher owns its end of every worker's channel (closed
-when the worker's EOF is seen, or at ``close``). A connection fd given to
+fd ownership: the dispatcher owns its end of every worker's channel and the
+read end of every worker's upward pipe (both closed when the worker's EOF
+is seen on the pipe, when it breaks the protocol, or at ``close``). The
+channel only goes down: its master end is shut for reading before the
+fork, so a worker cannot queue anything to it, least of all an fd whose
+last close would block the master (a lingering socket). Everything a worker
+says comes up its pipe, which cannot carry fds. A connection fd given to
 ``hand_off`` becomes the dispatcher's: it is counted on its worker at once
 (so the next pick sees the load) and waits in that worker's outbox until
 ``flush`` (the end of the engine's accept batch) sends the whole outbox in
@@ -36,8 +41,9 @@ import signal
 import socket
 from dataclasses import replace
 
+from poolinetd.config.spec import StderrRoute
 from poolinetd.engine.dispatch import Hooks
-from poolinetd.engine.runtime import Listener, ServiceRuntime, ServiceStats
+from poolinetd.engine.runtime import Listener, ServiceRuntime
 from poolinetd.launch.system import System
 from poolinetd.observe import log, stagetrace
 from poolinetd.pool import wire, worker
@@ -227,13 +233,22 @@ class PoolDispatcher:
 
     # -- workers ---------------------------------------------------------------
     def _spawn_worker(self, rt: ServiceRuntime, pool: Pool) -> None:
-        """Fork a worker of ``rt`` with a fresh channel; the child keeps only its end
-        (and the log and trace fds), the master's end goes to a new handle."""
+        """Fork a worker of ``rt`` with a fresh channel (down) and pipe (up).
+
+        The child keeps only its channel end, the write end of its pipe, the
+        trace fd and, for a stderr=log service only, the log (its programs'
+        stderr); the master keeps its channel end, shut for reading before the
+        fork (nothing can ever be queued to it), and the pipe's read end, and
+        closes the child's ends right after the fork (so EOF on the pipe means
+        the worker is gone).
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.shutdown(socket.SHUT_RD)  # the worker's sends now fail with EPIPE
+        up_read, up_write = wire.upward_pipe()
         service = rt.service
-        keep = [theirs.fileno()]
+        keep = [theirs.fileno(), up_write]
         log_fd = log.log_fd()
-        if log_fd > 2:
+        if service.stderr is StderrRoute.LOG:
             keep.append(log_fd)
         if stagetrace.enabled:
             keep.append(stagetrace.fd())
@@ -244,29 +259,39 @@ class PoolDispatcher:
         gc.freeze()
         try:
             pid = self.system.fork(
-                lambda: worker.run_worker(theirs, service, internal_ports, log_connections), keep)
+                lambda: worker.run_worker(theirs, up_write, service, internal_ports,
+                                          log_connections), keep)
         except OSError as exc:
             ours.close()
             theirs.close()
+            os.close(up_read)
+            os.close(up_write)
             rt.last_error = f"fork: {exc.strerror}"
             log.error("fork_failed", service=service.name, error=exc.strerror)
             pool.backoff_until = self.system.clock() + FORK_PAUSE
             self.hooks.wake_at(pool.backoff_until)
             return
         theirs.close()
+        os.close(up_write)
         ours.setblocking(False)
-        handle = WorkerHandle(pid, ours, rt)
+        handle = WorkerHandle(pid, ours, wire.UpReader(up_read), rt)
         self.workers[pid] = handle
         pool.add_booting(pid, self.system.clock())
-        self.hooks.watch(ours, lambda _mask: self.on_worker(handle))
+        self.hooks.watch(handle.upward, lambda _mask: self.on_worker(handle))
 
     def on_worker(self, handle: WorkerHandle) -> None:
-        """Read what a worker said (bounded), then let the engine re-decide its service."""
+        """Read what a worker said (bounded), then let the engine re-decide its service.
+
+        A worker that breaks the protocol (a bad frame or message) is killed and
+        written off at once: what it says can no longer be framed, and a
+        well-behaved worker never does it.
+        """
         rt = handle.rt
         pool = self.pools.get(rt)
         released = 0
         now = self.system.clock()
-        for msg in handle.read(now):
+        msgs, error = handle.read(now)
+        for msg in msgs:
             if msg.kind == wire.EOF:
                 self._worker_gone(handle, "channel closed")
             elif msg.kind == wire.DONE:
@@ -274,7 +299,9 @@ class PoolDispatcher:
             elif msg.kind == wire.SPAWNED:
                 self._spawned(handle, msg.ident, msg.pid)
             elif msg.kind == wire.STATS:
-                _add_stats(rt.stats, msg)
+                _add_stats(rt, msg)
+            elif msg.kind == wire.LOG:
+                self._worker_log(handle, msg, now)
             elif msg.kind == wire.BOOT_FAILED:
                 handle.boot_error = msg.text
             elif msg.kind == wire.READY and pool is not None and pool.mark_ready(handle.pid,
@@ -283,12 +310,48 @@ class PoolDispatcher:
                 self.hooks.wake_at(now + pool.settings.idle_timeout)
                 if rt.retired or self.hooks.stopping:
                     self._send_stop(handle)
+            elif msg.kind != wire.READY:
+                error = error or f"a worker does not send kind {msg.kind}"
+                break
         if released and pool is not None:
             pool.release(handle.pid, released, now)
             self.hooks.wake_at(now + pool.settings.idle_timeout)  # it may now be surplus
+        self._tell_log_drops(handle, now)
+        if error and handle.open:
+            log.error("wire_error", service=rt.name, pid=handle.pid, error=error)
+            if handle.phase is not Phase.KILLED:
+                self._kill(handle, "protocol error", log.ERROR)
+            self._worker_gone(handle, f"protocol error: {error}")
         if handle.phase is Phase.STOP_QUEUED:
             self._send_stop(handle)  # its queue had no room for the STOP: try again
         self.hooks.refresh(rt)
+
+    def _worker_log(self, handle: WorkerHandle, msg: wire.Message, now: float) -> None:
+        """Write one of the worker's own lines, as the worker: only events a worker logs,
+        ``service`` (and, but for program_exit, ``pid``) set by the master, text made
+        safe (``log.worker_text``), within its budget (``WorkerHandle.may_log``)."""
+        if msg.text not in worker.LOGGED_EVENTS:
+            handle.log_dropped += 1
+            return
+        if not handle.may_log(now):
+            return
+        said = dict(msg.fields)
+        # ``pid`` is the worker's own, but program_exit's names its program (reaped by
+        # that worker); the text form's bracketed pid always says who wrote it.
+        pid = said.get("pid") if msg.text == "program_exit" else handle.pid
+        fields: dict[str, object] = {"service": handle.rt.name, "pid": pid}
+        fields.update((k, v) for k, v in said.items() if k not in fields)
+        log.reemit(log.Level(msg.level), msg.text, handle.pid, fields)
+
+    def _tell_log_drops(self, handle: WorkerHandle, now: float, final: bool = False) -> None:
+        """worker_log_dropped, at most once per LOG_DROP_REPORT per worker (and when it is
+        gone, for what was still untold)."""
+        if final:
+            handle.log_drop_told = float("-inf")
+        dropped = handle.log_drops_due(now)
+        if dropped:
+            log.warning("worker_log_dropped", service=handle.rt.name, pid=handle.pid,
+                        lines=dropped)
 
     def _done(self, handle: WorkerHandle, pool: Pool | None, ids: tuple[int, ...]) -> int:
         """End the instances a DONE names that really are ``handle``'s; how many it ended."""
@@ -349,6 +412,7 @@ class PoolDispatcher:
         """The channel hit EOF (the worker exited or crashed). Safe to call twice."""
         if not handle.close_channel(self.hooks.unwatch):
             return
+        self._tell_log_drops(handle, self.system.clock(), final=True)
         unsent, unsent_fds = handle.take_outbox()  # never reached it
         for info in unsent:
             self.instances.forget(info.conn_id)
@@ -496,12 +560,13 @@ class PoolDispatcher:
         return pids
 
     def reopen_log(self) -> None:
-        """Hand every worker the reopened log file (they cannot open it as their user)."""
+        """Hand the reopened log file to the workers of stderr=log services (the only ones
+        that hold it, for their programs; they cannot open it as their user)."""
         fd = log.log_fd()
         if fd <= 2:
             return  # logging to stderr: nothing was reopened
         for handle in self.workers.values():
-            if handle.open:
+            if handle.open and handle.rt.service.stderr is StderrRoute.LOG:
                 with contextlib.suppress(OSError):
                     wire.send(handle.channel, wire.encode_logfd(), fd)
 
@@ -524,14 +589,22 @@ class PoolDispatcher:
         for handle in self.workers.values():
             handle.close_channel(self._unwatch_quietly)
 
-    def _unwatch_quietly(self, channel: socket.socket) -> None:
+    def _unwatch_quietly(self, upward: wire.UpReader) -> None:
         with contextlib.suppress(KeyError, ValueError):
-            self.hooks.unwatch(channel)
+            self.hooks.unwatch(upward)
 
 
-def _add_stats(stats: ServiceStats, msg: wire.Message) -> None:
-    """Count a worker's STATS: built-in bytes, and each program exit with its run time."""
+def _add_stats(rt: ServiceRuntime, msg: wire.Message) -> None:
+    """Count a worker's STATS: built-in bytes, and each program exit with its run time.
+
+    ``wire.decode`` already refused exit codes no program can have (so the
+    metrics' exit-code labels stay within 320 values); exits reported by a
+    worker whose service runs no program are ignored: it has none to report.
+    """
+    stats = rt.stats
     stats.builtin_bytes_in += msg.bytes_in
     stats.builtin_bytes_out += msg.bytes_out
+    if rt.service.program is None:
+        return
     for code, micros in msg.exits:
         stats.program_exit(code, micros / 1_000_000)

@@ -1,8 +1,8 @@
 """The master's records of its workers: what it asked of each, and whether each keeps reading.
 
-Pure apart from reading and closing a worker's channel (``WorkerHandle.read``,
-``close_channel``). A worker's life in the master has two independent parts,
-each an enum with named transitions that refuse impossible moves:
+Pure apart from reading a worker's upward pipe and closing its channel and
+pipe (``WorkerHandle.read``, ``close_channel``). A worker's life in the
+master has two independent parts, each an enum with named transitions that refuse impossible moves:
 
 * ``Phase``: what the master has asked of it, a one-way ladder
   SERVING -> STOP_QUEUED -> STOPPING -> KILLED (a rung may be skipped,
@@ -14,28 +14,32 @@ Whether it is booting, ready or draining is the pool's (``bookkeeping``);
 whether its channel is still open is the channel's own (``WorkerHandle.open``);
 the programs it has still to launch are counted by its pool slot, not here.
 
-fd ownership: a handle owns the master's end of its worker's channel from
-the fork until ``close_channel`` (EOF seen, the channel broke, or the
-dispatcher closes); the connections in its outbox are the dispatcher's
+fd ownership: a handle owns the master's end of its worker's channel (shut
+for reading: only the master sends on it) and the read end of its upward
+pipe (the only way a worker talks to the master; a pipe carries no fds) from
+the fork until ``close_channel`` (EOF seen on the pipe, a protocol error, or
+the dispatcher closes); the connections in its outbox are the dispatcher's
 until they are sent.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from poolinetd.engine.runtime import ServiceRuntime
-from poolinetd.observe import log
 from poolinetd.pool import wire
 
 STALL_CHECK = 1.0  # how often a worker with unread messages is looked at
 STALL_TIMEOUT = 2.0  # unread messages not going down this long: stalled
 STALL_KILL = 3.0  # then killed this much later if still stalled
-_READ_BATCH = 256  # messages read from one worker per loop turn (the others get a turn too)
+# A worker's own log lines (LOG) are written by the master: at most this many per
+# second per worker (a bucket of this size), the rest dropped and counted, so a
+# flooding worker cannot turn the master into its log writer.
+LOG_RATE = 1000.0
+LOG_DROP_REPORT = 10.0  # seconds between worker_log_dropped lines of one worker
 
 
 class TransitionError(RuntimeError):
@@ -73,7 +77,8 @@ class WorkerHandle:
     """The dispatcher's record of one worker process; dropped only when it is reaped."""
 
     pid: int
-    channel: socket.socket  # the master's end (see the module docstring)
+    channel: socket.socket  # the master's end, shut for reading (see the module docstring)
+    upward: wire.UpReader  # the read end of its upward pipe
     rt: ServiceRuntime
     phase: Phase = Phase.SERVING
     liveness: Liveness = Liveness.CLEAR
@@ -86,6 +91,10 @@ class WorkerHandle:
     # Connections counted on it but not sent yet (until the next flush), and their fds.
     outbox: list[wire.ConnInfo] = field(default_factory=list)
     outbox_fds: list[int] = field(default_factory=list)
+    log_budget: float = LOG_RATE  # LOG lines it may still have written now
+    log_refilled: float = 0.0  # when the budget was last topped up
+    log_dropped: int = 0  # LOG lines dropped since the last worker_log_dropped
+    log_drop_told: float = float("-inf")  # when worker_log_dropped was last logged
 
     # -- the channel ------------------------------------------------------------
     @property
@@ -93,40 +102,50 @@ class WorkerHandle:
         """Whether its channel is still open (the socket itself is the one record of it)."""
         return self.channel.fileno() >= 0
 
-    def close_channel(self, unwatch: Callable[[socket.socket], None]) -> bool:
-        """Stop watching and close the channel; False if it already was (safe to call twice).
+    def close_channel(self, unwatch: Callable[[wire.UpReader], None]) -> bool:
+        """Stop watching the pipe, close it and the channel; False if they already were
+        (safe to call twice).
 
-        Liveness goes back to CLEAR: nothing more can be sent, so nothing can stall.
+        Neither close can block: the pipe carries no fds, and nothing can have
+        been queued to the channel's end (shut for reading). Liveness goes back
+        to CLEAR: nothing more can be sent, so nothing can stall.
         """
         if not self.open:
             return False
-        unwatch(self.channel)
+        unwatch(self.upward)
+        self.upward.close()
         self.channel.close()
         self.liveness = Liveness.CLEAR
         return True
 
-    def read(self, now: float) -> Iterator[wire.Message]:
-        """The messages waiting on its channel, at most ``_READ_BATCH``; ends with EOF if gone.
-
-        Workers send no fds: any that come along are closed here, whatever the
-        message kind says (a worker can be taken over by its service's user).
-        A malformed message is logged and skipped.
-        """
-        for _ in range(_READ_BATCH):
-            try:
-                got = wire.receive(self.channel)
-            except wire.ProtocolError as exc:
-                log.error("wire_error", service=self.rt.name, pid=self.pid, error=str(exc))
-                continue
-            if got is None:
-                return
-            msg, fds = got
-            for fd in fds:
-                os.close(fd)
+    def read(self, now: float) -> tuple[list[wire.Message], str]:
+        """What its upward pipe holds now (a bounded read), and "" or why it broke the
+        protocol (then nothing more can be trusted from it: the caller kills it).
+        The list ends with EOF if it is gone."""
+        msgs, error = self.upward.read()
+        if msgs:
             self.last_heard = now
-            yield msg
-            if msg.kind == wire.EOF:
-                return
+        return msgs, error
+
+    def may_log(self, now: float) -> bool:
+        """Whether one more LOG line of this worker may be written now (its budget); a
+        refused one is counted in ``log_dropped``."""
+        self.log_budget = min(LOG_RATE, self.log_budget + (now - self.log_refilled) * LOG_RATE)
+        self.log_refilled = now
+        if self.log_budget >= 1.0:
+            self.log_budget -= 1.0
+            return True
+        self.log_dropped += 1
+        return False
+
+    def log_drops_due(self, now: float) -> int:
+        """How many LOG lines were dropped, when a worker_log_dropped line is due (at most
+        one per LOG_DROP_REPORT); 0 otherwise. The count restarts once told."""
+        if not self.log_dropped or now - self.log_drop_told < LOG_DROP_REPORT:
+            return 0
+        dropped, self.log_dropped = self.log_dropped, 0
+        self.log_drop_told = now
+        return dropped
 
     def take_outbox(self) -> tuple[list[wire.ConnInfo], list[int]]:
         """What is queued for it (the caller now owns those fds), leaving it empty."""

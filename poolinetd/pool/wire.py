@@ -1,10 +1,26 @@
-"""The master<->worker wire: small messages over AF_UNIX SOCK_SEQPACKET, fds attached.
+"""The master<->worker wire: a SOCK_SEQPACKET channel down, a pipe up.
 
-Mostly pure (encode/decode); ``send``/``recv``/``receive`` touch the OS.
-SEQPACKET keeps message boundaries, so an fd can never be attached to the
-wrong header (systemd #15457 shows what stream framing does). ``receive``
-checks MSG_CTRUNC and that a message carries exactly the fds its kind says,
-closes anything unexpected, and raises ProtocolError.
+Mostly pure (encode/decode, framing); ``send``/``recv``/``receive`` and the
+``UpWriter``/``UpReader`` ends touch the OS.
+
+Down (master -> worker): one AF_UNIX SOCK_SEQPACKET socketpair per worker,
+fds attached with SCM_RIGHTS. SEQPACKET keeps message boundaries, so an fd
+can never be attached to the wrong header (systemd #15457 shows what stream
+framing does). ``receive`` checks MSG_CTRUNC and that a message carries
+exactly the fds its kind says, closes anything unexpected, and raises
+ProtocolError. The master shuts its end for reading (``shutdown(SHUT_RD)``)
+right after creating the pair, before the fork: the worker's sends on the
+channel then fail with EPIPE, so nothing (no fd) can ever be queued to the
+master's end, and closing it never drops a descriptor someone else made.
+
+Up (worker -> master): one pipe per worker (``upward_pipe``). A pipe cannot
+carry SCM_RIGHTS, so a worker, even one taken over by its service's user,
+cannot hand the root master a descriptor whose last close would block it
+(a TCP socket with SO_LINGER and unsent data: issue 21). Each message is a
+frame: a 2-byte big-endian length, then the message (kind, version, body),
+at most ``PIPE_BUF`` bytes in all, so every frame is one atomic write.
+``UpReader`` reads a bounded amount per call; a frame with a bad length or a
+malformed message is a protocol error (the master kills that worker).
 
 Master -> worker:  CONN(n x (conn_id, family, peer, local)) + n accepted sockets, in
                    order (1 <= n <= MAX_CONN_BATCH: what one accept batch gave one
@@ -13,14 +29,19 @@ Master -> worker:  CONN(n x (conn_id, family, peer, local)) + n accepted sockets
                    getsockname itself, and only for programs that need TCPLOCALIP.
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
-                   LOGFD + the reopened log file (after SIGUSR1)
+                   LOGFD + the reopened log file (after SIGUSR1; only to workers of
+                   stderr=log services, the only ones that hold the log)
                    PING (a worker that only holds a lent socket is sent this, so a
                    stopped one is seen: its channel stops draining)
 Worker -> master:  READY(pid)
                    DONE(ids...)  connections or loans that ended (batched)
-                   STATS(bytes in, bytes out, program exits)  for the metrics (batched)
+                   STATS(bytes in, bytes out, program exits)  for the metrics (batched);
+                   an exit code is 0..255 or -1..-64 (a signal), anything else is a
+                   protocol error
                    SPAWNED(conn_id, pid)  a program was launched for conn_id
                    BOOT_FAILED(reason)  the worker cannot serve; it exits next
+                   LOG(level, event, fields)  one of the worker's own log lines, for the
+                   master to write (workers do not hold the log file)
 """
 
 from __future__ import annotations
@@ -28,12 +49,14 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import re
+import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-VERSION = 2
+VERSION = 3  # 3: the upward pipe, LOG, bounded exit codes
 
 EOF = 0  # not on the wire: what ``receive`` returns when the peer is gone
 CONN = 1
@@ -46,6 +69,7 @@ DONE = 11
 SPAWNED = 12
 BOOT_FAILED = 13
 STATS = 14
+LOG = 15
 
 _HEAD = struct.Struct("!BB")  # kind, version
 _ID = struct.Struct("!Q")
@@ -55,8 +79,13 @@ _COUNT = struct.Struct("!H")
 # conn_id, address family (saves the receiver three getsockopts), lengths of the peer
 # and local texts
 _CONN = struct.Struct("!QBHH")
-MAX_MESSAGE = 4096
-_MAX_DONE_IDS = (MAX_MESSAGE - _HEAD.size) // _ID.size
+MAX_MESSAGE = 4096  # down: the largest message the worker reads off its channel
+# Up: a frame is a length prefix and a message, at most PIPE_BUF bytes, so that a
+# write of one frame is atomic (never interleaved, never half done).
+PIPE_BUF = select.PIPE_BUF
+_FRAME = struct.Struct("!H")
+MAX_UP_MESSAGE = PIPE_BUF - _FRAME.size
+_MAX_DONE_IDS = (MAX_UP_MESSAGE - _HEAD.size) // _ID.size
 # Connections (and fds) in one CONN message. The texts are formatted socket
 # addresses (at most 54 bytes: an IPv6 address with a scope and a port), so a
 # full batch stays far below MAX_MESSAGE; the kernel's limit is 253 fds.
@@ -87,6 +116,9 @@ class ConnInfo:
     local: str = ""  # the address the client connected to, when a PROXY header said it
 
 
+LogValue = str | int | float | bool | None
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     kind: int
@@ -98,6 +130,8 @@ class Message:
     bytes_in: int = 0  # STATS: what built-in connections read and wrote since the last STATS
     bytes_out: int = 0
     exits: tuple[tuple[int, int], ...] = ()  # STATS: (exit code, run time in us) per program
+    level: int = 0  # LOG: the line's level (logging's numbers); ``text`` is its event name
+    fields: tuple[tuple[str, LogValue], ...] = ()  # LOG: the line's fields, in order
 
 
 def encode_conns(conns: Sequence[ConnInfo]) -> bytes:
@@ -152,7 +186,11 @@ def encode_spawned(conn_id: int, pid: int) -> bytes:
 
 _STATS = struct.Struct("!QQ")
 _EXIT = struct.Struct("!iQ")
-_MAX_EXITS = (MAX_MESSAGE - _HEAD.size - _STATS.size) // _EXIT.size
+_MAX_EXITS = (MAX_UP_MESSAGE - _HEAD.size - _STATS.size) // _EXIT.size
+# What os.waitstatus_to_exitcode can give for a reaped program: an exit status, or
+# minus the signal that killed it. Anything else in STATS is a lie (each code is a
+# metrics label: an unbounded set would grow the master and /metrics without end).
+EXIT_CODES = range(-64, 256)
 
 
 def encode_stats(bytes_in: int, bytes_out: int, exits: list[tuple[int, int]]) -> list[bytes]:
@@ -202,10 +240,15 @@ def decode(data: bytes) -> Message:
             bytes_in, bytes_out = _STATS.unpack_from(body)
             exits = tuple(_EXIT.unpack_from(body, off)
                           for off in range(_STATS.size, len(body), _EXIT.size))
+            for code, _micros in exits:
+                if code not in EXIT_CODES:
+                    raise ProtocolError(f"STATS with exit code {code}")
             return Message(STATS, bytes_in=bytes_in, bytes_out=bytes_out, exits=exits)
         if kind == BOOT_FAILED:
             return Message(BOOT_FAILED, text=body.decode("utf-8", "replace"))
-    except (struct.error, UnicodeDecodeError) as exc:
+        if kind == LOG:
+            return _decode_log(body)
+    except (struct.error, UnicodeDecodeError, IndexError) as exc:
         raise ProtocolError(f"malformed message kind {kind}: {exc}") from None
     raise ProtocolError(f"unknown message kind {kind} ({len(body)} byte body)")
 
@@ -320,3 +363,217 @@ def receive(channel: socket.socket) -> tuple[Message, list[int]] | None:
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+# -- LOG: a worker's own log line, written by the master -----------------------------------
+
+LOG_LEVELS = frozenset({10, 20, 30, 40})  # logging's DEBUG, INFO, WARNING, ERROR
+MAX_LOG_FIELDS = 16
+_MAX_LOG_VALUE = 1024  # bytes of one text value (longer ones are cut by the worker)
+_NAME = re.compile(rb"[a-z][a-z0-9_]{0,39}\Z")  # an event name or a field key
+_LOG_HEAD = struct.Struct("!BB")  # level (logging's number), length of the event name
+_TEXT_LEN = struct.Struct("!H")
+_INT = struct.Struct("!q")
+_FLOAT = struct.Struct("!d")
+
+
+def encode_log(level: int, name: str, fields: Mapping[str, object]) -> bytes:
+    """LOG for one line: ``level`` (logging's number), event ``name``, ``fields`` in order.
+
+    Total: never raises on odd values. Ints outside 64 bits and other types
+    travel as text; text values are cut to ``_MAX_LOG_VALUE`` bytes; fields past
+    ``MAX_LOG_FIELDS`` or past what fits in one frame are left out (the line
+    still says what happened). Keys that are not plain names are left out too.
+    """
+    parts = [_HEAD.pack(LOG, VERSION)]
+    name_b = name.encode("ascii", "replace")[:40]
+    parts.append(_LOG_HEAD.pack(level if level in LOG_LEVELS else 40, len(name_b)) + name_b)
+    size = sum(len(p) for p in parts) + 1  # + the field count
+    encoded: list[bytes] = []
+    for key, value in fields.items():
+        key_b = key.encode("ascii", "replace")
+        if len(encoded) >= MAX_LOG_FIELDS or not _NAME.match(key_b):
+            continue
+        item = bytes([len(key_b)]) + key_b + _encode_value(value)
+        if size + len(item) > MAX_UP_MESSAGE:
+            continue
+        size += len(item)
+        encoded.append(item)
+    return b"".join(parts) + bytes([len(encoded)]) + b"".join(encoded)
+
+
+def _encode_value(value: object) -> bytes:
+    """One tagged value: b(ool), n(one), i(nt64), f(loat64) or s(tring)."""
+    if isinstance(value, bool):
+        return b"b" + bytes([value])
+    if value is None:
+        return b"n"
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return b"i" + _INT.pack(value)
+    if isinstance(value, float):
+        return b"f" + _FLOAT.pack(value)
+    text = str(value).encode("utf-8", "backslashreplace")[:_MAX_LOG_VALUE]
+    return b"s" + _TEXT_LEN.pack(len(text)) + text
+
+
+def _decode_log(body: bytes) -> Message:
+    """LOG from a worker (untrusted): a known level, plain names, at most 16 fields,
+    nothing left over. Raises ProtocolError (or struct.error) on anything else."""
+    level, name_len = _LOG_HEAD.unpack_from(body)
+    off = _LOG_HEAD.size
+    name = body[off : off + name_len]
+    off += name_len
+    if level not in LOG_LEVELS or not _NAME.match(name):
+        raise ProtocolError(f"LOG with level {level} or a bad event name")
+    count = body[off]
+    off += 1
+    if count > MAX_LOG_FIELDS:
+        raise ProtocolError(f"LOG with {count} fields")
+    fields: list[tuple[str, LogValue]] = []
+    for _ in range(count):
+        key_len = body[off]
+        key = body[off + 1 : off + 1 + key_len]
+        off += 1 + key_len
+        if not _NAME.match(key):
+            raise ProtocolError("LOG with a bad field key")
+        tag = body[off : off + 1]
+        off += 1
+        value: LogValue
+        if tag == b"b":
+            value = bool(body[off])
+            off += 1
+        elif tag == b"n":
+            value = None
+        elif tag == b"i":
+            (value,) = _INT.unpack_from(body, off)
+            off += _INT.size
+        elif tag == b"f":
+            (value,) = _FLOAT.unpack_from(body, off)
+            off += _FLOAT.size
+        elif tag == b"s":
+            (length,) = _TEXT_LEN.unpack_from(body, off)
+            off += _TEXT_LEN.size
+            if length > _MAX_LOG_VALUE or off + length > len(body):
+                raise ProtocolError("LOG with a text value past its bounds")
+            value = body[off : off + length].decode("utf-8", "replace")
+            off += length
+        else:
+            raise ProtocolError(f"LOG with value tag {tag!r}")
+        fields.append((key.decode("ascii"), value))
+    if off != len(body):
+        raise ProtocolError(f"LOG with {len(body) - off} bytes after its fields")
+    return Message(LOG, text=name.decode("ascii"), level=level, fields=tuple(fields))
+
+
+# -- the upward pipe ---------------------------------------------------------------------------
+
+UP_READ_SIZE = 4 * PIPE_BUF  # read per call: a bounded amount of work per loop event
+
+
+def upward_pipe() -> tuple[int, int]:
+    """A new upward pipe: (read end, write end), both close-on-exec.
+
+    The read end is the master's and non-blocking; the write end is the
+    worker's (kept across the fork, then closed by the master) and blocking: a
+    worker whose master is slow to read waits, the master never does.
+    Close-on-exec on the write end keeps it from the worker's programs, whose
+    copies would hide the worker's death (no EOF while a program runs).
+    """
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_end, False)
+    return read_end, write_end
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` as one upward frame (ValueError if it exceeds MAX_UP_MESSAGE)."""
+    if not 0 < len(payload) <= MAX_UP_MESSAGE:
+        raise ValueError(f"an upward message is 1 to {MAX_UP_MESSAGE} bytes")
+    return _FRAME.pack(len(payload)) + payload
+
+
+class UpWriter:
+    """The worker's end of its upward pipe (owned: closed by ``close``; its EOF tells the
+    master the worker is gone)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def send(self, payload: bytes) -> None:
+        """Write one message as one atomic frame, waiting for room if the pipe is full
+        (the worker's own stall, never the master's). Raises BrokenPipeError when the
+        master is gone (SIGPIPE is ignored in a worker)."""
+        data = frame(payload)
+        while True:
+            try:
+                os.write(self.fd, data)  # <= PIPE_BUF: all or nothing
+                return
+            except BlockingIOError:  # a non-blocking end (tests): wait for room
+                select.select([], [self.fd], [])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class UpReader:
+    """The master's end of one worker's upward pipe: frames in, messages out.
+
+    Owns the read end (non-blocking) until ``close``. ``read`` never blocks
+    and reads at most ``UP_READ_SIZE`` bytes per call; a frame cut by that
+    bound waits in a buffer of less than PIPE_BUF bytes for the next call.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def open(self) -> bool:
+        return self.fd >= 0
+
+    def read(self) -> tuple[list[Message], str]:
+        """The messages that arrived, and "" or why the stream broke the protocol.
+
+        The list ends with ``Message(EOF)`` when the worker closed its end.
+        After an error nothing more should be read: the framing cannot be
+        trusted any more (the caller kills the worker).
+        """
+        try:
+            data = os.read(self.fd, UP_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return [], ""
+        except OSError:
+            return [Message(EOF)], ""
+        if not data:
+            return [Message(EOF)], "frame cut short by EOF" if self.buffer else ""
+        buf = self.buffer + data
+        msgs: list[Message] = []
+        off = 0
+        while len(buf) - off >= _FRAME.size:
+            (length,) = _FRAME.unpack_from(buf, off)
+            if not 0 < length <= MAX_UP_MESSAGE:
+                self.buffer = b""
+                return msgs, f"frame length {length}"
+            end = off + _FRAME.size + length
+            if end > len(buf):
+                break
+            try:
+                msgs.append(decode(buf[off + _FRAME.size : end]))
+            except ProtocolError as exc:
+                self.buffer = b""
+                return msgs, str(exc)
+            off = end
+        self.buffer = buf[off:]
+        return msgs, ""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

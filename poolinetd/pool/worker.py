@@ -3,9 +3,13 @@
 Touches the OS: selector loop over its channel, its built-in connections,
 its lent sockets and its children (pidfds); launches programs.
 
-``run_worker(channel, service, ...)`` runs in the child after ``spawn.fork_child``
-has closed every inherited fd but the channel and stdio. It drops privileges,
-says READY, and then serves until told to STOP (or the master goes away):
+``run_worker(channel, upward, service, ...)`` runs in the child after
+``spawn.fork_child`` has closed every inherited fd but the channel, the
+write end of its upward pipe and stdio (and the log, for a stderr=log
+service). It points its stdio away from the master's (``_own_stdio``),
+sends its log lines up the pipe (LOG: the master writes them), drops
+privileges, says READY, and then serves until told to STOP (or the master
+goes away):
 
 * CONN + fd: a built-in is served in-process, non-blocking, many at once; a
   program is launched on the socket (fds 0, 1, 2: ``launch.program``, the
@@ -17,7 +21,12 @@ says READY, and then serves until told to STOP (or the master goes away):
 
 fd ownership: the worker owns every fd it receives and closes it on every
 path; the master learns that a connection (or loan) ended from DONE, and
-which program serves it from SPAWNED.
+which program serves it from SPAWNED. The channel only brings messages
+down (the master's end is shut for reading: a send on it fails with EPIPE);
+everything the worker says goes up its pipe (``wire.UpWriter``), which it
+closes last, so the master sees EOF when it is done. Its fd 2 is where a
+program's stderr goes for a stderr=log service (the log), else /dev/null:
+only workers of stderr=log services hold the log file.
 
 ``Worker`` runs in-process too (the unit tests drive it turn by turn over a
 real socketpair): ``run`` is ``take_signals``, ``start``, ``turn`` while
@@ -31,12 +40,13 @@ import os
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from poolinetd.builtins import internal
 from poolinetd.builtins.dgram import DgramResponder as DgramResponder
-from poolinetd.config.spec import Service, SocketType
+from poolinetd.config.spec import Service, SocketType, StderrRoute
 from poolinetd.launch import program, spawn
 from poolinetd.launch.signals import SignalPipe
 from poolinetd.observe import log, stagetrace
@@ -50,6 +60,13 @@ _TIMEOUT_SCAN = 1.0
 # when the worker goes idle. Per loop turn they cost a syscall each.
 _REPORT_INTERVAL = 1.0
 _TITLE_INTERVAL = 0.5
+# The events a worker process logs (its lines travel to the master as LOG). The
+# master writes only these: a taken-over worker cannot forge the master's own
+# lines ("stopped", "reloaded", ...). Add a worker-side event here, or it is dropped.
+LOGGED_EVENTS = frozenset({
+    "wire_error", "bad_fd", "bad_loan", "conn_end", "worker_boot_failed", "worker_error",
+    "exec_failed", "program_exit", "dgram_refused",
+})
 
 
 @dataclass(slots=True)
@@ -88,13 +105,15 @@ class _DgramLoan:
 class Worker:
     """The state of one worker process; ``run()`` is its whole life."""
 
-    def __init__(self, channel: socket.socket, service: Service, internal_ports: frozenset[int],
-                 log_connections: bool = False,
+    def __init__(self, channel: socket.socket, upward: wire.UpWriter, service: Service,
+                 internal_ports: frozenset[int], log_connections: bool = False,
                  clock: Callable[[], float] = time.monotonic,
                  set_title: Callable[[str], None] = spawn.set_title) -> None:
-        """``channel``: the worker's end of its socketpair, owned from now on (closed by
+        """``channel``: the worker's end of its socketpair (messages down); ``upward``: the
+        write end of its pipe (messages up); both owned from now on (closed by
         ``close``). ``clock``: monotonic seconds for every deadline."""
         self.channel = channel
+        self.upward = upward
         self.service = service
         self.internal_ports = internal_ports
         self.log_connections = log_connections
@@ -155,7 +174,7 @@ class Worker:
         self.poller.register(self.channel.fileno(), internal.Want.READ, None)
         now = self.clock()
         self._set_title(now)
-        wire.send(self.channel, wire.encode_ready(self.pid))
+        self.upward.send(wire.encode_ready(self.pid))
         self.next_scan = now + _TIMEOUT_SCAN
 
     @property
@@ -200,7 +219,7 @@ class Worker:
 
     def close(self) -> None:
         """The last STATS and DONE, then close every fd the worker still owns (the
-        channel last: its EOF tells the master this worker is done)."""
+        upward pipe last: its EOF tells the master this worker is done)."""
         self._report(None)
         stagetrace.flush()
         for loan in self.dgram.values():
@@ -210,6 +229,7 @@ class Worker:
         if self.sigpipe is not None:
             self.sigpipe.close()
         self.channel.close()
+        self.upward.close()
 
     def _on_channel(self) -> None:
         for _ in range(256):  # bounded: connections already here get served too
@@ -239,12 +259,20 @@ class Worker:
             elif msg.kind == wire.STOP:
                 self._begin_stop(None)
             elif msg.kind == wire.LOGFD:
-                log.adopt_fd(fds[0])
+                self._adopt_log(fds[0])
             elif msg.kind == wire.PING:
                 pass  # reading it was the point
             else:
                 log.error("wire_error", service=self.service.name, pid=self.pid,
                           error=f"unexpected message kind {msg.kind}")
+
+    def _adopt_log(self, fd: int) -> None:
+        """The master reopened its log (SIGUSR1): a stderr=log worker's fd 2, which its
+        programs get as stderr, becomes the new file. Any other worker only closes it
+        (the master sends it to none)."""
+        if self.service.stderr is StderrRoute.LOG:
+            os.dup2(fd, 2)
+        os.close(fd)
 
     def _begin_stop(self, grace: float | None) -> None:
         """Take no more work; finish what is being served (within ``grace`` if given)."""
@@ -349,7 +377,7 @@ class Worker:
 
     def _track_child(self, conn_id: int, pid: int, peer: str) -> None:
         with contextlib.suppress(OSError):  # a gone master finds the program as an orphan
-            wire.send(self.channel, wire.encode_spawned(conn_id, pid))
+            self.upward.send(wire.encode_spawned(conn_id, pid))
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -413,16 +441,9 @@ class Worker:
             self.stats_due = (now or 0.0) + _REPORT_INTERVAL
         for payload in payloads:
             try:
-                wire.send(self.channel, payload)
-            except BlockingIOError:
-                # The master is slow to read; wait for room rather than lose a DONE.
-                self.channel.setblocking(True)
-                try:
-                    wire.send(self.channel, payload)
-                except OSError:
-                    break
-                finally:
-                    self.channel.setblocking(False)
+                # Blocks while the pipe is full: better the worker waits for the
+                # master than a DONE is lost (the master would count it forever).
+                self.upward.send(payload)
             except OSError:
                 break  # master gone
 
@@ -447,33 +468,77 @@ class Worker:
         self.set_title(f"poolinetd: {self.service.name} worker {state}")
 
 
-def run_worker(channel: socket.socket, service: Service, internal_ports: frozenset[int],
-               log_connections: bool) -> int:
-    """The body of a worker child: drop privileges, check it can serve, then serve.
+def run_worker(channel: socket.socket, upward_fd: int, service: Service,
+               internal_ports: frozenset[int], log_connections: bool) -> int:
+    """The body of a worker child: own its stdio and log, drop privileges, check it can
+    serve, then serve.
 
     Returns the exit code. A worker that cannot serve (privileges refused, the
     program not executable by the service's user) says BOOT_FAILED with the
     reason and exits EX_WORKER_BOOT before READY, so the master puts the
     service into backoff instead of respawning in a loop, and shows the reason
     in status. Fixing the cause needs no restart: the next probe succeeds.
+    An unexpected exception is logged (``worker_error``, up the pipe: its
+    stderr is /dev/null) and exits EX_SOFTWARE.
     """
-    spawn.set_title(f"poolinetd: {service.name} worker booting")
-    stagetrace.forked()
-    failed = program.drop_privileges(service)
-    if failed is not None:
-        return _boot_failed(channel, service, failed)
-    # Checked here, as the service's user: a program every connection would fail
-    # to exec (mode, a directory on the path nobody can search) is one clear error.
-    if service.program is not None and not os.access(service.program, os.X_OK):
-        return _boot_failed(channel, service, f"{service.program} is not executable by "
-                                              f"{service.user_name}")
-    if service.program is not None:
-        spawn.restore_fd_limit()  # launched programs inherit it; this worker needs few fds
-    return Worker(channel, service, internal_ports, log_connections).run()
+    upward = wire.UpWriter(upward_fd)
+    _own_stdio(service)
+    log.forward(lambda level, name, fields: _send_log(upward, level, name, fields))
+    try:
+        spawn.set_title(f"poolinetd: {service.name} worker booting")
+        stagetrace.forked()
+        failed = program.drop_privileges(service)
+        if failed is not None:
+            return _boot_failed(upward, service, failed)
+        # Checked here, as the service's user: a program every connection would fail
+        # to exec (mode, a directory on the path nobody can search) is one clear error.
+        if service.program is not None and not os.access(service.program, os.X_OK):
+            return _boot_failed(upward, service, f"{service.program} is not executable by "
+                                                 f"{service.user_name}")
+        if service.program is not None:
+            spawn.restore_fd_limit()  # launched programs inherit it; this worker needs few fds
+        return Worker(channel, upward, service, internal_ports, log_connections).run()
+    except Exception:
+        log.error("worker_error", service=service.name, pid=os.getpid(),
+                  traceback=traceback.format_exc()[-1000:])
+        return spawn.EX_SOFTWARE
 
 
-def _boot_failed(channel: socket.socket, service: Service, reason: str) -> int:
+def _own_stdio(service: Service) -> None:
+    """Point fds 0 and 1 at /dev/null, and fd 2 at the log for a stderr=log service (its
+    programs' stderr), else at /dev/null.
+
+    Whatever the master's stdio is (often the log itself, or the journal), a
+    worker, which may be taken over by its service's user, must not hold it:
+    with a writable log fd it could truncate the log and forge lines. Its own
+    lines go up its pipe instead. Called before ``log.forward`` (which makes
+    ``log.log_fd`` answer 2).
+    """
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        if service.stderr is StderrRoute.LOG:
+            log_fd = log.log_fd()  # the master's log (kept across the fork for this)
+            if log_fd != 2:
+                os.dup2(log_fd, 2)
+                os.close(log_fd)  # (the inherited handler is never used again)
+        else:
+            os.dup2(null, 2)
+    finally:
+        if null > 2:
+            os.close(null)
+
+
+def _send_log(upward: wire.UpWriter, level: int, name: str, fields: dict[str, object]) -> None:
+    """``log.forward``'s sink in a worker: the line goes up as LOG (never raises, never
+    logs: a gone master simply misses it)."""
+    with contextlib.suppress(OSError, ValueError):
+        upward.send(wire.encode_log(level, name, fields))
+
+
+def _boot_failed(upward: wire.UpWriter, service: Service, reason: str) -> int:
     log.error("worker_boot_failed", service=service.name, pid=os.getpid(), error=reason)
     with contextlib.suppress(OSError):
-        wire.send(channel, wire.encode_boot_failed(reason))
+        upward.send(wire.encode_boot_failed(reason))
     return spawn.EX_WORKER_BOOT
