@@ -300,3 +300,34 @@ def test_only_stderr_log_workers_hold_the_log_and_the_others_lines_still_arrive(
     assert len(crafted) == 1 and "\x1b" not in crafted[0] and "\x07" not in crafted[0]
     assert f"poolinetd[{echo}] info conn_end service=echo:0/tcp pid={echo} " in crafted[0]
     assert not any(" stopped" in line.split("peer=")[0] for line in lines)
+
+
+@pytest.mark.root
+@needs_root
+def test_a_worker_flooding_log_lines_gets_its_budget_and_a_count(serve) -> None:
+    """5,000 lines in a burst: the master writes at most a second's budget of them
+    (handles.LOG_RATE) and says how many it dropped, and keeps serving meanwhile."""
+    from poolinetd.pool.handles import LOG_RATE
+
+    server = serve(TWO_SERVICES)
+    pid = worker_of(server, "echo")
+    up = steal_upward(pid)
+    try:
+        line = wire.frame(wire.encode_log(20, "conn_end", {"peer": "flood"}))
+        for _ in range(5000):
+            os.write(up, line)
+    finally:
+        os.close(up)
+    assert answers_quickly(server.port(1)) < 2.0
+    wait_until(lambda: server.log().count("peer=flood") >= LOG_RATE, 5, "the budget written")
+    written = server.log().count("peer=flood")
+    assert LOG_RATE <= written < 5000 * 0.5, written
+    # What was dropped is counted: told at the first drop, then at most every 10 s, and
+    # what is left untold once the worker is gone.
+    os.kill(pid, 9)
+
+    def accounted() -> bool:
+        text = server.log()
+        told = re.findall(rf"worker_log_dropped service=echo:0/tcp pid={pid} lines=(\d+)", text)
+        return sum(map(int, told)) + text.count("peer=flood") == 5000
+    wait_until(accounted, 5, "every line written or counted as dropped")
