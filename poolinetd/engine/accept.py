@@ -22,9 +22,10 @@ In order, for a readable listener:
 A ``wait`` service or a datagram built-in is not accepted on: its listener
 is *lent* (``lend``) and unpolled until the loan ends.
 
-fd ownership: an accepted fd is this stage's until it is closed (refused)
-or given to the preamble stage or to ``hand_off`` (the dispatcher's from
-then on, on every path). A lent listener stays the service table's.
+fd ownership: an accepted fd is this stage's until it is released (refused,
+answered: ``release``, which never blocks) or given to the preamble stage
+or to ``hand_off`` (the dispatcher's from then on, on every path). A lent
+listener stays the service table's.
 """
 
 from __future__ import annotations
@@ -77,15 +78,19 @@ class AcceptStage:
 
     def __init__(self, host: Host, sel: selectors.BaseSelector, table: ServiceTable,
                  ledger: Ledger, dispatcher: Dispatcher, refusals: Refusals,
-                 clock: Callable[[], float], log_connections: bool) -> None:
+                 clock: Callable[[], float], log_connections: bool,
+                 dispose: Callable[[int], None]) -> None:
+        """``dispose(fd)`` closes a unix connection without ever blocking (the closer)."""
         self.host = host
+        self.dispose = dispose
         self.table = table
         self.ledger = ledger
         self.dispatcher = dispatcher
         self.refusals = refusals
         self.clock = clock
         self.log_connections = log_connections
-        self.preambles = PreambleStage(sel, table, refusals, clock, self._route, self._deliver)
+        self.preambles = PreambleStage(sel, table, refusals, clock, self._route, self._deliver,
+                                       self.release)
 
     def on_listener(self, lst: Listener) -> None:
         """``lst`` is readable: accept a batch, or lend it."""
@@ -143,7 +148,7 @@ class AcceptStage:
         if not why and rt.preamble is not None and not self.preambles.make_room(rt, key):
             why = "preamble_busy"  # one source may not fill the stage (slowloris)
         if why:
-            os.close(fd)
+            self.release_fd(fd, family)
             self.refusals.refused(rt, ip, why, now)
             return False
         if rt.preamble is not None:
@@ -201,7 +206,7 @@ class AcceptStage:
         except OSError:
             pass  # reset, or no room: the reply is dropped, the connection closed
         finally:
-            sock.close()
+            self.release(sock)
         stats = rt.stats
         stats.accepted += 1
         stats.builtin_bytes_out += sent
@@ -209,6 +214,25 @@ class AcceptStage:
             log.info("conn_end", service=rt.name, pid=os.getpid(), peer=wire_peer(peer),
                      status="ok", duration=round(self.clock() - now, 6), bytes_in=0,
                      bytes_out=sent)
+
+    # -- closing what is not handed off --------------------------------------------
+    def release_fd(self, fd: int, family: int) -> None:
+        """Close accepted connection ``fd`` here, never blocking.
+
+        A unix connection's receive queue may hold descriptors its client
+        passed (SCM_RIGHTS), which closing it would release in the master,
+        where one with a linger time blocks: it goes to the closer instead
+        (launch/closer.py). A TCP connection carries none.
+        """
+        if family == socket.AF_UNIX:
+            self.dispose(fd)
+        else:
+            os.close(fd)
+
+    def release(self, sock: socket.socket) -> None:
+        """``release_fd`` for a socket object (detached: the fd is disposed of, once)."""
+        if sock.fileno() >= 0:
+            self.release_fd(sock.detach(), sock.family)
 
     # -- after the preamble ---------------------------------------------------------
     def _route(self, item: Pending, result: pre.Proceed, peer: Peer

@@ -52,6 +52,7 @@ from poolinetd.engine.runtime import Instance, Listener, ServiceRuntime
 from poolinetd.engine.services import PreambleFactory, ServiceTable
 from poolinetd.engine.upgrading import Upgrading
 from poolinetd.launch import spawn
+from poolinetd.launch.closer import Closer
 from poolinetd.launch.signals import SignalPipe
 from poolinetd.launch.system import System
 from poolinetd.observe import log, metrics, stagetrace
@@ -122,8 +123,10 @@ class Engine:
         self.table = ServiceTable(self.sel, dispatcher, self._on_listener, preambles)
         self.ledger = Ledger(caps, self.table.wake_all)
         self.refusals = Refusals(dispatcher, self.wake_at)
+        self.closer = Closer(self.system.fork)
         self.accept = AcceptStage(self, self.sel, self.table, self.ledger, dispatcher,
-                                  self.refusals, self.system.clock, log_connections)
+                                  self.refusals, self.system.clock, log_connections,
+                                  self.closer.dispose)
         self.reloader = (Reloader(self.table, self.ledger, load_config, open_sockets)
                          if load_config is not None and open_sockets is not None else None)
         self.upgrading = Upgrading(self, self.sel, self.system, upgrade_argv, upgrade_cwd,
@@ -195,6 +198,7 @@ class Engine:
                 log.error("internal_error", traceback=traceback.format_exc())
         try:
             self.dispatcher.flush()  # hand-offs of this turn outside an accept batch
+            self.closer.flush()  # unix connections closed this turn (never blocks)
             self._timers()
             self._refresh_dirty()
         except Exception:
@@ -288,6 +292,8 @@ class Engine:
             return False
         if not self.ledger.below_caps(rt):
             return False
+        if rt.service.spec.protocol.is_unix and self.closer.backed_up():
+            return False  # closing what unix clients passed is not keeping up: they wait
         # A full preamble stage does not stop accepting: a newcomer from a light
         # source takes the place of the heaviest source's oldest (PreambleStage.admits).
         return rt.engine_served or self.dispatcher.can_take(rt)
@@ -415,6 +421,9 @@ class Engine:
                 continue
             if self.upgrading.child_exited(pid, code):
                 continue
+            if self.closer.child_exited(pid):
+                log.warning("closer_exited", pid=pid, status=code)
+                continue
             log.debug("reaped_unknown", pid=pid, status=code)
 
     def _resize(self, delta: int) -> None:
@@ -518,6 +527,7 @@ class Engine:
         self.table.close_all()
         self.accept.preambles.close_all()
         self.dispatcher.close()
+        self.closer.close()
         if self.control is not None:
             self.control.close()
         if self.metrics is not None:

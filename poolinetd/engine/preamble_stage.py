@@ -13,7 +13,7 @@ answered, so a client that will be refused is never told "+Go"; then
 exactly the rest of the preamble is read and the connection is delivered.
 
 fd ownership: a connection in the stage is owned here (``Pending.sock``)
-until it is refused (closed here), timed out (closed here) or delivered
+until it is refused or timed out (released here: ``release``) or delivered
 (detached and given to ``deliver``, which takes it on every path).
 """
 
@@ -43,8 +43,12 @@ class PreambleStage:
     """The connections reading their preamble, by fd and by deadline."""
 
     def __init__(self, sel: selectors.BaseSelector, table: ServiceTable, refusals: Refusals,
-                 clock: Callable[[], float], route: Route, deliver: Deliver) -> None:
+                 clock: Callable[[], float], route: Route, deliver: Deliver,
+                 release: Callable[[socket.socket], None]) -> None:
+        """``release(sock)`` closes a connection the stage is done with (never blocking:
+        a unix one goes to the closer, launch/closer.py)."""
         self.sel = sel
+        self.release = release
         self.table = table
         self.refusals = refusals
         self.clock = clock
@@ -139,7 +143,7 @@ class PreambleStage:
                 item.sock.send(result.reply, socket.MSG_DONTWAIT)  # best-effort
         if result.reason in readers.ANSWERED:  # e.g. tcpmux HELP: served, not refused
             self.forget(item)
-            item.sock.close()
+            self.release(item.sock)
             return
         self.drop(item, result.reason)
 
@@ -148,7 +152,7 @@ class PreambleStage:
         self.forget(item)
         target = self.route(item, result, peer)  # decided before "+Go" or any consumption
         if target is None:
-            item.sock.close()
+            self.release(item.sock)
             return
         rt, key = target
         # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
@@ -158,11 +162,11 @@ class PreambleStage:
             if len(got) == need and result.reply:
                 item.sock.send(result.reply, socket.MSG_DONTWAIT)
         except OSError:
-            item.sock.close()
+            self.release(item.sock)
             self.refusals.count(rt, "preamble_reset")
             return
         if len(got) != need:
-            item.sock.close()
+            self.release(item.sock)
             self.refusals.count(rt, "preamble_incomplete")
             return
         fd = item.sock.detach()
@@ -188,7 +192,7 @@ class PreambleStage:
     def drop(self, item: Pending, why: str) -> None:
         """Refuse ``item`` for ``why``: closed, counted and logged."""
         self.forget(item)
-        item.sock.close()
+        self.release(item.sock)
         self.refusals.refused(item.rt, item.peer[0] if item.peer else "", why, self.clock())
 
     def next_deadline(self) -> float | None:
@@ -205,5 +209,5 @@ class PreambleStage:
         """Close every connection still in the stage (a stop), unanswered and uncounted."""
         for item in list(self.pending.values()):
             self.forget(item)
-            item.sock.close()
+            self.release(item.sock)
         self.order.clear()

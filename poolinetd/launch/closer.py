@@ -1,0 +1,185 @@
+"""The closer: a child process that closes, for the master, what may block in close().
+
+Touches the OS: fork, a SOCK_SEQPACKET socketpair, SCM_RIGHTS, close.
+
+Why: closing a descriptor whose last reference the master holds runs that
+file's release in the master. For a TCP socket with SO_LINGER set and
+unsent data, that waits up to the linger time; and a unix connection's
+receive queue can hold descriptors a local client passed with SCM_RIGHTS,
+which the kernel releases when the connection is closed, in the closer's
+context. A local user who may connect to a unix-socket service could so
+freeze the root master, and every service with it, for as long as they
+chose (issue 21). So the master never closes such a connection itself when
+nothing else holds it (a refused or engine-answered unix connection, one in
+the preamble stage): it passes it here with SCM_RIGHTS, closes its own copy
+(not the last one: the message in flight holds another), and goes on.
+
+The closer runs as ``nobody`` where that user exists, owns nothing else,
+and closes each descriptor it receives on a thread of its own (bounded), so
+one that blocks holds up no other. The master's end of the pair is shut
+for reading (SHUT_RD) right after it is made: the closer can send nothing
+back, so the master's end never holds a foreign descriptor.
+
+fd ownership: ``Closer.dispose(fd)`` takes ``fd`` on every path. Until it is
+sent, it waits in the closer's queue (``pending``); ``flush`` sends what it
+can without blocking. If the closer cannot be started or has died and
+cannot be restarted, the master closes the descriptor itself (and says so):
+availability of one service is not worth a master that cannot close.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import pwd
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from poolinetd.launch import privileges, spawn
+from poolinetd.observe import log
+
+MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's limit per message
+MAX_PENDING = 4096  # descriptors waiting for the closer before it counts as backed up
+MAX_THREADS = 64  # descriptors the closer closes at once
+_LINGER_OFF = struct.pack("ii", 1, 0)  # close at once, reset the peer
+
+
+class Closer:
+    """The master's side: the closer's pid, its channel, and what waits to go to it.
+
+    ``fork`` is the seam that starts the child (``spawn.fork_child`` by default).
+    """
+
+    def __init__(self, fork: Callable[[Callable[[], int], tuple[int, ...]], int] | None = None
+                 ) -> None:
+        self._fork = fork or spawn.fork_child
+        self.pid = 0
+        self.sock: socket.socket | None = None
+        self.pending: list[int] = []
+        self.closed_here = 0  # descriptors the master had to close itself
+
+    def dispose(self, fd: int) -> None:
+        """Close ``fd`` without ever blocking the caller (taken on every path)."""
+        self.pending.append(fd)
+        if len(self.pending) >= MAX_FDS_PER_MESSAGE:
+            self.flush()
+
+    def backed_up(self) -> bool:
+        """Whether the closer is not keeping up (the engine stops accepting unix clients)."""
+        return len(self.pending) >= MAX_PENDING
+
+    def flush(self) -> None:
+        """Send what waits to the closer, as far as it takes it without blocking."""
+        while self.pending:
+            sock = self._channel()
+            if sock is None:
+                self._close_here()
+                return
+            batch = self.pending[:MAX_FDS_PER_MESSAGE]
+            try:
+                sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", batch))], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return  # its queue is full: try again next turn
+            except OSError:
+                self._lost()  # it died: the next round starts another
+                continue
+            del self.pending[:len(batch)]
+            for fd in batch:  # not the last reference: the message in flight holds one
+                os.close(fd)
+
+    def child_exited(self, pid: int) -> bool:
+        """Whether reaped ``pid`` was the closer (the next ``flush`` starts a new one)."""
+        if not pid or pid != self.pid:
+            return False
+        self._lost()
+        return True
+
+    def close(self) -> None:
+        """At the end: send what is left if it can, then close the channel (the closer
+        exits on EOF once it has closed everything it received)."""
+        self.flush()
+        self._close_here()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _channel(self) -> socket.socket | None:
+        if self.sock is not None:
+            return self.sock
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.shutdown(socket.SHUT_RD)  # it can send nothing back (no fds, ever)
+            ours.setblocking(False)
+            self.pid = self._fork(lambda: run_closer(theirs), (theirs.fileno(),))
+        except OSError as exc:
+            ours.close()
+            log.error("closer_failed", error=exc.strerror,
+                      action="the master closes descriptors itself")
+            return None
+        finally:
+            theirs.close()
+        self.sock = ours
+        return ours
+
+    def _lost(self) -> None:
+        self.pid = 0
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _close_here(self) -> None:
+        for fd in self.pending:
+            os.close(fd)
+        self.closed_here += len(self.pending)
+        self.pending.clear()
+
+
+def run_closer(sock: socket.socket) -> int:
+    """The closer's whole life: receive descriptors, close each on its own thread."""
+    spawn.set_title("poolinetd: closer")
+    with contextlib.suppress(KeyError, privileges.PrivilegeError):
+        nobody = pwd.getpwnam("nobody")
+        privileges.drop(nobody.pw_uid, nobody.pw_gid, ())
+    slots = threading.BoundedSemaphore(MAX_THREADS)
+    space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+    while True:
+        try:
+            _, anc, _, _ = sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
+        except InterruptedError:
+            continue
+        except OSError:
+            return 0
+        if not anc:
+            return 0  # EOF: the master is gone or done
+        for level, kind, data in anc:
+            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+                continue
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            for fd in fds:
+                slots.acquire()
+                threading.Thread(target=_close_one, args=(fd, slots), daemon=True).start()
+
+
+def _close_one(fd: int, slots: threading.BoundedSemaphore) -> None:
+    try:
+        _reset_linger(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    finally:
+        slots.release()
+
+
+def _reset_linger(fd: int) -> None:
+    """A socket closes at once (a reset) instead of waiting out a linger time it was given."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return  # not a socket
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+    sock.close()  # the dup: the original still holds the file
