@@ -392,19 +392,39 @@ C_REFERENCE = "c-epoll"
 TOOLS_DIR = Path(__file__).resolve().parent / "tools"
 
 
+# Every tool is built warning-free: a warning in a benchmark tool is a bug in it.
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
+# Extra flags per tool (the load generator runs threads).
+TOOL_FLAGS = {"loadgen": ("-pthread",)}
+
+
+def find_cc() -> str | None:
+    """The C compiler the tools are built with (``cc``, else ``gcc``), or None."""
+    return shutil.which("cc") or shutil.which("gcc")
+
+
 def build_tool(name: str, tmp: Path) -> str | None:
-    """Compile ``tools/NAME.c`` into ``tmp/NAME`` (``cc -O2``, mode 0755, so a service
-    user can run it from the run's temp dir); its path, or None without a compiler."""
-    cc = shutil.which("cc") or shutil.which("gcc")
+    """Compile ``tools/NAME.c`` into ``tmp/NAME`` (``cc -O2 -Wall -Wextra -Werror``, mode
+    0755, so a service user can run it from the run's temp dir); its path, or None
+    without a compiler or when it does not compile (the compiler's message goes to
+    stderr). Built once per directory; the binary appears atomically (a temporary
+    name, then a rename), so concurrent builders never run a half-written file."""
+    cc = find_cc()
     if cc is None:
         return None
     out = tmp / name
     if not out.exists():
-        done = subprocess.run([cc, "-O2", "-o", str(out), str(TOOLS_DIR / f"{name}.c")],
-                              capture_output=True, timeout=60, check=False)
+        part = tmp / f".{name}.{os.getpid()}.part"
+        src = TOOLS_DIR / f"{name}.c"
+        cmd = [cc, *CFLAGS, *TOOL_FLAGS.get(name, ()), "-o", str(part), str(src)]
+        done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
         if done.returncode != 0:
+            sys.stderr.write(f"building {name}.c failed: {done.stderr.decode(errors='replace')}")
+            with contextlib.suppress(OSError):
+                part.unlink()
             return None
-        out.chmod(0o755)
+        part.chmod(0o755)
+        os.replace(part, out)
     return str(out)
 
 
