@@ -6,6 +6,7 @@ fails without its fix.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -71,3 +72,40 @@ def test_silent_connections_from_a_few_sources_cannot_blind_metrics(serve, mode:
     finally:
         for sock in silent:
             sock.close()
+
+
+@pytest.mark.parametrize("mode", ["pool", "classic"])
+def test_one_source_holding_thousands_of_connections_does_not_delay_another(
+        serve, mode: str) -> None:
+    """Issue 21, item 15: one source held 5,000 connections to a built-in and the classic
+    master forked up to 1,024 children (the pool's safe share) before anyone else was
+    served: a second client got no echo within 2 s. Classic mode's share follows what it
+    forks quickly (CLASSIC_SOURCE_SHARE); pool mode served it at once already."""
+    import resource
+
+    held = 2500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, held + 1000)), hard))
+    server = serve(ECHO, mode=mode)
+    port = server.port()
+    flood = []
+    try:
+        for _ in range(held):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+            flood.append(sock)
+        began = time.monotonic()
+        with socket.socket() as other:
+            other.bind(("127.0.0.3", 0))
+            other.settimeout(10)
+            other.connect(("127.0.0.1", port))
+            other.sendall(b"hello")
+            assert other.recv(5) == b"hello"
+        assert time.monotonic() - began < 2.0
+    finally:
+        for sock in flood:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
