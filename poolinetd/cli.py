@@ -260,7 +260,7 @@ def _client(args: argparse.Namespace) -> int:
         if answer.get("ok"):
             print("upgrade started: the new master takes over once it is ready (see the log)")
             return 0
-        print(f"upgrade refused: {answer.get('error')}", file=sys.stderr)
+        print(f"upgrade refused: {log.worker_text(str(answer.get('error')))}", file=sys.stderr)
         return EX_UNAVAILABLE
     if args.command == "metrics":
         sys.stdout.write(str(answer.get("text", "")))
@@ -275,7 +275,12 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def format_status(doc: dict[str, object]) -> str:
-    """The human table of ``poolinetd status``."""
+    """The human table of ``poolinetd status``.
+
+    Every cell goes through ``log.worker_text``: text that came from a worker (a
+    BOOT_FAILED reason) or a config (a service name) reaches root's terminal, and
+    an escape sequence, BEL or CR in it must show as ``\\xNN``, never act.
+    """
     rows = [("SERVICE", "STATE", "LISTEN", "IDLE", "BUSY", "BOOT", "DRAIN", "ACCEPTED",
              "REFUSED", "ACTIVE", "PROGRAMS", "RESTARTS", "LAST ERROR")]
     services = doc.get("services", [])
@@ -287,11 +292,13 @@ def format_status(doc: dict[str, object]) -> str:
                      str(workers["draining"]), str(svc["accepted"]), str(svc["refused"]),
                      str(svc["active"]), str(svc["programs"]), str(svc["restarts"]),
                      svc["last_error"] or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    out = [f"poolinetd pid {doc.get('pid')} up {doc.get('uptime')}s, reloads {doc.get('reloads')}"]
-    for row in rows:
-        cells = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
-        out.append(cells + "  " + row[-1])
+    cells = [[log.worker_text(cell) for cell in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]) - 1)]
+    out = [log.worker_text(f"poolinetd pid {doc.get('pid')} up {doc.get('uptime')}s, "
+                           f"reloads {doc.get('reloads')}")]
+    for row in cells:
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+        out.append(line + "  " + row[-1])
     return "\n".join(out) + "\n"
 
 

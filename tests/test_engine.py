@@ -531,3 +531,29 @@ def test_a_lent_socket_poisoned_by_its_worker_is_replaced(rigs: list[Rig], poiso
         assert lst.bound.port == port and lst.sock.getsockname()[1] == port
         client.sendto(b"again", ("127.0.0.1", port))
         assert lst.sock.recv(100, socket.MSG_PEEK) in (b"wake", b"again")  # it receives
+
+
+def test_text_from_a_worker_never_reaches_roots_terminal_raw(rigs: list[Rig]) -> None:
+    """Issue 21, item 7: a BOOT_FAILED reason with OSC/CSI escapes, BEL and CR reached
+    `poolinetd status` raw. The master keeps it escaped (and bounded); the table escapes
+    every cell again, whatever the master sent."""
+    from poolinetd.cli import format_status
+    from poolinetd.pool.dispatcher import BOOT_ERROR_MAX
+
+    rig = pool_rig(rigs, ECHO)
+    hostile = "\x1b]0;owned\x07\x1b[2J\rroot# " + "x" * 2000
+    worker = rig.boot_worker()
+    worker.send(wire.encode_boot_failed(hostile))
+    rig.turn(2)
+    handle = rig.engine.dispatcher.workers[worker.pid]  # type: ignore[attr-defined]
+    assert handle.boot_error.startswith("\\x1b]0;owned\\x07\\x1b[2J\\x0droot# ")
+    assert len(handle.boot_error) <= BOOT_ERROR_MAX + 40
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in handle.boot_error)
+    doc = {"pid": 1, "uptime": 1, "reloads": 0, "services": [{
+        "service": "echo\x1b[31m", "state": "serving", "listeners": ["127.0.0.1:7"],
+        "workers": {"idle": 0, "busy": 0, "booting": 0, "draining": 0},
+        "accepted": 0, "refused": 0, "active": 0, "programs": 0, "restarts": 0,
+        "last_error": hostile}]}
+    table = format_status(doc)
+    assert "\x1b" not in table and "\x07" not in table and "\r" not in table
+    assert "\\x1b]0;owned\\x07" in table

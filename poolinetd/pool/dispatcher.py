@@ -61,6 +61,7 @@ from poolinetd.pool.instances import Instances
 
 __all__ = ["STALL_CHECK", "STALL_KILL", "STALL_TIMEOUT", "PoolDispatcher"]
 
+BOOT_ERROR_MAX = 512  # characters of a worker's BOOT_FAILED reason kept for status
 FORK_PAUSE = 1.0  # seconds a pool rests after fork itself failed
 
 
@@ -303,7 +304,8 @@ class PoolDispatcher:
             elif msg.kind == wire.LOG:
                 self._worker_log(handle, msg, now)
             elif msg.kind == wire.BOOT_FAILED:
-                handle.boot_error = msg.text
+                # Shown by status in root's terminal: no escape sequences, bounded.
+                handle.boot_error = log.worker_text(msg.text[:BOOT_ERROR_MAX])
             elif msg.kind == wire.READY and pool is not None and pool.mark_ready(handle.pid,
                                                                                    now):
                 log.debug("worker_ready", service=rt.name, pid=handle.pid)
