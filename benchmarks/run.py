@@ -6,7 +6,9 @@ server in turn -- pool, classic, then the installed peers (xinetd,
 openbsd-inetd) -- so the modes alternate and drift hits all of them alike.
 Each server is started once per repetition with one listener per scenario,
 measured idle (RSS/PSS and CPU of master and workers, ``procstat``), loaded
-with every scenario x concurrency cell (``loadgen.run_load``), measured
+with every scenario x concurrency cell (the C load generator
+``tools/loadgen.c`` through ``benchmarks.client``; ``--python-client`` or no
+``cc``: ``loadgen.run_load``), measured
 again, and stopped. Medians over the repetitions go into a table printed on
 stdout and written to ``benchmarks/results/latest.md``; every single
 measurement plus machine facts go to ``latest.json`` (orjson); with
@@ -39,7 +41,16 @@ from typing import Any
 import orjson
 
 from benchmarks import growth
-from benchmarks.loadgen import LoadResult, pattern_payload, run_load
+from benchmarks.client import (
+    BUSY_LEGEND,
+    BUSY_MARK,
+    LoadRunner,
+    add_client_flag,
+    busy_mark,
+    client_name,
+    pick_runner,
+)
+from benchmarks.loadgen import LoadResult, pattern_payload
 from benchmarks.machine import machine_facts
 from benchmarks.procstat import TreeStat, snapshot
 from benchmarks.servers import (
@@ -122,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(POOL_MODES),
         help="poolinetd modes to run (pool,classic)",
     )
-    p.add_argument("--processes", type=int, default=None, help="load generator processes")
+    p.add_argument("--processes", type=int, default=None,
+                   help="load generator threads (C) or processes (Python)")
+    add_client_flag(p)
     p.add_argument(
         "--server-cmd",
         default=None,
@@ -188,6 +201,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     cells: list[dict[str, Any]] = []
     servers: list[dict[str, Any]] = []
     failed_pool_mode = False
+    runner = pick_runner(args.python_client, log)
     with tempfile.TemporaryDirectory(prefix="poolinetd-bench-") as tmpname:
         tmp = Path(tmpname)
         if args.peers:
@@ -223,11 +237,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                         if s.name not in server.ports:
                             continue
                         for c in args.concurrency:
-                            r = _cell(server, s, c, args)
+                            r = _cell(runner, server, s, c, args)
                             cells.append(
                                 {"rep": rep, "mode": mode, "scenario": s.name, **r.to_dict()}
                             )
-                            sat = " CLIENT-SATURATED" if r.client_saturated else ""
+                            sat = f" client busy {BUSY_MARK}" if r.client_saturated else ""
                             log(
                                 f"  {s.name:8} c={c:<4} {r.conn_per_s:9,.0f}/s "
                                 f"p50 {r.p50_ms:7.2f} p99 {r.p99_ms:8.2f} ms "
@@ -258,6 +272,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             "conf_lines": args.conf_line,
             "server_args": args.server_args,
             "loadgen_processes": args.processes,
+            "client": client_name(runner),
         },
         "cells": cells,
         "servers": servers,
@@ -266,8 +281,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     }
 
 
-def _cell(server: Server, s: Scenario, c: int, args: argparse.Namespace) -> LoadResult:
-    return run_load(
+def _cell(
+    runner: LoadRunner, server: Server, s: Scenario, c: int, args: argparse.Namespace
+) -> LoadResult:
+    return runner(
         "127.0.0.1",
         server.ports[s.name],
         c,
@@ -364,6 +381,9 @@ def summarize(cells: list[dict[str, Any]], servers: list[dict[str, Any]]) -> dic
     return {"rows": rows, "memory": memory}
 
 
+_CLIENTS = {"c": "C (tools/loadgen.c)", "python": "Python (loadgen.py)"}
+
+
 def _fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
@@ -383,8 +403,9 @@ def markdown(doc: dict[str, Any]) -> str:
     out = [
         f"Run {m['date']} on {m['cpu_model']}, {m['nproc']} cores, Linux {m['kernel']}, "
         f"Python {m['python']}; {st['reps']} rep(s), {st['duration_s']:g} s window after "
-        f"{st['warmup_s']:g} s warmup; medians. conn/s = completed connections per second, "
-        "p50/p99 = connection latency (connect to close) in ms.",
+        f"{st['warmup_s']:g} s warmup; medians; load generator: "
+        f"{_CLIENTS.get(st.get('client', 'python'), st.get('client'))}. conn/s = completed "
+        "connections per second, p50/p99 = connection latency (connect to close) in ms.",
         "",
     ]
     head = ["scenario", "c", "pool conn/s", "pool p50", "pool p99", "classic conn/s",
@@ -410,22 +431,25 @@ def markdown(doc: dict[str, Any]) -> str:
                 o = g(other, "conn_per_s")
                 return "-" if pool_rate is None or not o else f"{pool_rate / o:.2f}x"
 
+            def rate(mode: str, cells: dict[str, Any] = cells) -> str:
+                r = cells.get(mode)
+                mark = busy_mark(bool(r and r["client_saturated"]))
+                return _fmt_rate(g(mode, "conn_per_s")) + mark
+
             line = [scen, str(c)]
             for mode in POOL_MODES:
-                line += [_fmt_rate(g(mode, "conn_per_s")), _fmt_ms(g(mode, "p50_ms")),
-                         _fmt_ms(g(mode, "p99_ms"))]  # fmt: skip
+                line += [rate(mode), _fmt_ms(g(mode, "p50_ms")), _fmt_ms(g(mode, "p99_ms"))]
             line.append(ratio("classic"))
             for peer in peers:
-                line += [_fmt_rate(g(peer, "conn_per_s")), _fmt_ms(g(peer, "p50_ms")),
-                         _fmt_ms(g(peer, "p99_ms")), ratio(peer)]
+                line += [rate(peer), _fmt_ms(g(peer, "p50_ms")), _fmt_ms(g(peer, "p99_ms")),
+                         ratio(peer)]  # fmt: skip
             errs = []
             for mode, r in cells.items():
                 if r and r["errors"]:
                     errs.append(f"{mode}: " + ", ".join(f"{k}={v}" for k, v in r["errors"].items()))
-                if r and r["client_saturated"]:
-                    errs.append(f"{mode}: client saturated")
             line.append("; ".join(errs) or "0")
             out.append("| " + " | ".join(line) + " |")
+    out += ["", BUSY_LEGEND]
     out += ["", "Memory (kB, medians) and server CPU under load (s, all cells of one rep):", ""]
     mh = ["mode", "master RSS idle", "master PSS idle", "workers idle", "PSS/idle worker",
           "master RSS after", "workers after", "workers PSS after", "master CPU",

@@ -466,13 +466,25 @@ def start_c_reference(binary: str, scenarios: list[Scenario], tmp: Path) -> Serv
 
 def start_pyecho(tmp: Path) -> Server:
     """tools/pyecho.py in a session of its own; its port is the line it prints."""
-    log_path = tmp / "pyecho.out"
+    return start_echo_tool("pyecho", [sys.executable, str(PYECHO)], tmp)
+
+
+def start_handoff(binary: str, tmp: Path) -> Server:
+    """tools/handoff.c (built with ``build_tool``): poolinetd's shape in C, an echo
+    served by a second process that gets its connections in SCM_RIGHTS batches."""
+    return start_echo_tool("c-handoff", [binary, "0"], tmp)
+
+
+def start_echo_tool(mode: str, cmd: list[str], tmp: Path) -> Server:
+    """An echo server that prints its port on one line, in a session of its own (so
+    ``Server.stop`` ends all its processes); serves the ``echo`` scenario."""
+    log_path = tmp / f"{mode}.out"
     rfd, wfd = os.pipe()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, str(PYECHO)], stdin=subprocess.DEVNULL,
-                                stdout=wfd, stderr=log, start_new_session=True, cwd=tmp)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=wfd, stderr=log,
+                                start_new_session=True, cwd=tmp)
     os.close(wfd)
-    server = Server("pyecho", proc, {}, proc.pid, log_path)
+    server = Server(mode, proc, {}, proc.pid, log_path)
     try:
         server.ports["echo"] = int(_read_line(rfd, time.monotonic() + READY_TIMEOUT, proc))
     except ValueError:

@@ -25,7 +25,8 @@ import pytest
 
 from benchmarks.client import c_loadgen, run_load_c
 from benchmarks.loadgen import pattern_payload
-from benchmarks.servers import build_tool, find_cc
+from benchmarks.procstat import children_of
+from benchmarks.servers import build_tool, find_cc, start_handoff
 
 pytestmark = pytest.mark.skipif(find_cc() is None, reason="no C compiler (cc) on PATH")
 
@@ -317,3 +318,18 @@ def test_run_load_c_matches_run_load(binary: str) -> None:
     assert all(s < e for s, e in zip(starts, ends, strict=True))
     assert abs(ends[-1] - time.monotonic_ns()) < 10e9
     assert all(1 <= t >> 16 <= 64 and t & 0xFFFF for t in tags)
+
+
+def test_handoff_echoes_without_errors(binary: str, tmp_path: Path) -> None:
+    handoff = build_tool("handoff", tmp_path)
+    assert handoff is not None
+    server = start_handoff(handoff, tmp_path)
+    try:
+        rc, doc, err = run(binary, "--port", str(server.ports["echo"]), "--scenario", "echo",
+                           "-c", "32", "-d", "0.8", "-w", "0.1")
+        worker_alive = bool(children_of(server.pid))
+    finally:
+        server.stop()
+    assert rc == 0 and doc["error_total"] == 0 and doc["completed"] > 200, (err, doc["errors"])
+    assert worker_alive
+    assert (tmp_path / "c-handoff.out").read_text() == ""  # nothing went wrong on its side

@@ -91,6 +91,14 @@ static void master(int ls, int chan) {
     }
 }
 
+/* Stop watching fd and close it. The explicit EPOLL_CTL_DEL is needed (the pool's
+ * worker makes it too): until the master has closed its copy, the connection's
+ * open file outlives our close(), and so would its epoll registration, which
+ * would then report events for an fd number that is gone or already reused. */
+static void drop(int ep, int fd) {
+    if (epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL) || close(fd)) die("worker drop");
+}
+
 /* The worker: fds arrive in batches on chan; echo each until the client's EOF. */
 static void worker(int chan) {
     int ep = epoll_create1(EPOLL_CLOEXEC);
@@ -139,13 +147,11 @@ static void worker(int chan) {
             if (r > 0) {
                 /* A 64-byte echo fits an empty socket buffer; a short write is
                  * dropped, as cecho does: the client then reports it. */
-                if (send(fd, buf, (size_t)r, MSG_NOSIGNAL) < 0 && errno != EAGAIN) {
-                    if (close(fd)) die("worker close");
-                }
+                if (send(fd, buf, (size_t)r, MSG_NOSIGNAL) < 0 && errno != EAGAIN) drop(ep, fd);
                 continue;
             }
             if (r < 0 && errno == EAGAIN) continue;
-            if (close(fd)) die("worker close"); /* EOF or error: also leaves epoll */
+            drop(ep, fd); /* EOF or error */
         }
     }
 }
