@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.profile_load [--scenarios echo,cat] [-c 64] [--seconds 5]``
 starts poolinetd (pool mode, the benchmark config for the scenario),
-loads it with ``benchmarks.loadgen`` at concurrency ``c`` in a separate
+loads it with the C load generator (``tools/loadgen.c``; ``--python-client``
+or no ``cc``: ``benchmarks.loadgen``) at concurrency ``c`` in a separate
 process, and after a warmup runs ``py-spy record --idle --nonblocking -f raw``
 on the master and on the busiest worker at the same time. The raw stacks are
 aggregated into own (leaf) and inclusive (anywhere on the stack) frame
@@ -32,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from benchmarks.client import add_client_flag, c_loadgen
 from benchmarks.procstat import children_of, proc_stat
 from benchmarks.run import SCENARIOS, SLEEP_SCRIPT
 from benchmarks.servers import _repo_env, launch_poolinetd, python_cmd, start_poolinetd
@@ -87,19 +89,22 @@ def _record(pid: int, seconds: float, out: Path, rate: int) -> subprocess.Popen[
     )  # fmt: skip
 
 
-def profile(scenario: str, c: int, seconds: float, rate: int, tmp: Path) -> dict[str, Any]:
-    """Profile master and busiest worker under a ``c``-concurrency load of ``scenario``."""
+def profile(scenario: str, c: int, seconds: float, rate: int, tmp: Path, client: str | None
+            ) -> dict[str, Any]:
+    """Profile master and busiest worker under a ``c``-concurrency load of ``scenario``;
+    ``client`` is the C load generator's path, or None for benchmarks.loadgen."""
     s = SCENARIOS[scenario]
     server = start_poolinetd("pool", [s], tmp, python_cmd(), [], ["--no-control"])
     try:
         time.sleep(0.5)
         load_s = seconds + 4
-        load = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.loadgen", "--port", str(server.ports[s.name]),
-             "-c", str(c), "-d", str(load_s), "-w", "0.5", "--payload-size", "64", "--echo",
-             "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_repo_env(),
-        )  # fmt: skip
+        # Both generators take these options; the C one always prints JSON.
+        opts = ["--port", str(server.ports[s.name]), "-c", str(c), "-d", str(load_s),
+                "-w", "0.5", "--payload-size", "64", "--echo"]  # fmt: skip
+        cmd = [client, *opts] if client else [sys.executable, "-m", "benchmarks.loadgen",
+                                              *opts, "--json"]  # fmt: skip
+        load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=_repo_env())
         time.sleep(1.5)
         kids = children_of(server.pid)
         cpu0 = {k: st.cpu_s for k in kids if (st := proc_stat(k)) is not None}
@@ -140,7 +145,7 @@ def profile(scenario: str, c: int, seconds: float, rate: int, tmp: Path) -> dict
         "workers": len(kids),
         "master": {"pid": server.pid, "cpu_pct": cpu_pct(server.pid), **agg(m_out)},
         "worker": {"pid": busy, "cpu_pct": cpu_pct(busy), **agg(w_out)},
-        "loadgen": {k: lg[k] for k in LOADGEN_KEYS},
+        "loadgen": {"client": "c" if client else "python", **{k: lg[k] for k in LOADGEN_KEYS}},
     }
 
 
@@ -187,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=200)
     p.add_argument("--memory", action="store_true", help="idle-worker memory instead")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    add_client_flag(p)
     a = p.parse_args(argv)
+    client = None if a.python_client or a.memory else c_loadgen()
+    if not a.python_client and not a.memory and client is None:
+        print("load generator: Python (benchmarks/loadgen.py): no C build", file=sys.stderr)
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="poolinetd-prof-") as tmpname:
         tmp = Path(tmpname)
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             (a.out / "memory.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         else:
             doc = [
-                profile(s, a.concurrency, a.seconds, a.rate, tmp)
+                profile(s, a.concurrency, a.seconds, a.rate, tmp, client)
                 for s in a.scenarios.split(",")
                 if s
             ]

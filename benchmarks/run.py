@@ -449,7 +449,8 @@ def markdown(doc: dict[str, Any]) -> str:
                     errs.append(f"{mode}: " + ", ".join(f"{k}={v}" for k, v in r["errors"].items()))
             line.append("; ".join(errs) or "0")
             out.append("| " + " | ".join(line) + " |")
-    out += ["", BUSY_LEGEND]
+    if any(r["client_saturated"] for r in rows):
+        out += ["", BUSY_LEGEND]
     out += ["", "Memory (kB, medians) and server CPU under load (s, all cells of one rep):", ""]
     mh = ["mode", "master RSS idle", "master PSS idle", "workers idle", "PSS/idle worker",
           "master RSS after", "workers after", "workers PSS after", "master CPU",

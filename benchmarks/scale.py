@@ -17,7 +17,10 @@
   time until ready), against one entry.
 
 Medians of ``--passes``; every run is bounded (``duration + 6 s`` per pass,
-20 s to start). Writes ``benchmarks/results/scale.json``.
+20 s to start). The load comes from the C generator (``tools/loadgen.c``;
+``--python-client``: ``benchmarks/loadgen.py``); a rate printed with ``*``
+was measured with the client over 80 % of a core. Writes
+``benchmarks/results/scale.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import pattern_payload, run_load
+from benchmarks.client import LoadRunner, add_client_flag, busy_mark, client_name, pick_runner
+from benchmarks.loadgen import CLIENT_BUSY_PCT, pattern_payload
 from benchmarks.machine import machine_facts, write_results
 from benchmarks.servers import Server, free_port, launch_poolinetd, python_cmd
 
@@ -73,18 +77,18 @@ def _start(tmp: Path, lines: list[str], names: list[str], metrics_port: int) -> 
                             ["--no-control", "--metrics", f"127.0.0.1:{metrics_port}"])
 
 
-def master_cost(server: Server, name: str, until_close: bool, duration: float,
-                metrics_port: int) -> dict[str, float]:
+def master_cost(runner: LoadRunner, server: Server, name: str, until_close: bool,
+                duration: float, metrics_port: int) -> dict[str, float]:
     """One loaded run at c=64: master us per connection, its ceiling, the mean loop turn."""
     time.sleep(0.5)
     turns0 = _loop_turns(metrics_port)
     c0 = _cpu(server.pid)
     if until_close:
-        r = run_load("127.0.0.1", server.ports[name], 64, duration, b"", until_close=True,
-                     warmup=0.0)
+        r = runner("127.0.0.1", server.ports[name], 64, duration, b"", until_close=True,
+                   warmup=0.0)
     else:
-        r = run_load("127.0.0.1", server.ports[name], 64, duration, PAYLOAD, expect=PAYLOAD,
-                     warmup=0.0)
+        r = runner("127.0.0.1", server.ports[name], 64, duration, PAYLOAD, expect=PAYLOAD,
+                   warmup=0.0)
     c1 = _cpu(server.pid)
     turns1 = _loop_turns(metrics_port)
     # Connections of the whole run (warmup 0; the drain adds at most 64).
@@ -94,7 +98,8 @@ def master_cost(server: Server, name: str, until_close: bool, duration: float,
     return {"conn_per_s": r.conn_per_s, "p99_ms": r.p99_ms, "master_us_per_conn": us,
             "ceiling_conn_per_s": 1e6 / us if us else 0.0,
             "loop_turn_us": (turns1[0] - turns0[0]) / nturns * 1e6,
-            "conns_per_turn": n / nturns, "client_cpu_pct": r.client_cpu_pct}
+            "conns_per_turn": n / nturns, "client_cpu_pct": r.client_cpu_pct,
+            "client_max_proc_cpu_pct": r.client_max_proc_cpu_pct}
 
 
 def _median_dicts(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -107,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--entries", type=int, default=10_000, help="entries of the memory cell")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "scale.json")
+    add_client_flag(p)
     args = p.parse_args(argv)
+    runner = pick_runner(args.python_client)
     doc: dict[str, Any] = {"machine": machine_facts(), "passes": args.passes,
-                           "duration_s": args.duration}
+                           "duration_s": args.duration, "client": client_name(runner)}
     with tempfile.TemporaryDirectory(prefix="poolinetd-scale-") as tmpname:
         tmp = Path(tmpname)
         os.chmod(tmp, 0o755)
@@ -125,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
                 mport = free_port()
                 server = _start(tmp, lines, names, mport)
                 try:
-                    echo_runs.append(master_cost(server, "echo", False, args.duration, mport))
-                    day_runs.append(master_cost(server, "daytime", True, args.duration, mport))
+                    echo_runs.append(master_cost(runner, server, "echo", False, args.duration,
+                                                 mport))
+                    day_runs.append(master_cost(runner, server, "daytime", True, args.duration,
+                                                mport))
                 finally:
                     server.stop()
             doc[label] = {"echo": _median_dicts(echo_runs), "daytime": _median_dicts(day_runs),
                           "runs": {"echo": echo_runs, "daytime": day_runs}}
             for kind in ("echo", "daytime"):
                 d = doc[label][kind]
-                print(f"{label:15} {kind:8} {d['conn_per_s']:9,.0f} conn/s  master "
+                busy = d["client_max_proc_cpu_pct"] > CLIENT_BUSY_PCT
+                rate = f"{d['conn_per_s']:,.0f}{busy_mark(busy)}"
+                print(f"{label:15} {kind:8} {rate:>10} conn/s  master "
                       f"{d['master_us_per_conn']:5.1f} us/conn (one-core ceiling "
                       f"{d['ceiling_conn_per_s']:,.0f}/s)  loop turn {d['loop_turn_us']:6.1f} us "
                       f"for {d['conns_per_turn']:.1f} conns", flush=True)

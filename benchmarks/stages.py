@@ -3,9 +3,10 @@
 ``python -m benchmarks.stages [--scenario cat] [--concurrency 64,256] [--duration 3]``
 
 Starts poolinetd (pool mode) with ``POOLINETD_TRACE_STAGES`` pointing at a
-file in a temporary directory (see ``poolinetd/stagetrace.py``), loads it
-with ``loadgen.run_load`` in this process (so each client connection's start
-and end are known, with its source address and port), stops it (SIGTERM:
+file in a temporary directory (see ``poolinetd/observe/stagetrace.py``), loads
+it with the C load generator (``--python-client``: ``loadgen.run_load`` in
+this process), which records each client connection's start and end with its
+source address and port, stops it (SIGTERM:
 every process flushes its trace) and joins the three views: client records
 by peer address to the master's ``accepted`` record, and that by instance
 id to every other stage. One server start per concurrency; ``--reps`` starts
@@ -46,7 +47,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import run_load
+from benchmarks.client import BUSY_LEGEND, LoadRunner, add_client_flag, busy_mark, pick_runner
 from benchmarks.machine import machine_facts, write_results
 from benchmarks.run import SCENARIOS, SLEEP_SCRIPT
 from benchmarks.servers import python_cmd, start_poolinetd
@@ -169,8 +170,8 @@ def worker_facts(times: dict[int, dict[str, float]], extras: dict[int, dict[str,
     }
 
 
-def run_cell(scenario: str, c: int, args: argparse.Namespace, tmp: Path, tag: str
-             ) -> dict[str, Any]:
+def run_cell(runner: LoadRunner, scenario: str, c: int, args: argparse.Namespace, tmp: Path,
+             tag: str) -> dict[str, Any]:
     s = SCENARIOS[scenario]
     trace = tmp / f"trace-{tag}.txt"
     old = os.environ.get(ENV)
@@ -188,7 +189,7 @@ def run_cell(scenario: str, c: int, args: argparse.Namespace, tmp: Path, tag: st
     try:
         time.sleep(0.5)
         t_from = time.monotonic()
-        r = run_load("127.0.0.1", server.ports[s.name], c, args.duration, s.payload,
+        r = runner("127.0.0.1", server.ports[s.name], c, args.duration, s.payload,
                      expect=s.expect, until_close=s.until_close, warmup=args.warmup,
                      processes=1, fork=False, conn_log=log_)
         t_to = time.monotonic()
@@ -204,7 +205,8 @@ def run_cell(scenario: str, c: int, args: argparse.Namespace, tmp: Path, tag: st
 
 def table(scenario: str, c: int, summary: dict[str, Any], result: dict[str, Any],
           workers: dict[str, Any]) -> str:
-    lines = [f"{scenario} c={c}: {result['conn_per_s']:,.0f} conn/s, client p50 "
+    mark = busy_mark(bool(result.get("client_saturated")))
+    lines = [f"{scenario} c={c}: {result['conn_per_s']:,.0f}{mark} conn/s, client p50 "
              f"{result['p50_ms']:.2f} p99 {result['p99_ms']:.2f} ms, "
              f"{summary['connections']} connections joined of {result['completed']:.0f}"
              " (all reps)",
@@ -232,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="--no-control")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "stages.json")
     p.add_argument("--label", default="", help="a name for this run in the JSON")
+    add_client_flag(p)
     args = p.parse_args(argv)
+    runner = pick_runner(args.python_client)
     doc: dict[str, Any] = {"machine": machine_facts(), "label": args.label,
                            "scenario": args.scenario, "conf_lines": args.conf_line,
                            "duration_s": args.duration, "cells": []}
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             workers: dict[str, Any] = {}
             for rep in range(args.reps):
-                cell = run_cell(args.scenario, c, args, tmp, f"{c}-{rep}")
+                cell = run_cell(runner, args.scenario, c, args, tmp, f"{c}-{rep}")
                 rows += cell["rows"]
                 results.append(cell["result"])
                 workers = cell["workers"]
@@ -254,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             med = {k: statistics.median(r[k] for r in results)
                    for k in ("conn_per_s", "p50_ms", "p99_ms")}
             med["completed"] = sum(r["completed"] for r in results)  # rows pool every rep
+            med["client_saturated"] = any(r["client_saturated"] for r in results)
             print(table(args.scenario, c, summary, med, workers), flush=True)
+            if med["client_saturated"]:
+                print(BUSY_LEGEND)
             doc["cells"].append({"concurrency": c, "client": results, "summary": summary,
                                  "workers_last_rep": workers})
     write_results(args.out, doc)

@@ -3,12 +3,14 @@
 ``python -m benchmarks.timeline [--scenario cat] [--concurrency 64] [--duration 4]``
 
 Starts each server in turn (poolinetd pool mode, openbsd-inetd and xinetd
-if installed, and for built-ins the C reference), loads it once with
-``loadgen.run_load`` in this process (so every connection's end time is
-known), and cuts the window into 50 ms bins: connections completed in each
-bin and the slowest of them. It prints, per server, the rate, p50/p99, the
-bins where completions fell below half the median bin ("dips": when they
-were and how slow), and at what times the slowest 1 % of connections ended.
+if installed, and for built-ins the C reference), loads it once with the C
+load generator (``--python-client``: ``loadgen.run_load`` in this process),
+which records every connection's start and end, and cuts the window into
+50 ms bins: connections completed in each bin and the slowest of them. It
+prints, per server, the rate (marked ``*`` when the client used over 80 % of
+a core), p50/p99, the bins where completions fell below half the median bin
+("dips": when they were and how slow), and at what times the slowest 1 % of
+connections ended.
 
 What it is for: a p99 set by moments when every connection slows at once
 (the machine, the kernel or the client) looks the same for every server in
@@ -27,7 +29,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import run_load
+from benchmarks.client import BUSY_LEGEND, LoadRunner, add_client_flag, busy_mark, pick_runner
 from benchmarks.machine import machine_facts, write_results
 from benchmarks.run import SCENARIOS
 from benchmarks.servers import (
@@ -78,16 +80,18 @@ def analyse(log: array[int], t_start: int) -> dict[str, Any]:
             "slowest_1pct_at": sorted({round((end - t_start) / 1e9, 1) for _, end in tail})}
 
 
-def measure(server: Server, name: str, c: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(runner: LoadRunner, server: Server, name: str, c: int, args: argparse.Namespace
+            ) -> dict[str, Any]:
     s = SCENARIOS[name]
     log: array[int] = array("q")
-    result = run_load("127.0.0.1", server.ports[name], c, args.duration, s.payload,
+    result = runner("127.0.0.1", server.ports[name], c, args.duration, s.payload,
                       expect=s.expect, until_close=s.until_close, fork=False, processes=1,
                       warmup=args.warmup, conn_log=log)
     first_end = min((log[i + 1] for i in range(0, len(log), 3)), default=0)
     window_start = first_end + int(args.warmup * 1e9)
     return {"conn_per_s": result.conn_per_s, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-            "max_ms": result.max_ms, **analyse(log, window_start)}
+            "max_ms": result.max_ms, "client_saturated": result.client_saturated,
+            **analyse(log, window_start)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "timeline.json")
+    add_client_flag(p)
     args = p.parse_args(argv)
+    runner = pick_runner(args.python_client)
     scenarios = [SCENARIOS[args.scenario]]
     doc: dict[str, Any] = {"machine": machine_facts(), "scenario": args.scenario,
                            "concurrency": args.concurrency, "bin_s": BIN_S, "servers": {}}
@@ -120,15 +126,18 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if args.scenario in server.skipped or args.scenario not in server.ports:
                     continue
-                cell = measure(server, args.scenario, args.concurrency, args)
+                cell = measure(runner, server, args.scenario, args.concurrency, args)
             finally:
                 server.stop()
             doc["servers"][label] = cell
             dips = ", ".join(f"{d['at_s']:.2f}s ({d['completed']} done, slowest "
                              f"{d['slowest_ms']:.0f} ms)" for d in cell["dips"]) or "none"
-            print(f"{label:14} {cell['conn_per_s']:8,.0f} conn/s p50 {cell['p50_ms']:7.2f} "
+            rate = f"{cell['conn_per_s']:,.0f}{busy_mark(cell['client_saturated'])}"
+            print(f"{label:14} {rate:>9} conn/s p50 {cell['p50_ms']:7.2f} "
                   f"p99 {cell['p99_ms']:7.2f} ms; dips: {dips}; slowest 1 % ended at "
                   f"{cell['slowest_1pct_at']} s")
+    if any(cell["client_saturated"] for cell in doc["servers"].values()):
+        print(BUSY_LEGEND)
     write_results(args.out, doc)
     return 0
 
