@@ -343,15 +343,22 @@ static long long parse_ll(const char *s, const char *opt) {
     return v;
 }
 
+static int nibble(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
 static unsigned char *parse_hex(const char *s, size_t *len) {
     size_t n = strlen(s);
     if (n % 2) usage_exit("odd-length hex", s);
     unsigned char *out = malloc(n / 2 + 1);
     if (!out) usage_exit("out of memory", NULL);
     for (size_t i = 0; i < n / 2; i++) {
-        unsigned int byte;
-        if (sscanf(s + 2 * i, "%2x", &byte) != 1) usage_exit("bad hex", s);
-        out[i] = (unsigned char)byte;
+        int hi = nibble(s[2 * i]), lo = nibble(s[2 * i + 1]);
+        if (hi < 0 || lo < 0) usage_exit("bad hex", s);
+        out[i] = (unsigned char)(hi << 4 | lo);
     }
     *len = n / 2;
     return out;
@@ -429,8 +436,6 @@ static int cmp_err(const void *a, const void *b) {
     return strcmp(((const struct err_item *)a)->name, ((const struct err_item *)b)->name);
 }
 
-/* Python's json string escaping is not needed: every string printed here is ASCII
- * made by this program (error names, the host, which passed inet_pton). */
 static int write_conn_log(const char *path, struct thread_state *ts, int nthreads) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
@@ -502,17 +507,19 @@ int main(int argc, char **argv) {
                         "(127.0.0.0/8, ::1); benchmarks stay on loopback\n", host);
         return 2;
     }
-    if (payload_hex) cfg.payload = parse_hex(payload_hex, &cfg.plen);
+    unsigned char *own_payload = NULL, *own_expect = NULL; /* freed at the end */
+    if (payload_hex) own_payload = parse_hex(payload_hex, &cfg.plen);
     else if (payload_size > 0) {
-        cfg.payload = pattern((size_t)payload_size);
+        own_payload = pattern((size_t)payload_size);
         cfg.plen = (size_t)payload_size;
     }
+    cfg.payload = own_payload;
     static const unsigned char nothing[1];
     if (echo) {
         cfg.expect = cfg.payload ? cfg.payload : nothing;
         cfg.elen = cfg.plen;
     }
-    if (expect_hex) cfg.expect = parse_hex(expect_hex, &cfg.elen);
+    if (expect_hex) cfg.expect = own_expect = parse_hex(expect_hex, &cfg.elen);
     cfg.until_close = until_close;
     cfg.min_reply = (size_t)min_reply;
     cfg.nsources = cfg.family == AF_INET ? (int)(nsources < MAX_SOURCES ? nsources : MAX_SOURCES) : 0;
@@ -611,6 +618,8 @@ int main(int argc, char **argv) {
     if (busy < 1e-9) busy = 1e-9;
     double max_pct = max_thread_cpu / busy * 100.0;
 
+    /* No JSON string escaping is needed: every string printed is ASCII made here
+     * (error names) or the host, which inet_pton accepted. */
     printf("{\n  \"client\": \"c\",\n  \"host\": \"%s\",\n  \"port\": %lld,\n", host, port);
     printf("  \"concurrency\": %lld,\n  \"processes\": %lld,\n  \"threads\": %lld,\n",
            concurrency, nthreads, nthreads);
@@ -633,7 +642,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < created; i++) printf("%s%lld", i ? ", " : "", ts[i].completed);
     printf("],\n  \"source_addresses\": %d,\n  \"interrupted\": %s\n}\n", cfg.nsources,
            interrupted ? "true" : "false");
-    if (fflush(stdout) != 0) return 3;
+    if (fflush(stdout) != 0 || ferror(stdout)) return 3;
     for (int i = 0; i < created; i++) {
         free(ts[i].conns);
         free(ts[i].free_slots);
@@ -642,6 +651,8 @@ int main(int argc, char **argv) {
     }
     free(ts);
     free(all);
+    free(own_payload);
+    free(own_expect);
     if (interrupted) return 130;
     return err_total ? 1 : 0;
 }
