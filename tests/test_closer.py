@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 import socket
@@ -27,10 +28,14 @@ def _reap(pid: int, timeout: float = 10.0) -> int:
 def test_disposed_descriptors_are_closed_by_the_closer_not_here() -> None:
     closer = Closer()
     pairs = [socket.socketpair() for _ in range(300)]  # more than one message's worth
-    for ours, theirs in pairs:
+    for _, theirs in pairs:
         closer.dispose(theirs.detach())
-    closer.flush()
-    assert closer.pending == [] and closer.pid > 0 and closer.closed_here == 0
+    deadline = time.monotonic() + 30
+    while closer.pending or closer.owe_release:  # its queue may fill while it starts
+        assert time.monotonic() < deadline, "the closer never took them"
+        time.sleep(0.01)
+        closer.flush()
+    assert closer.pid > 0 and closer.closed_here == 0
     for ours, _ in pairs:  # the closer closed the other ends: each of ours sees EOF
         ours.settimeout(10)
         assert ours.recv(1) == b""
@@ -59,6 +64,30 @@ def test_the_closer_cannot_send_anything_back() -> None:
     theirs.close()
     a.close()
     closer.close()
+
+
+def test_the_closer_waits_for_released_before_closing() -> None:
+    """The master's copy must be closed first, or the master holds the last reference:
+    a batch without RELEASED is held, not closed (until EOF)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the closer under test
+        ours.close()
+        os._exit(closer_mod.run_closer(theirs))
+    theirs.close()
+    a, b = socket.socketpair()
+    ours.sendmsg([closer_mod.BATCH], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [b.fileno()]))])
+    b.close()
+    a.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        a.recv(1)  # still held: no RELEASED yet
+    ours.send(closer_mod.RELEASED)
+    a.settimeout(10)
+    assert a.recv(1) == b""
+    a.close()
+    ours.close()
+    assert _reap(pid) == 0
 
 
 def test_a_dead_closer_is_replaced_and_nothing_is_lost() -> None:
@@ -104,6 +133,7 @@ def test_a_backed_up_closer_is_reported(monkeypatch: pytest.MonkeyPatch) -> None
     assert closer.backed_up()
     closer.flush()
     assert not closer.backed_up()
+    assert not closer.owe_release  # RELEASED followed the batch
     pid = closer.pid
     closer.close()
     _reap(pid)

@@ -101,12 +101,17 @@ class ForkDispatcher:
                  local: str = "") -> bool:
         service = rt.service
         log_connections = self.hooks.log_connections
+        forked = False
         try:
-            return self._fork(rt, iid, fd, service.program is not None,
-                              lambda: _serve_connection(service, fd, family, peer,
-                                                        log_connections, local))
+            forked = self._fork(rt, iid, fd, service.program is not None,
+                                lambda: _serve_connection(service, fd, family, peer,
+                                                          log_connections, local))
+            return forked
         finally:
-            os.close(fd)  # the child has its own copy (or there is no child)
+            if forked:
+                os.close(fd)  # the child has its own copy
+            else:  # the last copy: never blocking (a unix one may carry passed fds)
+                self.hooks.release(fd, family)
 
     def flush(self) -> None:
         pass  # each connection was forked for at once

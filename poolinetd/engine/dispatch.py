@@ -50,6 +50,10 @@ class Hooks(Protocol):
     def unwatch(self, fileobj: Watchable) -> None:
         """Stop watching ``fileobj`` (no-op if it is not watched)."""
 
+    def release(self, fd: int, family: int) -> None:
+        """Close connection ``fd`` that nothing else holds (taken), never blocking: a
+        unix one may carry descriptors its client passed (launch/closer.py)."""
+
     def ended(self, iid: int) -> None:
         """Instance ``iid`` is over (connection closed, program exited, loan returned)."""
 

@@ -164,6 +164,10 @@ class Engine:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(fileobj)
 
+    def release(self, fd: int, family: int) -> None:
+        """Close a connection nobody else holds without blocking (dispatchers' failures)."""
+        self.accept.release_fd(fd, family)
+
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped; returns the exit code (0 after a clean stop)."""

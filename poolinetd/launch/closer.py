@@ -14,15 +14,20 @@ nothing else holds it (a refused or engine-answered unix connection, one in
 the preamble stage): it passes it here with SCM_RIGHTS, closes its own copy
 (not the last one: the message in flight holds another), and goes on.
 
-The closer runs as ``nobody`` where that user exists, owns nothing else,
-and closes each descriptor it receives on a thread of its own (bounded), so
-one that blocks holds up no other. The master's end of the pair is shut
+Ordering matters: the message in flight holds a reference only until the
+closer receives it. If the closer closed its copy before the master closed
+its own, the master would hold the last one again. So after closing its
+copies the master sends a RELEASED message (no descriptors), and the closer
+closes what it received only once that message arrives (or the master is
+gone: EOF). The closer runs as ``nobody`` where that user exists, owns
+nothing else, and closes each descriptor on a thread of its own (bounded),
+so one that blocks holds up no other. The master's end of the pair is shut
 for reading (SHUT_RD) right after it is made: the closer can send nothing
 back, so the master's end never holds a foreign descriptor.
 
-fd ownership: ``Closer.dispose(fd)`` takes ``fd`` on every path. Until it is
-sent, it waits in the closer's queue (``pending``); ``flush`` sends what it
-can without blocking. If the closer cannot be started or has died and
+fd ownership: ``Closer.dispose(fd)`` takes ``fd`` on every path and sends it
+at once; only what the closer's channel has no room for waits here
+(``pending``) for the next ``flush``. If the closer cannot be started or has died and
 cannot be restarted, the master closes the descriptor itself (and says so):
 availability of one service is not worth a master that cannot close.
 """
@@ -44,6 +49,8 @@ from poolinetd.observe import log
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's limit per message
 MAX_PENDING = 4096  # descriptors waiting for the closer before it counts as backed up
 MAX_THREADS = 64  # descriptors the closer closes at once
+BATCH = b"c"  # descriptors attached: hold them
+RELEASED = b"r"  # the master has closed its copies of every batch before this
 _LINGER_OFF = struct.pack("ii", 1, 0)  # close at once, reset the peer
 
 
@@ -59,13 +66,20 @@ class Closer:
         self.pid = 0
         self.sock: socket.socket | None = None
         self.pending: list[int] = []
+        self.owe_release = False  # batches sent whose RELEASED has not been sent yet
         self.closed_here = 0  # descriptors the master had to close itself
 
     def dispose(self, fd: int) -> None:
-        """Close ``fd`` without ever blocking the caller (taken on every path)."""
+        """Close ``fd`` without ever blocking the caller (taken on every path).
+
+        Sent at once, not batched: a descriptor the master still holds when it
+        forks (a classic child, a worker) is inherited, and the child that
+        closes it after the master let go would hold the last reference and
+        block in its stead. Only when the closer is not keeping up do some wait
+        here (the engine then stops accepting unix clients: ``backed_up``).
+        """
         self.pending.append(fd)
-        if len(self.pending) >= MAX_FDS_PER_MESSAGE:
-            self.flush()
+        self.flush()
 
     def backed_up(self) -> bool:
         """Whether the closer is not keeping up (the engine stops accepting unix clients)."""
@@ -80,16 +94,30 @@ class Closer:
                 return
             batch = self.pending[:MAX_FDS_PER_MESSAGE]
             try:
-                sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       array.array("i", batch))], socket.MSG_DONTWAIT)
+                sock.sendmsg([BATCH], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", batch))], socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return  # its queue is full: try again next turn
+                break  # its queue is full: try again next turn
             except OSError:
                 self._lost()  # it died: the next round starts another
                 continue
             del self.pending[:len(batch)]
-            for fd in batch:  # not the last reference: the message in flight holds one
+            for fd in batch:  # not the last reference: the closer holds them until RELEASED
                 os.close(fd)
+            self.owe_release = True
+        self._send_release()
+
+    def _send_release(self) -> None:
+        """Tell the closer the master's copies are closed: it may close its own now."""
+        if not self.owe_release or self.sock is None:
+            return
+        try:
+            self.sock.send(RELEASED, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # its queue is full: the next flush says it
+        except OSError:
+            self._lost()  # gone: it closed everything it held at its exit
+        self.owe_release = False
 
     def child_exited(self, pid: int) -> bool:
         """Whether reaped ``pid`` was the closer (the next ``flush`` starts a new one)."""
@@ -127,6 +155,7 @@ class Closer:
 
     def _lost(self) -> None:
         self.pid = 0
+        self.owe_release = False
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -139,30 +168,35 @@ class Closer:
 
 
 def run_closer(sock: socket.socket) -> int:
-    """The closer's whole life: receive descriptors, close each on its own thread."""
+    """The closer's whole life: receive descriptors, hold them until the master says it
+    has closed its copies (RELEASED) or is gone (EOF), then close each on its own thread."""
     spawn.set_title("poolinetd: closer")
     with contextlib.suppress(KeyError, privileges.PrivilegeError):
         nobody = pwd.getpwnam("nobody")
         privileges.drop(nobody.pw_uid, nobody.pw_gid, ())
     slots = threading.BoundedSemaphore(MAX_THREADS)
     space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+    held: list[int] = []
     while True:
         try:
-            _, anc, _, _ = sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
+            data, anc, _, _ = sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
         except InterruptedError:
             continue
         except OSError:
-            return 0
-        if not anc:
-            return 0  # EOF: the master is gone or done
-        for level, kind, data in anc:
-            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
-                continue
-            fds = array.array("i")
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-            for fd in fds:
-                slots.acquire()
-                threading.Thread(target=_close_one, args=(fd, slots), daemon=True).start()
+            data, anc = b"", []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                held.extend(fds)
+        if data == BATCH:
+            continue
+        for fd in held:  # RELEASED, or EOF: the master holds none of these any more
+            slots.acquire()
+            threading.Thread(target=_close_one, args=(fd, slots), daemon=True).start()
+        held.clear()
+        if not data:
+            return 0  # what is still closing is released by the kernel at this exit
 
 
 def _close_one(fd: int, slots: threading.BoundedSemaphore) -> None:

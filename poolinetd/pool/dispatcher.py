@@ -124,7 +124,7 @@ class PoolDispatcher:
         pool = self.pools[rt]
         pid = pool.pick()
         if pid is None:
-            os.close(fd)
+            self.hooks.release(fd, family)
             return False
         self._queue(self.workers[pid], pool, wire.ConnInfo(iid, family, peer, local), fd)
         return True
@@ -196,7 +196,7 @@ class PoolDispatcher:
         for info, fd in zip(infos, fds, strict=True):
             pid = pool.pick() if pool is not None else None
             if pool is None or pid is None:
-                os.close(fd)
+                self.hooks.release(fd, info.family)
                 self.hooks.lost(info.conn_id)
                 continue
             self._queue(self.workers[pid], pool, info, fd)
