@@ -410,3 +410,25 @@ def test_reload_hands_an_address_to_the_entry_that_replaces_it(serve, tmp_path: 
     server.send_signal(signal.SIGHUP)
     wait_until(lambda: "reloaded added=1 changed=0 removed=1" in server.log(), 10)
     assert _unix_echo(path, socket.SOCK_SEQPACKET, b"as seqpacket") == b"as seqpacket"
+
+
+@pytest.mark.parametrize("mode", ["pool", "classic"])
+def test_operator_signals_sent_to_the_whole_group_leave_children_alone(serve, mode: str) -> None:
+    """`systemctl kill -s USR2` (every process of the unit) or `kill -HUP -PGID` reach the
+    workers and children too: they ignore the master's operator signals instead of dying
+    with their connections."""
+    server = serve("127.0.0.1:0 stream tcp nowait nobody internal echo\n", mode=mode)
+    port = server.port()
+    held = socket.create_connection(("127.0.0.1", port), timeout=10)
+    held.sendall(b"a")
+    assert held.recv(1) == b"a"  # a worker (or a classic child) serves it now
+    children = wait_until(server.workers, 20, "the children")
+    assert isinstance(children, list)
+    for pid in children:
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                    signal.SIGTTOU):
+            os.kill(pid, sig)
+    held.sendall(b"b")
+    assert held.recv(1) == b"b"  # the same process still serves it
+    held.close()
+    assert all(os.path.exists(f"/proc/{pid}") for pid in children)

@@ -14,7 +14,7 @@ blocked; running connections stay counted). The stages, in order:
 
 Each limit: None = no limit, 0 = nothing allowed (spec.Limits). ``max_child``
 and the global caps are backpressure, not refusal: the listener is simply
-not polled (engine.py).
+not polled (engine/loop.py, has_room).
 
 Protocol: ``key = source(ip)``; ``why = check(key, ip, now)``; on "" hand
 over, then ``started(key)``; ``ended(key)`` when the instance ends, with the

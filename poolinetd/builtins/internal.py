@@ -10,7 +10,7 @@ worker's selector (many connections per process); ``serve_blocking`` runs one
 to completion for classic mode. Datagram built-ins are ``answer(name, data,
 now)``, guarded by ``loop_guard`` (the FreeBSD/OpenBSD rule: never answer a
 privileged source port or another built-in's port, which would let two inetds,
-or a spoofed packet, ping-pong forever); ``dgramserve.DgramResponder`` drives
+or a spoofed packet, ping-pong forever); ``builtins.dgram.DgramResponder`` drives
 them on a socket.
 
 Fairness: every ``step()`` does a bounded amount of work (at most

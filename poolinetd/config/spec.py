@@ -102,7 +102,7 @@ class Limits:
     ``unlimited`` names the limits written as "no limit" explicitly. In a raw
     ServiceSpec and in ``defaults`` it tells "lifted" from "not written", so a
     lifted limit is not filled in from ``defaults`` or by the safe default
-    (``max_child_per_ip``, see resolve.py); in a resolved Service it is kept
+    (``max_child_per_ip``, see config/settings.py); in a resolved Service it is kept
     for display. Its value is never None where its name is in ``unlimited``.
     """
 
@@ -164,7 +164,7 @@ class Options:
     limits: Limits = field(default_factory=Limits)  # defaults/command line only
 
 
-# Built-in defaults (documented in README). Command-line flags override them.
+# Built-in defaults (documented in docs/configuration.md). Command-line flags override them.
 DEFAULT_POOL_MIN = 1
 # Launching a program blocks its worker for the exec (posix_spawn is vfork-like),
 # so a program service keeps two workers ready and spreads launches over them.
@@ -175,7 +175,7 @@ DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
 # Connections a program service's worker may have queued but not yet launched
 # (see PoolSettings.launch_depth). 2: one being launched and the next already
 # there, so the worker does not wait a round trip to the master between two
-# launches; more queue behind one slow posix_spawn (README, Benchmarks).
+# launches; more queue behind one slow posix_spawn (benchmarks/README.md).
 PROGRAM_LAUNCH_DEPTH = 2
 DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -186,7 +186,7 @@ DEFAULT_SOURCE_V4_PREFIX = 32  # per-source limits count each IPv4 address ...
 # could take a whole service (issue 21). systemd and others group by /64 too.
 DEFAULT_SOURCE_V6_PREFIX = 64
 # Safe default: without a per-source concurrency limit written anywhere, one source
-# may hold at most 1/SAFE_SHARE of a connection service's capacity (resolve.py).
+# may hold at most 1/SAFE_SHARE of a connection service's capacity (config/settings.py).
 SAFE_SHARE = 4
 
 

@@ -70,17 +70,26 @@ class SignalPipe:
         self._writer.close()
 
 
+# The master's operator signals (reload, log reopen, upgrade, pool resize): sent to
+# the whole process group or unit (``kill -USR2 -PGID``, ``systemctl kill``, whose
+# default is every process), they are the master's business; a forked child that
+# died of one would drop its connections. Programs get them back at their default
+# disposition (spawn._DEFAULT_SIGNALS).
+MASTER_ONLY = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+
+
 def reset_in_child() -> None:
     """In a freshly forked child: default dispositions, no wakeup fd.
 
     The child must not write into the master's wakeup pipe, and must not
     inherit the master's no-op handlers (a worker that ignored SIGTERM could
-    not be stopped).
+    not be stopped). The master's operator signals are ignored (MASTER_ONLY).
     """
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-                signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGALRM):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
+    for sig in MASTER_ONLY:
+        signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 

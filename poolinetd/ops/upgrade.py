@@ -11,7 +11,7 @@ and metrics sockets and the write end of a pipe (``poolinetd-ready``), on
 which the new master writes its ready line once its own pools are ready.
 Until then the old master serves as before: both accept from the same
 sockets, so nothing is refused. Then the old master stops accepting and
-drains (engine.py). If the new master exits, closes the pipe without a
+drains (engine/upgrading.py). If the new master exits, closes the pipe without a
 line, or is not ready within ``TIMEOUT``, the upgrade has failed: the old
 master keeps serving and says why.
 

@@ -48,7 +48,7 @@ from poolinetd.builtins import internal
 from poolinetd.builtins.dgram import DgramResponder as DgramResponder
 from poolinetd.config.spec import Service, SocketType, StderrRoute
 from poolinetd.launch import program, spawn
-from poolinetd.launch.signals import SignalPipe
+from poolinetd.launch.signals import MASTER_ONLY, SignalPipe
 from poolinetd.observe import log, stagetrace
 from poolinetd.pool import wire
 from poolinetd.pool.poller import Poller
@@ -163,8 +163,7 @@ class Worker:
         """
         self.sigpipe = SignalPipe()
         self.sigpipe.install([signal.SIGTERM])
-        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN,
-                    signal.SIGTTOU):
+        for sig in (signal.SIGINT, signal.SIGQUIT, *MASTER_ONLY):
             signal.signal(sig, signal.SIG_IGN)
         self.poller.register(self.sigpipe.reader.fileno(), internal.Want.READ, self.sigpipe)
 
