@@ -1,4 +1,6 @@
-"""Command line: ``poolinetd [run]``, ``check``, ``status``, ``reload``. The only module that exits.
+"""Command line: ``poolinetd [run]``, ``check``, ``status``, ``reload``, ``metrics``, ``upgrade``.
+
+The only module that exits.
 
 Touches the OS: reads files, opens listeners, writes the pidfile, runs the
 master. Exit codes follow sysexits: 0 ok, 64 usage, 69 nothing to serve or
@@ -93,11 +95,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="inetd.conf to serve (default: a built-in localhost config)")
     run.add_argument("--mode", choices=("pool", "classic"), default="pool",
                      help="pool: pre-forked workers (default); classic: fork per connection")
-    run.add_argument("--pidfile", metavar="FILE")
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--pidfile", metavar="FILE",
+                     help="write the master's pid here (locked; removed at a clean stop)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="one event per line: key=value text (default) or JSON")
     run.add_argument("--log-file", metavar="FILE",
                      help="log here instead of stderr (SIGUSR1 reopens)")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                     help="the lowest level logged (default info)")
     run.add_argument("--log-connections", action="store_true",
                      help="one info line per connection (service, peer, pid, status, duration)")
     run.add_argument("--ready-fd", type=int, metavar="N",
@@ -116,30 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="poolinetd",
         description="An inetd that serves inetd.conf from pools of pre-forked workers.",
-        epilog="Commands: run (default), check, status, reload. 'poolinetd COMMAND -h' for each.")
+        epilog="Commands: run (default), check, status, reload, metrics, upgrade. "
+               "'poolinetd COMMAND -h' for each.")
     parser.add_argument("--version", action="version", version=f"poolinetd {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     _add_run_options(sub.add_parser("run", help="serve (the default command)"))
 
     chk = sub.add_parser("check", help="check a config file; exit 78 on any error")
-    chk.add_argument("-c", "--conf", metavar="FILE", default=DEFAULT_CONF)
+    chk.add_argument("-c", "--conf", metavar="FILE", default=DEFAULT_CONF,
+                     help=f"the config to check (default {DEFAULT_CONF})")
     chk.add_argument("--json", action="store_true", help="print the resolved services as JSON")
     _add_pool_options(chk)
 
     status = sub.add_parser("status", help="show the running master's pools and counters")
-    status.add_argument("--control", metavar="PATH")
-    status.add_argument("--json", action="store_true")
-
+    status.add_argument("--json", action="store_true",
+                        help="the whole status document as JSON")
     rel = sub.add_parser("reload", help="make the running master re-read its config")
-    rel.add_argument("--control", metavar="PATH")
-
     met = sub.add_parser("metrics", help="print the running master's Prometheus metrics")
-    met.add_argument("--control", metavar="PATH")
-
     upg = sub.add_parser("upgrade", help="start a new master from the installed poolinetd on "
                                          "the same sockets; the old one drains and exits")
-    upg.add_argument("--control", metavar="PATH")
+    for client in (status, rel, met, upg):
+        client.add_argument("--control", metavar="PATH",
+                            help="the master's control socket (default: as run's --control)")
     return parser
 
 

@@ -11,8 +11,10 @@ real fallback for a service that must not share a long-lived process.
 * wait: the child gets the listening (or bound datagram) socket on fd 0;
   the engine stops polling it until that child exits, as inetd does.
 * datagram built-ins: a child drops privileges and answers what is queued,
-  then exits (the engine polls again). The master never answers a client
-  itself: a reply must never carry more privilege than the service's user.
+  then exits (the engine polls again): a datagram reply must never carry
+  more privilege than the service's user. (daytime and time over a
+  connection are answered by the engine itself in both modes, before any
+  dispatcher: a fixed reply of a few bytes, see docs/security.md.)
 
 fd ownership: a child gets its own copy of the connection or listener by
 fork and keeps only that and the log; the engine's copies stay the engine's.

@@ -1,7 +1,9 @@
-"""The control socket: ``poolinetd status`` and ``poolinetd reload`` talk to the master here.
+"""The control socket: ``poolinetd status``, ``reload``, ``metrics`` and ``upgrade`` talk
+to the master here.
 
 Touches the OS: a Unix stream socket (mode 0600, owner only). Protocol: the
-client sends one line (``status`` or ``reload``), the master answers one
+client sends one line (``status``, ``reload``, ``metrics`` or ``upgrade``),
+the master answers one
 JSON document (orjson) and closes. Every connection is non-blocking and has
 a deadline, so no client can block or pin the master.
 """
