@@ -36,7 +36,8 @@ class Ledger:
     """
 
     def __init__(self, caps: Caps, on_cap_freed: Callable[[], None]) -> None:
-        self.caps = caps
+        self._caps = caps
+        self._uncapped = caps == NO_CAPS
         self.instances: dict[int, Instance] = {}
         self.active = 0  # connections and programs, all services (the global caps count these)
         self.active_programs = 0
@@ -63,6 +64,15 @@ class Ledger:
             inst.rt.programs -= 1
         return inst
 
+    @property
+    def caps(self) -> Caps:
+        return self._caps
+
+    @caps.setter
+    def caps(self, caps: Caps) -> None:
+        self._caps = caps
+        self._uncapped = caps == NO_CAPS  # the common case, checked per connection
+
     def program_started(self, iid: int, pid: int) -> None:
         """Instance ``iid`` is served by program ``pid`` (counted once)."""
         inst = self.instances.get(iid)
@@ -72,9 +82,9 @@ class Ledger:
 
     def below_caps(self, rt: ServiceRuntime) -> bool:
         """Whether one more instance of ``rt`` fits under the global caps."""
-        if not rt.counts_active:
+        if self._uncapped or not rt.counts_active:
             return True
-        caps = self.caps
+        caps = self._caps
         if caps.max_connections is not None and self.active >= caps.max_connections:
             return False
         return not (caps.max_programs is not None and rt.is_program
@@ -83,7 +93,7 @@ class Ledger:
     def _count(self, rt: ServiceRuntime, delta: int) -> None:
         if not rt.counts_active:
             return  # a datagram built-in's loan is not a connection
-        caps = self.caps
+        caps = self._caps
         before = self.active
         self.active += delta
         at_cap = caps.max_connections is not None and before >= caps.max_connections

@@ -139,6 +139,7 @@ class Engine:
         dispatcher.attach(self)
         for service, socks in services:
             self.table.add(service, socks)
+        self.table.index()
 
     # -- what the parts and the dispatcher see ---------------------------------------
     @property
@@ -296,7 +297,7 @@ class Engine:
             return False
         if not self.ledger.below_caps(rt):
             return False
-        if rt.service.spec.protocol.is_unix and self.closer.backed_up():
+        if rt.is_unix and self.closer.backed_up():
             return False  # closing what unix clients passed is not keeping up: they wait
         # A full preamble stage does not stop accepting: a newcomer from a light
         # source takes the place of the heaviest source's oldest (PreambleStage.admits).

@@ -113,6 +113,7 @@ class ServiceRuntime:
     engine_served: bool = False  # no dispatcher behind it (tcpmux, or an engine reply)
     counts_active: bool = field(init=False)
     is_program: bool = field(init=False)
+    is_unix: bool = field(init=False)  # its peers have no address; it may use the closer
     stats: ServiceStats = field(default_factory=ServiceStats)
     last_error: str = ""
     share_cap: InitVar[int | None] = None  # the mode's per-source share (Admission)
@@ -123,6 +124,7 @@ class ServiceRuntime:
         # loan is not a connection), and as programs; fixed per generation.
         self.counts_active = not (self.lends and self.service.internal is not None)
         self.is_program = self.service.program is not None
+        self.is_unix = self.service.spec.protocol.is_unix
 
     @property
     def name(self) -> str:

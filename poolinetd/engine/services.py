@@ -52,7 +52,9 @@ class ServiceTable:
         self.internal_ports: frozenset[int] = frozenset()
 
     def add(self, service: Service, socks: Iterable[socket.socket]) -> ServiceRuntime:
-        """A new generation of ``service`` on ``socks`` (taken: the table owns them now)."""
+        """A new generation of ``service`` on ``socks`` (taken: the table owns them now).
+
+        Call ``index`` after the last ``add`` of a batch (start, reload)."""
         rt = ServiceRuntime(service, share_cap=self.dispatcher.source_share_cap)
         if self.preambles is not None:
             rt.preamble = self.preambles(service)
@@ -68,8 +70,7 @@ class ServiceTable:
         if not rt.engine_served:
             self.dispatcher.add(rt)
         self.dirty.add(rt)
-        self.index()
-        return rt
+        return rt  # the caller calls ``index`` once it has added them all (O(n), not O(n^2))
 
     def index(self) -> None:
         """Re-derive what depends on the set of live generations (after add, reload)."""
