@@ -198,14 +198,20 @@ def worker_text(value: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", safe_text(value))
 
 
+# The JSON formatter's own keys, which a line's fields would override: a worker's
+# fields may not (its line would say another event, level or time).
+_OWN_KEYS = frozenset({"ts", "level", "event"})
+
+
 def reemit(level: Level, name: str, pid: int, fields: dict[str, Any]) -> None:
     """Write a line a worker sent as if the worker had written it: the text form's
     bracketed pid and JSON's ``pid`` are the worker's. The caller has checked the
-    name, the level and the keys; text values are passed through ``worker_text``."""
+    name, the level and the keys; text values are passed through ``worker_text``;
+    fields named like the JSON formatter's own keys (``_OWN_KEYS``) are dropped."""
     if not LOGGER.isEnabledFor(level):
         return
     clean = {key: worker_text(value) if isinstance(value, str) else value
-             for key, value in fields.items()}
+             for key, value in fields.items() if key not in _OWN_KEYS}
     record = LOGGER.makeRecord(LOGGER.name, level, "(worker)", 0, name, (), None,
                                extra={"fields": clean})
     record.process = pid
