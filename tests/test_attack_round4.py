@@ -7,12 +7,14 @@ does (``pidfd_getfd`` of the worker's own descriptors).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 
 import orjson
 import pytest
-from conftest import IS_ROOT, TEST_USER, wait_until
-from test_attack_worker import steal_upward, worker_of
+from conftest import IS_ROOT, TEST_USER, tcp_exchange, udp_exchange, wait_until
+from test_attack_worker import steal_fd, steal_upward, worker_fds, worker_of
 
 from poolinetd.pool import wire
 
@@ -48,3 +50,104 @@ def test_a_worker_log_line_cannot_override_the_json_event_level_or_time(serve) -
     assert doc["service"] == "echo:0/tcp"
     assert not any(orjson.loads(line).get("event") == "stopped"
                    for line in server.log().splitlines() if line.startswith("{"))
+
+
+# -- a lent datagram socket left shared-bindable (SO_REUSEADDR) --------------------------------
+
+
+@pytest.mark.root
+@needs_root
+def test_a_lent_datagram_socket_left_reusable_is_replaced(serve) -> None:
+    """A taken-over datagram worker sets SO_REUSEADDR on its lent socket and dies. Any
+    local user (any uid: only SO_REUSEPORT checks the owner) can then bind the same
+    address with SO_REUSEADDR too, and the kernel gives it the service's datagrams.
+    Before the fix the master lent the same socket on (the tamper check saw nothing)
+    and the thief got the echo's datagrams; now it serves on a fresh socket, which the
+    thief's bind cannot share."""
+    server = serve(f"127.0.0.1:0 dgram udp wait {TEST_USER} internal echo\n")
+    port = server.port(0)
+
+    assert udp_exchange(port, b"one") == b"one"
+    pid = wait_until(lambda: next(iter(server.workers()), None), 5, "the dgram worker")
+    assert isinstance(pid, int)
+    lent = None
+    for fd, target in worker_fds(pid).items():
+        if not target.startswith("socket:"):
+            continue
+        sock = socket.socket(fileno=steal_fd(pid, fd))
+        if sock.type == socket.SOCK_DGRAM and sock.family == socket.AF_INET:
+            lent = sock
+            break
+        sock.close()
+    assert lent is not None
+    with lent:
+        lent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    os.kill(pid, 9)
+    wait_until(lambda: pid not in server.workers(), 5, "the worker gone")
+    # The loan ends when the master sees the worker go; the next datagram lends it again.
+    wait_until(lambda: udp_exchange(port, b"probe", timeout=0.5) == b"probe", 10,
+               "served again")
+    thief = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with thief:
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            thief.bind(("127.0.0.1", port))
+        except OSError:
+            stolen = False  # the fresh socket cannot be shared: the attack fails here
+        else:
+            thief.settimeout(0.5)
+            for _ in range(5):
+                udp_exchange(port, b"mine?", timeout=0.3)
+            try:
+                thief.recvfrom(100)
+                stolen = True
+            except TimeoutError:
+                stolen = False
+        assert not stolen
+    assert udp_exchange(port, b"two") == b"two"
+
+
+# -- a wait program shuts its lent listener down -------------------------------------------
+
+
+@pytest.mark.root
+@needs_root
+def test_a_lent_listener_shut_down_by_a_wait_program_is_replaced(serve, public_dir) -> None:
+    """A ``wait`` program gets the service's very listener on fd 0. The first one run
+    here shuts it down (``shutdown(SHUT_RD)`` on a listening TCP socket stops it
+    listening: clients get a reset) and exits. Before the fix the master kept that
+    dead socket (the tamper check looked only for filters and connected datagram
+    sockets): the service refused every client while status said serving. Now the
+    master sees it no longer listens and serves on a fresh socket."""
+    marks = public_dir / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)
+    script = public_dir / "shut.py"
+    script.write_text(
+        "#!/usr/bin/python3\n"
+        "import os, socket\n"
+        "lst = socket.socket(fileno=0)\n"
+        f"mark = {str(marks / 'done')!r}\n"
+        "if not os.path.exists(mark):\n"
+        "    open(mark, 'w').close()\n"
+        "    lst.shutdown(socket.SHUT_RD)\n"
+        "    raise SystemExit(0)\n"
+        "conn, _ = lst.accept()\n"
+        "conn.sendall(b'served\\n')\n"
+        "conn.close()\n")
+    script.chmod(0o755)
+    server = serve(f"127.0.0.1:0 stream tcp wait {TEST_USER} {script} shut\n")
+    port = server.port(0)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as first:
+        first.settimeout(5)
+        with contextlib.suppress(OSError):  # program 1 shuts the listener down: reset
+            first.recv(10)
+    wait_until(lambda: (marks / "done").exists(), 5, "the first program ran")
+
+    def served() -> bool:
+        try:
+            return tcp_exchange(port, b"", timeout=2) == b"served\n"
+        except OSError:
+            return False
+    wait_until(served, 10, "a client served after the listener was shut down")
+    assert "lent_socket_tampered" in server.log()

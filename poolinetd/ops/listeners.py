@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -229,8 +230,11 @@ def tampered(sock: socket.socket) -> str:
     A worker or a ``wait`` program holds the very socket the master keeps: a
     socket filter it attached (and locked: not even root can detach it) drops
     every datagram or connection for its successors; a datagram socket it
-    connected receives from one peer only. Neither can be undone, only
-    replaced by a fresh socket (``open_endpoint``).
+    connected receives from one peer only; a listener it shut down no longer
+    listens (a datagram socket shut for reading reads nothing); a datagram
+    socket it gave SO_REUSEADDR can be bound again, by any local user, who is
+    then given the service's datagrams. None can be undone, only replaced by a
+    fresh socket (``open_endpoint``).
     """
     try:
         if sock.getsockopt(socket.SOL_SOCKET, _SO_GET_FILTER, 1024):
@@ -239,13 +243,26 @@ def tampered(sock: socket.socket) -> str:
             return "its socket filter was locked"
     except OSError:
         pass  # a kernel without these options has no such state either
-    if sock.type == socket.SOCK_DGRAM:
-        try:
-            sock.getpeername()
+    if sock.type != socket.SOCK_DGRAM:
+        try:  # shutdown(SHUT_RD) on a listening TCP socket stops it listening for good
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
         except OSError:
             return ""
-        return "it was connected to one peer"
-    return ""
+        return "" if listening else "it no longer listens (shut down)"
+    # Datagram sockets are bound without SO_REUSEADDR (open_endpoint): with it, any
+    # local user could bind the same address and be given the service's datagrams.
+    if sock.family != socket.AF_UNIX and sock.getsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_REUSEADDR):
+        return "SO_REUSEADDR was set on it (another user could bind its address)"
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    if any(events & select.POLLRDHUP for _, events in poller.poll(0)):
+        return "it was shut down for reading"
+    try:
+        sock.getpeername()
+    except OSError:
+        return ""
+    return "it was connected to one peer"
 
 
 def close_listener(sock: socket.socket) -> None:
