@@ -126,6 +126,7 @@ class AcceptStage:
                               pause=EMFILE_PAUSE)
                     break
                 continue  # ECONNABORTED, EPROTO...: that client is gone, the next one is not
+            # (one call per connection: its admission, routing and delivery)
             if not self._accepted(lst, fd, family, addr if isinstance(addr, tuple) else None,
                                   now) and rt.admission.looping:
                 break
@@ -153,8 +154,10 @@ class AcceptStage:
             return False
         if rt.preamble is not None:
             self.preambles.begin(lst, fd, family, peer, key, now)
+        elif rt.reply is not None:  # (``_deliver``, inlined: this is the hot path)
+            self._answer(rt, fd, family, peer, now)
         else:
-            self._deliver(rt, fd, family, key, peer, now, None)
+            self._hand_off(rt, fd, family, key, wire_peer(peer), now, "")
         return True
 
     def _deliver(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
@@ -206,7 +209,11 @@ class AcceptStage:
         except OSError:
             pass  # reset, or no room: the reply is dropped, the connection closed
         finally:
-            self.release(sock)
+            # ``family`` is known: sock.family would build an enum per connection.
+            if family == socket.AF_UNIX:
+                self.dispose(sock.detach())  # a client may have passed fds on it
+            else:
+                sock.close()
         stats = rt.stats
         stats.accepted += 1
         stats.builtin_bytes_out += sent
