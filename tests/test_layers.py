@@ -58,8 +58,8 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 got += [(node.lineno, f"poolinetd.{a.name}") for a in node.names]
             elif node.module.startswith("poolinetd."):
                 # ``from poolinetd.engine import loop`` imports the module poolinetd.engine.loop
-                subs = [a.name for a in node.names
-                        if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()]
+                where = PACKAGE.parent / node.module.replace(".", "/")
+                subs = [a.name for a in node.names if (where / f"{a.name}.py").exists()]
                 got += [(node.lineno, f"{node.module}.{sub}") for sub in subs] or [
                     (node.lineno, node.module)]
         elif isinstance(node, ast.Import):
@@ -110,7 +110,7 @@ def test_no_import_cycle_between_modules() -> None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = [*stack[stack.index(nxt):], nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
