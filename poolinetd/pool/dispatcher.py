@@ -46,7 +46,7 @@ from poolinetd.engine.dispatch import Hooks
 from poolinetd.engine.runtime import Listener, ServiceRuntime
 from poolinetd.launch.system import System
 from poolinetd.observe import log, stagetrace
-from poolinetd.pool import wire, worker
+from poolinetd.pool import wire, worker, worker_log
 from poolinetd.pool.bookkeeping import Pool, WorkerState
 from poolinetd.pool.handles import (
     STALL_CHECK,
@@ -302,7 +302,7 @@ class PoolDispatcher:
             elif msg.kind == wire.STATS:
                 _add_stats(rt, msg)
             elif msg.kind == wire.LOG:
-                self._worker_log(handle, msg, now)
+                worker_log.reemit(handle, msg, now)
             elif msg.kind == wire.BOOT_FAILED:
                 # Shown by status in root's terminal: no escape sequences, bounded.
                 handle.boot_error = log.worker_text(msg.text[:BOOT_ERROR_MAX])
@@ -318,7 +318,7 @@ class PoolDispatcher:
         if released and pool is not None:
             pool.release(handle.pid, released, now)
             self.hooks.wake_at(now + pool.settings.idle_timeout)  # it may now be surplus
-        self._tell_log_drops(handle, now)
+        worker_log.tell_drops(handle, now)
         if error and handle.open:
             log.error("wire_error", service=rt.name, pid=handle.pid, error=error)
             if handle.phase is not Phase.KILLED:
@@ -327,33 +327,6 @@ class PoolDispatcher:
         if handle.phase is Phase.STOP_QUEUED:
             self._send_stop(handle)  # its queue had no room for the STOP: try again
         self.hooks.refresh(rt)
-
-    def _worker_log(self, handle: WorkerHandle, msg: wire.Message, now: float) -> None:
-        """Write one of the worker's own lines, as the worker: only events a worker logs,
-        ``service`` (and, but for program_exit, ``pid``) set by the master, text made
-        safe (``log.worker_text``), within its budget (``WorkerHandle.may_log``)."""
-        if msg.text not in worker.LOGGED_EVENTS:
-            handle.log_dropped += 1
-            return
-        if not handle.may_log(now):
-            return
-        said = dict(msg.fields)
-        # ``pid`` is the worker's own, but program_exit's names its program (reaped by
-        # that worker); the text form's bracketed pid always says who wrote it.
-        pid = said.get("pid") if msg.text == "program_exit" else handle.pid
-        fields: dict[str, object] = {"service": handle.rt.name, "pid": pid}
-        fields.update((k, v) for k, v in said.items() if k not in fields)
-        log.reemit(log.Level(msg.level), msg.text, handle.pid, fields)
-
-    def _tell_log_drops(self, handle: WorkerHandle, now: float, final: bool = False) -> None:
-        """worker_log_dropped, at most once per LOG_DROP_REPORT per worker (and when it is
-        gone, for what was still untold)."""
-        if final:
-            handle.log_drop_told = float("-inf")
-        dropped = handle.log_drops_due(now)
-        if dropped:
-            log.warning("worker_log_dropped", service=handle.rt.name, pid=handle.pid,
-                        lines=dropped)
 
     def _done(self, handle: WorkerHandle, pool: Pool | None, ids: tuple[int, ...]) -> int:
         """End the instances a DONE names that really are ``handle``'s; how many it ended."""
@@ -414,7 +387,7 @@ class PoolDispatcher:
         """The channel hit EOF (the worker exited or crashed). Safe to call twice."""
         if not handle.close_channel(self.hooks.unwatch):
             return
-        self._tell_log_drops(handle, self.system.clock(), final=True)
+        worker_log.tell_drops(handle, self.system.clock(), final=True)
         unsent, unsent_fds = handle.take_outbox()  # never reached it
         for info in unsent:
             self.instances.forget(info.conn_id)
