@@ -7,9 +7,12 @@ does (``pidfd_getfd`` of the worker's own descriptors).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
+import struct
+import time
 
 import orjson
 import pytest
@@ -151,3 +154,65 @@ def test_a_lent_listener_shut_down_by_a_wait_program_is_replaced(serve, public_d
             return False
     wait_until(served, 10, "a client served after the listener was shut down")
     assert "lent_socket_tampered" in server.log()
+
+
+# -- a local user freezes the master through the preamble stage's own reads -----------------
+
+
+def _lingering_tcp(listeners: list[socket.socket], seconds: int) -> socket.socket:
+    """A TCP socket whose last close waits ``seconds`` (unsent data its peer never takes)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listeners.append(listener)
+    tcp = socket.socket()
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tcp.connect(listener.getsockname())
+    tcp.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            tcp.send(b"x" * 65536)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
+    return tcp
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("header", [b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello",
+                                    b"PROXY TCP4 "], ids=["complete", "partial"])
+def test_preamble_bytes_carrying_descriptors_never_freeze_the_master(
+        serve, tmp_path, header: bytes) -> None:
+    """The preamble stage reads (consumes) a unix client's PROXY header itself. The
+    descriptors attached to those bytes (SCM_RIGHTS) are then detached in the reader:
+    recv() without room for them releases them in the root master, and a TCP socket
+    with a linger time makes that release wait it out. Before the fix one connection
+    froze the master, and every service, for the linger time (20 s: a TCP echo took
+    about 20 s); the refusal path (test_attack_unix_fds) never read the bytes. Now
+    such bytes are read with room for the descriptors, which go to the closer, and the
+    client is refused."""
+    unix = str(tmp_path / "proxied.sock")
+    server = serve(f"{unix} on socktype=stream, protocol=unix, user={TEST_USER}, "
+                   "args=echo, proxy_protocol=yes;\n"
+                   f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n")
+    echo = server.port(1)
+    listeners: list[socket.socket] = []
+    try:
+        delays = []
+        for _ in range(2):
+            tcp = _lingering_tcp(listeners, 20)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(10)
+            client.connect(unix)
+            client.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [tcp.fileno()]))])
+            tcp.close()  # the message's reference is the last one
+            time.sleep(0.3)  # the master reads the header
+            began = time.monotonic()
+            assert tcp_exchange(echo, b"ping", timeout=30) == b"ping"
+            delays.append(time.monotonic() - began)
+            client.close()
+        assert max(delays) < 3.0, delays
+    finally:
+        for listener in listeners:
+            listener.close()

@@ -90,7 +90,7 @@ class AcceptStage:
         self.clock = clock
         self.log_connections = log_connections
         self.preambles = PreambleStage(sel, table, refusals, clock, self._route, self._deliver,
-                                       self.release)
+                                       self.release, dispose)
 
     def on_listener(self, lst: Listener) -> None:
         """``lst`` is readable: accept a batch, or lend it."""

@@ -14,13 +14,17 @@ exactly the rest of the preamble is read and the connection is delivered.
 
 fd ownership: a connection in the stage is owned here (``Pending.sock``)
 until it is refused or timed out (released here: ``release``) or delivered
-(detached and given to ``deliver``, which takes it on every path).
+(detached and given to ``deliver``, which takes it on every path). Descriptors
+a unix client attached to its preamble bytes are received when those bytes are
+read and go to the closer at once (``take``).
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
+import errno
 import selectors
 import socket
 from collections.abc import Callable, Hashable
@@ -37,6 +41,9 @@ Peer = tuple[str, int] | None
 Route = Callable[[Pending, pre.Proceed, Peer], tuple[ServiceRuntime, Hashable] | None]
 # deliver(rt, fd, family, key, peer, accepted_at, local): takes fd on every path.
 Deliver = Callable[[ServiceRuntime, int, int, Hashable, Peer, float, Peer], None]
+# Room for every descriptor one unix message can carry (SCM_MAX_FD): none is left for
+# the kernel to release in the master (see ``PreambleStage.take``).
+_FDS_SPACE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 
 
 class PreambleStage:
@@ -44,11 +51,14 @@ class PreambleStage:
 
     def __init__(self, sel: selectors.BaseSelector, table: ServiceTable, refusals: Refusals,
                  clock: Callable[[], float], route: Route, deliver: Deliver,
-                 release: Callable[[socket.socket], None]) -> None:
-        """``release(sock)`` closes a connection the stage is done with (never blocking:
-        a unix one goes to the closer, launch/closer.py)."""
+                 release: Callable[[socket.socket], None],
+                 dispose: Callable[[int], None]) -> None:
+        """``release(sock)`` closes a connection the stage is done with, ``dispose(fd)``
+        any descriptor (both never blocking: a unix one goes to the closer,
+        launch/closer.py)."""
         self.sel = sel
         self.release = release
+        self.dispose = dispose
         self.table = table
         self.refusals = refusals
         self.clock = clock
@@ -130,7 +140,7 @@ class PreambleStage:
             self.drop(item, "preamble_incomplete")
             return
         try:
-            item.got += item.sock.recv(len(data), socket.MSG_DONTWAIT)
+            item.got += self.take(item.sock, len(data))
         except OSError:
             self.drop(item, "preamble_reset")
 
@@ -139,7 +149,7 @@ class PreambleStage:
             with contextlib.suppress(OSError):
                 # Read what was peeked first: closing with unread bytes would send a
                 # reset, which can destroy the reply before the client reads it.
-                item.sock.recv(peeked, socket.MSG_DONTWAIT)
+                self.take(item.sock, peeked)
                 item.sock.send(result.reply, socket.MSG_DONTWAIT)  # best-effort
         if result.reason in readers.ANSWERED:  # e.g. tcpmux HELP: served, not refused
             self.forget(item)
@@ -158,7 +168,7 @@ class PreambleStage:
         # Consume exactly the rest of the preamble: it was peeked, so recv returns all of it.
         need = max(0, result.consumed - len(item.got))
         try:
-            got = item.sock.recv(need, socket.MSG_DONTWAIT) if need else b""
+            got = self.take(item.sock, need) if need else b""
             if len(got) == need and result.reply:
                 item.sock.send(result.reply, socket.MSG_DONTWAIT)
         except OSError:
@@ -172,6 +182,32 @@ class PreambleStage:
         fd = item.sock.detach()
         self.deliver(rt, fd, item.sock.family, key, peer, item.deadline - pre.DEADLINE,
                      result.local)
+
+    def take(self, sock: socket.socket, size: int) -> bytes:
+        """Read (consume) up to ``size`` bytes of preamble off ``sock``, never blocking.
+
+        On a unix connection the bytes may carry descriptors (SCM_RIGHTS). Reading
+        them without room would make the kernel release those descriptors here, in
+        the root master, and one with a linger time blocks that release (a TCP
+        socket with SO_LINGER and unsent data): so they are received, handed to the
+        closer, and OSError is raised (a client that sends descriptors with its
+        preamble is refused).
+        """
+        if sock.family != socket.AF_UNIX:
+            return sock.recv(size, socket.MSG_DONTWAIT)
+        data, anc, flags, _ = sock.recvmsg(size, _FDS_SPACE,
+                                           socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        passed = False
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    self.dispose(fd)
+                passed = True
+        if passed or flags & socket.MSG_CTRUNC:
+            raise OSError(errno.EBADMSG, "descriptors passed with the preamble")
+        return data
 
     def forget(self, item: Pending) -> None:
         """Take ``item`` out of the stage (its socket stays open: the caller's now)."""
