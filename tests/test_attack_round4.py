@@ -216,3 +216,35 @@ def test_preamble_bytes_carrying_descriptors_never_freeze_the_master(
     finally:
         for listener in listeners:
             listener.close()
+
+
+@pytest.mark.root
+@needs_root
+def test_a_refused_unix_datagram_carrying_a_descriptor_never_freezes_the_master(
+        serve, tmp_path) -> None:
+    """The master judges the datagram that would start a datagram ``wait`` program and
+    drops a refused one by reading it. On a unix datagram socket that read, without
+    room for the descriptors the datagram carries, released them in the root master:
+    a lingering TCP socket froze every service (before the fix a TCP echo took about
+    20 s). The first datagram starts /bin/true, which leaves it unread; the next
+    start is over max_spawn_per_min, so the master drops it."""
+    unix = str(tmp_path / "dgram.sock")
+    server = serve(f"{unix} dgram unix wait.1 {TEST_USER} /bin/true true\n"
+                   f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n")
+    os.chmod(unix, 0o666)
+    echo = server.port(1)
+    listeners: list[socket.socket] = []
+    try:
+        tcp = _lingering_tcp(listeners, 20)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     array.array("i", [tcp.fileno()]))], 0, unix)
+        tcp.close()
+        time.sleep(1.0)  # /bin/true runs and exits; the master judges the datagram again
+        began = time.monotonic()
+        assert tcp_exchange(echo, b"ping", timeout=30) == b"ping"
+        assert time.monotonic() - began < 3.0
+        wait_until(lambda: "service_looping" in server.log(), 5, "the datagram refused")
+    finally:
+        for listener in listeners:
+            listener.close()

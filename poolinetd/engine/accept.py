@@ -30,6 +30,7 @@ listener stays the service table's.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
@@ -58,6 +59,8 @@ ACCEPT_BATCH_PROGRAM = 4
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 DGRAM_JUDGE_BATCH = 64  # datagrams judged (and refused) per event before other work runs
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Room for every descriptor one unix datagram can carry (SCM_MAX_FD): see _drop_datagram.
+_FDS_SPACE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 
 
 class Host(Protocol):
@@ -341,8 +344,7 @@ class AcceptStage:
                 why = rt.admission.check(key, ip, now)
             if not why:
                 return key
-            with contextlib.suppress(OSError):
-                lst.sock.recv(1, socket.MSG_DONTWAIT)  # drop it, unanswered
+            self._drop_datagram(lst.sock)
             if builtin:
                 self.refusals.dgram_refused(rt, addr, why, now)
                 continue
@@ -350,6 +352,26 @@ class AcceptStage:
             if rt.admission.looping:
                 return None
         return None
+
+    def _drop_datagram(self, sock: socket.socket) -> None:
+        """Read and discard the first queued datagram, unanswered, never blocking.
+
+        A unix datagram may carry descriptors (SCM_RIGHTS): read without room
+        for them, the kernel would release them here, in the root master, where
+        one with a linger time blocks. They are received and go to the closer.
+        """
+        with contextlib.suppress(OSError):
+            if sock.family != socket.AF_UNIX:
+                sock.recv(1, socket.MSG_DONTWAIT)
+                return
+            _, anc, _, _ = sock.recvmsg(1, _FDS_SPACE,
+                                        socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    for fd in fds:
+                        self.dispose(fd)
 
 
 def wire_peer(peer: Peer) -> str:
