@@ -49,6 +49,15 @@ PROGRAMS = frozenset(
 )
 
 
+# /etc/rpc as glibc ships it, in part: names and aliases -> program numbers.
+RPC_PROGRAMS = {"rstatd": 100001, "rstat": 100001, "rup": 100001, "rusersd": 100002,
+                "rusers": 100002, "walld": 100008, "rwall": 100008}
+
+
+def _rpcbyname(name: str) -> int:
+    return RPC_PROGRAMS[name]
+
+
 def _servbyname(name: str, proto: str) -> int:
     ports = SERVICES.get(name)
     port = None if ports is None else ports[0 if proto == "tcp" else 1]
@@ -95,4 +104,5 @@ def fake_lookups(*, programs: frozenset[str] | None = None, all_programs: bool =
         getgrouplist=_grouplist,
         getaddrinfo=_addrinfo,
         is_executable=(lambda p: p.startswith("/")) if all_programs else allowed.__contains__,
+        getrpcbyname=_rpcbyname,
     )

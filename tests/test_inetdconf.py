@@ -15,6 +15,7 @@ from poolinetd.config.spec import (
     Options,
     ParsedConfig,
     Protocol,
+    RpcSpec,
     ServiceSpec,
     Severity,
     SocketType,
@@ -175,17 +176,18 @@ def test_every_protocol_parses(proto: Protocol) -> None:
     assert one(f"{service} stream {proto.value} nowait root internal\n").protocol is proto
 
 
-def test_rpc_is_an_error_and_the_rest_loads() -> None:
+def test_rpc_entries_parse_and_a_bad_one_leaves_the_rest() -> None:
     text = (
         "rstatd/1-3 dgram rpc/udp wait root /usr/libexec/rpc.rstatd rpc.rstatd\n"
+        "rstatd/3-1 dgram rpc/udp wait root /usr/libexec/rpc.rstatd rpc.rstatd\n"
         "echo stream tcp nowait root internal\n"
     )
     parsed = parse(text, "t.conf")
-    assert parsed.specs == (ECHO,)
+    assert [(s.service, s.rpc) for s in parsed.specs] == [("rstatd", RpcSpec(1, 3)),
+                                                           ("echo", None)]
     assert [str(d) for d in parsed.errors] == [
-        "t.conf:1: field 3 'rpc/udp': RPC services are not supported "
-        "(remove the entry or serve it with rpcbind and a standalone daemon)"
-    ]
+        "t.conf:2: field 1 'rstatd/3-1': RPC version range '3-1' runs backwards (write 1-3)"
+    ]  # tests/test_rpc_config.py has the rest
 
 
 def test_protocol_suffixes_and_netbsd_buffers() -> None:

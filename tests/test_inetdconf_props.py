@@ -14,6 +14,7 @@ from poolinetd.config.spec import (
     Options,
     ParsedConfig,
     Protocol,
+    RpcSpec,
     ServiceSpec,
     SocketType,
     StderrRoute,
@@ -95,6 +96,7 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
     protocol = draw(st.sampled_from(list(Protocol)))
     unix_perms = None
     tcpmux, plus = None, False
+    rpc = None
     if protocol.is_unix:
         service = "/" + draw(NAME) + draw(st.sampled_from(["", "/x.sock", ":y"]))
         addresses: tuple[str, ...] = ()
@@ -108,13 +110,18 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         addresses = tuple(draw(st.lists(ADDR, max_size=3)))
         if draw(st.integers(0, 9)) == 0:
             service, tcpmux, plus = "tcpmux", draw(NAME), draw(st.booleans())
+        elif draw(st.integers(0, 9)) == 0:  # an RPC entry: PROGRAM/LOW-HIGH ... rpc/PROTO
+            low = draw(st.integers(0, 2**31 - 32))
+            rpc = RpcSpec(low, low + draw(st.integers(0, 31)))
+            service = draw(NAME | st.integers(1, 2**31 - 1).map(str))
     server = draw(st.sampled_from(["internal", "/bin/cat", "/usr/libexec/x d"]))
     if server == "/usr/libexec/x d":
         server = "/usr/libexec/xd"
     user = draw(NAME | st.tuples(NAME, NAME).map(".".join))
     return ServiceSpec(
         service=service,
-        socket_type=draw(st.sampled_from(list(SocketType))),
+        socket_type=(draw(st.sampled_from(list(SocketType))) if rpc is None
+                     else SocketType.DGRAM if protocol.is_udp else SocketType.STREAM),
         protocol=protocol,
         wait=draw(st.booleans()),
         user=user,
@@ -126,6 +133,7 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         limits=draw(LIMITS),
         tcpmux=tcpmux,
         tcpmux_plus=plus,
+        rpc=rpc,
         unix_perms=unix_perms,
         options=_consistent(draw(st.just(Options()) | OPTIONS)),
         enabled=draw(st.booleans() | st.just(True)),
@@ -215,7 +223,7 @@ def test_inserting_comments_and_blank_lines_only_moves_line_numbers(
 
 
 BAD_FIELDS = st.sampled_from(
-    [(2, "streamx"), (3, "tcp7"), (4, "nowait/x"), (5, "root:"), (6, "relative"), (3, "rpc/tcp")]
+    [(2, "streamx"), (3, "tcp7"), (4, "nowait/x"), (5, "root:"), (6, "relative"), (3, "rpc/tcp7")]
 )
 
 

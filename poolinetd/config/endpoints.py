@@ -26,11 +26,11 @@ def transport(spec: ServiceSpec) -> str:
 
 
 def service_port(spec: ServiceSpec, lookups: Lookups) -> int | None:
-    """The port ``spec`` names: 0 for a unix socket, the number written, or its service's
-    port in /etc/services for its protocol; None when that name is unknown (not reported:
-    the caller says what an unknown name means to it)."""
-    if spec.protocol.is_unix:
-        return 0
+    """The port ``spec`` names: 0 for a unix socket or an RPC service, the number written,
+    or its service's port in /etc/services for its protocol; None when that name is unknown
+    (not reported: the caller says what an unknown name means to it)."""
+    if spec.protocol.is_unix or spec.rpc is not None:
+        return 0  # an RPC service binds any free port and tells rpcbind which
     if spec.service.isascii() and spec.service.isdigit():
         return int(spec.service)  # the parser checked the range
     return attempt(lookups.getservbyname, spec.service, transport(spec))

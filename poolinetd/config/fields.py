@@ -12,7 +12,17 @@ import re
 from dataclasses import dataclass, field
 
 from poolinetd.config.report import FileReport, short
-from poolinetd.config.spec import FieldLoc, Limits, Options, Protocol, SocketType, UnixPerms
+from poolinetd.config.spec import (
+    RPC_NUMBER_MAX,
+    RPC_VERSIONS_MAX,
+    FieldLoc,
+    Limits,
+    Options,
+    Protocol,
+    RpcSpec,
+    SocketType,
+    UnixPerms,
+)
 from poolinetd.config.tokens import Tok
 from poolinetd.config.values import INT_MAX, uint
 
@@ -32,6 +42,8 @@ class EntryFields:
     addresses: tuple[str, ...] | None = None  # None = not given: the default address applies
     tcpmux: str | None = None
     tcpmux_plus: bool = False
+    rpc: RpcSpec | None = None  # an RPC entry's versions (field 1 after its '/')
+    rpc_protocol: bool = False  # field 3 was rpc/...: field 1 reads PROGRAM/VERSIONS
     unix_perms: UnixPerms | None = None
     socket_type: SocketType | None = None
     protocol: Protocol | None = None
@@ -113,7 +125,9 @@ class FieldReader:
             # At the last ':', so that BusyBox's ":::svc" is the address "::".
             host, _, name = text.rpartition(":")
             f.addresses = self.address_list(tok, host)
-        if name.startswith("tcpmux/"):
+        if f.rpc_protocol:
+            name = self.rpc_service(tok, name, f)
+        elif name.startswith("tcpmux/"):
             mux = name[len("tcpmux/") :]
             f.tcpmux_plus = mux.startswith("+")
             f.tcpmux = mux[1:] if f.tcpmux_plus else mux
@@ -139,8 +153,8 @@ class FieldReader:
         elif "/" in name:
             self.report.tok_error(
                 tok,
-                "RPC services are not supported",
-                "poolinetd serves tcp, udp and unix services only",
+                "a '/' in the service name is an RPC program and its versions",
+                "write protocol rpc/udp or rpc/tcp for an RPC service",
             )
         elif name[0].isdigit() or name.isdigit():
             port = uint(name)
@@ -208,11 +222,7 @@ class FieldReader:
         """tcp, udp6, unix, ...; ``,sndbuf=N`` and ``/ttcp`` warn, RPC and ``/faith`` fail."""
         f.locs["protocol"] = _loc(tok)
         if text.startswith("rpc/"):
-            self.report.tok_error(
-                tok,
-                "RPC services are not supported",
-                "remove the entry or serve it with rpcbind and a standalone daemon",
-            )
+            self.rpc_transport(tok, text[len("rpc/") :], f)
             return
         base, *bufs = text.split(",")
         for buf in bufs:
@@ -345,3 +355,68 @@ class FieldReader:
             )
             return
         f.server = text
+
+    # -- ONC RPC (rpc/udp, rpc/tcp, ...) --------------------------------------------------
+
+    def rpc_transport(self, tok: Tok, text: str, f: EntryFields) -> None:
+        """What follows ``rpc/`` in field 3: udp, tcp (IPv4), udp6, tcp6, or ``*`` (BSD:
+        every transport of the socket type: one dual-stack socket, see ``rpc_socket``)."""
+        f.rpc_protocol = True
+        if text == "*":
+            f.protocol = Protocol.UDP46  # a stream entry becomes tcp46 in rpc_socket
+            return
+        try:
+            proto = Protocol(text)
+        except ValueError:
+            proto = None
+        if proto is None or proto.is_unix:
+            self.report.tok_error(tok, f"unknown RPC transport {text!r}",
+                                  "write rpc/udp, rpc/tcp, rpc/udp6, rpc/tcp6 or rpc/*")
+            return
+        f.protocol = proto
+
+    def rpc_service(self, tok: Tok, name: str, f: EntryFields) -> str:
+        """``PROGRAM/LOW-HIGH`` or ``PROGRAM/VERSION`` (field 1 of an RPC entry): fills
+        ``f.rpc`` and returns PROGRAM (a name from /etc/rpc or a number, looked up later)."""
+        program, slash, versions = name.partition("/")
+        if not slash or not versions:
+            self.report.tok_error(tok, "an RPC service needs its versions",
+                                  "write PROGRAM/LOW-HIGH or PROGRAM/VERSION, e.g. rstatd/1-5")
+            return program
+        if not program or any(c in program for c in "[],#/\x00") or program.isspace():
+            self.report.tok_error(tok, f"bad RPC program {program!r}",
+                                  "write a name from /etc/rpc or a program number")
+            return program
+        if program.isascii() and program.isdigit():
+            number = uint(program)
+            if number is None or not 0 < number <= RPC_NUMBER_MAX:
+                self.report.tok_error(tok, f"bad RPC program number {program!r}",
+                                      f"a program number is 1 to {RPC_NUMBER_MAX}")
+                return program
+        low_text, dash, high_text = versions.partition("-")
+        low, high = uint(low_text), uint(high_text if dash else low_text)
+        if low is None or high is None or high > RPC_NUMBER_MAX:
+            self.report.tok_error(tok, f"bad RPC version range {versions!r}",
+                                  f"write LOW-HIGH or one version, numbers 0 to {RPC_NUMBER_MAX}")
+        elif low > high:
+            self.report.tok_error(tok, f"RPC version range {versions!r} runs backwards",
+                                  f"write {high}-{low}")
+        elif high - low >= RPC_VERSIONS_MAX:
+            self.report.tok_error(tok, f"RPC version range {versions!r} is too wide",
+                                  f"at most {RPC_VERSIONS_MAX} versions per entry")
+        else:
+            f.rpc = RpcSpec(low, high)
+        return program
+
+    def rpc_socket(self, tok: Tok, f: EntryFields) -> None:
+        """Once the socket type is known (``tok`` = field 2): an RPC service is dgram over
+        udp or stream over tcp; ``rpc/*`` takes the transport from the socket type."""
+        if not f.rpc_protocol or f.socket_type is None or f.protocol is None:
+            return
+        if f.socket_type is SocketType.STREAM and f.protocol is Protocol.UDP46:
+            f.protocol = Protocol.TCP46  # rpc/* on a stream socket
+        want = SocketType.DGRAM if f.protocol.is_udp else SocketType.STREAM
+        if f.socket_type is not want:
+            self.report.tok_error(
+                tok, f"socket type {f.socket_type.value} does not go with RPC over "
+                f"{f.protocol.value}", f"write {want.value} rpc/{f.protocol.value}")

@@ -60,11 +60,20 @@ def _service_token(spec: ServiceSpec) -> str:
     name = spec.service
     if spec.tcpmux is not None:
         name = "tcpmux/" + ("+" if spec.tcpmux_plus else "") + spec.tcpmux
+    elif spec.rpc is not None:
+        low, high = spec.rpc.low, spec.rpc.high
+        name = f"{name}/{low}" if low == high else f"{name}/{low}-{high}"
     if not spec.addresses:
         # "*:" keeps a service literally named like a directive from being read as one.
         return "*:" + name if name in ("defaults", ".include") else name
     addrs = ",".join(f"[{a}]" if ":" in a else a for a in spec.addresses)
     return f"{addrs}:{name}"
+
+
+def _protocol_token(spec: ServiceSpec) -> str:
+    """Field 3: the protocol; ``rpc/`` before it for an RPC entry (``rpc/*`` reads back
+    as ``rpc/udp46`` or ``rpc/tcp46``, which say the same)."""
+    return ("rpc/" if spec.rpc is not None else "") + spec.protocol.value
 
 
 def _user_token(spec: ServiceSpec) -> str:
@@ -121,7 +130,7 @@ def format_spec(spec: ServiceSpec) -> str:
         fields_ = [
             _service_token(spec),
             spec.socket_type.value,
-            spec.protocol.value,
+            _protocol_token(spec),
             wait,
             _user_token(spec),
             spec.server,
@@ -135,7 +144,7 @@ def _format_kv(spec: ServiceSpec) -> str:
     """``spec`` as a key-values definition (every field spelled out)."""
     opts = [
         f"socktype={spec.socket_type.value}",
-        f"protocol={spec.protocol.value}",
+        f"protocol={_protocol_token(spec)}",
         f"wait={'yes' if spec.wait else 'no'}",
         f"user={_kv_value(_user_token(spec))}",
     ]

@@ -23,6 +23,9 @@ Rules:
   Latin-1 comments); anywhere else a byte that is not UTF-8 is an error at
   FILE:LINE: field N, and that line yields no entry. Service names, paths and
   arguments are therefore always valid text (JSON, logs and exec agree).
+- A main file whose first statement is xinetd's (``defaults``, ``service NAME``,
+  ``include``, ``includedir``) is read as xinetd.conf(5) by ``xinetd_load``,
+  under the same bounds.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from poolinetd.config import inetdconf
+from poolinetd.config import inetdconf, xinetd_lexer, xinetd_load
 from poolinetd.config.report import short
 from poolinetd.config.spec import (
     LIMIT_NAMES,
@@ -48,7 +51,9 @@ from poolinetd.config.spec import (
     Severity,
 )
 
-__all__ = ["DEFAULT_LIMITS", "LoadLimits", "load_path", "load_text", "read_config"]
+__all__ = [
+    "DEFAULT_LIMITS", "LoadLimits", "load_path", "load_text", "read_config", "read_regular",
+]
 
 MIB = 1 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -122,6 +127,15 @@ def _read_bytes(path: str, limit: int) -> tuple[bytes, tuple[int, int]]:
     if size > limit:
         raise _ReadError(f"it is larger than {limit} bytes")  # it grew while being read
     return b"".join(chunks), (st.st_dev, st.st_ino)
+
+
+def read_regular(path: str, limit: int) -> tuple[bytes, tuple[int, int]] | str:
+    """The bytes (at most ``limit``) and (dev, ino) of the regular file at ``path``, or why
+    not, by the rules above (the xinetd loader reads its include files with it)."""
+    try:
+        return _read_bytes(path, limit)
+    except _ReadError as exc:
+        return str(exc)
 
 
 def read_config(path: str, limits: LoadLimits = DEFAULT_LIMITS
@@ -360,7 +374,12 @@ def _identity(source: str) -> tuple[int, int] | None:
 
 def _load(text: str, source: str, ident: tuple[int, int] | None,
           limits: LoadLimits) -> ParsedConfig:
-    """Parse ``text`` (the main file, ``ident`` if on disk) and splice its includes."""
+    """Parse ``text`` (the main file, ``ident`` if on disk) and splice its includes.
+
+    An xinetd.conf (told by its first statement) goes to the xinetd loader.
+    """
+    if xinetd_lexer.looks_like_xinetd(text):
+        return xinetd_load.load(text, source, ident, limits, read_regular, check_utf8)
     loader = _Loader(limits)
     top = _parse_checked(text, source)
     problem = loader.count_entries(top, None)

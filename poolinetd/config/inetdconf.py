@@ -24,7 +24,8 @@ Grammar (physical lines are split at "\\n" only; one "\\r" before it is dropped)
     socktype    = stream | dgram | seqpacket | raw | rdm  [":" acceptfilter (warning)]
     protocol    = tcp | tcp4 | tcp6 | tcp46 | udp | udp4 | udp6 | udp46 | unix
                   ["/ttcp" (warning)]  {",sndbuf=N" | ",rcvbuf=N" (warning)}
-                  "rpc/..." and "/faith": error, not supported
+                  | "rpc/" (udp | tcp | udp4 | tcp4 | udp6 | tcp6 | udp46 | tcp46 | "*")
+                  (then service = program "/" low ["-" high]);  "/faith": error
     wait        = (wait | nowait) [ "/" max_child ["/" max_cpm_per_ip ["/" max_child_per_ip]]
                                   | ("." | ":") max_spawn_per_min ]
     user        = user [":" group] ["/" login_class]   ("u.g" is kept whole: resolve
@@ -224,6 +225,7 @@ class _Parser:
                 limits=f.limits,
                 tcpmux=f.tcpmux,
                 tcpmux_plus=f.tcpmux_plus,
+                rpc=f.rpc,
                 unix_perms=f.unix_perms,
                 options=f.options,
                 enabled=enabled,

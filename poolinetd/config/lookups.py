@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+from poolinetd.config import rpcnames
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -49,6 +51,8 @@ class Lookups:
     getgrouplist: Callable[[str, int], tuple[int, ...]]
     getaddrinfo: Callable[[str, int], tuple[str, ...]]
     is_executable: Callable[[str], bool]
+    # ONC RPC program numbers by name (/etc/rpc); a default, so fakes need not give it.
+    getrpcbyname: Callable[[str], int] = rpcnames.getrpcbyname
 
 
 def attempt(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T | None:

@@ -57,12 +57,12 @@ def read_entry(toks: list[Tok], reader: FieldReader) -> EntryFields | None:
         )
         return None
     f = EntryFields()
-    # The protocol first: it decides how field 1 reads (a unix service is a path).
+    # The protocol first: it decides how field 1 reads (a unix service is a path, an
+    # RPC service PROGRAM/VERSIONS).
     reader.protocol_field(toks[2], toks[2].text, f)
-    if toks[2].text.startswith("rpc/"):
-        return None  # one clear error for the entry; its other fields are RPC-shaped
     reader.service_field(toks[0], toks[0].text, f.protocol, f)
     reader.socket_type_field(toks[1], toks[1].text, f)
+    reader.rpc_socket(toks[1], f)  # rpc/*: the socket type picks udp or tcp
     reader.wait_field(toks[3], toks[3].text, f)
     reader.user_field(toks[4], toks[4].text, f)
     reader.server_field(toks[5], toks[5].text, f)

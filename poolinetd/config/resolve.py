@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from poolinetd.config import includes, overlap
 from poolinetd.config.endpoints import endpoints, service_port, transport
 from poolinetd.config.identity import credentials, socket_owner
-from poolinetd.config.lookups import Lookups, UserEntry, system_lookups
+from poolinetd.config.lookups import Lookups, UserEntry, attempt, system_lookups
 from poolinetd.config.report import SpecReport
 from poolinetd.config.servers import TCP_PROTOCOLS, choose_server, display_name
 from poolinetd.config.settings import Env, Settings, merged_env
@@ -29,6 +29,7 @@ from poolinetd.config.spec import (
     Endpoint,
     Options,
     ParsedConfig,
+    RpcProgram,
     Service,
     ServiceKey,
     ServiceSpec,
@@ -108,6 +109,7 @@ class _SpecResolver:
         bound: tuple[Endpoint, ...] = ()
         if port is not None and spec.tcpmux is None:
             bound = endpoints(spec, port, self.lk, self.out)
+        rpc = self.rpc_program(bound)
         server = choose_server(spec, port, self.lk, self.out)
         ids = credentials(spec, self.lk, self.out)
         owner = socket_owner(spec, self.lk, self.out)
@@ -157,6 +159,7 @@ class _SpecResolver:
             reuseport=traffic.reuseport,
             proxy_protocol=traffic.proxy_protocol,
             proxy_from=traffic.proxy_from,
+            rpc=rpc,
             tcpmux_name=mux,
             tcpmux_plus=spec.tcpmux_plus if mux is not None else False,
         )
@@ -191,6 +194,30 @@ class _SpecResolver:
                 report("service", "listen address ignored: a tcpmux sub-service is "
                        "reached through the tcpmux listener", "remove the address",
                        warning=True)
+
+    def rpc_program(self, bound: tuple[Endpoint, ...]) -> RpcProgram | None:
+        """An RPC entry's program number (a name through /etc/rpc), versions and rpcbind
+        netids; None for other entries and after reporting a problem."""
+        spec = self.spec
+        if spec.rpc is None:
+            return None
+        name = spec.service
+        number = (int(name) if name.isascii() and name.isdigit()
+                  else attempt(self.lk.getrpcbyname, name))
+        if number is None:
+            self.out.report("service", f"unknown RPC program {name!r}",
+                            "add it to /etc/rpc or write the program number")
+            return None
+        if len(bound) > 1:
+            # rpcbind maps a program and version to one address per transport.
+            self.out.report("service", "an RPC service listens on one address",
+                            "write one address (or none: the wildcard)")
+            return None
+        netid = "tcp" if spec.protocol in TCP_PROTOCOLS else "udp"
+        six = spec.protocol.value.endswith("6")
+        dual = spec.protocol.value.endswith("46")
+        netids = (netid, netid + "6") if dual else (netid + "6",) if six else (netid,)
+        return RpcProgram(number, spec.rpc.low, spec.rpc.high, netids)
 
     def tcpmux_name(self) -> str | None:
         """The lower-cased name of a ``tcpmux/NAME`` sub-service (None for other entries)."""
@@ -258,6 +285,8 @@ def resolve(
         services.append(service)
     kept, dup_diags = overlap.find_duplicates(services)
     kept, mux_diags = _tcpmux_check(kept)
+    kept, rpc_diags = _rpc_check(kept)
+    mux_diags += rpc_diags
     return tuple(kept), tuple(diags) + tuple(dup_diags) + tuple(mux_diags)
 
 
@@ -287,6 +316,33 @@ def _tcpmux_check(services: list[Service]) -> tuple[list[Service], list[Diagnost
                 svc.spec.source, where.lineno, where.field, where.token,
                 f"no tcpmux listener is configured, so {svc.name} cannot be reached",
                 "add: tcpmux stream tcp nowait root internal", Severity.WARNING))
+    return kept, diags
+
+
+def _rpc_check(services: list[Service]) -> tuple[list[Service], list[Diagnostic]]:
+    """Drop an RPC service that registers a program, version and transport an earlier one
+    registers: rpcbind maps each of them to one port."""
+    kept: list[Service] = []
+    diags: list[Diagnostic] = []
+    owners: dict[tuple[int, int, str], Service] = {}
+    for svc in services:
+        rpc = svc.rpc
+        if rpc is None:
+            kept.append(svc)
+            continue
+        wanted = [(rpc.number, v, n) for n in rpc.netids for v in rpc.versions]
+        clash = next((owners[k] for k in wanted if k in owners), None)
+        if clash is not None:
+            where = svc.spec.loc("service")
+            diags.append(Diagnostic(
+                svc.spec.source, where.lineno, where.field, where.token,
+                f"RPC program {rpc.number} is also registered by {clash.name} at "
+                f"{clash.spec.source}:{clash.spec.lineno} for the same version and transport",
+                "rpcbind maps a program's version to one port: remove one or split the "
+                "versions"))
+            continue
+        owners.update(dict.fromkeys(wanted, svc))
+        kept.append(svc)
     return kept, diags
 
 

@@ -39,6 +39,10 @@ def choose_server(
     spec: ServiceSpec, port: int | None, lookups: Lookups, out: SpecReport
 ) -> Server:
     """The program or built-in ``spec`` names (``port``: its port, None when unknown)."""
+    if spec.rpc is not None and spec.is_internal:
+        out.report("server", "an RPC service runs a program: poolinetd has no RPC built-ins",
+                   "write the program's path and argv[0]")
+        return _NONE
     if not spec.is_internal:
         if not spec.argv:
             base = spec.server.rsplit("/", 1)[-1] or "name"
@@ -136,6 +140,10 @@ def display_name(spec: ServiceSpec, internal: str | None, argv: tuple[str, ...])
     built-in's name or the program's argv[0] (``cat:0/tcp``).
     """
     proto = spec.protocol.value
+    if spec.rpc is not None:  # as fields 1 and 3 say it: rstatd/1-5/rpc/udp
+        low, high = spec.rpc.low, spec.rpc.high
+        versions = str(low) if low == high else f"{low}-{high}"
+        return f"{spec.service}/{versions}/rpc/{proto}"
     if spec.tcpmux is not None:
         return f"tcpmux/{spec.tcpmux.lower()}"  # also its reload identity (ServiceKey.label)
     if spec.service.isdigit():

@@ -199,6 +199,44 @@ class UnixPerms:
     mode: int | None
 
 
+# ONC RPC (rpcbind) bounds: programs and versions are XDR unsigned ints, read here up to
+# 2**31-1 (every assigned and transient program number is below it). An entry registers
+# every version of its range, so the range is bounded (one SET and one UNSET each).
+RPC_NUMBER_MAX = 0x7FFF_FFFF
+RPC_VERSIONS_MAX = 32
+
+
+@dataclass(frozen=True, slots=True)
+class RpcSpec:
+    """An ONC RPC entry's versions as written: ``rstatd/1-5`` is low 1, high 5.
+
+    The program (a name from /etc/rpc, or a number) is ``ServiceSpec.service``;
+    ``ServiceSpec.protocol`` is the transport behind ``rpc/``: ``rpc/udp`` is
+    ``udp``, ``rpc/udp6`` ``udp6``, ``rpc/*`` ``udp46`` (or ``tcp46`` for stream).
+    """
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class RpcProgram:
+    """A resolved RPC service: what is registered with rpcbind for its one socket.
+
+    ``netids`` are rpcbind's transport names (``udp``, ``udp6``, ``tcp``, ``tcp6``):
+    one for a v4 or v6 socket, both for a dual-stack ``rpc/*`` socket.
+    """
+
+    number: int
+    low: int
+    high: int
+    netids: tuple[str, ...]
+
+    @property
+    def versions(self) -> range:
+        return range(self.low, self.high + 1)
+
+
 @dataclass(frozen=True, slots=True)
 class FieldLoc:
     """Where one part of an entry was written: line, 1-based field index, token as written.
@@ -233,6 +271,7 @@ class ServiceSpec:
     limits: Limits = field(default_factory=Limits)
     tcpmux: str | None = None  # NAME of a ``tcpmux/NAME`` entry
     tcpmux_plus: bool = False  # ``tcpmux/+NAME``: inetd sends the "+" reply
+    rpc: RpcSpec | None = None  # an ONC RPC entry (``rpc/...``): ``service`` is the program
     unix_perms: UnixPerms | None = None
     options: Options = field(default_factory=Options)
     enabled: bool = True  # key-values ``off``
@@ -388,6 +427,7 @@ class Service:
     proxy_from: AddressList = field(default_factory=AddressList)  # who may send it (not unix)
     tcpmux_name: str | None = None  # a tcpmux sub-service: its name, lower-cased
     tcpmux_plus: bool = False  # tcpmux/+NAME: poolinetd sends "+Go" before handing over
+    rpc: RpcProgram | None = None  # an ONC RPC service: registered with rpcbind while open
 
     @property
     def socket_type(self) -> SocketType:

@@ -56,7 +56,7 @@ from poolinetd.launch.closer import Closer
 from poolinetd.launch.signals import SignalPipe
 from poolinetd.launch.system import System
 from poolinetd.observe import log, metrics, stagetrace
-from poolinetd.ops import control, listeners, metricshttp
+from poolinetd.ops import control, listeners, metricshttp, rpcbind
 from poolinetd.ops.sdnotify import Notifier
 
 _NEVER = float("inf")
@@ -121,6 +121,9 @@ class Engine:
         self.started = time.time()
         self.stop_deferred = False  # the dispatcher's stop waits for the preamble stage
         self.table = ServiceTable(self.sel, dispatcher, self._on_listener, preambles)
+        # RPC services' rpcbind mappings follow their listeners (table.sync_rpc).
+        self.rpc = rpcbind.Registrar(self.sel, self.system.clock)
+        self.table.registrar = self.rpc
         self.ledger = Ledger(caps, self.table.wake_all)
         self.refusals = Refusals(dispatcher, self.wake_at)
         self.closer = Closer(self.system.fork)
@@ -180,7 +183,8 @@ class Engine:
                          address=lst.bound.address, port=lst.bound.port,
                          mode=self.dispatcher.mode)
         self._refresh_dirty()
-        while not (self.stopping and not self.dispatcher.busy() and not self.accept.preambles):
+        while not (self.stopping and not self.dispatcher.busy() and not self.accept.preambles
+                   and not self.rpc.busy()):
             self.run_once()
         self._close_all()
         log.info("stopped", pid=os.getpid())
@@ -219,6 +223,7 @@ class Engine:
             deadline = min(deadline, self.stop_deadline, now + 0.5)
         deadline = min(deadline, self.next_watchdog)
         for when in (self.accept.preambles.next_deadline(), self.upgrading.next_deadline(),
+                     self.rpc.next_deadline(),
                      *(server.next_deadline() for server in (self.control, self.metrics)
                        if server is not None)):
             if when is not None:
@@ -234,6 +239,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.expire(now)
         self.accept.preambles.expire(now)
+        self.rpc.expire(now)
         if now >= self.next_watchdog and self.notifier is not None and self.watchdog_interval:
             self.notifier.watchdog()
             self.next_watchdog = now + self.watchdog_interval
@@ -457,6 +463,7 @@ class Engine:
             if self.notifier is not None and not handed_over:
                 self.notifier.stopping()
             self.upgrading.failed("this master is stopping")
+            self.rpc.stop()  # what it registered is unset once (close_all), not retried
             self.table.close_all()
             if not handed_over:
                 self.accept.preambles.close_all()
@@ -504,7 +511,18 @@ class Engine:
         self.table.collect_garbage()
         return reports.status(self.table.runtimes, self.dispatcher, self.system.clock(),
                               started=self.started, reloads=self.reloads,
-                              stopping=self.stopping, upgrading=self.upgrading.pid)
+                              stopping=self.stopping, upgrading=self.upgrading.pid,
+                              rpc=self.rpc.state)
+
+    def disown_rpc(self, new_pid: int) -> None:
+        """An upgrade's new master serves on our RPC sockets: the mappings of those it holds
+        are its own now (it found them registered with the same port and kept them), so
+        this master's stop must not unset them. Those it did not take are unset as usual."""
+        socks = [lst.sock for rt in self.table.runtimes if rt.service.rpc is not None
+                 for lst in rt.listeners]
+        if socks:
+            held = rpcbind.held_by(new_pid, socks)
+            self.rpc.disown(list(self.table.rpc_mappings(held)))
 
     @property
     def reloads(self) -> int:
@@ -533,6 +551,7 @@ class Engine:
         self.accept.preambles.close_all()
         self.dispatcher.close()
         self.closer.close()
+        self.rpc.close()
         if self.control is not None:
             self.control.close()
         if self.metrics is not None:

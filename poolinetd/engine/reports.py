@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.runtime import ServiceRuntime
 from poolinetd.observe import metrics
 
 Runtimes = Sequence[ServiceRuntime]
+RpcState = Callable[[str], tuple[bool, str]]  # service name -> (registered, why not)
 
 
 def summary(runtimes: Runtimes, mode: str, reloads: int) -> str:
@@ -37,11 +38,14 @@ def listener_report(runtimes: Runtimes) -> list[dict[str, object]]:
 
 
 def status(runtimes: Runtimes, dispatcher: Dispatcher, now: float, *, started: float,
-           reloads: int, stopping: bool, upgrading: int) -> dict[str, object]:
+           reloads: int, stopping: bool, upgrading: int,
+           rpc: RpcState | None = None) -> dict[str, object]:
     """The live state, as ``poolinetd status --json`` prints it (the same in both modes).
 
     ``started``: the master's start (wall clock); ``upgrading``: the new master's pid
-    while an upgrade is under way, else 0.
+    while an upgrade is under way, else 0; ``rpc(name)``: whether an RPC service's
+    rpcbind mappings are all registered, and why not (``Registrar.state``). An RPC
+    service not registered is ``unregistered``: clients asking rpcbind cannot find it.
     """
     services = []
     for rt in runtimes:
@@ -49,6 +53,15 @@ def status(runtimes: Runtimes, dispatcher: Dispatcher, now: float, *, started: f
         state = ("retiring" if rt.retired else "failing" if (
             not rt.engine_served and dispatcher.failing(rt))
                  else "paused" if rt.resting_until > now else "serving")
+        extra: dict[str, object] = {}
+        program = rt.service.rpc
+        if program is not None and rpc is not None and not rt.retired:
+            registered, why = rpc(rt.name)
+            if not registered and state == "serving":
+                state = "unregistered"
+            extra = {"rpc": {"program": program.number, "versions": [program.low, program.high],
+                             "netids": list(program.netids), "registered": registered},
+                     "last_error": rt.last_error or why or part.get("last_error", "")}
         services.append({
             "service": rt.name,
             "source": f"{rt.service.spec.source}:{rt.service.spec.lineno}",
@@ -62,6 +75,7 @@ def status(runtimes: Runtimes, dispatcher: Dispatcher, now: float, *, started: f
             "preamble": rt.pending,
             **part,
             "last_error": rt.last_error or part.get("last_error", ""),
+            **extra,
         })
     return {"pid": os.getpid(), "mode": dispatcher.mode,
             "uptime": round(time.time() - started, 3), "reloads": reloads,

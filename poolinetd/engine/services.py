@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import selectors
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from poolinetd.admission import readers
 from poolinetd.builtins import internal
@@ -26,7 +26,7 @@ from poolinetd.config.spec import Service
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.runtime import Listener, ServiceRuntime
 from poolinetd.net import preamble as pre
-from poolinetd.ops import listeners
+from poolinetd.ops import listeners, rpcbind
 
 PreambleFactory = Callable[[Service], Callable[[], pre.Preamble] | None]
 
@@ -50,6 +50,8 @@ class ServiceTable:
         self.dirty: set[ServiceRuntime] = set()
         self.tcpmux_routes: dict[str, ServiceRuntime] = {}
         self.internal_ports: frozenset[int] = frozenset()
+        # Keeps rpcbind's mappings in step with the open RPC listeners (set by the engine).
+        self.registrar: rpcbind.Registrar | None = None
 
     def add(self, service: Service, socks: Iterable[socket.socket]) -> ServiceRuntime:
         """A new generation of ``service`` on ``socks`` (taken: the table owns them now).
@@ -79,6 +81,31 @@ class ServiceTable:
         self.internal_ports = internal.guarded_ports(
             lst.bound.port for rt in self.runtimes if rt.service.internal is not None
             for lst in rt.listeners)
+        self.sync_rpc()
+
+    def rpc_mappings(self, only: Collection[socket.socket] | None = None
+                     ) -> dict[rpcbind.Mapping, str]:
+        """What rpcbind should map for every open RPC listener (or those of ``only``),
+        each mapping with its service's name."""
+        wanted: dict[rpcbind.Mapping, str] = {}
+        for rt in self.runtimes:
+            rpc = rt.service.rpc
+            if rpc is None:
+                continue
+            for lst in rt.listeners:
+                if lst.sock.fileno() < 0 or (only is not None and lst.sock not in only):
+                    continue
+                bound = lst.bound
+                for m in rpcbind.mappings(rpc.number, rpc.versions, rpc.netids,
+                                          bound.family, bound.address, bound.port):
+                    wanted[m] = rt.name
+        return wanted
+
+    def sync_rpc(self) -> None:
+        """Register what the open RPC listeners serve; unset what a closed one served
+        (a reload removed or changed its service, a stop, a listener that failed)."""
+        if self.registrar is not None:
+            self.registrar.sync(self.rpc_mappings())
 
     def _tcpmux_names(self) -> dict[str, bool]:
         """tcpmux sub-services by lower-cased name -> whether it is '+' (the reader's view)."""
@@ -118,6 +145,7 @@ class ServiceTable:
             lst.sock = listeners.open_endpoint(rt.service, endpoint)
         except listeners.ListenError as exc:
             rt.listeners.remove(lst)
+            self.sync_rpc()  # its port is gone: so are its rpcbind mappings
             return str(exc)
         self.dirty.add(rt)
         return ""
@@ -131,6 +159,7 @@ class ServiceTable:
     def close_all(self) -> None:
         for rt in self.runtimes:
             self.close_listeners(rt)
+        self.sync_rpc()
 
     def wake_all(self) -> None:
         """Every generation re-decides its polling (a global cap freed, caps changed)."""

@@ -46,6 +46,9 @@ class Host(Protocol):
     def begin_stop(self, timeout: float, why: str, fast: bool = False) -> None:
         """Stop accepting and drain."""
 
+    def disown_rpc(self, new_pid: int) -> None:
+        """Leave the rpcbind mappings of the sockets ``new_pid`` holds registered."""
+
 
 class Upgrading:
     """At most one upgrade at a time; ``current`` is it, or None."""
@@ -122,6 +125,7 @@ class Upgrading:
         for rt in host.live():
             for lst in rt.listeners:
                 listeners.disown(lst.sock)  # its unix socket file is the new master's now
+        host.disown_rpc(up.pid)  # and so are the rpcbind mappings of the sockets it took
         # The control and metrics sockets are the new master's to answer now.
         if host.control is not None:
             listeners.disown(host.control.sock)
