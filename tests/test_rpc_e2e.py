@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, Server, wait_until
+from conftest import IS_ROOT, Server, alive, wait_until
 
 from poolinetd.ops import control, rpcbind
 
@@ -312,14 +312,6 @@ def _new_master_pid(server: Server) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_an_upgrade_hands_the_registrations_over_without_a_gap(
         serve, host_rpcbind: Rpcbind, mode: str) -> None:
@@ -350,11 +342,11 @@ def test_an_upgrade_hands_the_registrations_over_without_a_gap(
         svc = next(s for s in doc["services"] if s["service"] == RSTATD_NAME)
         assert svc["state"] == "serving" and svc["rpc"]["registered"] is True
         os.kill(new_pid, signal.SIGTERM)
-        wait_until(lambda: not _alive(new_pid), 30, "the new master to stop")
+        wait_until(lambda: not alive(new_pid), 30, "the new master to stop")
         assert versions_at(RSTAT, port) == set()  # the new master unset it at its stop
     finally:
         watch.finish()
-        if new_pid and _alive(new_pid):
+        if new_pid and alive(new_pid):
             os.kill(new_pid, signal.SIGKILL)
 
 

@@ -191,6 +191,13 @@ def turn(sel: selectors.BaseSelector, reg: Registrar, clock: Clock, turns: int =
             return
 
 
+def later(sel: selectors.BaseSelector, reg: Registrar, clock: Clock, seconds: float) -> None:
+    """``seconds`` pass: the registrar's timers fire, then the selector runs."""
+    clock.now += seconds
+    reg.expire(clock.now)
+    turn(sel, reg, clock)
+
+
 def maps(port: int, versions: range = range(1, 4), prog: int = 100001) -> dict[Mapping, str]:
     return dict.fromkeys(rpcbind.mappings(prog, versions, ("udp",), "inet", "0.0.0.0", port),
                          "rstatd/1-3/rpc/udp")
@@ -265,9 +272,7 @@ def test_rpcbind_down_is_retried_with_backoff(world, events) -> None:  # noqa: F
     fake.start()
     reg.expire(clock.now + 0.5)  # not yet due: nothing tried
     assert reg.sock is None
-    clock.now += 1.0
-    reg.expire(clock.now)
-    turn(sel, reg, clock)
+    later(sel, reg, clock, 1.0)
     assert reg.state("rstatd/1-3/rpc/udp") == (True, "")
     assert len(fake.table) == 3
     assert [f["path"] for f in named(events, "rpcbind_available")] == [str(fake.path)]
@@ -285,9 +290,7 @@ def test_an_rpcbind_that_never_answers_costs_one_timeout(world, events) -> None:
     assert reg.sock is None
     assert named(events, "rpcbind_unavailable")[0]["error"] == "no answer within 2 s"
     fake.silent = False
-    clock.now += 0.5
-    reg.expire(clock.now)
-    turn(sel, reg, clock)
+    later(sel, reg, clock, 0.5)
     assert reg.state("rstatd/1-3/rpc/udp") == (True, "")
 
 
@@ -310,9 +313,7 @@ def test_a_refused_set_is_an_error_and_retried(world, events) -> None:  # noqa: 
     assert not registered and "rpcbind refused program 100001 version 1 over udp" in why
     assert len(named(events, "rpc_register_failed")) == 1
     fake._answer = original  # type: ignore[method-assign]
-    clock.now += 0.5
-    reg.expire(clock.now)
-    turn(sel, reg, clock)
+    later(sel, reg, clock, 0.5)
     assert reg.state("rstatd/1-3/rpc/udp") == (True, "")
 
 
