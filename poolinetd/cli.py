@@ -79,6 +79,10 @@ def _add_pool_options(parser: argparse.ArgumentParser) -> None:
                            "clients wait in the backlog")
     caps.add_argument("--max-programs", type=int, metavar="N",
                       help="programs running at once, all services")
+    wrap = parser.add_argument_group("tcp_wrappers")
+    wrap.add_argument("--tcp-wrappers", action="store_true",
+                      help="judge every service's clients by /etc/hosts.allow and "
+                           "/etc/hosts.deny (a service's tcp_wrappers=no lifts it)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +118,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="SIGTERM: seconds busy workers get to finish (default 30)")
     run.add_argument("--metrics", metavar="ADDR:PORT",
                      help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    run.add_argument("--tcp-wrappers-dir", metavar="DIR", default="/etc",
+                     help="read hosts.allow and hosts.deny from DIR (default /etc)")
     _add_pool_options(run)
 
 
@@ -151,7 +157,8 @@ def _options(args: argparse.Namespace) -> Options:
     return Options(pool_min=args.pool_min, pool_max=args.pool_max,
                    worker_connections=args.worker_connections, max_requests=args.max_requests,
                    idle_timeout=args.idle_timeout, conn_timeout=args.conn_timeout,
-                   max_connections=args.max_connections, max_programs=args.max_programs)
+                   max_connections=args.max_connections, max_programs=args.max_programs,
+                   tcp_wrappers=True if args.tcp_wrappers else None)
 
 
 def _raise_fd_limit(from_master: bool) -> None:
@@ -349,7 +356,7 @@ def _open_sockets(service: Service, passed: adopt.Passed | None = None) -> list[
 
 
 # The options of run that name a file: made absolute at start (``absolute_paths``).
-PATH_OPTIONS = ("conf", "pidfile", "log_file", "control")
+PATH_OPTIONS = ("conf", "pidfile", "log_file", "control", "tcp_wrappers_dir")
 
 
 def absolute(path: str) -> str:
@@ -490,6 +497,7 @@ def _serve(args: argparse.Namespace, passed: adopt.Passed, held: list[pidfile.Pi
                         open_sockets=_open_sockets, ready_fd=ready_fd,
                         control_path=control_path, graceful_timeout=args.graceful_timeout,
                         log_connections=args.log_connections,
+                        tcp_wrappers_dir=args.tcp_wrappers_dir,
                         title=title + (" (classic)" if args.mode == "classic" else ""),
                         notifier=notifier, watchdog_interval=watchdog,
                         metrics_sock=metrics_sock, control_sock=control_sock,

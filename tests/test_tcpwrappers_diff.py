@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import tests.hypothesis_profiles  # noqa: F401  (applies the profile)
 from poolinetd.admission import tcpwrappers as tw
+from poolinetd.admission.tcpwrappers_files import pattern_tokens
 
 TCPDMATCH = shutil.which("tcpdmatch") or "/usr/sbin/tcpdmatch"
 pytestmark = pytest.mark.skipif(not os.access(TCPDMATCH, os.X_OK),
@@ -38,6 +39,8 @@ V4 = ["10.0.0.1", "10.0.1.2", "10.1.2.3", "192.168.1.10", "127.0.0.1", "127.0.0.
 V6 = ["::1", "2001:db8::1", "2001:db8:1::5", "2001:db8::ff00:1"]
 DAEMONS = ["in.fingerd", "echo", "daytime", "in.tftpd"]
 SERVERS = ["127.0.0.1", "10.0.0.1", "192.168.1.1"]
+BAD_MASKS = ["x", "", "255.255.255.255", "1.2.3", "8x", "+8", "-8", "08", "0x8", "8.5",
+             "4294967304", "0", "33"]
 
 
 def _localhost_ok() -> bool:
@@ -65,7 +68,7 @@ def _v4_pattern(draw: st.DrawFn) -> str:
         if kind == "len":
             return f"{net_s}/{bits}"
         if kind == "badmask":
-            return f"{net_s}/{draw(st.sampled_from(['x', '', '255.255.255.255', '1.2.3']))}"
+            return f"{net_s}/{draw(st.sampled_from(BAD_MASKS))}"
         return f"{net_s}/{ipaddress.IPv4Address(mask)}"
     if kind == "suffix":
         return "." + ".".join(octets[draw(st.integers(1, 3)):])
@@ -176,9 +179,7 @@ def ours(allow: str, deny: str, daemon: str, client: str, files: dict[str, str])
     name: str = tw.UNKNOWN
     if client == "localhost":
         client, name = "127.0.0.1", "localhost"
-    table_files = {path: tuple(tok for line in text.splitlines() if not line.startswith("#")
-                               for tok in line.replace(",", " ").split())
-                   for path, text in files.items()}
+    table_files = {path: pattern_tokens(text) for path, text in files.items()}
     got = tw.decide(tw.parse(allow, "hosts.allow"), tw.parse(deny, "hosts.deny"),
                     tw.Request(process, client, server, name, table_files))
     assert isinstance(got, tw.Verdict)
@@ -193,8 +194,9 @@ def workdir() -> str:
         yield d  # type: ignore[misc]
 
 
-FILE_TEXT = st.lists(st.sampled_from(["10.0.0.1", "127.0.0.", "# 10.1.2.3", "localhost",
-                                      "[::1]", "192.168.0.0/255.255.0.0", "LOCAL"]),
+FILE_TEXT = st.lists(st.sampled_from(["10.0.0.1", "127.0.0.", "# 10.1.2.3", "#10.0.0.1",
+                                      "localhost", "[::1]", "192.168.0.0/255.255.0.0", "LOCAL",
+                                      "10.0.1.2,10.1.2.3", "EXCEPT 10.0.0.1", "\t.0.1 "]),
                      max_size=4).map(lambda xs: "".join(x + "\n" for x in xs))
 
 
@@ -231,6 +233,9 @@ def test_decisions_match_tcpdmatch(workdir: str, data: st.DataObject) -> None:
      "10.0.0.1", "granted"),
     ("in.fingerd: UNKNOWN\n", "ALL: ALL\n", "in.fingerd", "10.0.0.1", "granted"),
     ("in.fingerd: KNOWN\n", "ALL: ALL\n", "in.fingerd", "localhost", "granted"),
+    ("?CHO: ALL\n", "ALL: ALL\n", "echo", "10.0.0.1", "granted"),  # wildcards ignore case
+    ("ALL: 0.0.0.0/1.2.3\n", "ALL: ALL\n", "echo", "10.0.0.1", "granted"),  # /1, the rest
+    ("ALL: 10.0.0.0/4294967304\n", "ALL: ALL\n", "echo", "10.0.0.1", "granted"),  # an int
 ])
 def test_known_cases(workdir: str, allow: str, deny: str, daemon: str, client: str,
                      granted: str) -> None:

@@ -24,8 +24,7 @@ against the real ``tcpdmatch`` by tests/test_tcpwrappers_diff.py:
   walk reaches it: hosts.allow then grants nothing more, and hosts.deny
   denies (libwrap's table_match returns its error; tcpdmatch agrees);
 * fields are split at ``:`` outside ``[...]``, tokens at ``,`` and blanks;
-  keywords and names compare case-insensitively (strcasecmp), ``*``/``?``
-  wildcards case-sensitively;
+  keywords, names and ``*``/``?`` wildcards compare ignoring ASCII case;
 * ``n.n.n.n/m.m.m.m`` and ``/len`` match when ``addr & mask == net`` (a net
   with host bits set never matches, as in libwrap); addresses in dotted
   quads are read as inet_aton reads them (``010`` is octal);
@@ -83,9 +82,10 @@ _FACILITIES = frozenset({
 _SEVERITIES = frozenset({
     "emerg", "panic", "alert", "crit", "err", "error", "warning", "warn", "notice", "info",
     "debug"})
-# Options poolinetd reads but does not apply (a load-time warning says so).
+# Options poolinetd reads but does not apply (a load-time warning says so): it runs no
+# shell command from the root master and passes no environment or ident lookups.
 NOT_APPLIED: Final = frozenset({"user", "group", "umask", "linger", "keepalive", "rfc931",
-                                "nice", "banners"})
+                                "nice", "banners", "spawn", "setenv", "severity"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +194,10 @@ def parse(text: str, path: str) -> Table:
     diags: list[Diagnostic] = []
     rules: list[Rule] = []
     if len(text) > MAX_FILE_BYTES:
+        # as a file libwrap cannot read: its walk errs at once
         diags.append(Diagnostic(f"{path}:1", f"file larger than {MAX_FILE_BYTES} bytes: "
-                                "not read (nothing in it matches)"))
-        return Table(path, (), tuple(diags))
+                                "not read; treated as an error, as libwrap does"))
+        return Table(path, (Rule(f"{path}:1", (), (), broken=True),), tuple(diags))
     for lineno, line, complete in _logical_lines(text):
         where = f"{path}:{lineno}"
         if "\0" in line:
@@ -350,6 +351,9 @@ def _parse_options(text: str) -> tuple[tuple[Option, ...], str, list[str]]:
             return tuple(opts), f'bad syslog facility or severity: "{value}"', notes
         if name in NOT_APPLIED:
             notes.append(f'option "{name}" is not applied by poolinetd')
+        elif name == "twist":
+            notes.append('option "twist" is not run by poolinetd: a client this rule matches '
+                         "is refused")
         opts.append(Option(name, value or None))
     return tuple(opts), "", notes
 
@@ -507,9 +511,10 @@ def _string_match(tok: str, value: str) -> bool:
 
 
 def _wildcard(value: str, pattern: str) -> bool:
-    """``*`` and ``?`` over the whole of ``value``, case-sensitively (match_pattern_ylo)."""
+    """``*`` and ``?`` over the whole of ``value``, ignoring ASCII case (Debian's
+    match_pattern_ylo; tcpdmatch agrees: ``?cho`` matches ``ECHO``)."""
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, value, re.DOTALL) is not None
+    return re.fullmatch(regex, value, re.DOTALL | re.IGNORECASE | re.ASCII) is not None
 
 
 def _masked_match(net: str, mask: str, addr: str) -> bool:
@@ -532,10 +537,17 @@ def _masked4(net_tok: str, mask_tok: str, addr_tok: str) -> bool:
 
 
 def _prefix_mask(text: str) -> int | None:
-    """``/len`` as libwrap reads it: 1 to 32 ("/0" and "/33" are bad masks)."""
-    if not re.fullmatch(r"\+?[0-9]+", text):
+    """``/len`` as Debian's libwrap reads it: the number that starts the text (strtoul,
+    base 10, what follows ignored: ``/8x`` is /8), as a C int, valid from 1 to 32
+    ("/0", "/33", "/-8" and "/x" are bad masks; tcpdmatch agrees)."""
+    m = re.match(r"[ \t\n\r\f\v]*([+-]?)([0-9]+)", text)
+    if m is None:
         return None
-    bits = int(text)
+    value = min(int(m.group(2)), (1 << 64) - 1)  # strtoul saturates at ULONG_MAX
+    if m.group(1) == "-":
+        value = -value % (1 << 64)
+    value &= 0xFFFFFFFF  # the int it is stored in
+    bits = value - (1 << 32) if value >= 1 << 31 else value
     if not 1 <= bits <= 32:
         return None
     return (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF

@@ -11,7 +11,9 @@ In order, for a readable listener:
    backpressure, so clients wait in the kernel backlog and a connection is
    never accepted without somewhere to go;
 2. admission (``admission.policy``, pure), on the admission key computed
-   once per connection: a refused client is closed at once;
+   once per connection: a refused client is closed at once; then, for a
+   service under tcp_wrappers, hosts.allow/hosts.deny (``wrappers_stage``:
+   a connection whose rules need the client's host name waits there for it);
 3. the preamble stage (``preamble_stage``), only where the service reads
    one; it comes back through ``route`` (admission again, on the address
    the header gave, or the tcpmux sub-service's) and ``deliver``;
@@ -48,6 +50,7 @@ from poolinetd.engine.preamble_stage import Peer, PreambleStage
 from poolinetd.engine.refusals import NO_ROOM, Refusals
 from poolinetd.engine.runtime import Listener, Pending, ServiceRuntime
 from poolinetd.engine.services import ServiceTable
+from poolinetd.engine.wrappers_stage import WrappersStage
 from poolinetd.net import preamble as pre
 from poolinetd.observe import log, stagetrace
 
@@ -82,8 +85,9 @@ class AcceptStage:
     def __init__(self, host: Host, sel: selectors.BaseSelector, table: ServiceTable,
                  ledger: Ledger, dispatcher: Dispatcher, refusals: Refusals,
                  clock: Callable[[], float], log_connections: bool,
-                 dispose: Callable[[int], None]) -> None:
-        """``dispose(fd)`` closes a unix connection without ever blocking (the closer)."""
+                 dispose: Callable[[int], None], tcp_wrappers_dir: str = "/etc") -> None:
+        """``dispose(fd)`` closes a unix connection without ever blocking (the closer);
+        ``tcp_wrappers_dir`` holds the hosts.allow/hosts.deny wrapped services obey."""
         self.host = host
         self.dispose = dispose
         self.table = table
@@ -94,6 +98,10 @@ class AcceptStage:
         self.log_connections = log_connections
         self.preambles = PreambleStage(sel, table, refusals, clock, self._route, self._deliver,
                                        self.release, dispose)
+        self.wrappers = WrappersStage(
+            host, refusals, clock, self._serve, self.release_fd,
+            lambda sock, handler: sel.register(sock, selectors.EVENT_READ, handler),
+            sel.unregister, tcp_wrappers_dir)
 
     def on_listener(self, lst: Listener) -> None:
         """``lst`` is readable: accept a batch, or lend it."""
@@ -157,7 +165,9 @@ class AcceptStage:
             return False
         if rt.preamble is not None:
             self.preambles.begin(lst, fd, family, peer, key, now)
-        elif rt.reply is not None:  # (``_deliver``, inlined: this is the hot path)
+        elif rt.service.tcp_wrappers is not None:  # hosts.allow/deny, maybe after a lookup
+            return self.wrappers.judge(rt, fd, family, key, peer, now, None)
+        elif rt.reply is not None:  # (``_serve``, inlined: this is the hot path)
             self._answer(rt, fd, family, peer, now)
         else:
             self._hand_off(rt, fd, family, key, wire_peer(peer), now, "")
@@ -165,6 +175,16 @@ class AcceptStage:
 
     def _deliver(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
                  accepted: float, local: Peer) -> None:
+        """Serve admitted connection ``fd`` after its preamble (taken on every path); a
+        wrapped service's rules judge it first (``_route`` refused sure denials before
+        anything was answered; one that needs the client's name waits for it here)."""
+        if rt.service.tcp_wrappers is not None:
+            self.wrappers.judge(rt, fd, family, key, peer, accepted, local)
+        else:
+            self._serve(rt, fd, family, key, peer, accepted, local)
+
+    def _serve(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
+               accepted: float, local: Peer) -> None:
         """Serve admitted connection ``fd`` (taken on every path)."""
         if rt.reply is not None:
             self._answer(rt, fd, family, peer, accepted)
@@ -266,6 +286,9 @@ class AcceptStage:
         same = result.peer is None and rt.admission.groups_like(item.rt.admission)
         key = item.source if same else rt.admission.source(ip)
         why = rt.admission.check(key, ip, now)
+        if not why and rt.service.tcp_wrappers is not None:  # on the client the header named
+            why = self.wrappers.refusal_now(rt, peer, result.local, item.sock.fileno(),
+                                            item.sock.family)
         if why:
             self.refusals.refused(rt, ip, why, now)
             return None

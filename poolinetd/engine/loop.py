@@ -85,6 +85,7 @@ class Engine:
         control_path: str | None = None,
         graceful_timeout: float = 30.0,
         log_connections: bool = False,
+        tcp_wrappers_dir: str = "/etc",
         title: str = "poolinetd: master",
         preambles: PreambleFactory | None = None,
         notifier: Notifier | None = None,
@@ -129,7 +130,7 @@ class Engine:
         self.closer = Closer(self.system.fork)
         self.accept = AcceptStage(self, self.sel, self.table, self.ledger, dispatcher,
                                   self.refusals, self.system.clock, log_connections,
-                                  self.closer.dispose)
+                                  self.closer.dispose, tcp_wrappers_dir)
         self.reloader = (Reloader(self.table, self.ledger, load_config, open_sockets)
                          if load_config is not None and open_sockets is not None else None)
         self.upgrading = Upgrading(self, self.sel, self.system, upgrade_argv, upgrade_cwd,
@@ -223,6 +224,7 @@ class Engine:
             deadline = min(deadline, self.stop_deadline, now + 0.5)
         deadline = min(deadline, self.next_watchdog)
         for when in (self.accept.preambles.next_deadline(), self.upgrading.next_deadline(),
+                     self.accept.wrappers.next_deadline(),
                      self.rpc.next_deadline(),
                      *(server.next_deadline() for server in (self.control, self.metrics)
                        if server is not None)):
@@ -239,6 +241,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.expire(now)
         self.accept.preambles.expire(now)
+        self.accept.wrappers.expire(now)
         self.rpc.expire(now)
         if now >= self.next_watchdog and self.notifier is not None and self.watchdog_interval:
             self.notifier.watchdog()
@@ -432,6 +435,9 @@ class Engine:
                 continue
             if self.upgrading.child_exited(pid, code):
                 continue
+            if self.accept.wrappers.child_exited(pid):
+                log.warning("resolver_exited", pid=pid, status=code)
+                continue
             if self.closer.child_exited(pid):
                 log.warning("closer_exited", pid=pid, status=code)
                 continue
@@ -549,6 +555,7 @@ class Engine:
         stagetrace.flush()
         self.table.close_all()
         self.accept.preambles.close_all()
+        self.accept.wrappers.close_all()
         self.dispatcher.close()
         self.closer.close()
         self.rpc.close()
