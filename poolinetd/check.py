@@ -53,6 +53,16 @@ def _networks(networks: AddressList) -> list[str]:
     return [str(n) for n in networks.networks]
 
 
+def _rpc(service: Service) -> dict[str, object]:
+    """An RPC service's program, versions and rpcbind netids (nothing for other services,
+    so the documents of configs without RPC keep their shape)."""
+    rpc = service.rpc
+    if rpc is None:
+        return {}
+    return {"rpc": {"program": rpc.number, "versions": [rpc.low, rpc.high],
+                    "netids": list(rpc.netids)}}
+
+
 def service_to_dict(service: Service) -> dict[str, object]:
     """Every field of ``service`` as JSON-ready values (strings safe for orjson)."""
     spec = service.spec
@@ -77,6 +87,7 @@ def service_to_dict(service: Service) -> dict[str, object]:
         "internal": service.internal,
         "program": None if service.program is None else _text(service.program),
         "argv": [_text(a) for a in service.argv],
+        **_rpc(service),
         "pool": {
             "pool_min": service.pool.pool_min,
             "pool_max": service.pool.pool_max,
