@@ -368,7 +368,8 @@ def test_netbsd_buffer_keys_are_honoured() -> None:
     text = "echo on protocol=tcp, user=root, sndbuf=1k, recvbuf=2k;"
     assert (one(text).options.sndbuf, one(text).options.rcvbuf) == (1024, 2048)
     assert warnings(text) == []
-    assert "sndbuf given twice" in errors('echo on protocol="tcp,sndbuf=1k", user=root, sndbuf=2k;')[0]
+    twice = errors('echo on protocol="tcp,sndbuf=1k", user=root, sndbuf=2k;')
+    assert "sndbuf given twice" in twice[0]
 
 
 def test_defaults_definition_any_position() -> None:
@@ -384,8 +385,8 @@ def test_defaults_refuses_entry_keys() -> None:
         "max_child, max_cpm_per_ip, max_child_per_ip, max_spawn_per_min, "
         "pool_min, pool_max, worker_connections, max_requests, idle_timeout, conn_timeout, "
         "stderr, env, only_from, no_access, source_v4_prefix, source_v6_prefix, block_time, "
-        "reuseport, proxy_from, max_connections, max_programs, rlimit_as, "
-        "rlimit_cpu, rlimit_data, rlimit_rss, rlimit_stack, rlimit_files, rlimit_nproc, rlimit_core, nice, "
+        "reuseport, proxy_from, max_connections, max_programs, rlimit_as, rlimit_cpu, "
+        "rlimit_data, rlimit_rss, rlimit_stack, rlimit_files, rlimit_nproc, rlimit_core, nice, "
         "umask, rcvbuf, sndbuf, keepalive, nodelay, backlog, defer_accept)"
     ]
 
