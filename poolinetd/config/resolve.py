@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from poolinetd.config import includes, overlap
+from poolinetd.config import includes, overlap, tcpwrappers_entry
 from poolinetd.config.endpoints import endpoints, service_port, transport
 from poolinetd.config.identity import credentials, socket_owner
 from poolinetd.config.lookups import Lookups, UserEntry, attempt, system_lookups
@@ -125,11 +125,11 @@ class _SpecResolver:
             self.out.report("wait", "stream built-in served as nowait", "write nowait",
                             warning=True)
             spec = replace(spec, wait=False)
+        server, wrapped = tcpwrappers_entry.settle(
+            spec, server, self.settings.pick(lambda o: o.tcp_wrappers), self.out)
         launch = self.settings.launch(server.internal is not None)
         traffic = self.settings.traffic(spec)
         limits = self.settings.limits(spec, launch.pool)
-        process = self.settings.process(server.internal is not None)
-        sockopts = self.settings.sockopts(spec)
         if self.out.failed or ids is None or port is None:
             return None
         name = display_name(spec, server.internal, server.argv)
@@ -161,11 +161,10 @@ class _SpecResolver:
             reuseport=traffic.reuseport,
             proxy_protocol=traffic.proxy_protocol,
             proxy_from=traffic.proxy_from,
+            tcp_wrappers=wrapped,
             rpc=rpc,
             tcpmux_name=mux,
             tcpmux_plus=spec.tcpmux_plus if mux is not None else False,
-            process=process,
-            sockopts=sockopts,
         )
 
     def check_kinds(self) -> None:
