@@ -151,6 +151,11 @@ class _Lexer:
         if brace:
             words = words[:-1]
         first = words[0]
+        if text == "}":
+            # xinetd logs "missing service keyword" and reads on; so does poolinetd.
+            self.report.warn(lineno, 0, first, "a } outside any block is ignored",
+                             "remove it")
+            return
         if first in ("service", "defaults"):
             want = 2 if first == "service" else 1
             if len(words) != want:

@@ -74,6 +74,7 @@ _MAPPED = frozenset({"id", "type", "flags", "socket_type", "protocol", "wait", "
                      "group", "server", "server_args", "port", "bind", "interface",
                      "only_from", "no_access", "per_source", "instances", "cps", "env",
                      "disable", "v6only", "groups"})
+_NO_RLIMITS = "poolinetd does not set resource limits on programs yet"
 # Read and not applied: what poolinetd does instead (the warning's hint).
 _WARNED: dict[str, str] = {
     "log_type": "poolinetd logs every start, end and refusal in its own log "
@@ -90,14 +91,14 @@ _WARNED: dict[str, str] = {
     "libwrap": "poolinetd does not consult tcp_wrappers (hosts.allow, hosts.deny): "
                "use only_from and no_access",
     "mdns": "poolinetd registers nothing with mDNS",
-    "rlimit_as": "not applied yet",
-    "rlimit_cpu": "not applied yet",
-    "rlimit_data": "not applied yet",
-    "rlimit_rss": "not applied yet",
-    "rlimit_stack": "not applied yet",
-    "rlimit_files": "not applied yet",
-    "nice": "not applied yet: the program runs at poolinetd's nice value",
-    "umask": "not applied yet: the program inherits poolinetd's umask",
+    "rlimit_as": _NO_RLIMITS,
+    "rlimit_cpu": _NO_RLIMITS,
+    "rlimit_data": _NO_RLIMITS,
+    "rlimit_rss": _NO_RLIMITS,
+    "rlimit_stack": _NO_RLIMITS,
+    "rlimit_files": _NO_RLIMITS,
+    "nice": "poolinetd does not set it yet: the program runs at poolinetd's nice value",
+    "umask": "poolinetd does not set it yet: the program inherits poolinetd's umask",
 }
 # Poolinetd would serve differently from xinetd: an error for an enabled service.
 _REFUSED: dict[str, str] = {
@@ -318,13 +319,22 @@ class _Service:
         got.lineno = attr.lineno
 
     def one(self, name: str) -> str | None:
-        """The single value of ``name`` (None: not set); several values are an error."""
+        """The single value of ``name`` (None: not set).
+
+        With another number of values xinetd 2.3.15 warns and ignores the attribute
+        (``per_source = 10 # per IP`` sets nothing: there are no inline comments), so
+        poolinetd ignores it too, with a warning, and reads on as if it were absent.
+        """
         got = self.values.get(name)
         if got is None:
             return None
         if len(got.values) != 1:
-            self.at(name, f"{name} takes one value, not {len(got.values)}",
-                    f"write {name} = VALUE")
+            comment = any(v.startswith("#") for v in got.values)
+            self.at(name, f"{name} takes one value, not {len(got.values)}: ignored, as "
+                    "xinetd ignores it", "xinetd has no comments after a value: move the "
+                    "comment to a line of its own" if comment else f"write {name} = VALUE",
+                    warning=True)
+            del self.values[name]
             return None
         return got.values[0]
 
@@ -555,9 +565,9 @@ class _Service:
             if not nets:
                 nobody = not names
                 if not names:
-                    self.at("only_from", "only_from has no value: xinetd serves nobody, "
-                            "so the service is not served", "write disable = yes",
-                            warning=True)
+                    self.at("only_from", "only_from has no address xinetd can use: it "
+                            "serves nobody, so the service is not served",
+                            "write disable = yes, or the clients' addresses", warning=True)
                 else:
                     self.at("only_from", "only_from names no address poolinetd can match",
                             "write the clients' addresses (ADDR or ADDR/LEN)")
@@ -576,14 +586,21 @@ class _Service:
         return only, deny, nobody
 
     def networks(self, name: str, words: list[str]) -> tuple[list[netmatch.Network], list[str]]:
-        """The networks ``words`` denote, and the words that are host or network names."""
+        """The networks ``words`` denote, and the words that are host or network names.
+
+        A word that is neither is dropped with a warning, as xinetd drops it ("failed
+        to parse", logged as an error, and the service starts without it).
+        """
         nets: list[netmatch.Network] = []
         names: list[str] = []
         for word in _joined(words):
             got = xinetd_networks(word)
             if isinstance(got, str):
                 if got:
-                    self.at(name, f"{name}: {got}", "write ADDR, ADDR/LEN or a.b.{c,d}")
+                    self.at(name, f"{name}: {got}: ignored, as xinetd ignores it",
+                            "write ADDR, ADDR/LEN or a.b.{c,d}" + (
+                                "; xinetd has no comments after a value"
+                                if word.startswith("#") else ""), warning=True)
                 else:
                     names.append(word)
                 continue
