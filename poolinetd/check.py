@@ -14,7 +14,15 @@ from typing import TextIO
 import orjson
 
 from poolinetd.config.resolve import load_file
-from poolinetd.config.spec import Diagnostic, Endpoint, Options, Service
+from poolinetd.config.spec import (
+    RLIM_UNLIMITED,
+    RLIMIT_KEYS,
+    Diagnostic,
+    Endpoint,
+    Options,
+    Service,
+)
+from poolinetd.config.values import UNLIMITED
 from poolinetd.net.netmatch import AddressList
 
 __all__ = ["diagnostic_to_dict", "run_check", "service_to_dict"]
@@ -45,6 +53,16 @@ def _networks(networks: AddressList) -> list[str]:
     return [str(n) for n in networks.networks]
 
 
+def _rpc(service: Service) -> dict[str, object]:
+    """An RPC service's program, versions and rpcbind netids (nothing for other services,
+    so the documents of configs without RPC keep their shape)."""
+    rpc = service.rpc
+    if rpc is None:
+        return {}
+    return {"rpc": {"program": rpc.number, "versions": [rpc.low, rpc.high],
+                    "netids": list(rpc.netids)}}
+
+
 def service_to_dict(service: Service) -> dict[str, object]:
     """Every field of ``service`` as JSON-ready values (strings safe for orjson)."""
     spec = service.spec
@@ -69,6 +87,7 @@ def service_to_dict(service: Service) -> dict[str, object]:
         "internal": service.internal,
         "program": None if service.program is None else _text(service.program),
         "argv": [_text(a) for a in service.argv],
+        **_rpc(service),
         "pool": {
             "pool_min": service.pool.pool_min,
             "pool_max": service.pool.pool_max,
@@ -100,7 +119,31 @@ def service_to_dict(service: Service) -> dict[str, object]:
         "socket_owner": None
         if owner is None
         else {"uid": owner.uid, "gid": owner.gid, "mode": owner.mode},
+        "process": _process(service),
+        "sockopts": _sockopts(service),
     }
+
+
+def _process(service: Service) -> dict[str, object]:
+    """The program's process controls: every rlimit_* key (None = inherited, "unlimited"),
+    nice and umask (octal text, as written; None = inherited)."""
+    got = dict(service.process.rlimits)
+    out: dict[str, object] = {
+        key: (UNLIMITED if got[key] == RLIM_UNLIMITED else got[key]) if key in got else None
+        for key, _ in RLIMIT_KEYS
+    }
+    out["nice"] = service.process.nice
+    umask = service.process.umask
+    out["umask"] = None if umask is None else f"{umask:03o}"
+    return out
+
+
+def _sockopts(service: Service) -> dict[str, object]:
+    """The listeners' socket options (None buffers = the kernel's default)."""
+    opts = service.sockopts
+    return {"backlog": opts.backlog, "rcvbuf": opts.rcvbuf, "sndbuf": opts.sndbuf,
+            "keepalive": opts.keepalive, "nodelay": opts.nodelay,
+            "defer_accept": opts.defer_accept}
 
 
 def diagnostic_to_dict(diag: Diagnostic) -> dict[str, object]:

@@ -156,6 +156,96 @@ def test_a_lent_listener_shut_down_by_a_wait_program_is_replaced(serve, public_d
     assert "lent_socket_tampered" in server.log()
 
 
+# -- a local user wedges the closer, and with it every unix-socket service --------------------
+
+
+def _nested_lingering(listeners: list[socket.socket]) -> socket.socket:
+    """A unix socket whose receive queue holds the last reference to a TCP socket with a
+    linger time of an hour and unsent data: whoever closes it last waits out that
+    linger in close(). The closer resets the linger of what it is given, but cannot
+    reach a descriptor nested in the queue of one it was given."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listeners.append(listener)  # never accepted; closing it at the end resets the peer
+    tcp = socket.socket()
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tcp.connect(listener.getsockname())
+    tcp.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            tcp.send(b"x" * 65536)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    carrier, holder = socket.socketpair()
+    carrier.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              array.array("i", [tcp.fileno()]))])
+    carrier.close()
+    tcp.close()  # the message in holder's queue is its last reference now
+    return holder
+
+
+def _unix_echo(path: str, timeout: float) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"ping")
+        sock.shutdown(socket.SHUT_WR)
+        return sock.recv(10)
+
+
+@pytest.mark.root
+@needs_root
+def test_a_wedged_closer_is_replaced_and_unix_services_keep_serving(serve, tmp_path) -> None:
+    """A local user passes, on 80 connections to a unix service that refuses them, a unix
+    socket whose queue holds a lingering TCP socket: each closer thread that closes
+    one blocks for the linger time (an hour), the closer's 64 threads are all taken,
+    it stops receiving, and what the master disposes of piles up. Before the fix,
+    once 4,096 waited the master stopped accepting on every unix-socket service for
+    as long as the attacker liked (an unrelated unix echo: no answer in 8 s), and
+    even once the closer caught up the unix listeners stayed unpolled. Now a closer
+    that takes nothing for closer.STALL_KILL seconds is killed (its blocked closes
+    end with it) and replaced, and the unix services poll again."""
+    daytime = str(tmp_path / "daytime.sock")
+    proxied = str(tmp_path / "proxied.sock")
+    echo = str(tmp_path / "echo.sock")
+    server = serve(f"{daytime} stream unix nowait root internal daytime\n"
+                   f"{proxied} on socktype=stream, protocol=unix, user={TEST_USER}, "
+                   "args=echo, proxy_protocol=yes;\n"
+                   f"{echo} stream unix nowait {TEST_USER} internal echo\n")
+    assert _unix_echo(echo, 5) == b"ping"
+    listeners: list[socket.socket] = []
+    try:
+        for _ in range(80):  # refused in the preamble stage: the master waits for the bytes
+            holder = _nested_lingering(listeners)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(10)
+                client.connect(proxied)
+                client.sendmsg([b"GARBAGE\r\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [holder.fileno()]))])
+                holder.close()  # (no EOF comes back: the closer is wedged after 64 of them)
+        began = time.monotonic()
+        flood = 0
+        while time.monotonic() - began < 20 and flood < 6000:  # what the master disposes of
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(0.5)
+                try:
+                    client.connect(daytime)
+                    client.recv(100)
+                except OSError:
+                    break  # no longer accepted: the master is backed up
+            flood += 1
+        waited = time.monotonic()
+        answer = b""
+        with contextlib.suppress(OSError):
+            answer = _unix_echo(echo, 8)
+        assert answer == b"ping", (flood, round(time.monotonic() - waited, 1))
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert "closer_stalled" in server.log()
+
+
 # -- a local user freezes the master through the preamble stage's own reads -----------------
 
 

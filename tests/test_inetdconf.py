@@ -197,9 +197,9 @@ def test_protocol_suffixes_and_netbsd_buffers() -> None:
     assert (
         one("echo stream tcp,sndbuf=64k,rcvbuf=1m nowait root internal\n").protocol is Protocol.TCP
     )
-    assert (
-        "buffer sizes ignored" in warnings("echo stream tcp,sndbuf=64k nowait root internal\n")[0]
-    )
+    buffered = one("echo stream tcp,sndbuf=64k,rcvbuf=1m nowait root internal\n").options
+    assert (buffered.sndbuf, buffered.rcvbuf) == (65536, 1048576)  # honoured, not ignored
+    assert warnings("echo stream tcp,sndbuf=64k nowait root internal\n") == []
     assert "bad protocol option" in errors("echo stream tcp,sndbuf=big nowait root internal\n")[0]
 
 
@@ -359,9 +359,17 @@ def test_key_values_required_keys() -> None:
 
 
 def test_ignored_netbsd_keys_warn() -> None:
-    text = "echo on protocol=tcp, user=root, sndbuf=1k, recvbuf=1k, acceptfilter=x, ipsec=;"
+    text = "echo on protocol=tcp, user=root, acceptfilter=x, ipsec=;"
     assert one(text) == ECHO
-    assert len(warnings(text)) == 4
+    assert len(warnings(text)) == 2
+
+
+def test_netbsd_buffer_keys_are_honoured() -> None:
+    text = "echo on protocol=tcp, user=root, sndbuf=1k, recvbuf=2k;"
+    assert (one(text).options.sndbuf, one(text).options.rcvbuf) == (1024, 2048)
+    assert warnings(text) == []
+    twice = errors('echo on protocol="tcp,sndbuf=1k", user=root, sndbuf=2k;')
+    assert "sndbuf given twice" in twice[0]
 
 
 def test_defaults_definition_any_position() -> None:
@@ -377,7 +385,9 @@ def test_defaults_refuses_entry_keys() -> None:
         "max_child, max_cpm_per_ip, max_child_per_ip, max_spawn_per_min, "
         "pool_min, pool_max, worker_connections, max_requests, idle_timeout, conn_timeout, "
         "stderr, env, only_from, no_access, source_v4_prefix, source_v6_prefix, block_time, "
-        "reuseport, proxy_from, tcp_wrappers, max_connections, max_programs)"
+        "reuseport, proxy_from, tcp_wrappers, max_connections, max_programs, rlimit_as, "
+        "rlimit_cpu, rlimit_data, rlimit_rss, rlimit_stack, rlimit_files, rlimit_nproc, "
+        "rlimit_core, nice, umask, rcvbuf, sndbuf, keepalive, nodelay, backlog, defer_accept)"
     ]
 
 

@@ -167,3 +167,12 @@ def test_the_system_table_knows_rstatd() -> None:
     assert rpcnames.getrpcbyname("rstatd") == 100001
     with pytest.raises(LookupError):
         rpcnames.getrpcbyname("no-such-rpc-program")
+
+
+def test_check_json_shows_the_rpc_program() -> None:
+    from poolinetd.check import service_to_dict
+
+    svc = only(f"rup/2-4 dgram rpc/* wait nobody {CAT} cat\n")
+    assert service_to_dict(svc)["rpc"] == {"program": 100001, "versions": [2, 4],
+                                           "netids": ["udp", "udp6"]}
+    assert "rpc" not in service_to_dict(only("echo stream tcp nowait root internal\n"))

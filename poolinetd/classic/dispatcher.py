@@ -210,8 +210,11 @@ class ForkDispatcher:
 
 
 def _drop(service: Service) -> bool:
-    """In the child: become the service's user; False (logged) if it cannot serve."""
-    failed = program.drop_privileges(service)
+    """In the child: set the program's process controls (as root: they may raise hard limits)
+    and become the service's user; False (logged) if it cannot serve."""
+    failed = program.prepare_process(service, pooled=False)
+    if failed is None:
+        failed = program.drop_privileges(service)
     if failed is not None:
         log.error("privileges_failed", service=service.name, pid=os.getpid(), error=failed)
         return False

@@ -9,8 +9,9 @@ a line, the key-values reader with the value of ``socktype=``, ``user=``...
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from poolinetd.config import values
 from poolinetd.config.report import FileReport, short
 from poolinetd.config.spec import (
     RPC_NUMBER_MAX,
@@ -218,8 +219,26 @@ class FieldReader:
                 "accept filters are a BSD kernel feature",
             )
 
+    def protocol_buffers(self, tok: Tok, bufs: list[str], f: EntryFields) -> None:
+        """NetBSD's ``tcp,sndbuf=N,rcvbuf=N``: the socket buffer sizes, into ``f.options``.
+
+        Each word already matched ``_BUFSIZE``; NetBSD reads k and m as 1024 multiples.
+        """
+        sizes: dict[str, int] = {}
+        for buf in bufs:
+            key, _, text = buf.partition("=")
+            value = values.buffer_size(text)
+            if value is None:
+                self.report.tok_error(tok, f"{key} must be a size from 1 to 2G-1, not {text!r}",
+                                      f"write e.g. ,{key}=256k")
+            elif key in sizes:
+                self.report.tok_error(tok, f"{key} given twice", "keep one")
+            else:
+                sizes[key] = value
+        f.options = replace(f.options, **sizes)  # type: ignore[arg-type]
+
     def protocol_field(self, tok: Tok, text: str, f: EntryFields) -> None:
-        """tcp, udp6, unix, ...; ``,sndbuf=N`` and ``/ttcp`` warn, RPC and ``/faith`` fail."""
+        """tcp, udp6, unix, ...; ``,sndbuf=N`` sets a buffer, ``/ttcp`` warns, ``/faith`` fails."""
         f.locs["protocol"] = _loc(tok)
         if text.startswith("rpc/"):
             self.rpc_transport(tok, text[len("rpc/") :], f)
@@ -232,13 +251,7 @@ class FieldReader:
                 )
                 return
         if bufs:
-            self.report.warn(
-                tok.lineno,
-                tok.field,
-                tok.raw,
-                "socket buffer sizes ignored",
-                "poolinetd leaves buffer sizes to the kernel",
-            )
+            self.protocol_buffers(tok, bufs, f)
         base, slash, suffix = base.partition("/")
         if slash:
             if suffix == "ttcp":

@@ -8,7 +8,14 @@ Positional form when it can say everything, key-values form otherwise.
 from __future__ import annotations
 
 from poolinetd.config.keys import GLOBAL_KEYS, LIMIT_KEYS, OPTION_KEYS
-from poolinetd.config.spec import Limits, Options, Protocol, ServiceSpec, StderrRoute
+from poolinetd.config.spec import (
+    RLIM_UNLIMITED,
+    Limits,
+    Options,
+    Protocol,
+    ServiceSpec,
+    StderrRoute,
+)
 from poolinetd.config.values import UNLIMITED
 from poolinetd.net.netmatch import AddressList
 
@@ -184,8 +191,11 @@ def _format_options(options: Options) -> list[str]:
             out.append(f"{name}={value.value}")
         elif isinstance(value, bool):
             out.append(f"{name}={'yes' if value else 'no'}")
-        elif name in GLOBAL_KEYS and value == 0:
+        elif ((name in GLOBAL_KEYS and value == 0)
+              or (name.startswith("rlimit_") and value == RLIM_UNLIMITED)):
             out.append(f"{name}={UNLIMITED}")
+        elif name == "umask" and value is not None:
+            out.append(f"umask={value:03o}")
         elif isinstance(value, float):
             out.append(f"{name}={value!r}")
         elif value is not None:

@@ -36,7 +36,6 @@ ENTRY_KEYS: tuple[str, ...] = (
     *LIMIT_KEYS,
     *OPTION_KEYS,
     "acceptfilter",
-    "sndbuf",
     "recvbuf",
     "ipsec",
 )
@@ -46,12 +45,11 @@ DEFAULTS_KEYS: tuple[str, ...] = (
     *(k for k in OPTION_KEYS if k not in _ENTRY_ONLY_KEYS),
 )
 # NetBSD names for the limits, mapped onto poolinetd's own.
-KEY_ALIASES = {"service_max": "max_spawn_per_min", "ip_max": "max_cpm_per_ip"}
+KEY_ALIASES = {"service_max": "max_spawn_per_min", "ip_max": "max_cpm_per_ip",
+               "recvbuf": "rcvbuf"}
 # Keys other inetds act on and poolinetd reads but ignores: why, for the warning.
 IGNORED_KEYS = {
     "acceptfilter": "accept filters are a BSD kernel feature",
-    "sndbuf": "socket buffer sizes are left to the kernel",
-    "recvbuf": "socket buffer sizes are left to the kernel",
     "ipsec": "poolinetd applies no IPsec policy; the service accepts connections without it",
 }
 
@@ -84,4 +82,20 @@ OPTION_PARSERS: dict[str, OptionParser] = {
     "tcp_wrappers": OptionParser(values.yes_no, "yes or no", "no"),
     "max_connections": OptionParser(values.cap, "an integer >= 1 or unlimited", "10000"),
     "max_programs": OptionParser(values.cap, "an integer >= 1 or unlimited", "512"),
+    **{
+        key: OptionParser(values.rlimit, "N, NK, NM or NG, or unlimited", example)
+        for key, example in (
+            ("rlimit_as", "512M"), ("rlimit_cpu", "60"), ("rlimit_data", "256M"),
+            ("rlimit_rss", "256M"), ("rlimit_stack", "8M"), ("rlimit_files", "1024"),
+            ("rlimit_nproc", "64"), ("rlimit_core", "0"),
+        )
+    },
+    "nice": OptionParser(values.nice, "an integer from -20 to 19", "10"),
+    "umask": OptionParser(values.umask, "an octal umask from 000 to 777", "027"),
+    "rcvbuf": OptionParser(values.buffer_size, "a size from 1 to 2G-1 (N, NK, NM)", "256K"),
+    "sndbuf": OptionParser(values.buffer_size, "a size from 1 to 2G-1 (N, NK, NM)", "256K"),
+    "keepalive": OptionParser(values.yes_no, "yes or no", "yes"),
+    "nodelay": OptionParser(values.yes_no, "yes or no", "yes"),
+    "backlog": OptionParser(values.backlog, "an integer from 1 to 65535", "4096"),
+    "defer_accept": OptionParser(values.seconds, "a number of whole seconds >= 0", "5"),
 }

@@ -11,6 +11,7 @@ poolinetd's options and limits here), inferring what NetBSD infers;
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from poolinetd.config import accesslists
 from poolinetd.config.fields import EntryFields, FieldReader
@@ -84,7 +85,11 @@ class KeyValues:
         only, deny = got.options.get("only_from"), got.options.get("no_access")
         if isinstance(only, AddressList) and isinstance(deny, AddressList):
             self.contradiction(got.seen["only_from"], only, deny)
-        f.options = Options(**got.options)  # type: ignore[arg-type]
+        for key in ("sndbuf", "rcvbuf"):  # also in protocol=tcp,sndbuf=N (NetBSD)
+            if key in got.options and getattr(f.options, key) is not None:
+                self.report.opt_error(got.seen[key], f"{key} given twice (also in protocol=)",
+                                      "keep one")
+        f.options = replace(f.options, **got.options)  # type: ignore[arg-type]
         f.limits = limits_from(got.limits)
         self.complete(svc, onoff, f, got.seen)
         return None if self.report.entry_failed else f

@@ -130,6 +130,8 @@ class _SpecResolver:
         launch = self.settings.launch(server.internal is not None)
         traffic = self.settings.traffic(spec)
         limits = self.settings.limits(spec, launch.pool)
+        process = self.settings.process(server.internal is not None)
+        sockopts = self.settings.sockopts(spec)
         if self.out.failed or ids is None or port is None:
             return None
         name = display_name(spec, server.internal, server.argv)
@@ -165,6 +167,8 @@ class _SpecResolver:
             rpc=rpc,
             tcpmux_name=mux,
             tcpmux_plus=spec.tcpmux_plus if mux is not None else False,
+            process=process,
+            sockopts=sockopts,
         )
 
     def check_kinds(self) -> None:

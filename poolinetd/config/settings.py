@@ -16,6 +16,7 @@ from poolinetd.config import accesslists
 from poolinetd.config.report import SpecReport
 from poolinetd.config.servers import TCP_PROTOCOLS
 from poolinetd.config.spec import (
+    DEFAULT_BACKLOG,
     DEFAULT_CONN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_REQUESTS,
@@ -28,11 +29,14 @@ from poolinetd.config.spec import (
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
     LIMIT_NAMES,
     PROGRAM_LAUNCH_DEPTH,
+    RLIMIT_KEYS,
     SAFE_SHARE,
     Limits,
     Options,
     PoolSettings,
+    ProcessControls,
     ServiceSpec,
+    SocketControls,
     SocketType,
     StderrRoute,
 )
@@ -40,6 +44,8 @@ from poolinetd.net.netmatch import AddressList
 
 _T = TypeVar("_T")
 _PER_SOURCE = ("max_cpm_per_ip", "max_child_per_ip")
+_PROCESS_KEYS = (*(key for key, _ in RLIMIT_KEYS), "nice", "umask")
+_TCP_STREAM_KEYS = ("keepalive", "nodelay", "defer_accept")
 _EMPTY = AddressList()
 Env = tuple[tuple[str, str], ...]
 
@@ -225,6 +231,61 @@ class Settings:
         )
         if found is not None:
             self.out.report(role, found.message, found.hint, warning=not found.error)
+
+    def process(self, is_internal: bool) -> ProcessControls:
+        """rlimit_*, nice and umask along the chain; none for a built-in (no program runs).
+
+        The entry's own keys on a built-in are a slip (warning); ``defaults``' are not.
+        """
+        if is_internal:
+            for key in _PROCESS_KEYS:
+                if getattr(self.spec.options, key) is not None:
+                    self.out.report(key, f"{key} ignored: a built-in runs no program",
+                                    "process controls apply to launched programs",
+                                    warning=True)
+            return ProcessControls()
+        rlimits: list[tuple[str, int]] = []
+        for key, _ in RLIMIT_KEYS:
+            for options in self.chain:
+                value: int | None = getattr(options, key)
+                if value is not None:
+                    rlimits.append((key, value))
+                    break
+        return ProcessControls(rlimits=tuple(rlimits), nice=self.pick(lambda o: o.nice),
+                               umask=self.pick(lambda o: o.umask))
+
+    def sockopts(self, spec: ServiceSpec) -> SocketControls:
+        """rcvbuf, sndbuf, keepalive, nodelay, backlog and defer_accept along the chain.
+
+        A key that cannot apply to this kind of socket is dropped: with a warning
+        when the entry wrote it, silently when it comes from ``defaults`` (which
+        serve every kind). A tcpmux sub-service has no socket: its listener's apply.
+        """
+        own = spec.options
+        tcp_stream = (spec.socket_type is SocketType.STREAM and spec.protocol in TCP_PROTOCOLS
+                      and spec.tcpmux is None)
+        has_queue = spec.socket_type is not SocketType.DGRAM and spec.tcpmux is None
+        ip_socket = not spec.protocol.is_unix and spec.tcpmux is None
+        for key in _TCP_STREAM_KEYS:
+            if getattr(own, key) is not None and not tcp_stream:
+                self.out.report(key, f"{key} ignored: it applies to stream tcp listeners",
+                                "remove it", warning=True)
+        if own.backlog is not None and not has_queue:
+            self.out.report("backlog", "backlog ignored: only a listening socket has one",
+                            "remove it", warning=True)
+        for key in ("rcvbuf", "sndbuf"):
+            if getattr(own, key) is not None and not ip_socket:
+                self.out.report(key, f"{key} ignored: it applies to tcp and udp sockets",
+                                "remove it", warning=True)
+        backlog = self.pick(lambda o: o.backlog) if has_queue else None
+        return SocketControls(
+            backlog=DEFAULT_BACKLOG if backlog is None else backlog,
+            rcvbuf=self.pick(lambda o: o.rcvbuf) if ip_socket else None,
+            sndbuf=self.pick(lambda o: o.sndbuf) if ip_socket else None,
+            keepalive=tcp_stream and self.pick(lambda o: o.keepalive) is True,
+            nodelay=tcp_stream and self.pick(lambda o: o.nodelay) is True,
+            defer_accept=(self.pick(lambda o: o.defer_accept) or 0) if tcp_stream else 0,
+        )
 
     def limits(self, spec: ServiceSpec, pool: PoolSettings) -> Limits:
         """The entry's limits, then ``defaults``', then the command line's, limit by limit;

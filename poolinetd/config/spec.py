@@ -162,7 +162,76 @@ class Options:
     tcp_wrappers: bool | None = None  # hosts.allow/hosts.deny judge it (--tcp-wrappers)
     max_connections: int | None = None  # global cap (0 = explicitly none: lifts the file's)
     max_programs: int | None = None  # global cap on running programs (0 as above)
+    # xinetd's process controls for launched programs (RLIM_UNLIMITED = "unlimited").
+    rlimit_as: int | None = None  # bytes of address space
+    rlimit_cpu: int | None = None  # seconds of CPU
+    rlimit_data: int | None = None  # bytes of data segment
+    rlimit_rss: int | None = None  # bytes resident (Linux ignores it; kept for xinetd files)
+    rlimit_stack: int | None = None  # bytes of stack
+    rlimit_files: int | None = None  # open files (RLIMIT_NOFILE)
+    rlimit_nproc: int | None = None  # processes of the service's user
+    rlimit_core: int | None = None  # bytes of core file (0 = none)
+    nice: int | None = None  # -20..19
+    umask: int | None = None  # 0..0o777
+    # Socket controls for the service's listeners (and the connections they accept).
+    rcvbuf: int | None = None  # SO_RCVBUF bytes
+    sndbuf: int | None = None  # SO_SNDBUF bytes
+    keepalive: bool | None = None  # SO_KEEPALIVE (stream tcp)
+    nodelay: bool | None = None  # TCP_NODELAY (stream tcp)
+    backlog: int | None = None  # listen(2) backlog (connection types)
+    defer_accept: int | None = None  # TCP_DEFER_ACCEPT seconds (stream tcp; 0 = off)
     limits: Limits = field(default_factory=Limits)  # defaults/command line only
+
+
+# An rlimit_* written as "unlimited" (the value of resource.RLIM_INFINITY on Linux).
+RLIM_UNLIMITED = -1
+# The rlimit_* keys and the resource.RLIMIT_* they set, in the order docs list them.
+RLIMIT_KEYS: tuple[tuple[str, str], ...] = (
+    ("rlimit_as", "RLIMIT_AS"),
+    ("rlimit_cpu", "RLIMIT_CPU"),
+    ("rlimit_data", "RLIMIT_DATA"),
+    ("rlimit_rss", "RLIMIT_RSS"),
+    ("rlimit_stack", "RLIMIT_STACK"),
+    ("rlimit_files", "RLIMIT_NOFILE"),
+    ("rlimit_nproc", "RLIMIT_NPROC"),
+    ("rlimit_core", "RLIMIT_CORE"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessControls:
+    """What a launched program starts with besides the launch contract (resolved).
+
+    ``rlimits`` holds (key, value) for each rlimit_* set anywhere along the
+    chain, in RLIMIT_KEYS order (value RLIM_UNLIMITED = no limit); None for
+    ``nice``/``umask`` = inherited from poolinetd (nice 0, umask 022 under
+    systemd). How each is applied in both modes: launch/program.py.
+    """
+
+    rlimits: tuple[tuple[str, int], ...] = ()
+    nice: int | None = None
+    umask: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.rlimits and self.nice is None and self.umask is None
+
+
+@dataclass(frozen=True, slots=True)
+class SocketControls:
+    """Socket options for a service's listeners (resolved; None/False = kernel default).
+
+    ``backlog`` is always set (DEFAULT_BACKLOG when no key says otherwise).
+    keepalive and nodelay are set on the listener: Linux copies them to every
+    socket accept() returns (ops/listeners.py says how that is verified).
+    """
+
+    backlog: int
+    rcvbuf: int | None = None
+    sndbuf: int | None = None
+    keepalive: bool = False
+    nodelay: bool = False
+    defer_accept: int = 0
 
 
 # Built-in defaults (documented in docs/configuration.md). Command-line flags override them.
@@ -181,6 +250,7 @@ PROGRAM_LAUNCH_DEPTH = 2
 DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONN_TIMEOUT = 300.0
+DEFAULT_BACKLOG = 1024  # listen(2) backlog (SOMAXCONN caps it in the kernel)
 DEFAULT_SOURCE_V4_PREFIX = 32  # per-source limits count each IPv4 address ...
 # ... and IPv6 sources by their /64: one host usually holds a whole /64 (SLAAC,
 # privacy addresses), so counted per address one host would be many sources and
@@ -431,6 +501,9 @@ class Service:
     tcpmux_name: str | None = None  # a tcpmux sub-service: its name, lower-cased
     tcpmux_plus: bool = False  # tcpmux/+NAME: poolinetd sends "+Go" before handing over
     rpc: RpcProgram | None = None  # an ONC RPC service: registered with rpcbind while open
+    process: ProcessControls = field(default_factory=ProcessControls)  # programs only
+    sockopts: SocketControls = field(
+        default_factory=lambda: SocketControls(backlog=DEFAULT_BACKLOG))
 
     @property
     def socket_type(self) -> SocketType:

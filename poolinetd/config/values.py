@@ -10,11 +10,15 @@ import math
 import re
 from collections.abc import Callable
 
-from poolinetd.config.spec import Limits, StderrRoute
+from poolinetd.config.spec import RLIM_UNLIMITED, Limits, StderrRoute
 
 _UINT = re.compile(r"[0-9]{1,10}")
 _FLOAT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 INT_MAX = 2**31 - 1
+_SIZE = re.compile(r"([0-9]{1,19})([kKmMgG]?)")
+_SCALE = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+RLIM_MAX = 2**63 - 2  # the largest finite rlimit (2**64-1 is RLIM_INFINITY)
+_OCTAL_MODE = re.compile(r"0?[0-7]{1,3}")
 # A limit or global cap written as "no limit" (key-values and defaults).
 UNLIMITED = "unlimited"
 
@@ -80,3 +84,49 @@ def limits_from(values: dict[str, int | None]) -> Limits:
     numbers = {k: v for k, v in values.items() if v is not None}
     lifted = frozenset(k for k, v in values.items() if v is None)
     return Limits(**numbers, unlimited=lifted, safe_default=False)
+
+
+def size(text: str, most: int = RLIM_MAX) -> int | None:
+    """N, NK, NM or NG (binary: K = 1024, as xinetd reads them) up to ``most``, else None."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        return None
+    value = int(match[1]) * _SCALE[match[2].lower()]
+    return value if value <= most else None
+
+
+def rlimit(text: str) -> int | None:
+    """An rlimit_* value: ``size`` or ``unlimited`` (RLIM_UNLIMITED), else None."""
+    return RLIM_UNLIMITED if text == UNLIMITED else size(text)
+
+
+def nice(text: str) -> int | None:
+    """A nice value -20..19, else None."""
+    negative = text.startswith("-")
+    value = uint(text[1:] if negative else text)
+    if value is None:
+        return None
+    value = -value if negative else value
+    return value if -20 <= value <= 19 else None
+
+
+def umask(text: str) -> int | None:
+    """An octal umask 0..0777 (``022``, ``0027``), else None."""
+    return int(text, 8) if _OCTAL_MODE.fullmatch(text) else None
+
+
+def buffer_size(text: str) -> int | None:
+    """A socket buffer size: ``size`` from 1 byte to 2 GiB - 1 (setsockopt takes an int)."""
+    value = size(text, INT_MAX)
+    return value if value is not None and value > 0 else None
+
+
+def backlog(text: str) -> int | None:
+    """A listen backlog 1..65535 (the kernel caps it at net.core.somaxconn), else None."""
+    value = positive(text)
+    return value if value is not None and value <= 65535 else None
+
+
+def seconds(text: str) -> int | None:
+    """Whole seconds 0..2**31-1 (TCP_DEFER_ACCEPT), else None."""
+    return uint(text)

@@ -127,7 +127,8 @@ class Engine:
         self.table.registrar = self.rpc
         self.ledger = Ledger(caps, self.table.wake_all)
         self.refusals = Refusals(dispatcher, self.wake_at)
-        self.closer = Closer(self.system.fork)
+        self.closer = Closer(self.system.fork, self.system.clock, self.system.kill)
+        self.closer_backed_up = False  # as last seen: its end wakes the unix services
         self.accept = AcceptStage(self, self.sel, self.table, self.ledger, dispatcher,
                                   self.refusals, self.system.clock, log_connections,
                                   self.closer.dispose, tcp_wrappers_dir)
@@ -209,11 +210,21 @@ class Engine:
         try:
             self.dispatcher.flush()  # hand-offs of this turn outside an accept batch
             self.closer.flush()  # unix connections closed this turn (never blocks)
+            self._closer_caught_up()
             self._timers()
             self._refresh_dirty()
         except Exception:
             log.error("internal_error", traceback=traceback.format_exc())
         self.loop_turn.observe(self.system.clock() - began)
+
+    def _closer_caught_up(self) -> None:
+        """While the closer was behind, unix services stopped polling (``has_room``);
+        once it has caught up, every service re-decides (else they stayed unpolled
+        until something else of theirs changed)."""
+        backed_up = self.closer.backed_up()
+        if self.closer_backed_up and not backed_up:
+            self.table.wake_all()
+        self.closer_backed_up = backed_up
 
     def _on_listener(self, lst: Listener) -> None:
         self.accept.on_listener(lst)
@@ -226,6 +237,7 @@ class Engine:
         for when in (self.accept.preambles.next_deadline(), self.upgrading.next_deadline(),
                      self.accept.wrappers.next_deadline(),
                      self.rpc.next_deadline(),
+                     self.closer.next_deadline(),
                      *(server.next_deadline() for server in (self.control, self.metrics)
                        if server is not None)):
             if when is not None:
@@ -243,6 +255,7 @@ class Engine:
         self.accept.preambles.expire(now)
         self.accept.wrappers.expire(now)
         self.rpc.expire(now)
+        self.closer.check(now)
         if now >= self.next_watchdog and self.notifier is not None and self.watchdog_interval:
             self.notifier.watchdog()
             self.next_watchdog = now + self.watchdog_interval

@@ -85,6 +85,7 @@ class Reloader:
         new.stats = old.stats
         for lst in old.listeners:
             table.set_polled(lst, False)
+            listeners.update_socket_options(lst.sock, old.service, service)
             lst.rt = new  # a lent one comes back when its loan ends
             new.listeners.append(lst)
         old.listeners = []

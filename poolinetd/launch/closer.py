@@ -38,9 +38,11 @@ import array
 import contextlib
 import os
 import pwd
+import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from poolinetd.launch import privileges, spawn
@@ -49,6 +51,13 @@ from poolinetd.observe import log
 MAX_FDS_PER_MESSAGE = 253  # SCM_MAX_FD: the kernel's limit per message
 MAX_PENDING = 4096  # descriptors waiting for the closer before it counts as backed up
 MAX_THREADS = 64  # descriptors the closer closes at once
+# Seconds descriptors may wait for a closer that takes none (its queue full) before it
+# is killed and replaced: a close that never ends (a descriptor nested in a passed
+# unix socket's queue, with a linger time the closer cannot reset) takes a thread
+# for good, and a closer whose threads are all taken, or that was stopped (it runs as
+# nobody), would stop every unix-socket service (``backed_up``). Killed, its blocked
+# closes end at once (a fatal signal ends a linger wait).
+STALL_KILL = 2.0
 BATCH = b"c"  # descriptors attached: hold them
 RELEASED = b"r"  # the master has closed its copies of every batch before this
 _LINGER_OFF = struct.pack("ii", 1, 0)  # close at once, reset the peer
@@ -60,10 +69,15 @@ class Closer:
     ``fork`` is the seam that starts the child (``spawn.fork_child`` by default).
     """
 
-    def __init__(self, fork: Callable[[Callable[[], int], tuple[int, ...]], int] | None = None
-                 ) -> None:
+    def __init__(self, fork: Callable[[Callable[[], int], tuple[int, ...]], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 kill: Callable[[int, int], None] | None = None) -> None:
         self._fork = fork or spawn.fork_child
+        self._clock = clock
+        self._kill = kill or _kill
         self.pid = 0
+        self.stuck_since = 0.0  # > 0 while descriptors wait for a closer that takes none
+        self.killed: set[int] = set()  # closers killed for stalling, until reaped
         self.sock: socket.socket | None = None
         self.pending: list[int] = []
         self.owe_release = False  # batches sent whose RELEASED has not been sent yet
@@ -106,6 +120,29 @@ class Closer:
                 os.close(fd)
             self.owe_release = True
         self._send_release()
+        if not self.pending:
+            self.stuck_since = 0.0
+        elif not self.stuck_since:
+            self.stuck_since = self._clock()
+
+    def next_deadline(self) -> float | None:
+        """When ``check`` should look again (None: nothing waits)."""
+        return self.stuck_since + STALL_KILL if self.stuck_since else None
+
+    def check(self, now: float) -> bool:
+        """Kill and replace a closer that took nothing for STALL_KILL seconds; whether it
+        was killed (its pid stays in ``killed`` until reaped)."""
+        if not self.stuck_since or now - self.stuck_since < STALL_KILL or not self.pid:
+            return False
+        pid = self.pid
+        log.warning("closer_stalled", pid=pid, waiting=len(self.pending),
+                    seconds=round(now - self.stuck_since, 3))
+        self.killed.add(pid)
+        self._kill(pid, signal.SIGKILL)
+        self._lost()
+        self.stuck_since = 0.0
+        self.flush()  # a new closer takes what waits
+        return True
 
     def _send_release(self) -> None:
         """Tell the closer the master's copies are closed: it may close its own now."""
@@ -121,6 +158,9 @@ class Closer:
 
     def child_exited(self, pid: int) -> bool:
         """Whether reaped ``pid`` was the closer (the next ``flush`` starts a new one)."""
+        if pid in self.killed:
+            self.killed.discard(pid)
+            return True
         if not pid or pid != self.pid:
             return False
         self._lost()
@@ -165,6 +205,11 @@ class Closer:
             os.close(fd)
         self.closed_here += len(self.pending)
         self.pending.clear()
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def run_closer(sock: socket.socket) -> int:

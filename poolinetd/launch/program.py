@@ -11,7 +11,15 @@ Either way the program finds inetd's contract:
 * a new session, default signal dispositions, an empty signal mask;
 * a clean environment: PATH, HOME, USER, LOGNAME, SHELL, the UCSPI and CGI
   connection variables (``connection_env``), then the service's own ``env``;
-* the service's user, groups and (in the caller) fd limit.
+* the service's user, groups and (in the caller) fd limit;
+* the service's process controls (``rlimit_*``, ``nice``, ``umask``):
+  each rlimit as both soft and hard limit, the nice value, the umask.
+  ``prepare_process`` runs first in both modes, as root (it may raise
+  hard limits and lower the nice value), in the worker at boot or in the
+  classic child before it drops privileges. nice and umask are then the
+  process's own and the program inherits them (a worker launches only its
+  service's programs); the rlimits are applied per launch, so a worker keeps
+  the fds, memory and CPU it needs itself (``spawn.launch`` for how).
 
 fd ownership: the caller owns the socket it passes; ``spawn_program``
 never closes it (the caller closes its copy once the program has its own),
@@ -25,9 +33,11 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import signal
 import socket
 
-from poolinetd.config.spec import Service, StderrRoute
+from poolinetd.config.spec import RLIMIT_KEYS, Service, StderrRoute
 from poolinetd.launch import privileges, spawn
 from poolinetd.observe import log
 
@@ -46,6 +56,58 @@ def drop_privileges(service: Service) -> str | None:
         privileges.drop(service.uid, service.gid, service.groups)
     except privileges.PrivilegeError as exc:
         return str(exc)
+    return None
+
+
+def _rlimits(service: Service) -> tuple[tuple[int, int], ...]:
+    """The service's rlimit_* keys as (resource.RLIMIT_*, value) pairs (RLIM_INFINITY = -1)."""
+    names = dict(RLIMIT_KEYS)
+    return tuple((getattr(resource, names[key]), value) for key, value in
+                 service.process.rlimits)
+
+
+def _launch_rlimits(service: Service) -> tuple[tuple[int, int], ...]:
+    """The rlimits a worker applies per launch: all but RLIMIT_STACK, its own since boot.
+
+    execve snapshots RLIMIT_STACK when it starts and writes it back after the
+    vfork parent has resumed, so a prlimit in that window would be lost: the
+    program's hard stack limit must be in place before the spawn.
+    """
+    return tuple(pair for pair in _rlimits(service) if pair[0] != resource.RLIMIT_STACK)
+
+
+def prepare_process(service: Service, pooled: bool) -> str | None:
+    """Set up this process (still root) for launching ``service``'s programs; None when done,
+    else why it could not (the caller's boot or connection fails, as for privileges).
+
+    Raises each hard limit below an rlimit_* value to it (only root may), so that
+    the limits can be applied after privileges are dropped; sets the nice value
+    (absolute: poolinetd's own is the base) and the umask. ``pooled``: a worker
+    takes rlimit_stack as its own (soft and hard; it needs well under 1 MiB of
+    stack), see ``_launch_rlimits``; and one that lowers its own soft RLIMIT_CPU
+    around each spawn ignores SIGXCPU, which its own accumulated CPU time would
+    otherwise raise; the program gets it back at its default
+    (spawn._DEFAULT_SIGNALS).
+    """
+    controls = service.process
+    if controls.empty or service.program is None:
+        return None
+    try:
+        for res, value in _rlimits(service):
+            soft, hard = resource.getrlimit(res)
+            if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY
+                                                   or value > hard):
+                resource.setrlimit(res, (soft, value))  # soft <= hard < value
+            if pooled and res == resource.RLIMIT_STACK:
+                resource.setrlimit(res, (value, value))
+        if controls.nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, controls.nice)
+    except (OSError, ValueError) as exc:
+        return f"cannot set process controls: {exc}"
+    if controls.umask is not None:
+        os.umask(controls.umask)
+    if pooled and any(key == "rlimit_cpu" for key, _ in controls.rlimits):
+        signal.signal(signal.SIGXCPU, signal.SIG_IGN)
     return None
 
 
@@ -116,7 +178,7 @@ def spawn_program(service: Service, sock: socket.socket, peer: str, local: str) 
     assert service.program is not None
     sock.setblocking(True)
     return spawn.launch(service.program, service.argv, connection_env(service, peer, local),
-                        sock.fileno(), _stderr_fd(service))
+                        sock.fileno(), _stderr_fd(service), _launch_rlimits(service))
 
 
 def exec_program(service: Service, sock: socket.socket, peer: str, local: str) -> int:
@@ -131,6 +193,11 @@ def exec_program(service: Service, sock: socket.socket, peer: str, local: str) -
     spawn.restore_fd_limit()
     saved_log = os.dup(log.log_fd())  # close-on-exec: only used if the exec fails
     try:
+        for res, value in _rlimits(service):  # prepare_process raised the hard limits
+            try:
+                resource.setrlimit(res, (value, value))
+            except ValueError as exc:
+                raise OSError(errno.EINVAL, f"resource limit: {exc}") from exc
         spawn.exec_in_place(service.program, service.argv, env, sock.fileno(),
                             _stderr_fd(service))
     except OSError as exc:

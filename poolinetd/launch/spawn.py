@@ -15,11 +15,13 @@ user) is ``launch.program``'s.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from poolinetd.launch import signals
 
@@ -36,11 +38,11 @@ def restore_fd_limit() -> None:
     """Put the soft fd limit back to what poolinetd was started with (if it was raised)."""
     if original_nofile is None:
         return
-    import resource
-
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (original_nofile, hard))
+# Limits a spawn can trip over itself (launch: glibc maps the child's stack).
+_MEMORY_LIMITS = frozenset({resource.RLIMIT_AS, resource.RLIMIT_DATA})
 EX_WORKER_BOOT = 3  # the child could not get ready (privileges, setup)
 
 # Signals a launched program gets back at their default disposition, whatever
@@ -49,6 +51,8 @@ _DEFAULT_SIGNALS = (
     signal.SIGPIPE, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
     signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU,
     signal.SIGALRM,
+    # A worker of a service with rlimit_cpu ignores SIGXCPU (launch.program.prepare_process).
+    signal.SIGXCPU,
 )
 
 
@@ -113,6 +117,7 @@ def launch(
     env: Mapping[str, str],
     sock_fd: int,
     stderr_fd: int | None = None,
+    rlimits: Sequence[tuple[int, int]] = (),
 ) -> int:
     """Start ``program`` with ``sock_fd`` on fds 0 and 1 (and 2 unless ``stderr_fd``).
 
@@ -123,17 +128,64 @@ def launch(
     should close it once this returns. Returns the pid; raises OSError (with
     errno) when the program cannot be executed. ``exec_in_place`` applies the
     same rules to the calling process (classic mode's child).
+
+    ``rlimits`` ((resource.RLIMIT_*, value) pairs) are what the program gets
+    as both its soft and hard limit. posix_spawn has no attribute for them, so
+    the caller's soft limits are set to the values around the spawn (the
+    program starts with them: a vfork-like clone copies them) and put back
+    after, then the program's hard limits are lowered with prlimit. The
+    caller's hard limits must already be at least the values
+    (``launch.program.prepare_process`` raises them while still root).
+    So the soft limits hold from the program's first instruction; the hard
+    limits a moment after its exec (the prlimit), not before. Not for
+    RLIMIT_STACK: execve writes back the stack limit it started with after the
+    caller has resumed, which can undo the prlimit; the caller holds that one
+    itself (launch.program._launch_rlimits). RLIMIT_NPROC is
+    checked at the spawn itself against the caller's user (as at the execve of
+    a classic child): the launch fails with EAGAIN when that user already runs
+    that many processes. An RLIMIT_AS or RLIMIT_DATA value below what the
+    caller itself maps would fail the spawn (glibc maps the child's stack):
+    the program then starts without those two, and gets them by the prlimit.
     """
     actions = [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in _fd_plan(sock_fd, stderr_fd)]
-    return os.posix_spawn(
-        program,
-        list(argv),
-        dict(env),
-        file_actions=actions,
-        setsid=True,
-        setsigdef=_DEFAULT_SIGNALS,
-        setsigmask=(),
-    )
+    if not rlimits:
+        return os.posix_spawn(program, list(argv), dict(env), file_actions=actions,
+                              setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    args, environ = list(argv), dict(env)  # built before any limit is lowered
+    try:
+        pid = _spawn_limited(program, args, environ, actions, rlimits)
+    except (MemoryError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ENOMEM:
+            raise
+        # An address-space or data limit below what this process already maps: the
+        # spawn itself needs memory (glibc maps the child's stack). Start the program
+        # under the other limits; prlimit below lowers these a moment after its exec.
+        light = [(res, value) for res, value in rlimits if res not in _MEMORY_LIMITS]
+        pid = _spawn_limited(program, args, environ, actions, light)
+    for res, value in rlimits:
+        # EPERM: a set-user-ID program is no longer ours to limit (it keeps the soft
+        # limits it started with); ESRCH: it has already exited.
+        with contextlib.suppress(ValueError, OSError):
+            resource.prlimit(pid, res, (value, value))
+    return pid
+
+
+def _spawn_limited(program: str, args: list[str], env: dict[str, str],
+                   actions: list[tuple[int, int, int]],
+                   rlimits: Sequence[tuple[int, int]]) -> int:
+    """posix_spawn with this process's soft limits set to ``rlimits`` for the duration."""
+    saved = [(res, resource.getrlimit(res)) for res, _ in rlimits]
+    try:
+        for (res, value), (_, (_, hard)) in zip(rlimits, saved, strict=True):
+            resource.setrlimit(res, (value, hard))
+        return os.posix_spawn(program, args, env, file_actions=actions, setsid=True,
+                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    except ValueError as exc:  # a value above this process's hard limit
+        raise OSError(errno.EINVAL, f"resource limit: {exc}") from exc
+    finally:
+        for res, old in saved:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(res, old)
 
 
 def exec_in_place(

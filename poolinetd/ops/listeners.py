@@ -27,6 +27,7 @@ change, so they follow these rules (see docs/configuration.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -37,9 +38,9 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from poolinetd.config.spec import Endpoint, Service, SocketType
+from poolinetd.config.spec import DEFAULT_BACKLOG, Endpoint, Service, SocketType
 
-BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
+BACKLOG = DEFAULT_BACKLOG  # a service's backlog= replaces it; somaxconn caps both
 
 _SOCKTYPES = {
     SocketType.STREAM: socket.SOCK_STREAM,
@@ -115,7 +116,7 @@ def open_endpoint(service: Service, endpoint: Endpoint) -> socket.socket:
         gid = owner.gid if owner is not None else -1
         try:
             return bind_unix(endpoint.address, stype, mode=mode, uid=uid, gid=gid,
-                             trusted_uids=(service.uid,))
+                             trusted_uids=(service.uid,), backlog=service.sockopts.backlog)
         except ListenError as exc:
             raise ListenError(f"{service.name}: cannot listen on {endpoint.address}: {exc}"
                               ) from exc
@@ -129,15 +130,71 @@ def open_endpoint(service: Service, endpoint: Endpoint) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if endpoint.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(endpoint.v6only))
+        set_socket_options(sock, service)
         sock.bind((endpoint.address, endpoint.port))
         if stype != socket.SOCK_DGRAM:
-            sock.listen(BACKLOG)
+            sock.listen(service.sockopts.backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         raise ListenError(f"{service.name}: cannot listen on {where}: "
                           f"{exc.strerror or exc}") from exc
     return sock
+
+
+def set_socket_options(sock: socket.socket, service: Service) -> None:
+    """``service``'s socket controls on a TCP or UDP listener, before bind (raises OSError).
+
+    Set on the listener only: Linux copies a listener's SO_RCVBUF, SO_SNDBUF,
+    SO_KEEPALIVE and TCP_NODELAY to every socket accept() returns (the new
+    socket is a clone of the listener's; tests/test_keys_socket.py checks it on
+    fd 0 of a launched program), so no connection costs a setsockopt. The
+    buffers are set before listen: TCP picks its window scale from SO_RCVBUF
+    when the handshake starts. settings.py has already dropped the options that
+    cannot apply to this kind of socket (resolved as None, False or 0).
+    """
+    opts = service.sockopts
+    if opts.rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, opts.rcvbuf)
+    if opts.sndbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, opts.sndbuf)
+    if opts.keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if opts.nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if opts.defer_accept:
+        # accept() returns a connection only once data arrived (or the time passed and
+        # the kernel's SYN-ACK retries ran out): silent clients never reach the engine.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, opts.defer_accept)
+
+
+def update_socket_options(sock: socket.socket, old: Service, new: Service) -> None:
+    """A reload changed the service whose listener ``sock`` moves on: set what differs.
+
+    keepalive, nodelay and defer_accept are switched either way and the backlog
+    is set again by a second listen() (Linux takes it on a listening socket). A
+    buffer size is set when the new service names one; one removed stays what it
+    was until the listener is reopened (the kernel's default cannot be asked
+    for). Affects connections accepted from now on. Never raises: these calls
+    cannot fail on a socket open_endpoint made, and a failed one must not fail
+    the reload.
+    """
+    was, now = old.sockopts, new.sockopts
+    if was == now or (sock.family == socket.AF_UNIX and was.backlog == now.backlog):
+        return
+    with contextlib.suppress(OSError):
+        if sock.family != socket.AF_UNIX:
+            for key, level, opt in (("rcvbuf", socket.SOL_SOCKET, socket.SO_RCVBUF),
+                                    ("sndbuf", socket.SOL_SOCKET, socket.SO_SNDBUF)):
+                value = getattr(now, key)
+                if value is not None and value != getattr(was, key):
+                    sock.setsockopt(level, opt, value)
+            if sock.type == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(now.keepalive))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(now.nodelay))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, now.defer_accept)
+        if sock.type != socket.SOCK_DGRAM and was.backlog != now.backlog:
+            sock.listen(now.backlog)
 
 
 def bind_unix(path: str, socktype: int, *, mode: int = 0o600, uid: int = -1, gid: int = -1,
@@ -452,4 +509,6 @@ __all__ = [
     "family_name",
     "open_endpoint",
     "remove_stale_socket",
+    "set_socket_options",
+    "update_socket_options",
 ]

@@ -486,7 +486,10 @@ def run_worker(channel: socket.socket, upward_fd: int, service: Service,
     try:
         spawn.set_title(f"poolinetd: {service.name} worker booting")
         stagetrace.forked()
-        failed = program.drop_privileges(service)
+        # Process controls first: raising hard limits and lowering nice need root.
+        failed = program.prepare_process(service, pooled=True)
+        if failed is None:
+            failed = program.drop_privileges(service)
         if failed is not None:
             return _boot_failed(upward, service, failed)
         # Checked here, as the service's user: a program every connection would fail
