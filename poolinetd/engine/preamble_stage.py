@@ -66,6 +66,10 @@ class PreambleStage:
         self.deliver = deliver
         self.pending: dict[int, Pending] = {}  # by fd
         self.order: collections.deque[Pending] = collections.deque()  # by deadline
+        # Each service's and source's connections in the stage, oldest first (by fd):
+        # an eviction finds its victim at once. (``order`` keeps every connection until
+        # its deadline, gone or not: scanning it cost each eviction more than the last.)
+        self.by_source: dict[tuple[ServiceRuntime, Hashable], dict[int, Pending]] = {}
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -91,11 +95,9 @@ class PreambleStage:
         return True
 
     def _evict_oldest(self, rt: ServiceRuntime, source: Hashable) -> None:
-        for item in self.order:  # oldest first; only scanned when a stage is full
-            if item.rt is rt and item.source == source and self.pending.get(
-                    item.sock.fileno()) is item:
-                self.drop(item, "preamble_evicted")
-                return
+        items = self.by_source.get((rt, source))
+        if items:
+            self.drop(next(iter(items.values())), "preamble_evicted")
 
     def begin(self, lst: Listener, fd: int, family: int, peer: Peer, source: Hashable,
               now: float) -> None:
@@ -107,6 +109,7 @@ class PreambleStage:
         rt.pending_by[source] = rt.pending_by.get(source, 0) + 1
         self.pending[fd] = item
         self.order.append(item)
+        self.by_source.setdefault((rt, source), {})[fd] = item
         rt.pending += 1
         self.on_readable(item)  # the header is usually there already
         if fd in self.pending:
@@ -215,6 +218,11 @@ class PreambleStage:
         if self.pending.pop(fd, None) is None:
             return
         rt = item.rt
+        mine = self.by_source.get((rt, item.source))
+        if mine is not None:
+            mine.pop(fd, None)
+            if not mine:
+                del self.by_source[(rt, item.source)]
         rt.pending -= 1
         left = rt.pending_by.get(item.source, 0) - 1
         if left > 0:
@@ -228,6 +236,7 @@ class PreambleStage:
     def drop(self, item: Pending, why: str) -> None:
         """Refuse ``item`` for ``why``: closed, counted and logged."""
         self.forget(item)
+        item.got = b""  # it waits in ``order`` until its deadline: keep it small
         self.release(item.sock)
         self.refusals.refused(item.rt, item.peer[0] if item.peer else "", why, self.clock())
 
