@@ -1,0 +1,228 @@
+"""The same xinetd.conf under the real xinetd (Debian's, started here in the foreground) and
+under poolinetd, both modes: for a set of clients bound to distinct 127.0.x.y sources, who is
+served and who is refused must be the same. Loopback only; skipped without /usr/sbin/xinetd
+(.ci/install-distro-programs installs it) or without root (xinetd binds as root)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import IS_ROOT, start_server, wait_until
+
+XINETD = shutil.which("xinetd") or "/usr/sbin/xinetd"
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(XINETD), reason="xinetd is not installed"),
+    pytest.mark.skipif(not IS_ROOT, reason="xinetd needs root to run its services"),
+    pytest.mark.process,
+]
+SERVED, REFUSED = "served", "refused"
+ANSWER_TIMEOUT = 10.0  # a served client's echo, on two busy shared cores
+HELD_TIMEOUT = 2.0  # how long a client past a limit must stay unanswered to count as refused
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (bound and released at once: both daemons then bind
+    them in turn, and SO_REUSEADDR covers the TIME_WAIT of the first one's connections)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def echo_service(name: str, port: int, extra: str = "") -> str:
+    """An INTERNAL echo (xinetd picks the built-in by the service name; ``name`` is its id)
+    on 127.0.0.1:``port``, without tcp_wrappers, so only the file decides."""
+    return (f"service echo\n{{\n\ttype = INTERNAL UNLISTED\n\tid = {name}\n"
+            f"\tsocket_type = stream\n\tprotocol = tcp\n\twait = no\n\tuser = root\n"
+            f"\tport = {port}\n\tbind = 127.0.0.1\n\tflags = REUSE NOLIBWRAP\n{extra}}}\n")
+
+
+def connect(source: str, port: int) -> socket.socket | None:
+    """A connection from ``source``; None when nothing listens on ``port``."""
+    sock = socket.socket()
+    sock.settimeout(ANSWER_TIMEOUT)
+    sock.bind((source, 0))
+    try:
+        sock.connect(("127.0.0.1", port))
+    except ConnectionRefusedError:
+        sock.close()
+        return None
+    return sock
+
+
+def outcome(sock: socket.socket | None, wait: float = ANSWER_TIMEOUT) -> str:
+    """SERVED if the echo answers within ``wait`` seconds, else REFUSED (closed, reset,
+    never answered, or nothing listening). The socket stays open (the caller closes it)."""
+    if sock is None:
+        return REFUSED
+    sock.settimeout(wait)
+    try:
+        sock.sendall(b"x")
+        return SERVED if sock.recv(1) == b"x" else REFUSED
+    except (TimeoutError, ConnectionError):
+        return REFUSED
+
+
+@contextlib.contextmanager
+def running_xinetd(tmp_path: Path, conf: Path, probe_port: int) -> Iterator[None]:
+    """xinetd in the foreground on ``conf``, ready once ``probe_port`` answers."""
+    log = tmp_path / "xinetd.log"
+    proc = subprocess.Popen(
+        [XINETD, "-dontfork", "-stayalive", "-f", str(conf), "-pidfile",
+         str(tmp_path / "xinetd.pid"), "-filelog", str(log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text(errors="replace")
+            sock = connect("127.0.0.1", probe_port)
+            with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+                return sock is not None and outcome(sock) == SERVED
+
+        wait_until(ready, 30.0, "xinetd to serve its probe service")
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+Scenario = Callable[[], dict[str, str]]
+
+
+def compare(tmp_path: Path, text: str, probe: int, scenario: Scenario, mode: str,
+            expected: dict[str, str]) -> None:
+    """Run ``scenario`` under xinetd, then under poolinetd (``mode``) on the same file."""
+    conf = tmp_path / "xinetd.conf"
+    conf.write_text(text)
+    with running_xinetd(tmp_path, conf, probe):
+        under_xinetd = scenario()
+    server = start_server(tmp_path, text, mode=mode)
+    try:
+        under_poolinetd = scenario()
+    finally:
+        server.stop(signal.SIGINT)
+    assert under_xinetd == expected, ("xinetd", under_xinetd)
+    assert under_poolinetd == under_xinetd, (mode, under_poolinetd, server.log())
+
+
+MODES = ["pool", "classic"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_access_lists(tmp_path: Path, mode: str) -> None:
+    """only_from/no_access: CIDR, xinetd's trailing-zero wildcards, factorized addresses,
+    an address in both lists (refused whatever the masks, as xinetd 2.3.15 does)."""
+    probe, lists, both, factor, zeros, inherit = free_ports(6)
+    text = ("defaults\n{\n\tno_access = 127.0.9.9\n}\n"
+            + echo_service("probe", probe)
+            + echo_service("lists", lists, "\tonly_from = 127.0.0.0/24\n"
+                                           "\tno_access = 127.0.0.5\n")
+            + echo_service("both", both, "\tonly_from = 127.0.0.6\n"
+                                         "\tno_access = 127.0.0.0/24\n")
+            + echo_service("factor", factor, "\tonly_from = 127.0.{3,4}\n")
+            + echo_service("zeros", zeros, "\tonly_from = 127.0.0.0\n")
+            + echo_service("inherit", inherit, "\tno_access += 127.0.0.7\n"))
+    clients = [("lists", lists, "127.0.0.2"), ("lists", lists, "127.0.0.5"),
+               ("lists", lists, "127.0.1.1"), ("both", both, "127.0.0.6"),
+               ("both", both, "127.0.1.6"), ("factor", factor, "127.0.3.1"),
+               ("factor", factor, "127.0.4.200"), ("factor", factor, "127.0.5.1"),
+               ("zeros", zeros, "127.200.1.1"), ("inherit", inherit, "127.0.0.7"),
+               ("inherit", inherit, "127.0.9.9"), ("inherit", inherit, "127.0.0.8")]
+
+    def scenario() -> dict[str, str]:
+        got = {}
+        for name, port, source in clients:
+            sock = connect(source, port)
+            got[f"{name} {source}"] = outcome(sock)
+            if sock is not None:
+                sock.close()
+        return got
+
+    expected = {
+        "lists 127.0.0.2": SERVED, "lists 127.0.0.5": REFUSED, "lists 127.0.1.1": REFUSED,
+        "both 127.0.0.6": REFUSED, "both 127.0.1.6": REFUSED,
+        "factor 127.0.3.1": SERVED, "factor 127.0.4.200": SERVED,
+        "factor 127.0.5.1": REFUSED, "zeros 127.200.1.1": SERVED,
+        "inherit 127.0.0.7": REFUSED, "inherit 127.0.9.9": REFUSED,
+        "inherit 127.0.0.8": SERVED,
+    }
+    compare(tmp_path, text, probe, scenario, mode, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_source_instances_and_disable(tmp_path: Path, mode: str) -> None:
+    """per_source (max_child_per_ip), instances (max_child: xinetd refuses past it,
+    poolinetd leaves the client in the backlog: neither answers it while the others
+    run) and disable = yes (nothing listens)."""
+    probe, per, inst, off = free_ports(4)
+    text = (echo_service("probe", probe)
+            + echo_service("per", per, "\tper_source = 1\n")
+            + echo_service("inst", inst, "\tinstances = 2\n")
+            + echo_service("off", off, "\tdisable = yes\n"))
+
+    def scenario() -> dict[str, str]:
+        got: dict[str, str] = {}
+        held: list[socket.socket] = []
+        try:
+            first = connect("127.0.0.2", per)
+            assert first is not None
+            held.append(first)
+            got["per first 127.0.0.2"] = outcome(first)
+            second = connect("127.0.0.2", per)
+            if second is not None:
+                held.append(second)
+            got["per second 127.0.0.2"] = outcome(second, HELD_TIMEOUT)
+            other = connect("127.0.0.3", per)
+            if other is not None:
+                held.append(other)
+            got["per other 127.0.0.3"] = outcome(other)
+            for source in ("127.0.1.1", "127.0.1.2"):
+                sock = connect(source, inst)
+                assert sock is not None
+                held.append(sock)
+                got[f"inst {source}"] = outcome(sock)
+            third = connect("127.0.1.3", inst)
+            if third is not None:
+                held.append(third)
+            got["inst third 127.0.1.3"] = outcome(third, HELD_TIMEOUT)
+            got["off 127.0.0.2"] = outcome(connect("127.0.0.2", off))
+        finally:
+            for sock in held:
+                sock.close()
+        # Once the held instances end, a new client is served again (both daemons).
+        deadline = time.monotonic() + 30
+
+        def served_again() -> bool:
+            sock = connect("127.0.1.4", inst)
+            with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+                return outcome(sock, HELD_TIMEOUT) == SERVED or time.monotonic() > deadline
+
+        wait_until(served_again, 40.0, "instances to free up")
+        got["inst after 127.0.1.4"] = SERVED if time.monotonic() <= deadline else REFUSED
+        return got
+
+    expected = {
+        "per first 127.0.0.2": SERVED, "per second 127.0.0.2": REFUSED,
+        "per other 127.0.0.3": SERVED, "inst 127.0.1.1": SERVED, "inst 127.0.1.2": SERVED,
+        "inst third 127.0.1.3": REFUSED, "off 127.0.0.2": REFUSED,
+        "inst after 127.0.1.4": SERVED,
+    }
+    compare(tmp_path, text, probe, scenario, mode, expected)
