@@ -176,3 +176,14 @@ def test_check_json_shows_the_rpc_program() -> None:
     assert service_to_dict(svc)["rpc"] == {"program": 100001, "versions": [2, 4],
                                            "netids": ["udp", "udp6"]}
     assert "rpc" not in service_to_dict(only("echo stream tcp nowait root internal\n"))
+
+
+def test_key_values_rpc_entries() -> None:
+    svc = only("rstatd/1-5 on protocol=rpc/udp, wait=yes, user=nobody, exec=/bin/cat, "
+               "args=cat, no_access=127.0.0.1;\n")
+    assert (svc.rpc, svc.name) == (RpcProgram(100001, 1, 5, ("udp",)), "rstatd/1-5/rpc/udp")
+    assert [str(n) for n in svc.no_access.networks] == ["127.0.0.1/32"]
+    dual = only("100099/1 on protocol=rpc/*, socktype=stream, wait=yes, user=nobody, "
+                "exec=/bin/cat, args=cat;\n")
+    assert dual.rpc == RpcProgram(100099, 1, 1, ("tcp", "tcp6"))
+    assert dual.spec.protocol is Protocol.TCP46

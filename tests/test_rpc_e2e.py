@@ -390,3 +390,80 @@ def test_fast_dump_agrees_with_rpcinfo(host_rpcbind: Rpcbind) -> None:
     assert (100000, 3, "udp") in table
     assert {(p, v) for p, v, _ in table} >= {(p, v) for p, v, _, _ in portmap()}
     assert struct.calcsize(">I") == 4
+
+
+def null_call(port: int, prog: int, vers: int, timeout: float = 2.0) -> bool:
+    """Whether an RPC NULL call over UDP to ``port`` is answered within ``timeout``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(rpcbind.call_message(5, prog, vers, 0, b""), ("127.0.0.1", port))
+        try:
+            return rpcbind.reply_result(sock.recv(65536), 5) == b""
+        except TimeoutError:
+            return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_admission_applies_as_for_other_wait_services(serve, host_rpcbind: Rpcbind,
+                                                      mode: str) -> None:
+    """A refused source's datagram starts nothing and gets no answer; the service stays
+    registered and answers everyone else."""
+    need(RSTATD)
+    server: Server = serve(
+        "rstatd/1-5 on protocol=rpc/udp, wait=yes, user=nobody, exec=/usr/sbin/rpc.rstatd, "
+        "args=rpc.rstatd, no_access=127.0.0.1;\n", mode=mode)
+    port = rpc_port(server, RSTATD_NAME)
+    wait_until(lambda: versions_at(RSTAT, port) == {1, 2, 3, 4, 5}, 20, "rstatd mapped")
+    assert not null_call(port, RSTAT, 2)
+    status = server.service_status(RSTATD_NAME)
+    assert status["refused_by"].get("no_access", 0) >= 1 and status["accepted"] == 0
+    # The same datagram from another loopback address is served.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.2", 0))
+        sock.settimeout(CLIENT_TIMEOUT)
+        sock.sendto(rpcbind.call_message(6, RSTAT, 2, 0, b""), ("127.0.0.1", port))
+        assert rpcbind.reply_result(sock.recv(65536), 6) == b""
+    assert server.service_status(RSTATD_NAME)["accepted"] == 1
+    wait_until(lambda: server.service_status(RSTATD_NAME)["active"] == 0, 30, "rstatd idle")
+    assert server.stop() == 0
+
+
+def test_a_reload_that_changes_only_the_program_keeps_the_mappings(
+        serve, host_rpcbind: Rpcbind) -> None:
+    """Same program, versions and transport: the socket moves to the new generation and
+    rpcbind is not touched (no unset, no set)."""
+    need(RSTATD, TCPD)
+    server: Server = serve(DIRECT_RSTATD)
+    port = rpc_port(server, RSTATD_NAME)
+    wait_until(lambda: versions_at(RSTAT, port) == {1, 2, 3, 4, 5}, 20, "rstatd mapped")
+    server.conf.write_text(DEBIAN_RSTATD)  # now through tcpd
+    server.send_signal(signal.SIGHUP)
+    wait_until(lambda: " reloaded " in server.log(), 20, "the reload")
+    assert "changed=1" in server.log()
+    assert versions_at(RSTAT, port) == {1, 2, 3, 4, 5}
+    assert "rpc_unregistered" not in server.log()
+    assert server.log().count("rpc_registered") == 1
+    assert null_call(port, RSTAT, 3, CLIENT_TIMEOUT)
+    wait_until(lambda: server.service_status(RSTATD_NAME)["active"] == 0, 30, "rstatd idle")
+    assert server.stop() == 0
+    assert versions_at(RSTAT, port) == set()
+
+
+def test_an_rpcbind_restart_is_noticed_and_mended(serve, host_rpcbind: Rpcbind) -> None:
+    """rpcbind restarted without -w forgets every mapping; the master's periodic check
+    (one DUMP every AUDIT_INTERVAL) registers them again."""
+    need(RSTATD)
+    if not host_rpcbind.owned:
+        pytest.skip("restarts rpcbind: runs only with one this module started")
+    server: Server = serve(DIRECT_RSTATD)
+    port = rpc_port(server, RSTATD_NAME)
+    wait_until(lambda: versions_at(RSTAT, port) == {1, 2, 3, 4, 5}, 20, "rstatd mapped")
+    host_rpcbind.stop()
+    host_rpcbind.ensure()
+    assert versions_at(RSTAT, port) == set()  # the new rpcbind knows nothing
+    wait_until(lambda: versions_at(RSTAT, port) == {1, 2, 3, 4, 5},
+               3 * rpcbind.AUDIT_INTERVAL + 15, "rstatd mapped again")
+    assert null_call(port, RSTAT, 2, CLIENT_TIMEOUT)
+    wait_until(lambda: server.service_status(RSTATD_NAME)["active"] == 0, 30, "rstatd idle")
+    assert server.stop() == 0
+    assert versions_at(RSTAT, port) == set()

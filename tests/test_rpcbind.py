@@ -328,3 +328,21 @@ def test_a_stop_with_rpcbind_gone_gives_up_at_once(world, events) -> None:  # no
     assert not reg.busy()  # nothing to wait for: a stop is not held up
     assert named(events, "rpcbind_unavailable")[-1]["action"] == (
         "3 mappings left registered: stopping")
+
+
+def test_mappings_rpcbind_forgot_are_registered_again(world, events) -> None:  # noqa: F811
+    sel, fake, reg, clock = world
+    fake.start()
+    reg.sync(maps(0x0301))
+    turn(sel, reg, clock)
+    assert reg.next_deadline() == clock.now + rpcbind.AUDIT_INTERVAL
+    later(sel, reg, clock, rpcbind.AUDIT_INTERVAL)  # all there: nothing to do
+    assert named(events, "rpc_mapping_lost") == [] and len(fake.table) == 3
+    del fake.table[(100001, 2, "udp")]  # rpcbind restarted (without -w) and forgot
+    fake.table[(100001, 3, "udp")] = "0.0.0.0.9.9"  # or someone else took a version
+    later(sel, reg, clock, rpcbind.AUDIT_INTERVAL)
+    assert named(events, "rpc_mapping_lost") == [{
+        "service": "rstatd/1-3/rpc/udp", "program": 100001, "mappings": 2, "port": 0x0301,
+        "action": "registered again (was rpcbind restarted?)"}]
+    assert fake.table == {(100001, v, "udp"): "0.0.0.0.3.1" for v in (1, 2, 3)}
+    assert reg.state("rstatd/1-3/rpc/udp") == (True, "")

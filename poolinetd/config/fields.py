@@ -391,6 +391,8 @@ class FieldReader:
     def rpc_service(self, tok: Tok, name: str, f: EntryFields) -> str:
         """``PROGRAM/LOW-HIGH`` or ``PROGRAM/VERSION`` (field 1 of an RPC entry): fills
         ``f.rpc`` and returns PROGRAM (a name from /etc/rpc or a number, looked up later)."""
+        if f.socket_type is SocketType.STREAM and f.protocol is Protocol.UDP46:
+            f.protocol = Protocol.TCP46  # key-values: rpc/* with socktype=stream read first
         program, slash, versions = name.partition("/")
         if not slash or not versions:
             self.report.tok_error(tok, "an RPC service needs its versions",

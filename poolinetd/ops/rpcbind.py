@@ -59,6 +59,9 @@ RPCBPROG, RPCBVERS = 100000, 3
 SET, UNSET, DUMP = 1, 2, 4
 CALL_TIMEOUT = 2.0  # seconds for one answer from the local rpcbind
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+# How often what this master registered is checked against rpcbind's table (one DUMP):
+# an rpcbind restarted without -w has forgotten every mapping, and nothing else says so.
+AUDIT_INTERVAL = 10.0
 MAX_RECORD = 64 * 1024  # an answer to these calls is a few dozen bytes
 MAX_STRING = 1024
 
@@ -213,17 +216,22 @@ def uaddr_port(uaddr: str) -> int:
     return int(parts[1]) * 256 + int(parts[2])
 
 
-def registered_port(rd: Reader, m: Mapping) -> int:
-    """The port rpcbind maps ``m``'s program, version and netid to, from a DUMP answer
-    (an XDR list: a 1 before each ``rpcb``, a 0 at its end); -1 when none does."""
+def dump_table(rd: Reader) -> dict[tuple[int, int, str], int]:
+    """(program, version, netid) -> port, from a DUMP answer (an XDR list: a 1 before
+    each ``rpcb``, a 0 at its end); the first entry of a key wins, as in rpcbind."""
+    table: dict[tuple[int, int, str], int] = {}
     for _ in range(MAX_RECORD // 24):  # an entry takes at least 24 bytes: bounded
         if not rd.uint():
             break
         prog, vers, netid, uaddr = rd.uint(), rd.uint(), rd.string(), rd.string()
         rd.string()  # owner
-        if (prog, vers, netid) == (m.prog, m.vers, m.netid):
-            return uaddr_port(uaddr)
-    return -1
+        table.setdefault((prog, vers, netid), uaddr_port(uaddr))
+    return table
+
+
+def registered_port(rd: Reader, m: Mapping) -> int:
+    """The port rpcbind maps ``m``'s program, version and netid to; -1 when none."""
+    return dump_table(rd).get((m.prog, m.vers, m.netid), -1)
 
 
 def held_by(pid: int, socks: Iterable[socket.socket]) -> set[socket.socket]:
@@ -272,6 +280,7 @@ class Registrar:
         self.retry_at = 0.0  # rpcbind was unavailable: nothing is tried before this
         self.backoff = 0.0
         self.down = False  # the last call failed for want of rpcbind (logged once)
+        self.audit_at = 0.0  # when the registered mappings are checked next (0: not due)
         self.stopping = False
 
     # -- what the engine says -----------------------------------------------------------------
@@ -306,7 +315,9 @@ class Registrar:
     def next_deadline(self) -> float | None:
         if self.steps is not None:
             return self.deadline
-        return self.retry_at if self.retry_at and self._next_job() is not None else None
+        if self.retry_at:
+            return self.retry_at if self._next_job() is not None else None
+        return self.audit_at if self.audit_at and self.registered else None
 
     def expire(self, now: float) -> None:
         if self.steps is not None and now >= self.deadline:
@@ -314,6 +325,10 @@ class Registrar:
         elif self.steps is None and self.retry_at and now >= self.retry_at:
             self.retry_at = 0.0
             self._pump()
+        elif (self.steps is None and not self.retry_at and not self.stopping
+              and self.audit_at and now >= self.audit_at):
+            self.audit_at = 0.0
+            self._audit_now()
 
     def close(self) -> None:
         self._disconnect()
@@ -339,6 +354,8 @@ class Registrar:
             job = self._next_job()
             if job is None:
                 self._disconnect()
+                if self.registered and not self.audit_at and not self.stopping:
+                    self.audit_at = self.clock() + AUDIT_INTERVAL
                 return
             if self.sock is None and not self._connect():
                 return
@@ -374,11 +391,14 @@ class Registrar:
     def _advance(self, result: bytes | None) -> bool:
         """Give the call in flight its ``result`` (None: start it), send its next request;
         True when the job ended and the next one may start."""
-        assert self.steps is not None and self.job is not None
+        assert self.steps is not None
         try:
             proc, args = self.steps.send(result) if result is not None else next(self.steps)
         except StopIteration as done:
-            self._finished(self.job, bool(done.value))
+            if self.job is None:  # an audit: what it found missing is set again next
+                self.steps = None
+            else:
+                self._finished(self.job, bool(done.value))
             return True
         except RpcError as exc:
             self._unavailable(str(exc))
@@ -419,6 +439,26 @@ class Registrar:
                     self._pump()
         except RpcError as exc:
             self._unavailable(str(exc))
+
+    def _audit_now(self) -> None:
+        """Check every registered mapping against rpcbind's table (one DUMP)."""
+        if self.sock is None and not self._connect():
+            return
+        self.steps, self.job = self._audit(), None
+        if self._advance(None):
+            self._pump()
+
+    def _audit(self) -> Steps:
+        table = dump_table(Reader((yield DUMP, b"")))
+        lost: dict[str, list[Mapping]] = {}
+        for m in list(self.registered):
+            if table.get((m.prog, m.vers, m.netid)) != m.port:
+                lost.setdefault(self.registered.pop(m), []).append(m)
+        for name, maps in lost.items():
+            log.warning("rpc_mapping_lost", service=name, program=maps[0].prog,
+                        mappings=len(maps), port=maps[0].port,
+                        action="registered again (was rpcbind restarted?)")
+        return True
 
     def _set(self, m: Mapping) -> Steps:
         if Reader((yield SET, m.rpcb(m.uaddr))).uint():
