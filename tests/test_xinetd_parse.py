@@ -14,7 +14,7 @@ from config_helpers import errors, load, only, warnings
 
 from poolinetd.config import includes, xinetd_lexer, xinetd_map
 from poolinetd.config.resolve import load_file
-from poolinetd.config.spec import Protocol, Severity, SocketType
+from poolinetd.config.spec import RLIM_UNLIMITED, Protocol, Severity, SocketType
 from poolinetd.config.xinetd_lexer import Block, Directive, lex, looks_like_xinetd
 from poolinetd.net import netmatch
 
@@ -248,15 +248,31 @@ def test_attributes_poolinetd_refuses(extra: str, message: str) -> None:
                                   "log_on_failure += USERID", "passenv = PATH", "banner = /x",
                                   "banner_success = /x", "banner_fail = /x", "max_load = 2.5",
                                   "deny_time = 60", "libwrap = svc", "mdns = no",
-                                  "rlimit_as = 8M", "rlimit_cpu = 20", "rlimit_files = 64",
-                                  "nice = 10", "umask = 022", "groups = no",
-                                  "flags = NODELAY KEEPALIVE"])
+                                  "groups = no", "flags = INTERCEPT"])
 def test_attributes_read_with_a_warning(attr: str) -> None:
     text = block(PROGRAM + f"\t{attr}\n")
     name = attr.split()[0]
     assert errors(text) == []
     shown = warnings(text)
     assert any(f"'{name}'" in w for w in shown), shown
+
+
+def test_process_and_socket_controls_map_onto_poolinetd_keys() -> None:
+    svc = only(block(PROGRAM + "\trlimit_as = 8M\n\trlimit_cpu = 20\n\trlimit_files = 64\n"
+                             "\trlimit_stack = UNLIMITED\n\tnice = -5\n\tumask = 027\n"
+                             "\tflags = NODELAY KEEPALIVE\n"))
+    assert dict(svc.process.rlimits) == {"rlimit_as": 8 << 20, "rlimit_cpu": 20,
+                                         "rlimit_files": 64, "rlimit_stack": RLIM_UNLIMITED}
+    assert (svc.process.nice, svc.process.umask) == (-5, 0o27)
+    assert svc.sockopts.nodelay and svc.sockopts.keepalive
+    inherited = only("defaults\n{\n\tumask = 077\n}\n" + block(PROGRAM))
+    assert inherited.process.umask == 0o77
+    shown = errors(block(PROGRAM + "\tnice = 40\n\trlimit_as = lots\n"))
+    assert any("bad nice value '40'" in e for e in shown), shown
+    assert any("bad rlimit_as value 'lots'" in e for e in shown), shown
+    # A built-in runs no program: resolve says the process controls do not apply.
+    assert any("rlimit_cpu ignored: a built-in runs no program" in w
+               for w in warnings(ECHO.replace("}", "\trlimit_cpu = 5\n}")))
 
 
 def test_required_attributes() -> None:
@@ -428,5 +444,6 @@ def test_debian_man_page_attributes_when_available() -> None:
                  "USERID"}
     flags = {n for n in names if not n.islower() and len(n) > 1} - log_words
     known = set(xinetd_map._TYPES) | set(xinetd_map._FLAGS_DONE) | set(
+        xinetd_map._FLAGS_SOCKOPTS) | set(
         xinetd_map._FLAGS_WARNED) | set(xinetd_map._FLAGS_REFUSED)
     assert flags - known == set()

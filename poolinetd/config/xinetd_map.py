@@ -36,7 +36,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from poolinetd.config import accesslists
+from poolinetd.config import accesslists, values
 from poolinetd.config.report import short
 from poolinetd.config.spec import (
     Diagnostic,
@@ -49,7 +49,6 @@ from poolinetd.config.spec import (
     Severity,
     SocketType,
 )
-from poolinetd.config.values import INT_MAX, uint
 from poolinetd.config.xinetd_lexer import Attr, Block
 from poolinetd.net import netmatch
 from poolinetd.net.netmatch import AddressList
@@ -69,12 +68,15 @@ _INHERITED = frozenset({"bind", "interface", "per_source", "instances", "cps", "
                         "groups", "banner", "banner_success", "banner_fail", "max_load",
                         "log_type", "v6only"})
 _DEFAULTS_ONLY = frozenset({"enabled", "disabled"})
+# xinetd's rlimit_* -> poolinetd's keys of the same names (Options; resolve applies them
+# to launched programs only, as xinetd does: a built-in runs no program).
+_RLIMITS = ("rlimit_as", "rlimit_cpu", "rlimit_data", "rlimit_rss", "rlimit_stack",
+            "rlimit_files")
 # Mapped onto poolinetd's model (see _Service.build).
 _MAPPED = frozenset({"id", "type", "flags", "socket_type", "protocol", "wait", "user",
                      "group", "server", "server_args", "port", "bind", "interface",
                      "only_from", "no_access", "per_source", "instances", "cps", "env",
-                     "disable", "v6only", "groups"})
-_NO_RLIMITS = "poolinetd does not set resource limits on programs yet"
+                     "disable", "v6only", "groups", "nice", "umask", *_RLIMITS})
 # Read and not applied: what poolinetd does instead (the warning's hint).
 _WARNED: dict[str, str] = {
     "log_type": "poolinetd logs every start, end and refusal in its own log "
@@ -91,14 +93,6 @@ _WARNED: dict[str, str] = {
     "libwrap": "poolinetd does not consult tcp_wrappers (hosts.allow, hosts.deny): "
                "use only_from and no_access",
     "mdns": "poolinetd registers nothing with mDNS",
-    "rlimit_as": _NO_RLIMITS,
-    "rlimit_cpu": _NO_RLIMITS,
-    "rlimit_data": _NO_RLIMITS,
-    "rlimit_rss": _NO_RLIMITS,
-    "rlimit_stack": _NO_RLIMITS,
-    "rlimit_files": _NO_RLIMITS,
-    "nice": "poolinetd does not set it yet: the program runs at poolinetd's nice value",
-    "umask": "poolinetd does not set it yet: the program inherits poolinetd's umask",
 }
 # Poolinetd would serve differently from xinetd: an error for an enabled service.
 _REFUSED: dict[str, str] = {
@@ -119,9 +113,9 @@ _FLAGS_DONE = {
     "NAMEINARGS": "",
     "NORETRY": "",  # poolinetd retries nothing either: a failed start is logged
 }
+# Flags that set a socket option: poolinetd's key of the same meaning.
+_FLAGS_SOCKOPTS = {"NODELAY": "nodelay", "KEEPALIVE": "keepalive"}
 _FLAGS_WARNED = {
-    "NODELAY": "TCP_NODELAY is not set yet",
-    "KEEPALIVE": "SO_KEEPALIVE is not set yet",
     "INTERCEPT": "poolinetd checks every connection in the master before hand-off anyway",
     "IDONLY": "poolinetd asks no ident server: every client is served",
     "LABELED": "poolinetd sets no SELinux label on programs",
@@ -371,6 +365,7 @@ class _Service:
         addresses = self.bind()
         only, deny, nobody = self.access_lists()
         env = self.env()
+        controls = self.controls(flags)
         limits = self.limits()
         self.groups()
         if nobody:
@@ -391,7 +386,8 @@ class _Service:
             limits=limits,
             tcpmux=mux,
             tcpmux_plus=plus,
-            options=Options(env=env, only_from=only, no_access=deny),
+            options=Options(env=env, only_from=only, no_access=deny,
+                            **controls),  # type: ignore[arg-type]
             enabled=not self.disabled,
             source=self.block.source,
             lineno=self.block.lineno,
@@ -411,7 +407,7 @@ class _Service:
     def flags(self) -> frozenset[str]:
         words = self.words("flags") or []
         for word in words:
-            if word in _FLAGS_DONE:
+            if word in _FLAGS_DONE or word in _FLAGS_SOCKOPTS:
                 continue
             if word in _FLAGS_WARNED:
                 self.at("flags", f"flag {word} is not applied", _FLAGS_WARNED[word],
@@ -524,7 +520,7 @@ class _Service:
             return "tcpmux", name, "TCPMUXPLUS" in types
         text = self.one("port")
         if text is not None:
-            port = uint(text)
+            port = values.uint(text)
             if port is None or port > 65535:
                 self.at("port", f"bad port {text!r}", "a port is a number from 0 to 65535")
                 return None, None, False
@@ -629,7 +625,7 @@ class _Service:
             if value == _UNLIMITED:
                 lifted.add(key)
                 continue
-            number = uint(value)
+            number = values.uint(value)
             if number is None:
                 self.at(attr, f"{attr} must be a number or UNLIMITED, not {value!r}",
                         f"write {attr} = 10")
@@ -639,13 +635,13 @@ class _Service:
                 numbers[key] = number
         cps = self.words("cps")
         if cps is not None:
-            rate = uint(cps[0]) if cps else None
-            pause = uint(cps[1]) if len(cps) == 2 else None
+            rate = values.uint(cps[0]) if cps else None
+            pause = values.uint(cps[1]) if len(cps) == 2 else None
             if len(cps) != 2 or rate is None or pause is None or rate == 0:
                 self.at("cps", f"cps takes a rate and a pause, not {' '.join(cps)!r}",
                         "write cps = 50 10")
             else:
-                numbers["max_spawn_per_min"] = min(rate * 60, INT_MAX)
+                numbers["max_spawn_per_min"] = min(rate * 60, values.INT_MAX)
                 self.at("cps", f"cps {rate} {pause} is applied as max_spawn_per_min = "
                         f"{rate * 60}", "over the rate poolinetd rests the service 60 s, "
                         f"not {pause} s, and counts over a minute, not a second",
@@ -654,6 +650,31 @@ class _Service:
                       max_child_per_ip=numbers.get("max_child_per_ip"),
                       max_spawn_per_min=numbers.get("max_spawn_per_min"),
                       unlimited=frozenset(lifted))
+
+    def controls(self, flags: frozenset[str]) -> dict[str, object]:
+        """rlimit_*, nice, umask and the NODELAY/KEEPALIVE flags as poolinetd's keys of
+        the same meaning (``UNLIMITED`` = no limit)."""
+        found: dict[str, object] = {}
+        readers = {**{name: values.rlimit for name in _RLIMITS}, "nice": values.nice,
+                   "umask": values.umask}
+        for name, read in readers.items():
+            text = self.one(name)
+            if text is None:
+                continue
+            value = read(values.UNLIMITED if text == _UNLIMITED else text)
+            if value is None:
+                self.at(name, f"bad {name} value {text!r}", {
+                    "nice": "a number from -20 to 19", "umask": "an octal mask: 022"}.get(
+                        name, "a number of bytes (K and M allowed), seconds or files, "
+                        "or UNLIMITED"))
+                continue
+            found[name] = value
+        for flag, key in _FLAGS_SOCKOPTS.items():
+            if flag in flags:
+                found[key] = True
+                where = self.values["flags"]
+                self.locs[key] = FieldLoc(where.lineno, 0, "flags")
+        return found
 
     def groups(self) -> None:
         value = self.yes_no("groups", required=False)
