@@ -275,6 +275,19 @@ def test_process_and_socket_controls_map_onto_poolinetd_keys() -> None:
                for w in warnings(ECHO.replace("}", "\trlimit_cpu = 5\n}")))
 
 
+def test_tcp_wrappers_as_xinetd_applies_libwrap() -> None:
+    """Debian's xinetd consults hosts.allow/deny unless NOLIBWRAP, under the program's
+    basename or the built-in's name: poolinetd judges stream nowait services so."""
+    assert only(block(PROGRAM)).tcp_wrappers == "cat"
+    assert only(ECHO).tcp_wrappers == "echo"
+    assert only(block(PROGRAM + "\tflags = NOLIBWRAP\n")).tcp_wrappers is None
+    dgram = PROGRAM.replace("stream", "dgram").replace("wait = no", "wait = yes")
+    assert only(block(dgram)).tcp_wrappers is None
+    text = block(PROGRAM + "\tlibwrap = other\n")
+    assert only(text).tcp_wrappers is None
+    assert any("'libwrap'" in w and "not judged by tcp_wrappers" in w for w in warnings(text))
+
+
 def test_required_attributes() -> None:
     shown = errors(block("\tserver = /bin/cat\n"))
     for name in ("socket_type", "wait", "user"):

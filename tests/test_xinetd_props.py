@@ -107,13 +107,15 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         elif kind == "unlimited":
             lifted.add(key)
     spawn = draw(st.none() | st.integers(1, 1000).map(lambda n: n * 60))
+    wait = draw(st.booleans())
+    wrapped = socket_type is SocketType.STREAM and not wait and draw(st.booleans())
     return ServiceSpec(
-        service=service, socket_type=socket_type, protocol=protocol, wait=draw(st.booleans()),
+        service=service, socket_type=socket_type, protocol=protocol, wait=wait,
         user=draw(st.sampled_from(["root", "nobody", "www-data"])), server=server, argv=argv,
         addresses=bind, group=draw(st.none() | st.sampled_from(["nogroup", "daemon"])),
         limits=Limits(**numbers, max_spawn_per_min=spawn, unlimited=frozenset(lifted)),
         options=Options(env=tuple(dict(draw(ENV)).items()), only_from=draw(LISTS),
-                        no_access=draw(LISTS)),
+                        no_access=draw(LISTS), tcp_wrappers=True if wrapped else None),
         enabled=draw(st.booleans()))
 
 

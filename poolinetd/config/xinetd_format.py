@@ -44,12 +44,17 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
                                                    or not lim.max_spawn_per_min)):
         return None
     opts = spec.options
-    if opts != type(opts)(env=opts.env, only_from=opts.only_from, no_access=opts.no_access):
+    if opts != type(opts)(env=opts.env, only_from=opts.only_from, no_access=opts.no_access,
+                          tcp_wrappers=opts.tcp_wrappers):
         return None  # poolinetd's own keys have no xinetd attribute
+    # xinetd judges a stream nowait service by tcp_wrappers unless flags say NOLIBWRAP.
+    wrapped_kind = spec.socket_type is SocketType.STREAM and not spec.wait
+    if opts.tcp_wrappers is False or (opts.tcp_wrappers and not wrapped_kind):
+        return None
     if not _plain([f"{k}={v}" for k, v in opts.env]) or len(spec.addresses) > 1:
         return None
     types: list[str] = []
-    flags: list[str] = []
+    flags: list[str] = ["NOLIBWRAP"] if wrapped_kind and not opts.tcp_wrappers else []
     lines: list[str] = []
     block = spec.service
     if spec.tcpmux is not None:

@@ -90,8 +90,8 @@ _WARNED: dict[str, str] = {
     "banner_fail": "no banner is sent; a refused client is closed",
     "max_load": "poolinetd does not refuse by load average",
     "deny_time": "it only applies to SENSOR services, which poolinetd does not have",
-    "libwrap": "poolinetd does not consult tcp_wrappers (hosts.allow, hosts.deny): "
-               "use only_from and no_access",
+    "libwrap": "poolinetd judges a service under its program's basename or its "
+               "built-in's name only; this service is not judged by tcp_wrappers",
     "mdns": "poolinetd registers nothing with mDNS",
 }
 # Poolinetd would serve differently from xinetd: an error for an enabled service.
@@ -107,7 +107,7 @@ _TYPES = frozenset({"INTERNAL", "UNLISTED", "RPC", "TCPMUX", "TCPMUXPLUS"})
 # Flags: which poolinetd already does, which it cannot honour (warning), which it refuses.
 _FLAGS_DONE = {
     "REUSE": "",  # TCP listeners always get SO_REUSEADDR
-    "NOLIBWRAP": "",  # no tcp_wrappers anyway
+    "NOLIBWRAP": "",  # the service is not judged by tcp_wrappers (see _Service.build)
     "IPv4": "",
     "IPv6": "",
     "NAMEINARGS": "",
@@ -370,6 +370,13 @@ class _Service:
         self.groups()
         if nobody:
             self.disabled = True
+        # xinetd (Debian's is built with libwrap) consults hosts.allow/hosts.deny for every
+        # service without NOLIBWRAP, under the same daemon name poolinetd derives (the
+        # program's basename, the built-in's name); poolinetd judges natively only the
+        # stream nowait services whose connections its master accepts.
+        if (socket_type is SocketType.STREAM and wait is False and "NOLIBWRAP" not in flags
+                and "libwrap" not in self.values):
+            controls["tcp_wrappers"] = True
         if (self.failed or socket_type is None or protocol is None or wait is None
                 or user is None or server is None or service is None):
             return None
