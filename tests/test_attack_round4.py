@@ -17,8 +17,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import IS_ROOT, TEST_USER, tcp_exchange, udp_exchange, wait_until
-from test_attack_worker import steal_fd, steal_upward, worker_fds, worker_of
+from conftest import IS_ROOT, TEST_USER, children_of, tcp_exchange, udp_exchange, wait_until
+from test_attack_worker import steal_channel, steal_fd, steal_upward, worker_fds, worker_of
 
 from poolinetd.pool import wire
 
@@ -400,3 +400,49 @@ def test_preamble_eviction_costs_the_master_little_per_connection(serve) -> None
     finally:
         for sock in held:
             sock.close()
+
+
+# -- a worker claims one program for several connections -------------------------------------
+
+
+@pytest.mark.root
+@needs_root
+def test_a_worker_naming_one_program_for_many_connections_leaks_no_slot(serve) -> None:
+    """A taken-over worker says SPAWNED with the same real child for three of its
+    connections, then dies. Each record became an orphan under that one pid, the last
+    overwriting the others, so when the program was reaped one connection ended and
+    the other two were counted forever: max_child=3 left one slot until a restart
+    (before the fix: active stayed 2 with nothing running). Now a pid already claimed
+    is not believed again."""
+    server = serve("127.0.0.1:0 on socktype=stream, wait=no, user=nobody, exec=/bin/cat, "
+                   "args=cat, max_child=3, max_child_per_ip=unlimited, pool_min=1, pool_max=1;\n")
+    port = server.port(0)
+    name = server.listeners[0]["service"]
+    assert isinstance(name, str)
+    pid = worker_of(server, "cat")
+    first = socket.create_connection(("127.0.0.1", port), timeout=5)
+    program = wait_until(lambda: next(iter(children_of(pid)), None), 5, "cat started")
+    assert isinstance(program, int)
+    os.kill(pid, 19)  # SIGSTOP: what it is sent now, the attacker reads
+    channel = steal_channel(pid)
+    up = steal_upward(pid)
+    others = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    ids: list[int] = []
+    channel.settimeout(5)
+    while len(ids) < 2:
+        data, fds = wire.recv(channel)
+        for fd in fds:
+            os.close(fd)
+        ids.extend(info.conn_id for info in wire.decode(data).conns)
+    try:
+        for iid in ids:
+            os.write(up, wire.frame(wire.encode_spawned(iid, program)))
+    finally:
+        os.close(up)
+        channel.close()
+    time.sleep(0.5)  # the master reads them
+    os.kill(pid, 9)
+    for sock in [first, *others]:
+        sock.close()  # cat sees EOF and exits; the master reaps it (subreaper)
+    wait_until(lambda: server.service_status(name)["active"] == 0, 10,
+               "every connection of the dead worker ended")

@@ -77,7 +77,11 @@ class Instances:
         for iid, rec in list(self.by_id.items()):
             if rec.worker_pid != handle.pid:
                 continue
-            if rec.program_pid and self.system.exists(rec.program_pid):
+            # One program serves one instance: a pid already adopted for another (a
+            # lying worker named it in several SPAWNED) would be overwritten there and
+            # this instance counted for ever; it ended with its worker instead.
+            if (rec.program_pid and rec.program_pid not in self.orphans.by_pid
+                    and self.system.exists(rec.program_pid)):
                 # The program outlives its worker; as subreaper the master reaps it.
                 self.orphans.adopt(rec.program_pid, iid, handle.rt.name, handle.pid, reason)
             else:
