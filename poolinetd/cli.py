@@ -28,7 +28,7 @@ from poolinetd.engine import reloadplan
 from poolinetd.engine.ledger import Caps
 from poolinetd.engine.loop import Engine
 from poolinetd.launch import spawn
-from poolinetd.observe import log
+from poolinetd.observe import log, syslog
 from poolinetd.ops import adopt, control, listeners, metricshttp, pidfile, sdnotify, upgrade
 from poolinetd.pool.dispatcher import PoolDispatcher
 
@@ -109,6 +109,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="the lowest level logged (default info)")
     run.add_argument("--log-connections", action="store_true",
                      help="one info line per connection (service, peer, pid, status, duration)")
+    run.add_argument("--syslog", action="store_true",
+                     help="also send every line to syslog (/dev/log), tagged poolinetd[PID]; "
+                          "never blocks: lines the daemon does not take are dropped, counted")
+    run.add_argument("--syslog-facility", choices=tuple(syslog.FACILITIES), default="daemon",
+                     metavar="NAME", help="the syslog facility (default daemon; user, auth, "
+                                          "authpriv, local0-local7, ...)")
+    run.add_argument("--syslog-socket", default=syslog.DEFAULT_SOCKET, metavar="PATH",
+                     help="the syslog daemon's datagram socket (default /dev/log)")
     run.add_argument("--ready-fd", type=int, metavar="N",
                      help="when serving, write one JSON line with the bound listeners to fd N")
     run.add_argument("--control", metavar="PATH",
@@ -401,6 +409,8 @@ def _run(args: argparse.Namespace) -> int:
         os.environ, reserved=() if args.ready_fd is None else (args.ready_fd,))
     level = {"debug": 10, "info": 20, "warning": 30, "error": 40}[args.log_level]
     log.setup(args.log_format, level, args.log_file)
+    if args.syslog:
+        syslog.install(args.syslog_socket, args.syslog_facility)
     if passed.problem:
         log.error("listen_failed", error=passed.problem)
         return EX_OSERR

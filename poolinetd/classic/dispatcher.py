@@ -34,7 +34,7 @@ from poolinetd.engine.dispatch import Hooks
 from poolinetd.engine.runtime import Listener, ServiceRuntime
 from poolinetd.launch import program, spawn
 from poolinetd.launch.system import System
-from poolinetd.observe import log
+from poolinetd.observe import log, syslog
 
 CLASSIC_SOURCE_SHARE = 256  # children one source may hold by default (see ForkDispatcher)
 _DGRAM_BATCHES = 16  # a datagram child answers at most this many batches, then exits
@@ -135,6 +135,7 @@ class ForkDispatcher:
         keep = [fd]
         if log.log_fd() > 2:
             keep.append(log.log_fd())  # the child's own errors go to the log
+        keep.extend(syslog.child_fds())  # ... and to syslog, with --syslog
         try:
             pid = self.system.fork(body, keep)
         except OSError as exc:

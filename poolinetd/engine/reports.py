@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.runtime import ServiceRuntime
-from poolinetd.observe import metrics
+from poolinetd.observe import metrics, syslog
 
 Runtimes = Sequence[ServiceRuntime]
 RpcState = Callable[[str], tuple[bool, str]]  # service name -> (registered, why not)
@@ -79,7 +79,8 @@ def status(runtimes: Runtimes, dispatcher: Dispatcher, now: float, *, started: f
         })
     return {"pid": os.getpid(), "mode": dispatcher.mode,
             "uptime": round(time.time() - started, 3), "reloads": reloads,
-            "stopping": stopping, "upgrading": upgrading, "services": services}
+            "stopping": stopping, "upgrading": upgrading, **syslog.status(),
+            "services": services}
 
 
 def report(dispatcher: Dispatcher, rt: ServiceRuntime, now: float) -> dict[str, object]:

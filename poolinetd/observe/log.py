@@ -61,19 +61,24 @@ def json_bytes(doc: object, option: int = 0) -> bytes:
         return orjson.dumps(_safe(doc), option=option)
 
 
+def text_body(record: logging.LogRecord) -> str:
+    """The text format's line after its ``TIME poolinetd[PID] `` prefix:
+    ``LEVEL EVENT key=value ...`` (what syslog gets as its message, too)."""
+    fields: dict[str, Any] = getattr(record, "fields", {})
+    parts = [f"{record.levelname.lower()} {safe_text(str(record.msg))}"]
+    for key, value in fields.items():
+        text = safe_text(str(value))
+        if not text or any(c in text for c in ' "=\n'):
+            text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            text = f'"{text}"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", {})
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        name = safe_text(str(record.msg))
-        parts = [f"{stamp} poolinetd[{record.process}] {record.levelname.lower()} {name}"]
-        for key, value in fields.items():
-            text = safe_text(str(value))
-            if not text or any(c in text for c in ' "=\n'):
-                text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-                text = f'"{text}"'
-            parts.append(f"{key}={text}")
-        return " ".join(parts)
+        return f"{stamp} poolinetd[{record.process}] {text_body(record)}"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -274,6 +279,7 @@ __all__ = [
     "reopen",
     "safe_text",
     "setup",
+    "text_body",
     "warning",
     "worker_text",
 ]
