@@ -360,3 +360,13 @@ def nobody_python() -> Iterator[tuple[str, Path]]:
         yield SYSTEM_PYTHON, stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def have_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (containers without IPv6 have none)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

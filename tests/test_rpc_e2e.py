@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, Server, alive, wait_until
+from conftest import IS_ROOT, Server, alive, have_ipv6_loopback, wait_until
 
 from poolinetd.ops import control, rpcbind
 
@@ -467,3 +467,29 @@ def test_an_rpcbind_restart_is_noticed_and_mended(serve, host_rpcbind: Rpcbind) 
     wait_until(lambda: server.service_status(RSTATD_NAME)["active"] == 0, 30, "rstatd idle")
     assert server.stop() == 0
     assert versions_at(RSTAT, port) == set()
+
+
+@pytest.mark.skipif(not have_ipv6_loopback(), reason="no IPv6 loopback")
+def test_rpc_star_registers_both_netids_of_one_dual_stack_socket(
+        serve, host_rpcbind: Rpcbind, staged_programs: Path) -> None:
+    """BSD's rpc/*: one socket taking IPv4 and IPv6, mapped as tcp and tcp6; a client
+    reaches it both ways."""
+    prog = staged_programs / "rpc_tcp_server.py"
+    server: Server = serve(f"{FIXTURE_PROG}/1 stream rpc/* wait nobody {prog} "
+                           f"rpc_tcp_server.py {FIXTURE_PROG} 1 0.5\n")
+    port = rpc_port(server, f"{FIXTURE_PROG}/1/rpc/tcp46", "stream")
+    want = {(FIXTURE_PROG, 1, "tcp"): f"0.0.0.0.{port >> 8}.{port & 0xFF}",
+            (FIXTURE_PROG, 1, "tcp6"): f"::.{port >> 8}.{port & 0xFF}"}
+    wait_until(lambda: {k: v for k, v in fast_dump().items() if k[0] == FIXTURE_PROG}
+               == want, 20, "tcp and tcp6 mapped")
+    got = run([RPCINFO, "-T", "tcp6", "::1", str(FIXTURE_PROG), "1"])
+    assert f"program {FIXTURE_PROG} version 1 ready and waiting" in got.stdout, got
+    assert call_fixture(port).startswith("hello from rpc/tcp pid ")
+    with socket.create_connection(("::1", port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(rpcbind.record(rpcbind.call_message(78, FIXTURE_PROG, 1, 1, b"")))
+        records = rpcbind.Records()
+        while not (answer := records.feed(sock.recv(65536))):
+            pass
+    assert rpcbind.Reader(rpcbind.reply_result(answer[0], 78)).string().startswith("hello")
+    assert server.stop() == 0
+    assert not any(k[0] == FIXTURE_PROG for k in fast_dump())
