@@ -493,3 +493,42 @@ def test_rpc_star_registers_both_netids_of_one_dual_stack_socket(
     assert rpcbind.Reader(rpcbind.reply_result(answer[0], 78)).string().startswith("hello")
     assert server.stop() == 0
     assert not any(k[0] == FIXTURE_PROG for k in fast_dump())
+
+
+# Run as nobody: RPCB v3 SET of rstatd version 1 over udp naming port 7, over rpcbind's
+# local socket (rpcbind records nobody's uid as the owner). Prints rpcbind's answer.
+SQUAT = r"""
+import socket, struct
+def s(x):
+    b = x.encode()
+    return struct.pack(">I", len(b)) + b + b"\0" * (-len(b) % 4)
+args = struct.pack(">II", 100001, 1) + s("udp") + s("0.0.0.0.0.7") + s("")
+call = struct.pack(">10I", 9, 0, 2, 100000, 3, 1, 0, 0, 0, 0) + args
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(5)
+sock.connect("/run/rpcbind.sock")
+sock.sendall(struct.pack(">I", 0x80000000 | len(call)) + call)
+print(struct.unpack(">I", sock.recv(100)[-4:])[0])
+"""
+
+
+def test_a_mapping_another_user_squats_is_taken_back(serve, host_rpcbind: Rpcbind) -> None:
+    """A local user who registered rstatd first (pointing clients at a port of theirs)
+    loses it to the service: root may unset any mapping, and the user cannot unset root's."""
+    need(RSTATD, "/usr/sbin/runuser", "/usr/bin/python3")
+    squat = ["/usr/sbin/runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", SQUAT]
+    assert run(squat).stdout.strip() == "1"
+    try:
+        assert versions_at(RSTAT, 7) == {1}
+        server: Server = serve(DIRECT_RSTATD)
+        port = rpc_port(server, RSTATD_NAME)
+        wait_until(lambda: versions_at(RSTAT, port) == {1, 2, 3, 4, 5}, 20, "rstatd mapped")
+        assert versions_at(RSTAT, 7) == set()
+        assert run(squat).stdout.strip() == "0"  # refused: the mapping exists, root's
+        unset = run(["/usr/sbin/runuser", "-u", "nobody", "--", RPCINFO, "-d", "rstatd", "1"])
+        assert unset.returncode != 0, unset
+        assert versions_at(RSTAT, port) == {1, 2, 3, 4, 5}
+        assert server.stop() == 0
+    finally:
+        if any(row[:2] == (RSTAT, 1) and row[3] == 7 for row in portmap()):
+            run([RPCINFO, "-d", "rstatd", "1"])  # as root: the squat, if the test failed
