@@ -446,3 +446,50 @@ def test_a_worker_naming_one_program_for_many_connections_leaks_no_slot(serve) -
         sock.close()  # cat sees EOF and exits; the master reaps it (subreaper)
     wait_until(lambda: server.service_status(name)["active"] == 0, 10,
                "every connection of the dead worker ended")
+
+
+# -- a local user freezes the master when it closes a unix listener -------------------------
+
+
+@pytest.mark.root
+@needs_root
+def test_closing_a_unix_listener_with_a_poisoned_backlog_never_freezes_the_master(
+        serve, tmp_path) -> None:
+    """A connection still in a unix listener's backlog holds what its client sent, and
+    closing the listener releases it, in whoever closes it last. The attacker waits
+    until the service is full (max_child=1: the listener is not polled, its clients
+    wait in the backlog), connects and sends a lingering TCP socket. A reload that
+    removes the service then closed the listener in the root master: every service
+    froze for the linger time (before the fix a TCP echo took about 20 s). Now the
+    master's unix listeners are closed by the closer."""
+    unix = str(tmp_path / "full.sock")
+    tcp_line = f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n"
+    server = serve(f"{unix} on socktype=stream, protocol=unix, user={TEST_USER}, "
+                   "args=echo, max_child=1;\n" + tcp_line)
+    echo = server.port(1)
+    listeners: list[socket.socket] = []
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        holder.settimeout(5)
+        holder.connect(unix)
+        holder.sendall(b"a")
+        assert holder.recv(1) == b"a"  # the one slot is taken
+        tcp = _lingering_tcp(listeners, 20)
+        waiting.connect(unix)  # in the backlog: not accepted while the service is full
+        waiting.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  array.array("i", [tcp.fileno()]))])
+        tcp.close()
+        waiting.close()  # its queue holds the last reference now
+        server.conf.write_text(tcp_line)
+        server.send_signal(1)  # SIGHUP: the unix service is removed, its listener closed
+        time.sleep(0.5)
+        began = time.monotonic()
+        assert tcp_exchange(echo, b"ping", timeout=30) == b"ping"
+        assert time.monotonic() - began < 3.0
+        wait_until(lambda: "reloaded" in server.log(), 5, "the reload")
+    finally:
+        holder.close()
+        waiting.close()
+        for listener in listeners:
+            listener.close()

@@ -121,14 +121,15 @@ class Engine:
         self.ready_reported = False
         self.started = time.time()
         self.stop_deferred = False  # the dispatcher's stop waits for the preamble stage
-        self.table = ServiceTable(self.sel, dispatcher, self._on_listener, preambles)
+        self.closer = Closer(self.system.fork, self.system.clock, self.system.kill)
+        self.closer_backed_up = False  # as last seen: its end wakes the unix services
+        self.table = ServiceTable(self.sel, dispatcher, self._on_listener, preambles,
+                                  self.closer.dispose)
         # RPC services' rpcbind mappings follow their listeners (table.sync_rpc).
         self.rpc = rpcbind.Registrar(self.sel, self.system.clock)
         self.table.registrar = self.rpc
         self.ledger = Ledger(caps, self.table.wake_all)
         self.refusals = Refusals(dispatcher, self.wake_at)
-        self.closer = Closer(self.system.fork, self.system.clock, self.system.kill)
-        self.closer_backed_up = False  # as last seen: its end wakes the unix services
         self.accept = AcceptStage(self, self.sel, self.table, self.ledger, dispatcher,
                                   self.refusals, self.system.clock, log_connections,
                                   self.closer.dispose, tcp_wrappers_dir)

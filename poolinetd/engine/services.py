@@ -41,8 +41,11 @@ class ServiceTable:
 
     def __init__(self, sel: selectors.BaseSelector, dispatcher: Dispatcher,
                  on_listener: Callable[[Listener], None],
-                 preambles: PreambleFactory | None = None) -> None:
+                 preambles: PreambleFactory | None = None,
+                 dispose: Callable[[int], None] | None = None) -> None:
+        """``dispose(fd)`` closes a unix listener without blocking (the closer)."""
         self.sel = sel
+        self.dispose = dispose
         self.dispatcher = dispatcher
         self.on_listener = on_listener
         self.preambles = preambles
@@ -140,7 +143,7 @@ class ServiceTable:
         if endpoint.port == 0:  # "any free port": keep the one clients were told
             endpoint = dataclasses.replace(endpoint, port=lst.bound.port)
         self.set_polled(lst, False)
-        listeners.close_listener(lst.sock)
+        listeners.close_listener(lst.sock, self.dispose)
         try:
             lst.sock = listeners.open_endpoint(rt.service, endpoint)
         except listeners.ListenError as exc:
@@ -153,7 +156,7 @@ class ServiceTable:
     def close_listeners(self, rt: ServiceRuntime) -> None:
         for lst in rt.listeners:
             self.set_polled(lst, False)
-            listeners.close_listener(lst.sock)
+            listeners.close_listener(lst.sock, self.dispose)
         rt.listeners = []
 
     def close_all(self) -> None:

@@ -35,7 +35,7 @@ import socket
 import stat
 import struct
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from poolinetd.config.spec import DEFAULT_BACKLOG, Endpoint, Service, SocketType
@@ -322,17 +322,23 @@ def tampered(sock: socket.socket) -> str:
     return "it was connected to one peer"
 
 
-def close_listener(sock: socket.socket) -> None:
+def close_listener(sock: socket.socket, dispose: Callable[[int], None] | None = None) -> None:
     """Close a listener; the unix socket file it created is unlinked if it is still there.
 
     Only the very inode ``bind_unix`` created is removed (dev and inode
     checked through a directory fd); a socket not made by ``bind_unix``
     leaves its path alone. Closing an already closed listener does nothing.
+    ``dispose(fd)``, if given, closes a unix listener instead (the closer): the
+    connections still in its backlog hold what their clients sent, descriptors
+    too, which the last close releases, and one with a linger time blocks it.
     """
     made = _MADE.pop(sock, None)
     if sock.fileno() < 0:
         return
-    sock.close()
+    if dispose is not None and sock.family == socket.AF_UNIX:
+        dispose(sock.detach())
+    else:
+        sock.close()
     if made is None:
         return
     directory, name = os.path.split(made.path)
