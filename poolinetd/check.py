@@ -63,6 +63,15 @@ def _rpc(service: Service) -> dict[str, object]:
                     "netids": list(rpc.netids)}}
 
 
+def _cps(service: Service) -> dict[str, object]:
+    """An xinetd ``cps N M`` service's rate window and rest, in seconds (nothing for
+    other services: max_spawn_per_min then counts per minute, with the 60 s rest)."""
+    spec = service.spec
+    if spec.spawn_window is None:
+        return {}
+    return {"spawn_window": spec.spawn_window, "spawn_pause": spec.spawn_pause}
+
+
 def service_to_dict(service: Service) -> dict[str, object]:
     """Every field of ``service`` as JSON-ready values (strings safe for orjson)."""
     spec = service.spec
@@ -88,6 +97,7 @@ def service_to_dict(service: Service) -> dict[str, object]:
         "program": None if service.program is None else _text(service.program),
         "argv": [_text(a) for a in service.argv],
         **_rpc(service),
+        **_cps(service),
         "pool": {
             "pool_min": service.pool.pool_min,
             "pool_max": service.pool.pool_max,
@@ -105,6 +115,7 @@ def service_to_dict(service: Service) -> dict[str, object]:
             "max_spawn_per_min": lim.max_spawn_per_min,
             "unlimited": sorted(lim.unlimited),
         },
+
         "only_from": _networks(service.only_from),
         "no_access": _networks(service.no_access),
         "source_v4_prefix": service.source_v4_prefix,

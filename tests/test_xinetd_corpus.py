@@ -27,7 +27,7 @@ EXPECTED_WARNINGS: dict[str, list[str]] = {
     "projects/ironic-standalone-tftp": [],
     "projects/likvidera-docker-pwn": [],
     "projects/nagios-deploy-nrpe": ["log_on_failure", "only_from", "only_from"],
-    "projects/openlaunchd-tftp": ["cps"],
+    "projects/openlaunchd-tftp": [],
     "projects/percona-mysqlchk": ["log_on_failure"],
     "projects/solidctf-ctf": ["per_source"],
     "projects/vimvaders-ctf": ["banner_fail", "per_source", "rlimit_cpu"],
@@ -102,13 +102,16 @@ def test_corpus_meaning() -> None:
 def test_check_reads_xinetd_files_and_says_so_in_json(tmp_path: Path) -> None:
     conf = tmp_path / "xinetd.conf"
     conf.write_text((CORPUS / "projects" / "likvidera-docker-pwn").read_text().replace(
-        "user = ctf", "user = root").replace("/home/ctf/redir.sh", "/bin/cat"))
+        "user = ctf", "user = root").replace("/home/ctf/redir.sh", "/bin/cat").replace(
+        "port = 31337", "port = 31337\n\tcps = 10 3"))
     out, err = io.StringIO(), io.StringIO()
     assert run_check(str(conf), True, out, err) == 0, err.getvalue()
     doc = orjson.loads(out.getvalue())
     [svc] = doc["services"]
     assert svc["program"] == "/bin/cat" and svc["endpoints"][0]["port"] == 31337
     assert svc["line"] == 1 and svc["source"] == str(conf)
+    assert (svc["limits"]["max_spawn_per_min"], svc["spawn_window"], svc["spawn_pause"]) == (
+        10, 1.0, 3.0)
     bad = tmp_path / "bad.conf"
     bad.write_text("service x\n{\n\tsocket_type = stream\n\tredirect = 10.0.0.1 80\n}\n")
     out, err = io.StringIO(), io.StringIO()

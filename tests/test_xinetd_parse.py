@@ -12,6 +12,7 @@ import pytest
 from config_fakes import fake_lookups
 from config_helpers import errors, load, only, warnings
 
+from poolinetd.admission.policy import Admission
 from poolinetd.config import includes, xinetd_lexer, xinetd_map
 from poolinetd.config.resolve import load_file
 from poolinetd.config.spec import RLIM_UNLIMITED, Protocol, Severity, SocketType
@@ -203,10 +204,27 @@ def test_host_names_warn_in_only_from_and_fail_in_no_access() -> None:
         block(PROGRAM + "\tonly_from = trusted.example.com\n")))
 
 
-def test_cps_maps_to_a_service_rate_with_a_warning() -> None:
-    text = block(PROGRAM + "\tcps = 25 30\n")
-    assert only(text).limits.max_spawn_per_min == 1500
-    assert any("cps 25 30 is applied as max_spawn_per_min = 1500" in w for w in warnings(text))
+def test_cps_is_a_rate_per_second_with_its_own_rest() -> None:
+    svc = only(block(PROGRAM + "\tcps = 25 30\n"))
+    assert svc.limits.max_spawn_per_min == 25
+    assert (svc.spec.spawn_window, svc.spec.spawn_pause) == (1.0, 30.0)
+    inherited = only("defaults\n{\n\tcps = 5 2\n}\n" + block(PROGRAM))
+    assert (inherited.limits.max_spawn_per_min, inherited.spec.spawn_pause) == (5, 2.0)
+    plain = only(block(PROGRAM))
+    assert (plain.spec.spawn_window, plain.spec.spawn_pause) == (None, None)
+
+
+def test_cps_in_admission_counts_a_second_and_rests_m_seconds() -> None:
+    admission = Admission(only(block(PROGRAM + "\tcps = 2 5\n")))
+    assert [admission.check_start(t) for t in (0.0, 0.1)] == ["", ""]
+    assert admission.check_start(0.2) == "max_spawn_per_min" and admission.looping
+    assert admission.paused_until == pytest.approx(5.2)
+    assert admission.check_start(5.1) == "max_spawn_per_min"  # still resting
+    assert admission.check_start(5.3) == ""
+    assert admission.check_start(6.4) == "" and admission.check_start(6.5) == ""
+    # The inetd rule is unchanged: per minute, a 60 s rest.
+    inetd = Admission(only(block(PROGRAM)))
+    assert inetd.spawn_window == 60.0 and inetd.spawn_pause == 60.0
 
 
 def test_unlimited_limits_are_lifted() -> None:

@@ -106,7 +106,8 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
             numbers[key] = draw(st.integers(1 if key == "max_child" else 0, 10_000))
         elif kind == "unlimited":
             lifted.add(key)
-    spawn = draw(st.none() | st.integers(1, 1000).map(lambda n: n * 60))
+    spawn = draw(st.none() | st.integers(1, 1000))
+    pause = None if spawn is None else float(draw(st.integers(0, 3600)))
     wait = draw(st.booleans())
     wrapped = socket_type is SocketType.STREAM and not wait and draw(st.booleans())
     return ServiceSpec(
@@ -116,7 +117,8 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         limits=Limits(**numbers, max_spawn_per_min=spawn, unlimited=frozenset(lifted)),
         options=Options(env=tuple(dict(draw(ENV)).items()), only_from=draw(LISTS),
                         no_access=draw(LISTS), tcp_wrappers=True if wrapped else None),
-        enabled=draw(st.booleans()))
+        enabled=draw(st.booleans()), spawn_window=None if spawn is None else 1.0,
+        spawn_pause=pause)
 
 
 @given(specs())

@@ -8,6 +8,7 @@ blocked; running connections stay counted). The stages, in order:
     service rate    max_spawn_per_min (OpenBSD .N, NetBSD   "max_spawn_per_min"
                     :N/service_max): over it the service
                     "loops" and rests LOOPING_PAUSE, as inetd does
+                    (xinetd's cps N M: N per second, rest M s)
     per source      max_child_per_ip, max_cpm_per_ip,       sources.REASONS
                     block_time, counted by network
                     (source_v4_prefix / source_v6_prefix)
@@ -70,6 +71,10 @@ class Admission:
         self.per_source = (limits.max_child_per_ip is not None
                            or limits.max_cpm_per_ip is not None)
         self.lists = bool(self.only_from or self.no_access)
+        # The service rate's window and rest: a minute and LOOPING_PAUSE, or xinetd's cps.
+        spec = service.spec
+        self.spawn_window = RATE_WINDOW if spec.spawn_window is None else spec.spawn_window
+        self.spawn_pause = LOOPING_PAUSE if spec.spawn_pause is None else spec.spawn_pause
 
     def groups_like(self, other: Admission) -> bool:
         """Whether ``other`` keys sources as this does (the same prefix lengths), so a
@@ -108,10 +113,10 @@ class Admission:
             return MAX_SPAWN_PER_MIN  # still resting: not a new trip, the rest is not extended
         if limit is not None:
             hist = self.spawn_history
-            while hist and hist[0] <= now - RATE_WINDOW:
+            while hist and hist[0] <= now - self.spawn_window:
                 hist.popleft()
             if len(hist) >= limit:
-                self.paused_until = now + LOOPING_PAUSE
+                self.paused_until = now + self.spawn_pause
                 self.looping = True
                 return MAX_SPAWN_PER_MIN
         if self.per_source and key != NO_SOURCE:

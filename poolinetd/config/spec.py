@@ -346,6 +346,11 @@ class ServiceSpec:
     unix_perms: UnixPerms | None = None
     options: Options = field(default_factory=Options)
     enabled: bool = True  # key-values ``off``
+    # xinetd's ``cps N M``: limits.max_spawn_per_min = N counts the starts of the last
+    # spawn_window (1.0) seconds, and over it the service rests spawn_pause (M) seconds.
+    # None: the inetd rule (per minute, then admission.policy.LOOPING_PAUSE).
+    spawn_window: float | None = None
+    spawn_pause: float | None = None
     source: str = field(default="<string>", compare=False)
     lineno: int = field(default=0, compare=False)
     # Where each part was written, keyed by role ("service", "socket_type",

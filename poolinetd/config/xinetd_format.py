@@ -39,9 +39,12 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
     lim = spec.limits
     if lim.max_cpm_per_ip is not None or "max_cpm_per_ip" in lim.unlimited:
         return None
-    if "max_spawn_per_min" in lim.unlimited or (
-            lim.max_spawn_per_min is not None and (lim.max_spawn_per_min % 60
-                                                   or not lim.max_spawn_per_min)):
+    # A service rate is xinetd's cps N M only: N per 1 s window, a whole-second rest.
+    cps = lim.max_spawn_per_min is not None or spec.spawn_window is not None
+    if "max_spawn_per_min" in lim.unlimited or (cps and not (
+            lim.max_spawn_per_min and spec.spawn_window == 1.0
+            and spec.spawn_pause is not None and spec.spawn_pause.is_integer()
+            and spec.spawn_pause >= 0)):
         return None
     opts = spec.options
     if opts != type(opts)(env=opts.env, only_from=opts.only_from, no_access=opts.no_access,
@@ -113,8 +116,8 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
             if key == "max_child" and value == 0:
                 return None
             out.append(f"{attr} = {value}")
-    if lim.max_spawn_per_min is not None:
-        out.append(f"cps = {lim.max_spawn_per_min // 60} 10")
+    if cps and spec.spawn_pause is not None:
+        out.append(f"cps = {lim.max_spawn_per_min} {int(spec.spawn_pause)}")
     for attr, nets in (("only_from", opts.only_from), ("no_access", opts.no_access)):
         if nets is not None:
             if not nets or any(n.scope for n in nets.networks):

@@ -230,6 +230,7 @@ class _Service:
         self.failed = False
         self.disabled = False
         self.values: dict[str, _Value] = {}
+        self.cps: tuple[float, float] | None = None  # cps N M: (window, rest) seconds
         self.locs: dict[str, FieldLoc] = {"service": FieldLoc(block.lineno, 0,
                                                               f"service {block.name}")}
         self.collect()
@@ -396,6 +397,8 @@ class _Service:
             options=Options(env=env, only_from=only, no_access=deny,
                             **controls),  # type: ignore[arg-type]
             enabled=not self.disabled,
+            spawn_window=None if self.cps is None else self.cps[0],
+            spawn_pause=None if self.cps is None else self.cps[1],
             source=self.block.source,
             lineno=self.block.lineno,
             locs=tuple(self.locs.items()),
@@ -621,8 +624,8 @@ class _Service:
         return tuple(found.items())
 
     def limits(self) -> Limits:
-        """instances -> max_child, per_source -> max_child_per_ip, cps N M ->
-        max_spawn_per_min 60*N (UNLIMITED or absent: no limit)."""
+        """instances -> max_child, per_source -> max_child_per_ip (UNLIMITED or absent:
+        no limit), cps N M -> max_spawn_per_min N per 1 s window, rest M s (``self.cps``)."""
         numbers: dict[str, int] = {}
         lifted: set[str] = set()
         for attr, key in (("instances", "max_child"), ("per_source", "max_child_per_ip")):
@@ -648,11 +651,10 @@ class _Service:
                 self.at("cps", f"cps takes a rate and a pause, not {' '.join(cps)!r}",
                         "write cps = 50 10")
             else:
-                numbers["max_spawn_per_min"] = min(rate * 60, values.INT_MAX)
-                self.at("cps", f"cps {rate} {pause} is applied as max_spawn_per_min = "
-                        f"{rate * 60}", "over the rate poolinetd rests the service 60 s, "
-                        f"not {pause} s, and counts over a minute, not a second",
-                        warning=True)
+                # N starts in the last second, then a rest of M seconds (xinetd counts
+                # from the first connection of a window; a sliding second is as strict).
+                numbers["max_spawn_per_min"] = rate
+                self.cps = (1.0, float(pause))
         return Limits(max_child=numbers.get("max_child"),
                       max_child_per_ip=numbers.get("max_child_per_ip"),
                       max_spawn_per_min=numbers.get("max_spawn_per_min"),
