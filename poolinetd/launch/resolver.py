@@ -7,12 +7,14 @@ Why a child: a name lookup can take seconds (a DNS server that does not
 answer), and the master has one thread that must never wait. Only rules
 that need a name (host names, ``.domain``, KNOWN, UNKNOWN, PARANOID, LOCAL)
 ask for one (admission/tcpwrappers.py answers NEED_NAME); the connection
-then waits in the engine (engine/lookup_stage.py) under a deadline, and is
+then waits in the engine (engine/wrappers_stage.py) under a deadline, and is
 decided when the answer arrives.
 
 The child runs as ``nobody`` where that user exists and holds nothing but
-its end of the channel. Each request is one message ``ID ADDRESS``; each
-answer ``ID NAME``, where NAME is the host name libwrap would use:
+its end of the channel. What a lookup imports (the idna codec) is imported
+before the fork: as nobody, the interpreter's library may not be readable.
+Each request is one message ``ID ADDRESS``; each answer ``ID NAME``, where
+NAME is the host name libwrap would use:
 
 * the reverse lookup (getnameinfo, NI_NAMEREQD) fails: ``unknown``;
 * the name does not map back to the address (getaddrinfo): ``paranoid``
@@ -28,6 +30,7 @@ the child cannot be started), answers are read when the channel is readable.
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401  (a lookup needs it; as nobody it may not be importable)
 import pwd
 import socket
 import threading
@@ -165,7 +168,10 @@ def run_resolver(sock: socket.socket) -> int:
 def _answer(sock: socket.socket, sending: threading.Lock, slots: threading.BoundedSemaphore,
             ident: str, address: str) -> None:
     try:
-        name = host_name(address)
+        try:
+            name = host_name(address)
+        except Exception:  # an answer, whatever happens: the master need not wait it out
+            name = UNKNOWN
         with sending, contextlib.suppress(OSError):
             sock.send(f"{ident} {name}".encode("ascii", "replace"))
     finally:
