@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
+import subprocess
 
 import orjson
 import pytest
-from conftest import TEST_USER, wait_until
+from conftest import TEST_USER, tcp_exchange, wait_until
 
 from poolinetd.check import run_check
 from poolinetd.config.inetdconf import parse
@@ -183,3 +185,24 @@ def test_program_gets_its_limits_nice_and_umask(serve, mode: str) -> None:
                 mine = _limits(f.read())
             assert mine["rlimit_cpu"][0] == "unlimited", mine
             assert mine["rlimit_files"][0] != "64", mine
+
+
+def test_nproc_refuses_the_launch_when_the_user_is_at_it(serve, mode: str) -> None:
+    """rlimit_nproc=1 while the service's user already runs two processes: the launch
+    fails with EAGAIN in both modes (pool: the worker's spawn; classic: the execve)."""
+    if os.geteuid() != 0 or U != "nobody" or shutil.which("setpriv") is None:
+        pytest.skip("needs root, setpriv and nobody as the service user")
+    # Two: the classic child's setuid counts the user's processes without itself.
+    holders = [subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                 "--clear-groups", "sleep", "120"]) for _ in range(2)]
+    try:
+        conf = (f"127.0.0.1:0 on protocol=tcp, user={U}, wait=no, exec=/bin/echo, "
+                "args=echo launched, rlimit_nproc=1;\n")
+        server = serve(conf, mode=mode)
+        assert tcp_exchange(server.port(0)) == b""
+        wait_until(lambda: "exec_failed" in server.log() and "errno=EAGAIN" in server.log(),
+                   20, "exec_failed errno=EAGAIN")
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()

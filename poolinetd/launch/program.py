@@ -84,7 +84,10 @@ def prepare_process(service: Service, pooled: bool) -> str | None:
     the limits can be applied after privileges are dropped; sets the nice value
     (absolute: poolinetd's own is the base) and the umask. ``pooled``: a worker
     takes rlimit_stack as its own (soft and hard; it needs well under 1 MiB of
-    stack), see ``_launch_rlimits``; and one that lowers its own soft RLIMIT_CPU
+    stack), see ``_launch_rlimits``. A classic child sets rlimit_nproc before it
+    drops privileges: setuid then marks it when its user already runs more
+    processes, and the execve fails with EAGAIN, as a worker's spawn does
+    (spawn.launch). A worker that lowers its own soft RLIMIT_CPU
     around each spawn ignores SIGXCPU, which its own accumulated CPU time would
     otherwise raise; the program gets it back at its default
     (spawn._DEFAULT_SIGNALS).
@@ -98,7 +101,8 @@ def prepare_process(service: Service, pooled: bool) -> str | None:
             if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY
                                                    or value > hard):
                 resource.setrlimit(res, (soft, value))  # soft <= hard < value
-            if pooled and res == resource.RLIMIT_STACK:
+            if ((pooled and res == resource.RLIMIT_STACK)
+                    or (not pooled and res == resource.RLIMIT_NPROC)):
                 resource.setrlimit(res, (value, value))
         if controls.nice is not None:
             os.setpriority(os.PRIO_PROCESS, 0, controls.nice)
