@@ -217,7 +217,10 @@ class WrappersStage:
         rt = item.rt
         while rt.retired and rt.successor is not None:  # a reload changed the service
             rt = rt.successor
-        why = self._decide(rt, item.addr, item.local, name)
+        if rt.service.tcp_wrappers is None:
+            why: str | None = ""  # a reload lifted tcp_wrappers meanwhile
+        else:
+            why = self._decide(rt, item.addr, item.local, name)
         if why is None:  # cannot happen with a name; refuse rather than loop
             why = TCP_WRAPPERS
         if why:
