@@ -63,7 +63,16 @@ def _read(sock: socket.socket, until: object, timeout: float = 20.0) -> list[str
     return lines
 
 
-def test_handler_counts_drops_and_warns_once(receiver, tmp_path: Path) -> None:
+@pytest.fixture(autouse=True)
+def _keep_the_logger() -> Iterator[None]:
+    """Tests that configure poolinetd's logger leave it as they found it."""
+    handlers, level = list(log.LOGGER.handlers), log.LOGGER.level
+    yield
+    log.LOGGER.handlers[:] = handlers
+    log.LOGGER.setLevel(level)
+
+
+def test_handler_counts_drops_and_warns_once(receiver) -> None:
     path, sock = receiver
     out = io.StringIO()
     log.setup("text", logging.INFO, stream=out)
@@ -88,7 +97,6 @@ def test_handler_counts_drops_and_warns_once(receiver, tmp_path: Path) -> None:
     finally:
         log.LOGGER.removeHandler(handler)
         handler.close()
-        log.setup("text", logging.INFO)
 
 
 def test_a_missing_daemon_is_reached_when_it_appears(tmp_path: Path) -> None:
@@ -113,7 +121,6 @@ def test_a_missing_daemon_is_reached_when_it_appears(tmp_path: Path) -> None:
     finally:
         log.LOGGER.removeHandler(handler)
         handler.close()
-        log.setup("text", logging.INFO)
 
 
 @pytest.fixture(params=["pool", "classic"])
