@@ -53,9 +53,11 @@ def settle(spec: ServiceSpec, server: Server, wanted: bool | None, out: SpecRepo
     if wanted is not True:
         return server, None
     if not judged_natively(spec):
+        hint = (f"run the program through {TCPD} (it judges the client itself)"
+                if server.program is not None else "only_from/no_access apply to it")
         out.report("tcp_wrappers", "tcp_wrappers not applied: only stream nowait IP "
-                   "services are judged natively", f"run the program through {TCPD} "
-                   "(it judges the client itself) or set tcp_wrappers=no", warning=True)
+                   "services are judged natively", f"{hint}, or set tcp_wrappers=no",
+                   warning=True)
         return server, None
     if server.internal is not None:  # its service name; a port number says nothing
         return server, server.internal if spec.service.isdigit() else spec.service
