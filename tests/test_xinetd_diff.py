@@ -226,3 +226,38 @@ def test_per_source_instances_and_disable(tmp_path: Path, mode: str) -> None:
         "inst after 127.0.1.4": SERVED,
     }
     compare(tmp_path, text, probe, scenario, mode, expected)
+
+
+def read_all(source: str, port: int) -> bytes:
+    """What a client from ``source`` that sends nothing receives before the server closes
+    (the refused client of a banner_fail service: the banner, then EOF)."""
+    sock = connect(source, port)
+    assert sock is not None
+    got = b""
+    with sock:
+        try:
+            while chunk := sock.recv(4096):
+                got += chunk
+        except (TimeoutError, ConnectionError):
+            pass
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_banner_fail_is_sent_to_a_refused_client(tmp_path: Path, mode: str) -> None:
+    probe, guarded = free_ports(2)
+    banner = tmp_path / "banner"
+    banner.write_bytes(b"access denied\r\n")
+    text = (echo_service("probe", probe)
+            + echo_service("guarded", guarded, f"\tonly_from = 127.0.0.2\n"
+                                               f"\tbanner_fail = {banner}\n"))
+
+    def scenario() -> dict[str, str]:
+        sock = connect("127.0.0.2", guarded)
+        with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+            allowed = outcome(sock)
+        return {"allowed 127.0.0.2": allowed,
+                "refused 127.0.0.3": read_all("127.0.0.3", guarded).decode()}
+
+    compare(tmp_path, text, probe, scenario, mode,
+            {"allowed 127.0.0.2": SERVED, "refused 127.0.0.3": "access denied\r\n"})

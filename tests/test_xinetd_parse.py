@@ -306,6 +306,29 @@ def test_tcp_wrappers_as_xinetd_applies_libwrap() -> None:
     assert any("'libwrap'" in w and "not judged by tcp_wrappers" in w for w in warnings(text))
 
 
+def test_banner_fail_is_read_at_load_and_attached(tmp_path: Path) -> None:
+    banner = tmp_path / "banner"
+    banner.write_bytes(b"go away\r\n")
+    conf = tmp_path / "x.conf"
+    conf.write_text(block(PROGRAM + "\tbanner_fail = banner\n\tonly_from = 10.0.0.1\n"))
+    loaded = load_file(str(conf), lookups=fake_lookups())
+    assert loaded.errors == () and loaded.warnings == ()
+    assert loaded.services[0].spec.banner_fail == b"go away\r\n"
+    big = xinetd_map.build(lex(block(PROGRAM + "\tbanner_fail = /big\n"), "x").items,
+                           lambda path: b"x" * (xinetd_map.BANNER_MAX + 5))
+    assert big.specs[0].banner_fail == b"x" * xinetd_map.BANNER_MAX
+    assert any("cut to" in str(d) for d in big.warnings)
+    missing = xinetd_map.build(lex(block(PROGRAM + "\tbanner_fail = /nope\n"), "x").items,
+                               lambda path: "No such file or directory")
+    assert missing.specs[0].banner_fail is None
+    assert any("nothing is sent" in str(d) for d in missing.warnings)
+    dgram = PROGRAM.replace("stream", "dgram").replace("wait = no", "wait = yes")
+    shown = xinetd_map.build(lex(block(dgram + "\tbanner_fail = /b\n"), "x").items,
+                             lambda path: b"b")
+    assert shown.specs[0].banner_fail is None
+    assert any("datagram" in str(d) for d in shown.warnings)
+
+
 def test_required_attributes() -> None:
     shown = errors(block("\tserver = /bin/cat\n"))
     for name in ("socket_type", "wait", "user"):

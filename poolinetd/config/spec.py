@@ -351,6 +351,9 @@ class ServiceSpec:
     # None: the inetd rule (per minute, then admission.policy.LOOPING_PAUSE).
     spawn_window: float | None = None
     spawn_pause: float | None = None
+    # xinetd's banner_fail: the file's bytes, read when the config is loaded, sent to a
+    # refused client with one non-blocking send before the close (engine/accept.py).
+    banner_fail: bytes | None = field(default=None, repr=False)
     source: str = field(default="<string>", compare=False)
     lineno: int = field(default=0, compare=False)
     # Where each part was written, keyed by role ("service", "socket_type",

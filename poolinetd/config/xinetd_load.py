@@ -36,6 +36,7 @@ from poolinetd.config.xinetd_lexer import Block, Directive
 __all__ = ["Bounds", "load"]
 
 Ident = tuple[int, int]
+_BANNER_READ = 1 << 20  # a banner_fail file larger than this is an error, not read
 # includes.read_regular: (bytes, (dev, ino)) or why the file cannot be read.
 Reader = Callable[[str, int], "tuple[bytes, Ident] | str"]
 # includes.check_utf8: (text to parse, one error per bad line, the bad line numbers).
@@ -71,7 +72,14 @@ def load(text: str, source: str, ident: Ident | None, limits: Bounds, read: Read
         tree.seen[ident] = "as the main file"
     tree.bytes = len(text)
     tree.read_text(text, source, (ident,) if ident is not None else ())
-    mapped = xinetd_map.build(tree.blocks)
+    def read_banner(path: str) -> bytes | str:
+        # Relative to the main file's directory; read once per load, bounded (the map
+        # cuts it to BANNER_MAX), a regular file only: the master never reads it while
+        # serving, and a FIFO is never waited on.
+        got = read(os.path.join(os.path.dirname(source), path), _BANNER_READ)
+        return got if isinstance(got, str) else got[0]
+
+    mapped = xinetd_map.build(tree.blocks, read_banner)
     return ParsedConfig(mapped.specs, mapped.defaults, (*tree.diags, *mapped.diagnostics))
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from poolinetd.config import accesslists, values
@@ -53,7 +53,13 @@ from poolinetd.config.xinetd_lexer import Attr, Block
 from poolinetd.net import netmatch
 from poolinetd.net.netmatch import AddressList
 
-__all__ = ["build"]
+__all__ = ["BANNER_MAX", "build"]
+
+# A banner_fail file is read when the config loads and sent with one non-blocking send:
+# more than a socket's first send buffer would be cut anyway.
+BANNER_MAX = 16 * 1024
+# Reads a banner file: its bytes (at most BANNER_MAX), or why it cannot be read.
+BannerReader = Callable[[str], "bytes | str"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -76,7 +82,8 @@ _RLIMITS = ("rlimit_as", "rlimit_cpu", "rlimit_data", "rlimit_rss", "rlimit_stac
 _MAPPED = frozenset({"id", "type", "flags", "socket_type", "protocol", "wait", "user",
                      "group", "server", "server_args", "port", "bind", "interface",
                      "only_from", "no_access", "per_source", "instances", "cps", "env",
-                     "disable", "v6only", "groups", "nice", "umask", *_RLIMITS})
+                     "disable", "v6only", "groups", "nice", "umask", "banner_fail",
+                     *_RLIMITS})
 # Read and not applied: what poolinetd does instead (the warning's hint).
 _WARNED: dict[str, str] = {
     "log_type": "poolinetd logs every start, end and refusal in its own log "
@@ -87,7 +94,6 @@ _WARNED: dict[str, str] = {
     "passenv": "programs start with a clean environment; write env = NAME=value",
     "banner": "no banner is sent",
     "banner_success": "no banner is sent",
-    "banner_fail": "no banner is sent; a refused client is closed",
     "max_load": "poolinetd does not refuse by load average",
     "deny_time": "it only applies to SENSOR services, which poolinetd does not have",
     "libwrap": "poolinetd judges a service under its program's basename or its "
@@ -145,13 +151,15 @@ class _Defaults:
     sets: dict[str, _Value] = field(default_factory=dict)
 
 
-def build(blocks: Sequence[Block]) -> ParsedConfig:
+def build(blocks: Sequence[Block], read_banner: BannerReader | None = None) -> ParsedConfig:
     """The specs and diagnostics of every block of one load (every file, in order).
 
-    Total: a bug is reported as an error diagnostic, never raised.
+    ``read_banner`` reads a ``banner_fail`` file (``xinetd_load`` passes one; without
+    it the attribute is read but no banner is attached). Total: a bug is reported as an
+    error diagnostic, never raised.
     """
     try:
-        return _build(blocks)
+        return _build(blocks, read_banner)
     except Exception as exc:
         where = blocks[0].source if blocks else "<xinetd>"
         bug = Diagnostic(where, 0, 0, "", f"internal parser error: {exc!r}",
@@ -159,7 +167,7 @@ def build(blocks: Sequence[Block]) -> ParsedConfig:
         return ParsedConfig((), Options(), (bug,))
 
 
-def _build(blocks: Sequence[Block]) -> ParsedConfig:
+def _build(blocks: Sequence[Block], read_banner: BannerReader | None) -> ParsedConfig:
     diags: list[Diagnostic] = []
     defaults = _Defaults()
     for block in blocks:
@@ -170,7 +178,7 @@ def _build(blocks: Sequence[Block]) -> ParsedConfig:
     for block in blocks:
         if block.kind != "service":
             continue
-        svc = _Service(block, defaults)
+        svc = _Service(block, defaults, read_banner)
         spec = svc.build()
         first = ids.setdefault(svc.ident, block)
         if first is not block:
@@ -223,8 +231,10 @@ def _diag(source: str, lineno: int, name: str, message: str, hint: str,
 class _Service:
     """One service block mapped onto a ServiceSpec; problems collected, never raised."""
 
-    def __init__(self, block: Block, defaults: _Defaults) -> None:
+    def __init__(self, block: Block, defaults: _Defaults,
+                 read_banner: BannerReader | None = None) -> None:
         self.block = block
+        self.read_banner = read_banner
         self.defaults = defaults
         self.diags: list[Diagnostic] = []
         self.failed = False
@@ -399,6 +409,7 @@ class _Service:
             enabled=not self.disabled,
             spawn_window=None if self.cps is None else self.cps[0],
             spawn_pause=None if self.cps is None else self.cps[1],
+            banner_fail=self.banner_fail(socket_type),
             source=self.block.source,
             lineno=self.block.lineno,
             locs=tuple(self.locs.items()),
@@ -684,6 +695,26 @@ class _Service:
                 where = self.values["flags"]
                 self.locs[key] = FieldLoc(where.lineno, 0, "flags")
         return found
+
+    def banner_fail(self, socket_type: SocketType) -> bytes | None:
+        """The bytes of the ``banner_fail`` file, sent to a refused client (stream only:
+        a refused datagram is dropped unanswered)."""
+        path = self.one("banner_fail")
+        if path is None or self.read_banner is None:
+            return None
+        if socket_type is not SocketType.STREAM:
+            self.at("banner_fail", "banner_fail is not sent on a datagram service",
+                    "a refused datagram is dropped unanswered", warning=True)
+            return None
+        got = self.read_banner(path)
+        if isinstance(got, str):
+            self.at("banner_fail", f"banner_fail {path}: {got}; nothing is sent",
+                    "give a readable regular file", warning=True)
+            return None
+        if len(got) > BANNER_MAX:
+            self.at("banner_fail", f"banner_fail {path} is cut to {BANNER_MAX} bytes",
+                    "one non-blocking send carries it", warning=True)
+        return got[:BANNER_MAX] or None
 
     def groups(self) -> None:
         value = self.yes_no("groups", required=False)

@@ -160,6 +160,8 @@ class AcceptStage:
         if not why and rt.preamble is not None and not self.preambles.make_room(rt, key):
             why = "preamble_busy"  # one source may not fill the stage (slowloris)
         if why:
+            if rt.service.spec.banner_fail:
+                _send_banner(fd, family, rt.service.spec.banner_fail)
             self.release_fd(fd, family)
             self.refusals.refused(rt, ip, why, now)
             return False
@@ -400,3 +402,15 @@ class AcceptStage:
 def wire_peer(peer: Peer) -> str:
     """The peer as the wire and the environment carry it: "HOST PORT" ("" for unix/none)."""
     return f"{peer[0]} {peer[1]}" if peer else ""
+
+
+def _send_banner(fd: int, family: int, banner: bytes) -> None:
+    """xinetd's banner_fail to a refused client: one non-blocking send into the empty send
+    buffer (what does not fit is dropped, a reset ignored); ``fd`` stays open."""
+    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        sock.send(banner, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
