@@ -261,3 +261,39 @@ def test_banner_fail_is_sent_to_a_refused_client(tmp_path: Path, mode: str) -> N
 
     compare(tmp_path, text, probe, scenario, mode,
             {"allowed 127.0.0.2": SERVED, "refused 127.0.0.3": "access denied\r\n"})
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cps_rate_and_rest(tmp_path: Path, mode: str) -> None:
+    """cps = 2 5: a third connection within the second is refused and the service rests
+    5 s (xinetd closes its listener: connections are refused; poolinetd stops polling it:
+    they wait unanswered), then serves again."""
+    probe, limited = free_ports(2)
+    text = echo_service("probe", probe) + echo_service("limited", limited, "\tcps = 2 5\n")
+
+    def scenario() -> dict[str, str]:
+        got = {}
+        for index in range(3):
+            sock = connect(f"127.0.2.{index + 1}", limited)
+            with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+                got[f"burst {index + 1}"] = outcome(sock, HELD_TIMEOUT)
+        rested = time.monotonic()
+        sock = connect("127.0.2.9", limited)
+        with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+            got["resting"] = outcome(sock, 1.0)
+
+        # xinetd refuses connections while its listener is closed; poolinetd queues one
+        # and answers it when the rest ends. One connection that lands waits for that
+        # (more would each count against the rate when the service resumes).
+        sock = wait_until(lambda: connect("127.0.2.10", limited), 40.0,
+                          "a connection after the rest")
+        assert isinstance(sock, socket.socket)
+        with sock:
+            assert outcome(sock, 30.0) == SERVED
+        # Not before the rest is over (4 s: a second's slack for the clocks' granularity).
+        got["back after the rest"] = SERVED if time.monotonic() - rested >= 4.0 else "early"
+        return got
+
+    compare(tmp_path, text, probe, scenario, mode,
+            {"burst 1": SERVED, "burst 2": SERVED, "burst 3": REFUSED, "resting": REFUSED,
+             "back after the rest": SERVED})
