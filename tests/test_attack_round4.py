@@ -493,3 +493,40 @@ def test_closing_a_unix_listener_with_a_poisoned_backlog_never_freezes_the_maste
         waiting.close()
         for listener in listeners:
             listener.close()
+
+
+# -- a worker floods its upward pipe with messages the master must decode --------------------
+
+
+@pytest.mark.root
+@needs_root
+def test_a_worker_flooding_its_pipe_costs_the_master_a_bounded_share(serve) -> None:
+    """A taken-over worker writes tiny LOG frames (an event no worker logs) as fast as
+    the pipe takes them. The LOG budget bounds what is written, not what is decoded:
+    the master read 16 KiB (2,000 frames) at every turn of its loop. Before the fix it
+    spent about 90 % of a core on them for as long as the flood lasted (another
+    service's median answer went from 0.3 to 24 ms; measured 3.77 s of CPU in 4 s).
+    Now a service's workers are read for at most handles.READ_RATE messages a second;
+    past that the one that flooded is not read for a while (its writes wait): 0.69 s
+    in 4 s."""
+    server = serve(f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal echo\n"
+                   f"127.0.0.1:0 stream tcp nowait {TEST_USER} internal discard\n")
+    pid = worker_of(server, "echo")
+    up = steal_upward(pid)
+    frame = wire.frame(wire.encode_log(20, "zz", {}))
+    chunk = frame * (wire.PIPE_BUF // len(frame))
+    os.set_blocking(up, False)
+    began = time.monotonic()
+    before = _master_cpu(server.pid)
+    try:
+        while time.monotonic() - began < 4.0:
+            try:
+                os.write(up, chunk)
+            except BlockingIOError:
+                time.sleep(0.001)  # the pipe is full: the master is not reading it now
+        spent = _master_cpu(server.pid) - before
+        wall = time.monotonic() - began
+    finally:
+        os.close(up)
+    assert spent / wall < 0.4, f"the master spent {spent:.2f} s of CPU in {wall:.2f} s"
+    assert tcp_exchange(server.port(1), b"x", timeout=2) == b""  # serving

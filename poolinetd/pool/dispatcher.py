@@ -54,6 +54,7 @@ from poolinetd.pool.handles import (
     STALL_TIMEOUT,
     Liveness,
     Phase,
+    ReadBudget,
     StallStep,
     WorkerHandle,
 )
@@ -78,6 +79,7 @@ class PoolDispatcher:
         self.workers: dict[int, WorkerHandle] = {}  # by pid, until reaped
         self.instances = Instances(self.system)  # who serves each instance handed off
         self.outboxes: list[WorkerHandle] = []  # workers with connections to send
+        self.read_budgets: dict[ServiceRuntime, ReadBudget] = {}  # upward messages decoded
         self.hooks: Hooks
 
     def attach(self, hooks: Hooks) -> None:
@@ -86,6 +88,7 @@ class PoolDispatcher:
     # -- services --------------------------------------------------------------
     def add(self, rt: ServiceRuntime) -> None:
         self.pools[rt] = Pool(rt.service.pool)
+        self.read_budgets[rt] = ReadBudget()
 
     def retire(self, rt: ServiceRuntime) -> None:
         for handle in list(self.workers.values()):
@@ -96,6 +99,7 @@ class PoolDispatcher:
         if any(h.rt is rt for h in self.workers.values()):
             return True
         self.pools.pop(rt, None)
+        self.read_budgets.pop(rt, None)
         return False
 
     def maintain(self, rt: ServiceRuntime, now: float) -> None:
@@ -292,6 +296,8 @@ class PoolDispatcher:
         released = 0
         now = self.system.clock()
         msgs, error = handle.read(now)
+        budget = self.read_budgets.get(rt)
+        pause = budget.spend(len(msgs), now) if budget is not None else 0.0
         for msg in msgs:
             if msg.kind == wire.EOF:
                 self._worker_gone(handle, "channel closed")
@@ -326,6 +332,12 @@ class PoolDispatcher:
             self._worker_gone(handle, f"protocol error: {error}")
         if handle.phase is Phase.STOP_QUEUED:
             self._send_stop(handle)  # its queue had no room for the STOP: try again
+        if pause and handle.open and not handle.paused_until:
+            # Its service's workers said more than the master decodes for them: this one
+            # is not read for a while (its writes wait; a flood costs the others little).
+            self.hooks.unwatch(handle.upward)
+            handle.paused_until = now + pause
+            self.hooks.wake_at(handle.paused_until)
         self.hooks.refresh(rt)
 
     def _done(self, handle: WorkerHandle, pool: Pool | None, ids: tuple[int, ...]) -> int:
@@ -454,6 +466,7 @@ class PoolDispatcher:
                 self.hooks.wake_at(deadline)
             if surplus or pool.spawns_needed(now):  # (a backoff ended, or the pool shrank)
                 self.hooks.refresh(rt)
+        self._resume_reading(now)
         self._ping_lenders(now)
         self._check_stalls(now)
         orphans = self.instances.orphans
@@ -461,6 +474,21 @@ class PoolDispatcher:
             if orphans.due(now):
                 orphans.prune(self.child_exited, self._end)
             self.hooks.wake_at(orphans.next_check)
+
+    def _resume_reading(self, now: float) -> None:
+        """Read again the workers whose pause (``on_worker``) is over."""
+        for handle in self.workers.values():
+            if not handle.paused_until:
+                continue
+            if now < handle.paused_until:
+                self.hooks.wake_at(handle.paused_until)
+                continue
+            handle.paused_until = 0.0
+            if handle.open:
+                self._watch(handle)
+
+    def _watch(self, handle: WorkerHandle) -> None:
+        self.hooks.watch(handle.upward, lambda _mask: self.on_worker(handle))
 
     def _ping_lenders(self, now: float) -> None:
         """A worker that holds a lent datagram socket is sent nothing else, so its stall

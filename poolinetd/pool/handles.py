@@ -40,6 +40,11 @@ STALL_KILL = 3.0  # then killed this much later if still stalled
 # flooding worker cannot turn the master into its log writer.
 LOG_RATE = 1000.0
 LOG_DROP_REPORT = 10.0  # seconds between worker_log_dropped lines of one worker
+# Upward messages the master decodes per second for one service's workers together (a
+# bucket of this size). Decoding costs the master's one thread microseconds a message
+# and a worker can write thousands of tiny frames per read: past this, the worker that
+# read it is not read again until the bucket holds a read's worth (its writes wait).
+READ_RATE = 20_000.0
 
 
 class TransitionError(RuntimeError):
@@ -73,6 +78,24 @@ class StallStep(enum.Enum):
 
 
 @dataclass(slots=True, eq=False)
+class ReadBudget:
+    """The upward messages one service's workers may still have decoded now."""
+
+    tokens: float = READ_RATE
+    refilled: float = 0.0
+
+    def spend(self, count: int, now: float) -> float:
+        """Count ``count`` messages decoded at ``now``; 0, or for how long the worker
+        that sent them should not be read (until the bucket is back to a quarter)."""
+        self.tokens = min(READ_RATE, self.tokens + (now - self.refilled) * READ_RATE)
+        self.refilled = now
+        self.tokens -= count
+        if self.tokens > 0:
+            return 0.0
+        return (READ_RATE / 4 - self.tokens) / READ_RATE
+
+
+@dataclass(slots=True, eq=False)
 class WorkerHandle:
     """The dispatcher's record of one worker process; dropped only when it is reaped."""
 
@@ -95,6 +118,7 @@ class WorkerHandle:
     log_refilled: float = 0.0  # when the budget was last topped up
     log_dropped: int = 0  # LOG lines dropped since the last worker_log_dropped
     log_drop_told: float = float("-inf")  # when worker_log_dropped was last logged
+    paused_until: float = 0.0  # > 0: its pipe is not read until then (its service's ReadBudget)
 
     # -- the channel ------------------------------------------------------------
     @property
