@@ -70,7 +70,9 @@ def test_every_run_option_survives_the_round_trip(tmp_path: Path,
             "--log-connections", "--control", "/abs/c.sock", "--graceful-timeout", "0.1",
             "--metrics", "127.0.0.1:0", "--pool-min", "2", "--pool-max", "7",
             "--worker-connections", "3", "--max-requests", "11", "--idle-timeout", "1e-3",
-            "--conn-timeout", "2.5", "--max-connections", "0", "--max-programs", "5"]
+            "--conn-timeout", "2.5", "--max-connections", "0", "--max-programs", "5",
+            "--syslog", "--syslog-facility", "local3", "--syslog-socket", "s.sock",
+            "--tcp-wrappers", "--tcp-wrappers-dir", "wrap"]
     args = _parse(argv)
     cli.absolute_paths(args)
     again = _parse(cli.upgrade_command(args)[1:])
