@@ -364,7 +364,7 @@ def _open_sockets(service: Service, passed: adopt.Passed | None = None) -> list[
 
 
 # The options of run that name a file: made absolute at start (``absolute_paths``).
-PATH_OPTIONS = ("conf", "pidfile", "log_file", "control", "tcp_wrappers_dir")
+PATH_OPTIONS = ("conf", "pidfile", "log_file", "control", "tcp_wrappers_dir", "syslog_socket")
 
 
 def absolute(path: str) -> str:
