@@ -49,7 +49,7 @@ class Reloader:
         prepared = reloadplan.prepare(
             self.load_config,
             {rt.service.key: (rt, rt.service) for rt in table.live()},
-            self.open_sockets, self._release_listeners)
+            self.open_sockets, self._release_listeners, self.table.dispose)
         if prepared is None:
             return False
         diff = prepared.plan

@@ -91,7 +91,7 @@ def _same_address(a: Service, b: Service) -> bool:
 def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Service]],
             open_sockets: Callable[[Service], list[socket.socket]],
             release: Callable[[T], Callable[[], None]] | None = None,
-            ) -> Prepared[T] | None:
+            dispose: Callable[[int], None] | None = None) -> Prepared[T] | None:
     """Load the new config, diff it, and open every listener it adds.
 
     Returns what to apply, or None, after logging every reason, when
@@ -129,7 +129,9 @@ def prepare(load_config: LoadConfig, running: Mapping[ServiceKey, tuple[T, Servi
         except listeners.ListenError as exc:
             for _, socks in opened:
                 for sock in socks:
-                    listeners.close_listener(sock)
+                    # A unix listener just bound may already hold a client's
+                    # connection (and what it passed): closed by the closer.
+                    listeners.close_listener(sock, dispose)
             for restore in restores:
                 restore()
             log.error("reload_failed", error=str(exc), action="kept the running config")
