@@ -24,6 +24,13 @@ daemon by tests/test_xinetd_diff.py):
   length treat their trailing zero parts as wildcards (10.0.0.0 = 10.0.0.0/8,
   0.0.0.0 = everyone); ``10.0.{1,2}`` = 10.0.1.0/24 and 10.0.2.0/24.
 * only_from written with no value: nobody is served (the service is not served).
+* instances, per_source -> max_child, max_child_per_ip; ``cps N M`` -> at most N
+  starts in a 1 s window, then a rest of M s (ServiceSpec.spawn_window/pause).
+* banner_fail: the file's bytes (read through the ``read_banner`` passed in) are
+  sent to a refused client; a stream nowait service without NOLIBWRAP is judged
+  by tcp_wrappers, as Debian's libwrap-enabled xinetd judges it.
+* A single-valued attribute with other than one value is ignored with a warning,
+  as xinetd ignores it (``per_source = 10 # comment``: no inline comments).
 * A disabled service (``disable = yes``, defaults' ``disabled``, or left out of
   defaults' ``enabled``) is read but not served; its problems are warnings.
 """
@@ -58,7 +65,7 @@ __all__ = ["BANNER_MAX", "build"]
 # A banner_fail file is read when the config loads and sent with one non-blocking send:
 # more than a socket's first send buffer would be cut anyway.
 BANNER_MAX = 16 * 1024
-# Reads a banner file: its bytes (at most BANNER_MAX), or why it cannot be read.
+# Reads a banner file: its bytes (cut to BANNER_MAX here), or why it cannot be read.
 BannerReader = Callable[[str], "bytes | str"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
