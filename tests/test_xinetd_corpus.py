@@ -1,5 +1,9 @@
-"""Real xinetd files (tests/corpus/xinetd, sources in SOURCES.md) load with no error, with
-the warnings listed here; ``poolinetd check`` reads them; a reload re-reads the tree."""
+"""xinetd files (tests/corpus/xinetd, SOURCES.md) load with no error, with the warnings
+listed here; ``poolinetd check`` reads them; a reload re-reads the tree.
+
+Debian's package files are real; ``patterns/`` are files of our own in the shapes
+real deployments use (SOURCES.md names where those shapes were seen).
+"""
 
 from __future__ import annotations
 
@@ -21,16 +25,16 @@ DEBIAN = CORPUS / "debian"
 
 # Which attributes each file is warned about (the token of each warning), in order.
 EXPECTED_WARNINGS: dict[str, list[str]] = {
-    "projects/checkmk-agent": ["log_on_success"],
-    "projects/ctf-xinetd-152334h": ["banner_fail", "per_source", "rlimit_cpu"],
-    "projects/eadom-ctf": ["}"],
-    "projects/ironic-standalone-tftp": [],
-    "projects/likvidera-docker-pwn": [],
-    "projects/nagios-deploy-nrpe": ["log_on_failure", "only_from", "only_from"],
-    "projects/openlaunchd-tftp": [],
-    "projects/percona-mysqlchk": ["log_on_failure"],
-    "projects/solidctf-ctf": ["per_source"],
-    "projects/vimvaders-ctf": ["banner_fail", "per_source", "rlimit_cpu"],
+    "patterns/monitoring-agent": ["log_on_success"],
+    "patterns/ctf-chroot": ["banner_fail", "per_source", "rlimit_cpu"],
+    "patterns/ctf-stray-brace": ["}"],
+    "patterns/tftp-ipv4": [],
+    "patterns/ctf-commented": [],
+    "patterns/plugins-prefix": ["log_on_failure", "only_from", "only_from"],
+    "patterns/tftp-cps": [],
+    "patterns/haproxy-clustercheck": ["log_on_failure"],
+    "patterns/ctf-python": ["per_source"],
+    "patterns/ctf-env": ["banner_fail", "per_source", "rlimit_cpu"],
     # Debian ships every built-in disabled; two of them name no user, and the -udp files
     # repeat the dgram half of the two-service files (the same id, so one is a duplicate).
     "debian/xinetd.conf": ["id", "id", "id", "id", "user", "user", "id"],
@@ -83,26 +87,26 @@ def test_corpus_file_loads_without_error(name: str) -> None:
 
 def test_corpus_meaning() -> None:
     """What the real files come to, as xinetd would serve them."""
-    mysqlchk = load_corpus("projects/percona-mysqlchk").services[0]
+    mysqlchk = load_corpus("patterns/haproxy-clustercheck").services[0]
     assert mysqlchk.program == "/usr/bin/clustercheck" and mysqlchk.argv == ("clustercheck",)
     assert mysqlchk.key.endpoints[0].port == 9200 and "max_child_per_ip" in (
         mysqlchk.limits.unlimited)
     assert [str(n) for n in mysqlchk.only_from.networks] == ["0.0.0.0/0"]
-    agent = load_corpus("projects/checkmk-agent").services[0]
+    agent = load_corpus("patterns/monitoring-agent").services[0]
     assert agent.limits.max_child_per_ip == 3 and agent.key.endpoints[0].port == 6556
-    jail = load_corpus("projects/ctf-xinetd-152334h").services[0]
+    jail = load_corpus("patterns/ctf-chroot").services[0]
     assert jail.argv[:2] == ("chroot", "--userspec=1000:1000")
     assert not jail.limits.given("max_child") and jail.limits.safe_default
-    tftp = load_corpus("projects/ironic-standalone-tftp").services[0]
+    tftp = load_corpus("patterns/tftp-ipv4").services[0]
     assert tftp.wait and tftp.key.endpoints[0].port == 69 and tftp.key.is_udp
-    assert load_corpus("projects/nagios-deploy-nrpe").services == ()  # serves nobody
+    assert load_corpus("patterns/plugins-prefix").services == ()  # serves nobody
     assert load_corpus("debian/xinetd.conf").services == ()  # all disabled
 
 
 def test_check_reads_xinetd_files_and_says_so_in_json(tmp_path: Path) -> None:
     conf = tmp_path / "xinetd.conf"
-    conf.write_text((CORPUS / "projects" / "likvidera-docker-pwn").read_text().replace(
-        "user = ctf", "user = root").replace("/home/ctf/redir.sh", "/bin/cat").replace(
+    conf.write_text((CORPUS / "patterns" / "ctf-commented").read_text().replace(
+        "user = ctf", "user = root").replace("/home/ctf/start.sh", "/bin/cat").replace(
         "port = 31337", "port = 31337\n\tcps = 10 3"))
     out, err = io.StringIO(), io.StringIO()
     assert run_check(str(conf), True, out, err) == 0, err.getvalue()
