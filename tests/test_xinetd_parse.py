@@ -13,7 +13,7 @@ from config_fakes import fake_lookups
 from config_helpers import errors, load, only, warnings
 
 from poolinetd.admission.policy import Admission
-from poolinetd.config import includes, xinetd_lexer, xinetd_map
+from poolinetd.config import includes, xinetd_attrs, xinetd_lexer, xinetd_map
 from poolinetd.config.resolve import load_file
 from poolinetd.config.spec import RLIM_UNLIMITED, Protocol, Severity, SocketType
 from poolinetd.config.xinetd_lexer import Block, Directive, lex, looks_like_xinetd
@@ -161,7 +161,7 @@ def test_family_from_flags_bind_and_v6only(extra: str, protocol: Protocol) -> No
     ("::1", ["::1/128"]),
 ])
 def test_xinetd_address_forms(word: str, networks: list[str]) -> None:
-    got = xinetd_map.xinetd_networks(word)
+    got = xinetd_attrs.xinetd_networks(word)
     assert not isinstance(got, str)
     assert [str(n) for n in got] == networks
 
@@ -171,7 +171,7 @@ def test_xinetd_address_forms(word: str, networks: list[str]) -> None:
     ("10.0.{1,300}", False), ("1.2.3.4.{5}", False), ("10.0.0.1/40", False), ("a b", False),
 ])
 def test_xinetd_address_errors(word: str, hostname: bool) -> None:
-    got = xinetd_map.xinetd_networks(word)
+    got = xinetd_attrs.xinetd_networks(word)
     assert isinstance(got, str) and (got == "") is hostname
 
 
@@ -349,7 +349,7 @@ def test_every_attribute_of_the_man_page_is_classified() -> None:
               "max_load", "groups", "mdns", "umask", "enabled", "disabled", "rlimit_as",
               "rlimit_files", "rlimit_cpu", "rlimit_data", "rlimit_rss", "rlimit_stack",
               "deny_time", "v6only", "disable"}
-    assert all(xinetd_map._known(name) for name in listed)
+    assert all(xinetd_attrs.known(name) for name in listed)
 
 
 # -- defaults and disabling ------------------------------------------------------------
@@ -493,11 +493,11 @@ def test_debian_man_page_attributes_when_available() -> None:
     names = set(re.findall(r"^\.TP[^\n]*\n\.B\s+(\w+)", text, re.M))
     attrs = {n for n in names if n.islower() and len(n) > 1} - {"include", "includedir"}
     assert len(attrs) > 40, attrs
-    assert {n for n in attrs if not xinetd_map._known(n)} == set()
+    assert {n for n in attrs if not xinetd_attrs.known(n)} == set()
     log_words = {"ATTEMPT", "DURATION", "EXIT", "FILE", "HOST", "PID", "SYSLOG", "TRAFFIC",
                  "USERID"}
     flags = {n for n in names if not n.islower() and len(n) > 1} - log_words
-    known = set(xinetd_map._TYPES) | set(xinetd_map._FLAGS_DONE) | set(
-        xinetd_map._FLAGS_SOCKOPTS) | set(
-        xinetd_map._FLAGS_WARNED) | set(xinetd_map._FLAGS_REFUSED)
+    known = set(xinetd_attrs.TYPES) | set(xinetd_attrs.FLAGS_DONE) | set(
+        xinetd_attrs.FLAGS_SOCKOPTS) | set(
+        xinetd_attrs.FLAGS_WARNED) | set(xinetd_attrs.FLAGS_REFUSED)
     assert flags - known == set()

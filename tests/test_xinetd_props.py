@@ -7,7 +7,7 @@ import hypothesis_profiles  # noqa: F401  (registers and loads the profile)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolinetd.config import xinetd_lexer, xinetd_map
+from poolinetd.config import xinetd_attrs, xinetd_lexer, xinetd_map
 from poolinetd.config.spec import Limits, Options, Protocol, ServiceSpec, Severity, SocketType
 from poolinetd.config.xinetd_format import format_service
 from poolinetd.config.xinetd_lexer import Block
@@ -15,8 +15,8 @@ from poolinetd.net import netmatch
 
 NAME = st.from_regex(r"[a-z][a-z0-9_-]{0,7}", fullmatch=True)
 WORD = st.from_regex(r"[A-Za-z0-9_./:+-]{1,8}", fullmatch=True)
-ATTRS = sorted({*xinetd_map._MAPPED, *xinetd_map._WARNED, *xinetd_map._REFUSED,
-                *xinetd_map._DEFAULTS_ONLY})
+ATTRS = sorted({*xinetd_attrs.MAPPED, *xinetd_attrs.WARNED, *xinetd_attrs.REFUSED,
+                *xinetd_attrs.DEFAULTS_ONLY})
 VALUE = st.sampled_from(["yes", "no", "UNLIMITED", "stream", "dgram", "tcp", "udp", "0",
                          "10", "INTERNAL", "UNLISTED", "IPv6", "10.0.{1,2}", "0.0.0.0",
                          "/bin/cat", "A=1", "::1", "{", "}", "=", "#"]) | WORD
@@ -55,7 +55,7 @@ def test_total_on_xinetd_shaped_text_and_every_diagnostic_is_located(text: str) 
 
 @given(st.text("0123456789.{},/:abcdef ", max_size=24))
 def test_address_words_are_total(word: str) -> None:
-    got = xinetd_map.xinetd_networks(word)
+    got = xinetd_attrs.xinetd_networks(word)
     assert isinstance(got, (str, list))
 
 

@@ -36,26 +36,12 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
         return None
     if spec.unix_perms is not None or spec.login_class is not None:
         return None
-    lim = spec.limits
-    if lim.max_cpm_per_ip is not None or "max_cpm_per_ip" in lim.unlimited:
+    if not _expressible(spec):
         return None
-    # A service rate is xinetd's cps N M only: N per 1 s window, a whole-second rest.
+    lim, opts = spec.limits, spec.options
     cps = lim.max_spawn_per_min is not None or spec.spawn_window is not None
-    if "max_spawn_per_min" in lim.unlimited or (cps and not (
-            lim.max_spawn_per_min and spec.spawn_window == 1.0
-            and spec.spawn_pause is not None and spec.spawn_pause.is_integer()
-            and spec.spawn_pause >= 0)):
-        return None
-    opts = spec.options
-    if opts != type(opts)(env=opts.env, only_from=opts.only_from, no_access=opts.no_access,
-                          tcp_wrappers=opts.tcp_wrappers):
-        return None  # poolinetd's own keys have no xinetd attribute
     # xinetd judges a stream nowait service by tcp_wrappers unless flags say NOLIBWRAP.
     wrapped_kind = spec.socket_type is SocketType.STREAM and not spec.wait
-    if opts.tcp_wrappers is False or (opts.tcp_wrappers and not wrapped_kind):
-        return None
-    if not _plain([f"{k}={v}" for k, v in opts.env]) or len(spec.addresses) > 1:
-        return None
     types: list[str] = []
     flags: list[str] = ["NOLIBWRAP"] if wrapped_kind and not opts.tcp_wrappers else []
     lines: list[str] = []
@@ -108,6 +94,44 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
     out += lines
     if spec.addresses:
         out.append(f"bind = {spec.addresses[0]}")
+    limits = _limit_lines(spec, cps)
+    if limits is None:
+        return None
+    out += limits
+    if opts.env:
+        out.append("env = " + " ".join(f"{k}={v}" for k, v in opts.env))
+    if not spec.enabled:
+        out.append("disable = yes")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _expressible(spec: ServiceSpec) -> bool:
+    """Whether xinetd has attributes for everything ``spec`` says (limits, keys, env)."""
+    lim = spec.limits
+    if lim.max_cpm_per_ip is not None or "max_cpm_per_ip" in lim.unlimited:
+        return False
+    # A service rate is xinetd's cps N M only: N per 1 s window, a whole-second rest.
+    cps = lim.max_spawn_per_min is not None or spec.spawn_window is not None
+    if "max_spawn_per_min" in lim.unlimited or (cps and not (
+            lim.max_spawn_per_min and spec.spawn_window == 1.0
+            and spec.spawn_pause is not None and spec.spawn_pause.is_integer()
+            and spec.spawn_pause >= 0)):
+        return False
+    opts = spec.options
+    if opts != type(opts)(env=opts.env, only_from=opts.only_from, no_access=opts.no_access,
+                          tcp_wrappers=opts.tcp_wrappers):
+        return False  # poolinetd's own keys have no xinetd attribute
+    wrapped_kind = spec.socket_type is SocketType.STREAM and not spec.wait
+    if opts.tcp_wrappers is False or (opts.tcp_wrappers and not wrapped_kind):
+        return False
+    return _plain([f"{k}={v}" for k, v in opts.env]) and len(spec.addresses) <= 1
+
+
+def _limit_lines(spec: ServiceSpec, cps: bool) -> list[str] | None:
+    """instances, per_source, cps, only_from and no_access; None if xinetd cannot say them."""
+    lim, opts = spec.limits, spec.options
+    out: list[str] = []
     for key, attr in (("max_child", "instances"), ("max_child_per_ip", "per_source")):
         value = getattr(lim, key)
         if key in lim.unlimited:
@@ -123,9 +147,4 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
             if not nets or any(n.scope for n in nets.networks):
                 return None
             out.append(f"{attr} = " + " ".join(str(n) for n in nets.networks))
-    if opts.env:
-        out.append("env = " + " ".join(f"{k}={v}" for k, v in opts.env))
-    if not spec.enabled:
-        out.append("disable = yes")
-    out.append("}")
-    return "\n".join(out) + "\n"
+    return out

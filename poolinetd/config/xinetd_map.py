@@ -8,7 +8,7 @@ apply as xinetd would, naming the attribute and saying what poolinetd does
 instead. Total: ``build`` never raises (a bug becomes an error diagnostic).
 
 Every attribute of xinetd.conf(5) is in exactly one of the tables below
-(``_MAPPED``, ``_WARNED``, ``_REFUSED``, ``_DEFAULTS_ONLY``); tests check that.
+(``attrs.MAPPED``, ``attrs.WARNED``, ``attrs.REFUSED``, ``attrs.DEFAULTS_ONLY``); tests check that.
 
 Semantics kept from xinetd 2.3.15 (Debian's, checked against the real
 daemon by tests/test_xinetd_diff.py):
@@ -37,13 +37,13 @@ daemon by tests/test_xinetd_diff.py):
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from poolinetd.config import accesslists, values
+from poolinetd.config import xinetd_attrs as attrs
 from poolinetd.config.report import short
 from poolinetd.config.spec import (
     Diagnostic,
@@ -70,76 +70,6 @@ BannerReader = Callable[[str], "bytes | str"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-_FACTOR = re.compile(r"((?:[0-9]{1,3}\.){0,3})\{([0-9,]+)\}")
-_UNLIMITED = "UNLIMITED"
-
-# Attributes whose value is a set: they take "=", "+=" and "-=" and may repeat.
-_LIST_ATTRS = frozenset({"only_from", "no_access", "log_on_success", "log_on_failure",
-                         "passenv", "env"})
-# What a service inherits from defaults when it does not set the attribute.
-_INHERITED = frozenset({"bind", "interface", "per_source", "instances", "cps", "umask",
-                        "groups", "banner", "banner_success", "banner_fail", "max_load",
-                        "log_type", "v6only"})
-_DEFAULTS_ONLY = frozenset({"enabled", "disabled"})
-# xinetd's rlimit_* -> poolinetd's keys of the same names (Options; resolve applies them
-# to launched programs only, as xinetd does: a built-in runs no program).
-_RLIMITS = ("rlimit_as", "rlimit_cpu", "rlimit_data", "rlimit_rss", "rlimit_stack",
-            "rlimit_files")
-# Mapped onto poolinetd's model (see _Service.build).
-_MAPPED = frozenset({"id", "type", "flags", "socket_type", "protocol", "wait", "user",
-                     "group", "server", "server_args", "port", "bind", "interface",
-                     "only_from", "no_access", "per_source", "instances", "cps", "env",
-                     "disable", "v6only", "groups", "nice", "umask", "banner_fail",
-                     *_RLIMITS})
-# Read and not applied: what poolinetd does instead (the warning's hint).
-_WARNED: dict[str, str] = {
-    "log_type": "poolinetd logs every start, end and refusal in its own log "
-                "(--log-file, --log-format json)",
-    "log_on_success": "poolinetd logs every connection's start and end with pid, peer "
-                      "and duration in its own log",
-    "log_on_failure": "poolinetd logs every refusal with peer and reason in its own log",
-    "passenv": "programs start with a clean environment; write env = NAME=value",
-    "banner": "no banner is sent",
-    "banner_success": "no banner is sent",
-    "max_load": "poolinetd does not refuse by load average",
-    "deny_time": "it only applies to SENSOR services, which poolinetd does not have",
-    "libwrap": "poolinetd judges a service under its program's basename or its "
-               "built-in's name only; this service is not judged by tcp_wrappers",
-    "mdns": "poolinetd registers nothing with mDNS",
-}
-# Poolinetd would serve differently from xinetd: an error for an enabled service.
-_REFUSED: dict[str, str] = {
-    "access_times": "poolinetd has no time-of-day access rule and would serve at all "
-                    "hours; remove it or keep this service under xinetd",
-    "redirect": "poolinetd does not forward connections; run a program that connects "
-                "onwards (e.g. server = /usr/bin/socat)",
-    "rpc_version": "RPC services are not supported",
-    "rpc_number": "RPC services are not supported",
-}
-_TYPES = frozenset({"INTERNAL", "UNLISTED", "RPC", "TCPMUX", "TCPMUXPLUS"})
-# Flags: which poolinetd already does, which it cannot honour (warning), which it refuses.
-_FLAGS_DONE = {
-    "REUSE": "",  # TCP listeners always get SO_REUSEADDR
-    "NOLIBWRAP": "",  # the service is not judged by tcp_wrappers (see _Service.build)
-    "IPv4": "",
-    "IPv6": "",
-    "NAMEINARGS": "",
-    "NORETRY": "",  # poolinetd retries nothing either: a failed start is logged
-}
-# Flags that set a socket option: poolinetd's key of the same meaning.
-_FLAGS_SOCKOPTS = {"NODELAY": "nodelay", "KEEPALIVE": "keepalive"}
-_FLAGS_WARNED = {
-    "INTERCEPT": "poolinetd checks every connection in the master before hand-off anyway",
-    "IDONLY": "poolinetd asks no ident server: every client is served",
-    "LABELED": "poolinetd sets no SELinux label on programs",
-    "NOSOCKET": "the service gets a socket anyway",
-}
-_FLAGS_REFUSED = {
-    "SENSOR": "SENSOR (block every address that touches the port) is not supported",
-    "DISABLE": "",  # handled: the service is disabled
-}
-
-
 @dataclass(slots=True)
 class _Value:
     """An attribute's value as the service sees it, with where it was written."""
@@ -203,31 +133,27 @@ def _read_defaults(block: Block, into: _Defaults, diags: list[Diagnostic]) -> No
     """Merge one ``defaults`` block: sets accumulate ("=" adds, as xinetd does there)."""
     for attr in block.attrs:
         name = attr.name
-        if name in _WARNED and (name in _LIST_ATTRS or name in _INHERITED):
+        if name in attrs.WARNED and (name in attrs.LIST_ATTRS or name in attrs.INHERITED):
             diags.append(_diag(block.source, attr.lineno, name, f"{name} is not applied",
-                               _WARNED[name], Severity.WARNING))
-        if name in _LIST_ATTRS or name in _DEFAULTS_ONLY:
+                               attrs.WARNED[name], Severity.WARNING))
+        if name in attrs.LIST_ATTRS or name in attrs.DEFAULTS_ONLY:
             got = into.sets.setdefault(name, _Value([], block.source, attr.lineno, False))
             if attr.op == "-=":
                 got.values = [v for v in got.values if v not in attr.values]
             else:
                 got.values.extend(attr.values)
-        elif name in _INHERITED:
+        elif name in attrs.INHERITED:
             if attr.op != "=":
                 diags.append(_diag(block.source, attr.lineno, name, f"{name} takes '=' only",
                                    f"write {name} = ..."))
             into.single[name] = _Value(list(attr.values), block.source, attr.lineno, False)
-        elif _known(name):
+        elif attrs.known(name):
             diags.append(_diag(block.source, attr.lineno, name, f"{name} in defaults is "
                                "ignored: xinetd does not take it there",
                                "set it in each service", Severity.WARNING))
         else:
             diags.append(_diag(block.source, attr.lineno, name, f"unknown attribute {name!r}",
                                "see xinetd.conf(5) and docs/configuration.md"))
-
-
-def _known(name: str) -> bool:
-    return name in _MAPPED or name in _WARNED or name in _REFUSED or name in _DEFAULTS_ONLY
 
 
 def _diag(source: str, lineno: int, name: str, message: str, hint: str,
@@ -287,13 +213,13 @@ class _Service:
         block = self.block
         for attr in block.attrs:
             name = attr.name
-            if name in _DEFAULTS_ONLY:
+            if name in attrs.DEFAULTS_ONLY:
                 self.problem(block.source, attr.lineno, name, f"{name} belongs in defaults",
                              "move it to the defaults block")
-            elif not _known(name):
+            elif not attrs.known(name):
                 self.problem(block.source, attr.lineno, name, f"unknown attribute {name!r}",
                              "see xinetd.conf(5) and docs/configuration.md")
-            elif name in _LIST_ATTRS:
+            elif name in attrs.LIST_ATTRS:
                 self.list_attr(attr)
             elif attr.op != "=":
                 self.problem(block.source, attr.lineno, name,
@@ -308,7 +234,7 @@ class _Service:
                 self.locs[name] = FieldLoc(attr.lineno, 0, name)
         for name, got in self.defaults.single.items():
             self.values.setdefault(name, got)
-        for name in _LIST_ATTRS:
+        for name in attrs.LIST_ATTRS:
             if name not in self.values and name in self.defaults.sets:
                 self.values[name] = self.defaults.sets[name]
 
@@ -361,10 +287,10 @@ class _Service:
         types = self.types()
         flags = self.flags()
         self.disabled = self.is_disabled(flags)
-        for name, why in _WARNED.items():
+        for name, why in attrs.WARNED.items():
             if name in self.values and self.values[name].own:
                 self.at(name, f"{name} is not applied", why, warning=True)
-        for name, why in _REFUSED.items():
+        for name, why in attrs.REFUSED.items():
             if name in self.values:
                 self.at(name, f"{name} is not supported", why)
         if "RPC" in types:
@@ -425,7 +351,7 @@ class _Service:
     def types(self) -> frozenset[str]:
         words = self.words("type") or []
         for word in words:
-            if word not in _TYPES:
+            if word not in attrs.TYPES:
                 self.at("type", f"unknown type {word!r}",
                         "type takes INTERNAL, UNLISTED, TCPMUX, TCPMUXPLUS")
         if "TCPMUX" in words and "TCPMUXPLUS" in words:
@@ -435,13 +361,13 @@ class _Service:
     def flags(self) -> frozenset[str]:
         words = self.words("flags") or []
         for word in words:
-            if word in _FLAGS_DONE or word in _FLAGS_SOCKOPTS:
+            if word in attrs.FLAGS_DONE or word in attrs.FLAGS_SOCKOPTS:
                 continue
-            if word in _FLAGS_WARNED:
-                self.at("flags", f"flag {word} is not applied", _FLAGS_WARNED[word],
+            if word in attrs.FLAGS_WARNED:
+                self.at("flags", f"flag {word} is not applied", attrs.FLAGS_WARNED[word],
                         warning=True)
             elif word == "SENSOR":
-                self.at("flags", _FLAGS_REFUSED[word], "keep this service under xinetd")
+                self.at("flags", attrs.FLAGS_REFUSED[word], "keep this service under xinetd")
             elif word != "DISABLE":
                 self.at("flags", f"unknown flag {word!r}", "see xinetd.conf(5)")
         if "IPv4" in words and "IPv6" in words:
@@ -617,8 +543,8 @@ class _Service:
         """
         nets: list[netmatch.Network] = []
         names: list[str] = []
-        for word in _joined(words):
-            got = xinetd_networks(word)
+        for word in attrs.joined(words):
+            got = attrs.xinetd_networks(word)
             if isinstance(got, str):
                 if got:
                     self.at(name, f"{name}: {got}: ignored, as xinetd ignores it",
@@ -650,7 +576,7 @@ class _Service:
             value = self.one(attr)
             if value is None:
                 continue
-            if value == _UNLIMITED:
+            if value == attrs.UNLIMITED:
                 lifted.add(key)
                 continue
             number = values.uint(value)
@@ -682,13 +608,13 @@ class _Service:
         """rlimit_*, nice, umask and the NODELAY/KEEPALIVE flags as poolinetd's keys of
         the same meaning (``UNLIMITED`` = no limit)."""
         found: dict[str, object] = {}
-        readers = {**{name: values.rlimit for name in _RLIMITS}, "nice": values.nice,
+        readers = {**{name: values.rlimit for name in attrs.RLIMITS}, "nice": values.nice,
                    "umask": values.umask}
         for name, read in readers.items():
             text = self.one(name)
             if text is None:
                 continue
-            value = read(values.UNLIMITED if text == _UNLIMITED else text)
+            value = read(values.UNLIMITED if text == attrs.UNLIMITED else text)
             if value is None:
                 self.at(name, f"bad {name} value {text!r}", {
                     "nice": "a number from -20 to 19", "umask": "an octal mask: 022"}.get(
@@ -696,7 +622,7 @@ class _Service:
                         "or UNLIMITED"))
                 continue
             found[name] = value
-        for flag, key in _FLAGS_SOCKOPTS.items():
+        for flag, key in attrs.FLAGS_SOCKOPTS.items():
             if flag in flags:
                 found[key] = True
                 where = self.values["flags"]
@@ -728,60 +654,3 @@ class _Service:
         if value is False:
             self.at("groups", "groups = no is not applied", "programs get the supplementary "
                     "groups of their user (initgroups), as with groups = yes", warning=True)
-
-
-def _joined(words: list[str]) -> list[str]:
-    """Words with a factorized part split by blanks (``10.0.{1, 2}``) joined again."""
-    out: list[str] = []
-    for word in words:
-        if out and "{" in out[-1] and "}" not in out[-1]:
-            out[-1] += word
-        else:
-            out.append(word)
-    return out
-
-
-def xinetd_networks(word: str) -> list[netmatch.Network] | str:
-    """What one only_from/no_access word matches, as xinetd 2.3.15 reads it.
-
-    ``ADDR/LEN`` (IPv4 or IPv6); an IPv4 address whose trailing zero parts are
-    wildcards (``10.0.0.0`` = 10.0.0.0/8, ``0.0.0.0`` = everyone); a factorized
-    ``a.b.{c,d}`` (one network per value, as long as the parts written); an IPv6
-    address. Returns "" for a host, domain or network name (poolinetd matches
-    addresses only) and a message for anything else. Total.
-    """
-    found = _FACTOR.fullmatch(word)
-    if found is not None:
-        head = [p for p in found[1].split(".") if p]
-        nets: list[netmatch.Network] = []
-        for part in found[2].split(","):
-            parts = [*head, part]
-            if not part or len(parts) > 4 or any(int(p) > 255 for p in parts if p):
-                return f"bad factorized address {word!r}"
-            value = 0
-            for index, piece in enumerate(parts):
-                value |= int(piece) << (24 - 8 * index)
-            nets.append(netmatch.Network(4, value, 8 * len(parts)))
-        return nets
-    if "/" in word or ":" in word:
-        got = netmatch.parse_cidr(word)
-        if isinstance(got, str):
-            return "" if _hostlike(word) else got
-        return [netmatch.Network(got.version, got.value, got.prefix, scope=got.scope)]
-    try:
-        addr = ipaddress.IPv4Address(word)
-    except ValueError:
-        if any(c in word for c in "{}"):
-            return f"bad factorized address {word!r}"
-        return "" if _hostlike(word) else f"{word!r} is not an address"
-    value = int(addr)
-    zeros = 0
-    while zeros < 4 and (value >> (8 * zeros)) & 0xFF == 0:
-        zeros += 1
-    return [netmatch.Network(4, value, 32 - 8 * zeros)]
-
-
-def _hostlike(word: str) -> bool:
-    """A host, domain (``.example.com``) or /etc/networks name."""
-    return re.fullmatch(r"\.?[A-Za-z0-9_][A-Za-z0-9_.-]*", word) is not None and not (
-        word.replace(".", "").isdigit())

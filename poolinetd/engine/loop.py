@@ -56,7 +56,7 @@ from poolinetd.launch.closer import Closer
 from poolinetd.launch.signals import SignalPipe
 from poolinetd.launch.system import System
 from poolinetd.observe import log, metrics, stagetrace
-from poolinetd.ops import control, listeners, metricshttp, rpcbind
+from poolinetd.ops import control, metricshttp, rpcbind
 from poolinetd.ops.sdnotify import Notifier
 
 _NEVER = float("inf")
@@ -382,24 +382,8 @@ class Engine:
                 if rt.service.internal is None:
                     # The program may have left the listener blocking (shared file status).
                     lst.sock.setblocking(False)
-                self._check_returned(lst)
+                self.table.check_returned(lst)
             self.table.dirty.add(lst.rt)  # a reload may have moved it to a new generation
-
-    def _check_returned(self, lst: Listener) -> None:
-        """A lent socket came back: if its holder poisoned it for its successors (a
-        locked drop-all filter, a connected datagram socket), serve on a fresh one."""
-        why = listeners.tampered(lst.sock)
-        if not why:
-            return
-        rt = lst.rt
-        failed = self.table.reopen(lst)
-        if failed:
-            rt.last_error = f"lent socket tampered with ({why}), cannot reopen: {failed}"
-            log.error("lent_socket_tampered", service=rt.name, reason=why, action="closed",
-                      error=failed)
-        else:
-            log.warning("lent_socket_tampered", service=rt.name, reason=why,
-                        action="reopened", address=str(lst.bound))
 
     def lost(self, iid: int) -> None:
         """A handed-off connection never reached a worker (it died, or its queue was full)."""

@@ -26,6 +26,7 @@ from poolinetd.config.spec import Service
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.runtime import Listener, ServiceRuntime
 from poolinetd.net import preamble as pre
+from poolinetd.observe import log
 from poolinetd.ops import listeners, rpcbind
 
 PreambleFactory = Callable[[Service], Callable[[], pre.Preamble] | None]
@@ -134,6 +135,22 @@ class ServiceTable:
         else:
             self.sel.unregister(lst.sock)
         lst.polled = want
+
+    def check_returned(self, lst: Listener) -> None:
+        """A lent socket came back: if its holder poisoned it for its successors (a
+        locked drop-all filter, a connected datagram socket), serve on a fresh one."""
+        why = listeners.tampered(lst.sock)
+        if not why:
+            return
+        rt = lst.rt
+        failed = self.reopen(lst)
+        if failed:
+            rt.last_error = f"lent socket tampered with ({why}), cannot reopen: {failed}"
+            log.error("lent_socket_tampered", service=rt.name, reason=why, action="closed",
+                      error=failed)
+        else:
+            log.warning("lent_socket_tampered", service=rt.name, reason=why,
+                        action="reopened", address=str(lst.bound))
 
     def reopen(self, lst: Listener) -> str:
         """Replace ``lst``'s socket by a fresh one on the same address (a holder tampered

@@ -264,3 +264,17 @@ class Pool:
     @property
     def failing(self) -> bool:
         return self.boot_failures > 0
+
+
+def report(pool: Pool | None, stalled: int, now: float) -> dict[str, object]:
+    """A service's part of the status document: its workers by state (``stalled``:
+    how many stopped reading, which the dispatcher knows), sizes, restarts, failures."""
+    if pool is None:
+        return {"workers": {"booting": 0, "idle": 0, "busy": 0, "draining": 0,
+                            "stalled": 0}, "pool_min": 0, "pool_max": 0, "restarts": 0,
+                "boot_failures": 0, "retry_in": 0.0}
+    return {"workers": {**pool.counts(), "stalled": stalled},
+            "pool_min": pool.settings.pool_min, "pool_max": pool.settings.pool_max,
+            "restarts": pool.restarts, "boot_failures": pool.boot_failures,
+            "retry_in": round(max(0.0, pool.backoff_until - now), 3),
+            "last_error": pool.last_failure}

@@ -46,7 +46,7 @@ from poolinetd.engine.dispatch import Hooks
 from poolinetd.engine.runtime import Listener, ServiceRuntime
 from poolinetd.launch.system import System
 from poolinetd.observe import log, stagetrace
-from poolinetd.pool import wire, worker, worker_log
+from poolinetd.pool import bookkeeping, wire, worker, worker_log
 from poolinetd.pool.bookkeeping import Pool, WorkerState
 from poolinetd.pool.handles import (
     STALL_CHECK,
@@ -524,20 +524,9 @@ class PoolDispatcher:
 
     # -- status ----------------------------------------------------------------------
     def report(self, rt: ServiceRuntime, now: float) -> dict[str, object]:
-        pool = self.pools.get(rt)
-        if pool is None:
-            return {"workers": {"booting": 0, "idle": 0, "busy": 0, "draining": 0,
-                                "stalled": 0}, "pool_min": 0, "pool_max": 0, "restarts": 0,
-                    "boot_failures": 0, "retry_in": 0.0}
-        counts: dict[str, int] = {**pool.counts(), "stalled": 0}
-        for handle in self.workers.values():
-            if handle.rt is rt and handle.liveness is Liveness.STALLED:
-                counts["stalled"] += 1
-        return {"workers": counts, "pool_min": pool.settings.pool_min,
-                "pool_max": pool.settings.pool_max, "restarts": pool.restarts,
-                "boot_failures": pool.boot_failures,
-                "retry_in": round(max(0.0, pool.backoff_until - now), 3),
-                "last_error": pool.last_failure}
+        stalled = sum(1 for handle in self.workers.values()
+                      if handle.rt is rt and handle.liveness is Liveness.STALLED)
+        return bookkeeping.report(self.pools.get(rt), stalled, now)
 
     # -- stop ------------------------------------------------------------------------
     def begin_stop(self, fast: bool) -> None:
@@ -563,15 +552,7 @@ class PoolDispatcher:
         return pids
 
     def reopen_log(self) -> None:
-        """Hand the reopened log file to the workers of stderr=log services (the only ones
-        that hold it, for their programs; they cannot open it as their user)."""
-        fd = log.log_fd()
-        if fd <= 2:
-            return  # logging to stderr: nothing was reopened
-        for handle in self.workers.values():
-            if handle.open and handle.rt.service.stderr is StderrRoute.LOG:
-                with contextlib.suppress(OSError):
-                    wire.send(handle.channel, wire.encode_logfd(), fd)
+        worker_log.hand_reopened_log(self.workers.values())
 
     def resize(self, rt: ServiceRuntime, delta: int) -> int | None:
         pool = self.pools[rt]

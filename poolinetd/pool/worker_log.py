@@ -10,6 +10,10 @@ in ``worker_log_dropped``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+
+from poolinetd.config.spec import StderrRoute
 from poolinetd.observe import log
 from poolinetd.pool import wire, worker
 from poolinetd.pool.handles import WorkerHandle
@@ -42,3 +46,15 @@ def tell_drops(handle: WorkerHandle, now: float, final: bool = False) -> None:
     if dropped:
         log.warning("worker_log_dropped", service=handle.rt.name, pid=handle.pid,
                     lines=dropped)
+
+
+def hand_reopened_log(workers: Iterable[WorkerHandle]) -> None:
+    """Hand the reopened log file (SIGUSR1) to the workers of stderr=log services: the only
+    ones that hold it, for their programs' stderr; they cannot open it as their user."""
+    fd = log.log_fd()
+    if fd <= 2:
+        return  # logging to stderr: nothing was reopened
+    for handle in workers:
+        if handle.open and handle.rt.service.stderr is StderrRoute.LOG:
+            with contextlib.suppress(OSError):
+                wire.send(handle.channel, wire.encode_logfd(), fd)
