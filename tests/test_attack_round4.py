@@ -44,7 +44,7 @@ def test_a_worker_log_line_cannot_override_the_json_event_level_or_time(serve) -
             "event": "stopped", "level": "error", "ts": 0.0, "peer": "forged"})))
     finally:
         os.close(up)
-    wait_until(lambda: "forged" in server.log(), 5, "the worker's line")
+    wait_until(lambda: "forged" in server.log(), 20, "the worker's line")
     docs = [orjson.loads(line) for line in server.log().splitlines()
             if line.startswith("{") and "forged" in line]
     assert len(docs) == 1, docs
@@ -72,7 +72,7 @@ def test_a_lent_datagram_socket_left_reusable_is_replaced(serve) -> None:
     port = server.port(0)
 
     assert udp_exchange(port, b"one") == b"one"
-    pid = wait_until(lambda: next(iter(server.workers()), None), 5, "the dgram worker")
+    pid = wait_until(lambda: next(iter(server.workers()), None), 20, "the dgram worker")
     assert isinstance(pid, int)
     lent = None
     for fd, target in worker_fds(pid).items():
@@ -87,7 +87,7 @@ def test_a_lent_datagram_socket_left_reusable_is_replaced(serve) -> None:
     with lent:
         lent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     os.kill(pid, 9)
-    wait_until(lambda: pid not in server.workers(), 5, "the worker gone")
+    wait_until(lambda: pid not in server.workers(), 20, "the worker gone")
     # The loan ends when the master sees the worker go; the next datagram lends it again.
     wait_until(lambda: udp_exchange(port, b"probe", timeout=0.5) == b"probe", 10,
                "served again")
@@ -146,7 +146,7 @@ def test_a_lent_listener_shut_down_by_a_wait_program_is_replaced(serve, public_d
         first.settimeout(5)
         with contextlib.suppress(OSError):  # program 1 shuts the listener down: reset
             first.recv(10)
-    wait_until(lambda: (marks / "done").exists(), 5, "the first program ran")
+    wait_until(lambda: (marks / "done").exists(), 20, "the first program ran")
 
     def served() -> bool:
         try:
@@ -244,7 +244,7 @@ def test_a_wedged_closer_is_replaced_and_unix_services_keep_serving(serve, tmp_p
     finally:
         for listener in listeners:
             listener.close()
-    assert "closer_stalled" in server.log()
+    wait_until(lambda: "closer_stalled" in server.log(), 30, "closer_stalled in the log")
 
 
 # -- a local user freezes the master through the preamble stage's own reads -----------------
@@ -335,7 +335,7 @@ def test_a_refused_unix_datagram_carrying_a_descriptor_never_freezes_the_master(
         began = time.monotonic()
         assert tcp_exchange(echo, b"ping", timeout=30) == b"ping"
         assert time.monotonic() - began < 3.0
-        wait_until(lambda: "service_looping" in server.log(), 5, "the datagram refused")
+        wait_until(lambda: "service_looping" in server.log(), 20, "the datagram refused")
     finally:
         for listener in listeners:
             listener.close()
@@ -420,15 +420,15 @@ def test_a_worker_naming_one_program_for_many_connections_leaks_no_slot(serve) -
     name = server.listeners[0]["service"]
     assert isinstance(name, str)
     pid = worker_of(server, "cat")
-    first = socket.create_connection(("127.0.0.1", port), timeout=5)
-    program = wait_until(lambda: next(iter(children_of(pid)), None), 5, "cat started")
+    first = socket.create_connection(("127.0.0.1", port), timeout=30)
+    program = wait_until(lambda: next(iter(children_of(pid)), None), 30, "cat started")
     assert isinstance(program, int)
     os.kill(pid, 19)  # SIGSTOP: what it is sent now, the attacker reads
     channel = steal_channel(pid)
     up = steal_upward(pid)
-    others = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    others = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
     ids: list[int] = []
-    channel.settimeout(5)
+    channel.settimeout(30)  # CI's machine is busy: the master may take a while to send
     while len(ids) < 2:
         data, fds = wire.recv(channel)
         for fd in fds:
@@ -444,7 +444,7 @@ def test_a_worker_naming_one_program_for_many_connections_leaks_no_slot(serve) -
     os.kill(pid, 9)
     for sock in [first, *others]:
         sock.close()  # cat sees EOF and exits; the master reaps it (subreaper)
-    wait_until(lambda: server.service_status(name)["active"] == 0, 10,
+    wait_until(lambda: server.service_status(name)["active"] == 0, 30,
                "every connection of the dead worker ended")
 
 
@@ -487,7 +487,7 @@ def test_closing_a_unix_listener_with_a_poisoned_backlog_never_freezes_the_maste
         began = time.monotonic()
         assert tcp_exchange(echo, b"ping", timeout=30) == b"ping"
         assert time.monotonic() - began < 3.0
-        wait_until(lambda: "reloaded" in server.log(), 5, "the reload")
+        wait_until(lambda: "reloaded" in server.log(), 20, "the reload")
     finally:
         holder.close()
         waiting.close()
