@@ -157,6 +157,34 @@ def test_resolver_child_answers_and_its_loss_is_seen() -> None:
     assert res.child_exited(pid) and not lost  # reaped after a close: no loss reported
 
 
+def test_the_resolver_child_can_send_no_descriptor_and_no_runaway_line() -> None:
+    """Its answers come up a pipe (no SCM_RIGHTS: a child taken over through a hostile
+    DNS answer cannot make the master release a lingering socket) and its end of the
+    socketpair cannot send; a line longer than MAX_MESSAGE drops the child."""
+    kept: list[int] = []
+
+    def fork(body: Callable[[], int], keep: tuple[int, ...]) -> int:
+        kept.extend(os.dup(fd) for fd in keep)
+        return 424242
+
+    lost: list[bool] = []
+    watched: dict[object, Callable[[int], None]] = {}
+    res = resolver.Resolver(lambda i, n: None, lambda: lost.append(True),
+                            lambda s, h: watched.__setitem__(s, h), watched.pop, fork)
+    try:
+        assert res.ask(1, "127.0.0.1")
+        theirs = socket.socket(fileno=kept[0])
+        with pytest.raises(BrokenPipeError):
+            theirs.send(b"1 forged")
+        theirs.close()
+        os.write(kept[1], b"9" * (resolver.MAX_MESSAGE + 10))
+        res.on_readable()
+        assert lost == [True] and not watched
+    finally:
+        os.close(kept[1])
+        res.close()
+
+
 # -- the engine stage --------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from poolinetd.admission import tcpwrappers as tw
 from poolinetd.admission.tcpwrappers_files import RuleFiles
 from poolinetd.engine.refusals import NO_ROOM, Refusals
 from poolinetd.engine.runtime import ServiceRuntime
-from poolinetd.launch.resolver import Fork, Resolver
+from poolinetd.launch.resolver import Fork, Resolver, Unwatch, Watch
 
 TCP_WRAPPERS = "tcp_wrappers"  # refused by hosts.allow/hosts.deny (refusal reason)
 TCP_WRAPPERS_BUSY = "tcp_wrappers_busy"  # too many connections already wait for a name
@@ -86,8 +86,7 @@ class WrappersStage:
 
     def __init__(self, host: Host, refusals: Refusals, clock: Callable[[], float],
                  deliver: Deliver, release_fd: Callable[[int, int], None],
-                 watch: Callable[[socket.socket, Callable[[int], None]], object],
-                 unwatch: Callable[[socket.socket], object], directory: str = "/etc",
+                 watch: Watch, unwatch: Unwatch, directory: str = "/etc",
                  fork: Fork | None = None) -> None:
         self.host = host
         self.refusals = refusals

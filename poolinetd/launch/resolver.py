@@ -1,7 +1,8 @@
 """The resolver: a child process that looks up clients' host names for tcp_wrappers.
 
-Touches the OS: fork, a SOCK_SEQPACKET socketpair, the system resolver
-(getnameinfo, getaddrinfo), threads in the child.
+Touches the OS: fork, a SOCK_SEQPACKET socketpair (requests, down) and a
+pipe (answers, up), the system resolver (getnameinfo, getaddrinfo), threads
+in the child.
 
 Why a child: a name lookup can take seconds (a DNS server that does not
 answer), and the master has one thread that must never wait. Only rules
@@ -11,8 +12,14 @@ then waits in the engine (engine/wrappers_stage.py) under a deadline, and is
 decided when the answer arrives.
 
 The child runs as ``nobody`` where that user exists and holds nothing but
-its end of the channel. What a lookup imports (the idna codec) is imported
-before the fork: as nobody, the interpreter's library may not be readable.
+its ends of the channel. As with a pool worker (docs/design.md, "The wire"),
+nothing the child sends can carry a descriptor into the master: a child
+taken over (through a hostile DNS answer) could otherwise attach a socket
+with a linger time that blocks whoever closes it last. Answers come up a
+pipe, one line each (at most MAX_MESSAGE bytes: one atomic write), and the
+master's end of the socketpair is shut for reading. What a lookup imports
+(the idna codec) is imported before the fork: as nobody, the interpreter's
+library may not be readable.
 Each request is one message ``ID ADDRESS``; each answer ``ID NAME``, where
 NAME is the host name libwrap would use:
 
@@ -31,10 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import encodings.idna  # noqa: F401  (a lookup needs it; as nobody it may not be importable)
+import os
 import pwd
 import socket
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from poolinetd.launch import privileges, spawn
 from poolinetd.observe import log
@@ -47,6 +56,16 @@ PARANOID = "paranoid"
 Fork = Callable[[Callable[[], int], tuple[int, ...]], int]
 
 
+class Watchable(Protocol):
+    """What the engine's selector watches: anything with a file descriptor."""
+
+    def fileno(self) -> int: ...
+
+
+Watch = Callable[[Watchable, Callable[[int], None]], object]
+Unwatch = Callable[[Watchable], object]
+
+
 class Resolver:
     """The master's side: the child's pid and channel.
 
@@ -57,15 +76,15 @@ class Resolver:
     """
 
     def __init__(self, on_answer: Callable[[int, str], None], on_lost: Callable[[], None],
-                 watch: Callable[[socket.socket, Callable[[int], None]], object],
-                 unwatch: Callable[[socket.socket], object], fork: Fork | None = None) -> None:
+                 watch: Watch, unwatch: Unwatch, fork: Fork | None = None) -> None:
         self._fork = fork or spawn.fork_child
         self.on_answer = on_answer
         self.on_lost = on_lost
         self.watch = watch
         self.unwatch = unwatch
         self.pid = 0
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | None = None  # requests, down (shut for reading here)
+        self.answers: _Answers | None = None  # answers, up (a pipe: no descriptors)
         self.failed_logged = False
 
     def ask(self, request_id: int, address: str) -> bool:
@@ -84,17 +103,15 @@ class Resolver:
 
     def on_readable(self, _mask: int = 0) -> None:
         """Read every answer that has arrived (never blocks)."""
-        while self.sock is not None:
-            try:
-                data = self.sock.recv(MAX_MESSAGE, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._lost()
-                return
-            ident, _, name = data.decode("ascii", "replace").partition(" ")
+        answers = self.answers
+        if answers is None:
+            return
+        lines = answers.read()
+        if lines is None:
+            self._lost()
+            return
+        for line in lines:
+            ident, _, name = line.decode("ascii", "replace").partition(" ")
             if ident.isdigit() and name:
                 self.on_answer(int(ident), name)
 
@@ -107,8 +124,14 @@ class Resolver:
 
     def close(self) -> None:
         """Close the channel: the child exits at EOF."""
+        self._close_channel()
+
+    def _close_channel(self) -> None:
+        if self.answers is not None:
+            self.unwatch(self.answers)
+            self.answers.close()
+            self.answers = None
         if self.sock is not None:
-            self.unwatch(self.sock)
             self.sock.close()
             self.sock = None
 
@@ -116,11 +139,16 @@ class Resolver:
         if self.sock is not None:
             return self.sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        up_read, up_write = os.pipe2(os.O_CLOEXEC)
         try:
+            ours.shutdown(socket.SHUT_RD)  # the child can queue nothing (no fds) to us
             ours.setblocking(False)
-            self.pid = self._fork(lambda: run_resolver(theirs), (theirs.fileno(),))
+            os.set_blocking(up_read, False)
+            self.pid = self._fork(lambda: run_resolver(theirs, up_write),
+                                  (theirs.fileno(), up_write))
         except OSError as exc:
             ours.close()
+            os.close(up_read)
             if not self.failed_logged:
                 log.error("resolver_failed", error=exc.strerror,
                           action="host names are unknown to tcp_wrappers")
@@ -128,22 +156,59 @@ class Resolver:
             return None
         finally:
             theirs.close()
+            os.close(up_write)
         self.failed_logged = False
         self.sock = ours
-        self.watch(ours, self.on_readable)
+        self.answers = _Answers(up_read)
+        self.watch(self.answers, self.on_readable)
         return ours
 
     def _lost(self) -> None:
         self.pid = 0
-        if self.sock is not None:
-            self.unwatch(self.sock)
-            self.sock.close()
-            self.sock = None
+        if self.sock is not None or self.answers is not None:
+            self._close_channel()
             self.on_lost()
 
 
-def run_resolver(sock: socket.socket) -> int:
-    """The child's whole life: answer lookups until the master closes the channel."""
+class _Answers:
+    """The read end of the answers pipe (owned: ``close``), split into lines.
+
+    ``read`` gives the complete lines that arrived (at most 64 KiB per call),
+    [] if none yet, None at EOF or when the child breaks the framing (a line
+    longer than MAX_MESSAGE): the caller drops the child.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.partial = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> list[bytes] | None:
+        try:
+            data = os.read(self.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > MAX_MESSAGE:
+            return None
+        return lines
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def run_resolver(sock: socket.socket, answers: int) -> int:
+    """The child's whole life: answer lookups (one line each up ``answers``, a pipe)
+    until the master closes the channel."""
     spawn.set_title("poolinetd: resolver")
     with contextlib.suppress(KeyError, privileges.PrivilegeError):
         nobody = pwd.getpwnam("nobody")
@@ -161,19 +226,20 @@ def run_resolver(sock: socket.socket) -> int:
             return 0  # the master is gone, or closed the channel
         ident, _, address = data.decode("ascii", "replace").partition(" ")
         slots.acquire()
-        threading.Thread(target=_answer, args=(sock, sending, slots, ident, address),
+        threading.Thread(target=_answer, args=(answers, sending, slots, ident, address),
                          daemon=True).start()
 
 
-def _answer(sock: socket.socket, sending: threading.Lock, slots: threading.BoundedSemaphore,
+def _answer(answers: int, sending: threading.Lock, slots: threading.BoundedSemaphore,
             ident: str, address: str) -> None:
     try:
         try:
             name = host_name(address)
         except Exception:  # an answer, whatever happens: the master need not wait it out
             name = UNKNOWN
+        line = f"{ident} {name}".encode("ascii", "replace").replace(b"\n", b"?")
         with sending, contextlib.suppress(OSError):
-            sock.send(f"{ident} {name}".encode("ascii", "replace"))
+            os.write(answers, line[:MAX_MESSAGE - 1] + b"\n")  # one atomic write
     finally:
         slots.release()
 
