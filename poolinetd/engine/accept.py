@@ -32,7 +32,6 @@ listener stays the service table's.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -51,6 +50,7 @@ from poolinetd.engine.refusals import NO_ROOM, Refusals
 from poolinetd.engine.runtime import Listener, Pending, ServiceRuntime
 from poolinetd.engine.services import ServiceTable
 from poolinetd.engine.wrappers_stage import WrappersStage
+from poolinetd.launch.closer import RIGHTS_SPACE, passed_fds
 from poolinetd.net import preamble as pre
 from poolinetd.observe import log, stagetrace
 
@@ -63,7 +63,6 @@ EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd s
 DGRAM_JUDGE_BATCH = 64  # datagrams judged (and refused) per event before other work runs
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Room for every descriptor one unix datagram can carry (SCM_MAX_FD): see _drop_datagram.
-_FDS_SPACE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 
 
 class Host(Protocol):
@@ -389,14 +388,10 @@ class AcceptStage:
             if sock.family != socket.AF_UNIX:
                 sock.recv(1, socket.MSG_DONTWAIT)
                 return
-            _, anc, _, _ = sock.recvmsg(1, _FDS_SPACE,
+            _, anc, _, _ = sock.recvmsg(1, RIGHTS_SPACE,
                                         socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                    for fd in fds:
-                        self.dispose(fd)
+            for fd in passed_fds(anc):
+                self.dispose(fd)
 
 
 def wire_peer(peer: Peer) -> str:

@@ -21,7 +21,6 @@ read and go to the closer at once (``take``).
 
 from __future__ import annotations
 
-import array
 import collections
 import contextlib
 import errno
@@ -33,6 +32,7 @@ from poolinetd.admission import readers
 from poolinetd.engine.refusals import Refusals
 from poolinetd.engine.runtime import Listener, Pending, ServiceRuntime
 from poolinetd.engine.services import ServiceTable
+from poolinetd.launch.closer import RIGHTS_SPACE, passed_fds
 from poolinetd.net import preamble as pre
 
 Peer = tuple[str, int] | None
@@ -43,7 +43,6 @@ Route = Callable[[Pending, pre.Proceed, Peer], tuple[ServiceRuntime, Hashable] |
 Deliver = Callable[[ServiceRuntime, int, int, Hashable, Peer, float, Peer], None]
 # Room for every descriptor one unix message can carry (SCM_MAX_FD): none is left for
 # the kernel to release in the master (see ``PreambleStage.take``).
-_FDS_SPACE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 
 
 class PreambleStage:
@@ -198,16 +197,11 @@ class PreambleStage:
         """
         if sock.family != socket.AF_UNIX:
             return sock.recv(size, socket.MSG_DONTWAIT)
-        data, anc, flags, _ = sock.recvmsg(size, _FDS_SPACE,
+        data, anc, flags, _ = sock.recvmsg(size, RIGHTS_SPACE,
                                            socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-        passed = False
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                for fd in fds:
-                    self.dispose(fd)
-                passed = True
+        passed = passed_fds(anc)
+        for fd in passed:
+            self.dispose(fd)
         if passed or flags & socket.MSG_CTRUNC:
             raise OSError(errno.EBADMSG, "descriptors passed with the preamble")
         return data

@@ -63,6 +63,20 @@ RELEASED = b"r"  # the master has closed its copies of every batch before this
 _LINGER_OFF = struct.pack("ii", 1, 0)  # close at once, reset the peer
 
 
+# Room for the most descriptors one message can carry, for a recvmsg that must take
+# every one it is sent (a descriptor without room is released in the receiver).
+RIGHTS_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+def passed_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors (SCM_RIGHTS) in a recvmsg's ancillary data; the caller owns them."""
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return fds.tolist()
+
+
 class Closer:
     """The master's side: the closer's pid, its channel, and what waits to go to it.
 
@@ -220,20 +234,15 @@ def run_closer(sock: socket.socket) -> int:
         nobody = pwd.getpwnam("nobody")
         privileges.drop(nobody.pw_uid, nobody.pw_gid, ())
     slots = threading.BoundedSemaphore(MAX_THREADS)
-    space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
     held: list[int] = []
     while True:
         try:
-            data, anc, _, _ = sock.recvmsg(1, space, socket.MSG_CMSG_CLOEXEC)
+            data, anc, _, _ = sock.recvmsg(1, RIGHTS_SPACE, socket.MSG_CMSG_CLOEXEC)
         except InterruptedError:
             continue
         except OSError:
             data, anc = b"", []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                held.extend(fds)
+        held.extend(passed_fds(anc))
         if data == BATCH:
             continue
         for fd in held:  # RELEASED, or EOF: the master holds none of these any more

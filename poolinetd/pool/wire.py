@@ -56,6 +56,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from poolinetd.launch.closer import passed_fds
+
 VERSION = 3  # 3: the upward pipe, LOG, bounded exit codes
 
 EOF = 0  # not on the wire: what ``receive`` returns when the peer is gone
@@ -311,12 +313,7 @@ def recv(channel: socket.socket) -> tuple[bytes, list[int]]:
     ProtocolError is raised. BlockingIOError propagates.
     """
     data, ancdata, flags, _ = channel.recvmsg(MAX_MESSAGE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, ctype, cdata in ancdata:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(cdata[: len(cdata) - (len(cdata) % arr.itemsize)])
-            fds.extend(arr)
+    fds = passed_fds(ancdata)
     if flags & socket.MSG_CTRUNC:
         _close_all(fds)
         raise ProtocolError("control data truncated (MSG_CTRUNC)", data)
