@@ -9,6 +9,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -50,6 +51,32 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+def lingering_tcp(listeners: list[socket.socket], seconds: int) -> socket.socket:
+    """A loopback TCP socket whose last close waits up to ``seconds``: its send queue is
+    full of data the peer (a listener, appended to ``listeners``, that never accepts,
+    with a tiny receive buffer) will not take, and SO_LINGER is set. Closing the
+    listener resets the connection, so nothing lingers after the test."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (the peer inherits it)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listeners.append(listener)
+    tcp = socket.socket()
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tcp.connect(listener.getsockname())
+    tcp.setblocking(False)
+    while True:  # until the kernel takes nothing more: the peer's window stays shut
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sent += tcp.send(b"x" * 65536)
+        if not sent:
+            break
+        time.sleep(0.05)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
+    return tcp
 
 
 @dataclass

@@ -11,13 +11,20 @@ import array
 import contextlib
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import IS_ROOT, TEST_USER, children_of, tcp_exchange, udp_exchange, wait_until
+from conftest import (
+    IS_ROOT,
+    TEST_USER,
+    children_of,
+    lingering_tcp,
+    tcp_exchange,
+    udp_exchange,
+    wait_until,
+)
 from test_attack_worker import steal_channel, steal_fd, steal_upward, worker_fds, worker_of
 
 from poolinetd.pool import wire
@@ -165,19 +172,7 @@ def _nested_lingering(listeners: list[socket.socket]) -> socket.socket:
     linger time of an hour and unsent data: whoever closes it last waits out that
     linger in close(). The closer resets the linger of what it is given, but cannot
     reach a descriptor nested in the queue of one it was given."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listeners.append(listener)  # never accepted; closing it at the end resets the peer
-    tcp = socket.socket()
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    tcp.connect(listener.getsockname())
-    tcp.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            tcp.send(b"x" * 65536)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    tcp = lingering_tcp(listeners, 3600)
     carrier, holder = socket.socketpair()
     carrier.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                               array.array("i", [tcp.fileno()]))])
@@ -250,24 +245,6 @@ def test_a_wedged_closer_is_replaced_and_unix_services_keep_serving(serve, tmp_p
 # -- a local user freezes the master through the preamble stage's own reads -----------------
 
 
-def _lingering_tcp(listeners: list[socket.socket], seconds: int) -> socket.socket:
-    """A TCP socket whose last close waits ``seconds`` (unsent data its peer never takes)."""
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listeners.append(listener)
-    tcp = socket.socket()
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    tcp.connect(listener.getsockname())
-    tcp.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            tcp.send(b"x" * 65536)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
-    return tcp
-
-
 @pytest.mark.root
 @needs_root
 @pytest.mark.parametrize("header", [b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello",
@@ -291,7 +268,7 @@ def test_preamble_bytes_carrying_descriptors_never_freeze_the_master(
     try:
         delays = []
         for _ in range(2):
-            tcp = _lingering_tcp(listeners, 20)
+            tcp = lingering_tcp(listeners, 20)
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             client.settimeout(10)
             client.connect(unix)
@@ -326,7 +303,7 @@ def test_a_refused_unix_datagram_carrying_a_descriptor_never_freezes_the_master(
     echo = server.port(1)
     listeners: list[socket.socket] = []
     try:
-        tcp = _lingering_tcp(listeners, 20)
+        tcp = lingering_tcp(listeners, 20)
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
             client.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                      array.array("i", [tcp.fileno()]))], 0, unix)
@@ -475,7 +452,7 @@ def test_closing_a_unix_listener_with_a_poisoned_backlog_never_freezes_the_maste
         holder.connect(unix)
         holder.sendall(b"a")
         assert holder.recv(1) == b"a"  # the one slot is taken
-        tcp = _lingering_tcp(listeners, 20)
+        tcp = lingering_tcp(listeners, 20)
         waiting.connect(unix)  # in the backlog: not accepted while the service is full
         waiting.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                   array.array("i", [tcp.fileno()]))])

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import array
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import tcp_exchange
+from conftest import lingering_tcp, tcp_exchange
 
 LINGER = 20  # seconds the poisoned socket would hold up whoever closes it last
 
@@ -31,22 +30,7 @@ def lingering() -> Iterator[Callable[[], socket.socket]]:
     listeners: list[socket.socket] = []
 
     def make() -> socket.socket:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listeners.append(listener)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sock.connect(listener.getsockname())
-        sock.setblocking(False)
-        try:
-            while True:
-                sock.send(b"x" * 65536)
-        except BlockingIOError:
-            pass
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER))
-        return sock
+        return lingering_tcp(listeners, LINGER)
 
     yield make
     for listener in listeners:  # resets what is left, so nothing lingers after the test

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, TEST_USER, Server, tcp_exchange, wait_until
+from conftest import IS_ROOT, TEST_USER, Server, lingering_tcp, tcp_exchange, wait_until
 
 from poolinetd.pool import wire
 
@@ -108,32 +108,16 @@ def metrics(server: Server) -> str:
 def lingering_socket() -> Iterator[socket.socket]:
     """A loopback TCP socket with SO_LINGER 20 s and data its peer never reads: the
     last close of it blocks up to 20 s. Closed at the end without lingering."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:  # never accepted
-        lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (the peer inherits it)
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sock.connect(lst.getsockname())
-        sock.setblocking(False)
-        while _fill(sock):  # until the peer's window stays shut
-            time.sleep(0.05)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, LINGER_SECONDS))
-        try:
-            yield sock
-        finally:
-            with contextlib.suppress(OSError):  # (only if we still hold it)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-
-
-def _fill(sock: socket.socket) -> int:
-    """Send until the kernel takes no more; how many bytes it took."""
-    sent = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            sent += sock.send(b"x" * 65536)
-    return sent
+    listeners: list[socket.socket] = []
+    sock = lingering_tcp(listeners, LINGER_SECONDS)
+    try:
+        yield sock
+    finally:
+        with contextlib.suppress(OSError):  # (only if we still hold it)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        for listener in listeners:
+            listener.close()
 
 
 def answers_quickly(port: int, within: float = 2.0) -> float:
