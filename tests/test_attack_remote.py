@@ -109,3 +109,47 @@ def test_one_source_holding_thousands_of_connections_does_not_delay_another(
         for sock in flood:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("mode", ["pool", "classic"])
+def test_silent_sources_filling_tcpmux_do_not_shut_it_for_everyone(serve, mode: str) -> None:
+    """Issue 21, item 4: four sources at a quarter each (4 x 256 silent connections)
+    filled tcpmux's preamble stage and a legitimate client waited 9.4 s in the backlog.
+    Now it takes the place of the heaviest source's oldest connection and is served."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    server = serve("127.0.0.1:0 stream tcp nowait root internal tcpmux\n"
+                   "tcpmux/+echo stream tcp nowait nobody /bin/cat cat\n", mode=mode)
+    port = server.port()
+    silent = []
+    try:
+        for source in range(4):
+            for _ in range(256):
+                sock = socket.socket()
+                sock.bind((f"127.0.0.{source + 2}", 0))
+                sock.connect(("127.0.0.1", port))
+                silent.append(sock)
+        wait_accepted(port)
+        began = time.monotonic()
+        with socket.socket() as legit:
+            legit.bind(("127.0.0.9", 0))
+            legit.settimeout(20)
+            legit.connect(("127.0.0.1", port))
+            legit.sendall(b"echo\r\nhello")
+            got = b""
+            while not got.endswith(b"hello"):
+                chunk = legit.recv(100)
+                assert chunk, got
+                got += chunk
+        assert got == b"+Go\r\nhello"
+        assert time.monotonic() - began < 5.0
+        name = server.listeners[0]["service"]
+        assert isinstance(name, str)
+        refused = server.service_status(name)["refused_by"]
+        assert refused.get("preamble_evicted") == 1, refused
+    finally:
+        for sock in silent:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
