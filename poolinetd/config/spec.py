@@ -308,6 +308,13 @@ class RpcProgram:
         return range(self.low, self.high + 1)
 
 
+class AtLimit(enum.Enum):
+    """What a connection meets while its service runs ``limits.max_child`` instances."""
+
+    BACKLOG = "backlog"  # inetd's max_child: it waits in the listen queue, not accepted
+    REFUSE = "refuse"  # xinetd's instances: accepted and refused at once ("instances")
+
+
 @dataclass(frozen=True, slots=True)
 class FieldLoc:
     """Where one part of an entry was written: line, 1-based field index, token as written.
@@ -354,6 +361,11 @@ class ServiceSpec:
     # xinetd's banner_fail: the file's bytes, read when the config is loaded, sent to a
     # refused client with one non-blocking send before the close (engine/accept.py).
     banner_fail: bytes | None = field(default=None, repr=False)
+    # xinetd's banner (sent to every client as soon as it is accepted, before anything
+    # else) and banner_success (to a client about to be served, before its server runs).
+    banner: bytes | None = field(default=None, repr=False)
+    banner_success: bytes | None = field(default=None, repr=False)
+    at_limit: AtLimit = AtLimit.BACKLOG
     source: str = field(default="<string>", compare=False)
     lineno: int = field(default=0, compare=False)
     # Where each part was written, keyed by role ("service", "socket_type",
