@@ -45,8 +45,17 @@ def test_debian_tcpd_line_runs_the_real_program_and_is_judged() -> None:
 
 def test_tcpd_line_that_cannot_be_judged_keeps_tcpd() -> None:
     got = load("tftp dgram udp wait nobody /usr/sbin/tcpd /usr/sbin/in.tftpd\n")
-    (tftp,) = got.services
-    assert (tftp.program, tftp.tcp_wrappers) == ("/usr/sbin/tcpd", None)
+    (tftp,) = got.services  # a datagram wait program: judged natively, as tcpd would
+    assert (tftp.program, tftp.tcp_wrappers) == ("/usr/sbin/in.tftpd", "in.tftpd")
+    assert not got.warnings
+    got = load("\n143 stream tcp wait nobody /usr/sbin/tcpd /usr/sbin/imapd\n"
+               "/run/x.sock stream unix nowait nobody /usr/sbin/tcpd /usr/sbin/in.fingerd\n")
+    assert [(s.program, s.tcp_wrappers) for s in got.services] == [
+        ("/usr/sbin/tcpd", None), ("/usr/sbin/tcpd", None)]  # neither can be judged
+    warned = [(d.lineno, d.message) for d in got.warnings]
+    assert [n for n, _ in warned] == [2, 3], warned
+    assert "accepts its own connections" in warned[0][1]
+    assert "unix socket" in warned[1][1]
     got = load("finger on protocol=tcp, wait=no, user=nobody, exec=/usr/sbin/tcpd, "
                "args=/usr/sbin/in.fingerd, tcp_wrappers=no;\n")
     assert got.services[0].program == "/usr/sbin/tcpd"  # tcp_wrappers=no: as written
@@ -209,7 +218,8 @@ class FakeRefusals:
         self.refused: list[str] = []
         self.counted: list[str] = []
 
-    def refused_fn(self, rt: object, ip: str, why: str, now: float) -> None:
+    def refused_fn(self, rt: object, ip: str, why: str, now: float,
+                   severity: object = None) -> None:
         self.refused.append(why)
 
     def count(self, rt: object, why: str) -> None:
@@ -248,7 +258,7 @@ def stage(tmp_path: Path, allow: str, deny: str = "ALL: ALL\n", resolver_ok: boo
     host = Host()
 
     def deliver(rt: Any, fd: int, family: int, key: Hashable, peer: Any, accepted: float,
-                local: Any) -> None:
+                local: Any, env: tuple[tuple[str, str], ...] = ()) -> None:
         delivered.append(fd)
 
     st = ws.WrappersStage(host, refusals, clock, deliver,  # type: ignore[arg-type]

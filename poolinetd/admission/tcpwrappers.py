@@ -82,10 +82,11 @@ _FACILITIES = frozenset({
 _SEVERITIES = frozenset({
     "emerg", "panic", "alert", "crit", "err", "error", "warning", "warn", "notice", "info",
     "debug"})
-# Options poolinetd reads but does not apply (a load-time warning says so): it runs no
-# shell command from the root master and passes no environment or ident lookups.
+# Options poolinetd reads but does not apply (a load-time warning says so): the
+# program's user, umask and nice are the service's; no ident lookups, no banners.
+# spawn, twist, setenv and severity are applied (tcpwrappers_options.actions).
 NOT_APPLIED: Final = frozenset({"user", "group", "umask", "linger", "keepalive", "rfc931",
-                                "nice", "banners", "spawn", "setenv", "severity"})
+                                "nice", "banners"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,13 +350,32 @@ def _parse_options(text: str) -> tuple[tuple[Option, ...], str, list[str]]:
             return tuple(opts), f'option "{key}" must be at end', notes
         if name == "severity" and not _severity_ok(value):
             return tuple(opts), f'bad syslog facility or severity: "{value}"', notes
+        if name == "setenv":
+            problem = _setenv_problem(value)
+            if problem:
+                return tuple(opts), problem, notes
         if name in NOT_APPLIED:
             notes.append(f'option "{name}" is not applied by poolinetd')
-        elif name == "twist":
-            notes.append('option "twist" is not run by poolinetd: a client this rule matches '
-                         "is refused")
         opts.append(Option(name, value or None))
     return tuple(opts), "", notes
+
+
+def split_setenv(value: str) -> tuple[str, str]:
+    """libwrap's setenv_option: NAME up to the first blank, VALUE the rest, both chopped."""
+    text = value.strip(" \t\r\n")
+    for i, ch in enumerate(text):
+        if ch in " \t\r\n":
+            return text[:i], text[i + 1:].strip(" \t\r\n")
+    return text, ""
+
+
+def _setenv_problem(value: str) -> str:
+    """Why setenv(3) would refuse the NAME ("" if it would not): libwrap's tcpd then
+    exits without serving the client, so the rule denies."""
+    name, _ = split_setenv(value)
+    if "=" in name:
+        return f'option "setenv": bad variable name "{name}"'
+    return ""
 
 
 def _severity_ok(value: str) -> bool:

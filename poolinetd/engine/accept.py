@@ -41,6 +41,7 @@ from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from poolinetd.admission import readers
+from poolinetd.admission.tcpwrappers_options import Severity
 from poolinetd.builtins import internal
 from poolinetd.config.spec import SocketType
 from poolinetd.engine.dispatch import Dispatcher
@@ -61,6 +62,9 @@ ACCEPT_BATCH = 64  # connections accepted per readable event before other work r
 ACCEPT_BATCH_PROGRAM = 4
 EMFILE_PAUSE = 1.0  # seconds a listener rests after running out of fds (inetd sleeps 1 s too)
 DGRAM_JUDGE_BATCH = 64  # datagrams judged (and refused) per event before other work runs
+# A datagram wait service whose rules need the next datagram's source name rests this
+# long between two looks (the resolver usually answers in well under that).
+DGRAM_NAME_RETRY = 0.05
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Room for every descriptor one unix datagram can carry (SCM_MAX_FD): see _drop_datagram.
 
@@ -100,7 +104,7 @@ class AcceptStage:
         self.wrappers = WrappersStage(
             host, refusals, clock, self._serve, self.release_fd,
             lambda sock, handler: sel.register(sock, selectors.EVENT_READ, handler),
-            sel.unregister, tcp_wrappers_dir)
+            sel.unregister, tcp_wrappers_dir, log_connections=log_connections)
 
     def on_listener(self, lst: Listener) -> None:
         """``lst`` is readable: accept a batch, or lend it."""
@@ -185,15 +189,17 @@ class AcceptStage:
             self._serve(rt, fd, family, key, peer, accepted, local)
 
     def _serve(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
-               accepted: float, local: Peer) -> None:
-        """Serve admitted connection ``fd`` (taken on every path)."""
+               accepted: float, local: Peer, env: tuple[tuple[str, str], ...] = ()) -> None:
+        """Serve admitted connection ``fd`` (taken on every path); ``env``: tcp_wrappers'
+        setenv pairs for its program."""
         if rt.reply is not None:
             self._answer(rt, fd, family, peer, accepted)
         else:
-            self._hand_off(rt, fd, family, key, wire_peer(peer), accepted, wire_peer(local))
+            self._hand_off(rt, fd, family, key, wire_peer(peer), accepted, wire_peer(local),
+                           env)
 
     def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: str,
-                  now: float, local: str) -> None:
+                  now: float, local: str, env: tuple[tuple[str, str], ...] = ()) -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         # Counted first: the dispatcher may report on it (program_started) at once.
         iid = self.ledger.open(rt, key, now)
@@ -360,19 +366,28 @@ class AcceptStage:
                 continue
             ip = addr[0] if isinstance(addr, tuple) else ""
             key = rt.admission.source(ip)
+            severity: Severity | None = None
             if builtin:
                 guard = (internal.loop_guard(addr[1], self.table.internal_ports)
                          if isinstance(addr, tuple) else None)
                 why = rt.admission.check_lists(ip) or guard or ""
             else:
                 why = rt.admission.check(key, ip, now)
+                if not why and rt.service.tcp_wrappers is not None:
+                    judged = self.wrappers.judge_datagram(
+                        rt, addr if isinstance(addr, tuple) else None, now)
+                    if judged is None:  # its source's name is being looked up: soon again
+                        rt.paused_until = max(rt.paused_until, now + DGRAM_NAME_RETRY)
+                        self.refusals.wake_at(rt.paused_until)
+                        return None
+                    why, severity = judged.why, judged.actions.severity
             if not why:
                 return key
             self._drop_datagram(lst.sock)
             if builtin:
                 self.refusals.dgram_refused(rt, addr, why, now)
                 continue
-            self.refusals.refused(rt, ip, why, now)
+            self.refusals.refused(rt, ip, why, now, severity)
             if rt.admission.looping:
                 return None
         return None

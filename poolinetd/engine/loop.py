@@ -433,6 +433,8 @@ class Engine:
                 continue
             if self.upgrading.child_exited(pid, code):
                 continue
+            if self.accept.wrappers.commands.child_exited(pid, code):
+                continue  # a tcp_wrappers spawn or twist command (it logs how it ended)
             if self.accept.wrappers.child_exited(pid):
                 log.warning("resolver_exited", pid=pid, status=code)
                 continue

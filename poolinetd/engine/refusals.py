@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 
 from poolinetd.admission.policy import LOOPING_PAUSE
+from poolinetd.admission.tcpwrappers_options import Severity
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.runtime import ServiceRuntime
 from poolinetd.observe import log, throttle
@@ -37,8 +38,10 @@ class Refusals:
         stats.refused += 1
         stats.refused_by[why] = stats.refused_by.get(why, 0) + 1
 
-    def refused(self, rt: ServiceRuntime, ip: str, why: str, now: float) -> None:
-        """A connection from ``ip`` was refused for ``why``: count it, log it (throttled)."""
+    def refused(self, rt: ServiceRuntime, ip: str, why: str, now: float,
+                severity: Severity | None = None) -> None:
+        """A connection from ``ip`` was refused for ``why``: count it, log it (throttled);
+        ``severity``: the line's level and syslog priority (tcp_wrappers' option)."""
         self.count(rt, why)
         if rt.admission.looping:
             self.wake_at(rt.admission.paused_until)
@@ -47,9 +50,15 @@ class Refusals:
             log.error("service_looping", service=rt.name, limit=limit, pause=LOOPING_PAUSE)
             return
         held = self.log_throttle.allow((rt.name, ip, why), now)
-        if held is not None:
-            log.warning("conn_refused", service=rt.name, peer=ip, reason=why,
-                        refused_total=rt.stats.refused, held_back=held)
+        if held is None:
+            return
+        fields = {"service": rt.name, "peer": ip, "reason": why,
+                  "refused_total": rt.stats.refused, "held_back": held}
+        if severity is None:
+            log.warning("conn_refused", **fields)
+        else:
+            log.event_pri(severity.log_level, "conn_refused",
+                          (severity.facility, severity.level), **fields)
 
     def dgram_refused(self, rt: ServiceRuntime, addr: object, why: str, now: float) -> None:
         """A datagram for a built-in dropped here (classic): the same event as a worker's."""

@@ -17,14 +17,27 @@ from one source; past that a connection is refused (``tcp_wrappers_busy``).
 Answers are cached for CACHE_TTL seconds, so a client that comes back soon
 is decided at once.
 
-Options: ``allow``/``deny`` decide; ``twist`` refuses (poolinetd runs no
-twist command: the client is not served by the program); ``spawn``,
-``setenv``, ``severity`` and libwrap's other options are not applied (a
-load-time warning says so: docs/configuration.md).
+Options (``tcpwrappers_options.actions``), applied once per connection when
+it is decided: ``allow``/``deny`` decide; each ``spawn`` command is started
+(whatever the verdict) and ``twist`` replaces the service's program for the
+connection (``wrappers_commands``: children as the service's user, capped);
+``setenv`` pairs travel with the connection to its program (``deliver``'s
+``env``); ``severity`` sets the refusal line's level and syslog priority,
+and an allowed connection whose rule sets it gets a ``wrappers_connect``
+line at it (tcpd's connect line). libwrap's other options are not applied
+(a load-time warning says so: docs/configuration.md). A twist in a denying
+rule counts and logs a ``tcp_wrappers`` refusal, and the command answers the
+client (tcpd does the same: the real program does not run).
+
+Datagram ``wait`` services are judged on the first queued datagram's
+source (``judge_datagram``, for the accept stage's loan): a name lookup is
+asked for and the loan waits (the caller retries) until the answer, or the
+deadline decides with ``unknown``.
 
 fd ownership: ``judge`` takes the connection on every path: delivered
-(``deliver`` takes it), refused (released here) or waiting (owned here until
-decided, expired or ``close_all``).
+(``deliver`` takes it), refused or twisted (released here: a twist command
+has its own copy) or waiting (owned here until decided, expired or
+``close_all``).
 """
 
 from __future__ import annotations
@@ -38,9 +51,13 @@ from typing import Protocol
 
 from poolinetd.admission import tcpwrappers as tw
 from poolinetd.admission.tcpwrappers_files import RuleFiles
+from poolinetd.admission.tcpwrappers_options import NONE, Actions, actions
 from poolinetd.engine.refusals import NO_ROOM, Refusals
 from poolinetd.engine.runtime import ServiceRuntime
+from poolinetd.engine.wrappers_commands import Commands
+from poolinetd.launch import spawn, wrapcmd
 from poolinetd.launch.resolver import Fork, Resolver, Unwatch, Watch
+from poolinetd.observe import log
 
 TCP_WRAPPERS = "tcp_wrappers"  # refused by hosts.allow/hosts.deny (refusal reason)
 TCP_WRAPPERS_BUSY = "tcp_wrappers_busy"  # too many connections already wait for a name
@@ -49,10 +66,26 @@ MAX_WAITING = 1024  # connections waiting for a name, over every service
 MAX_WAITING_PER_SOURCE = 32  # ... from one source (admission key)
 CACHE_TTL = 60.0  # seconds a looked-up name is reused
 CACHE_SIZE = 4096  # names cached at most (emptied when full)
+MAX_DGRAM_LOOKUPS = 1024  # datagram sources whose name is being looked up at once
 
 Peer = tuple[str, int] | None
-# deliver(rt, fd, family, key, peer, accepted_at, local): takes fd on every path.
-Deliver = Callable[[ServiceRuntime, int, int, Hashable, Peer, float, Peer], None]
+Env = tuple[tuple[str, str], ...]
+
+
+class Deliver(Protocol):
+    """deliver(rt, fd, family, key, peer, accepted_at, local, env): takes fd on every path;
+    ``env``: the rule's setenv pairs for the program."""
+
+    def __call__(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
+                 accepted: float, local: Peer, env: Env = ()) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A decision: ``why`` "" to serve or the refusal reason; what the rule asks besides."""
+
+    why: str
+    actions: Actions = NONE
 
 
 class Host(Protocol):
@@ -87,7 +120,7 @@ class WrappersStage:
     def __init__(self, host: Host, refusals: Refusals, clock: Callable[[], float],
                  deliver: Deliver, release_fd: Callable[[int, int], None],
                  watch: Watch, unwatch: Unwatch, directory: str = "/etc",
-                 fork: Fork | None = None) -> None:
+                 fork: Fork | None = None, log_connections: bool = False) -> None:
         self.host = host
         self.refusals = refusals
         self.clock = clock
@@ -102,6 +135,8 @@ class WrappersStage:
         self.ids = itertools.count(1)
         self.cache: dict[str, tuple[str, float]] = {}  # addr -> (name, expires)
         self.waiting = 0
+        self.dgram_lookups: dict[str, float] = {}  # datagram source -> when to stop waiting
+        self.commands = Commands(fork or spawn.fork_child, clock, log_connections)
 
     def __len__(self) -> int:
         return self.waiting
@@ -117,35 +152,131 @@ class WrappersStage:
         got = self._decide(rt, addr, local, self._cached(addr, now))
         if got is None:
             return self._wait(rt, fd, family, key, peer, accepted, local, addr, now)
-        if got:
-            self.release_fd(fd, family)
-            self.refusals.refused(rt, addr, got, now)
-            return False
-        self.deliver(rt, fd, family, key, peer, accepted, local)
-        return True
+        return self._conclude(rt, fd, family, key, peer, accepted, local, addr, got, now)
 
     def refusal_now(self, rt: ServiceRuntime, peer: Peer, local: Peer, fd: int,
                     family: int) -> str:
-        """The refusal reason when the rules deny ``peer`` without needing its name, else ""
-        (after a preamble, before anything is answered: ``judge`` follows at delivery)."""
+        """The refusal reason when the rules deny ``peer`` without needing its name and
+        ask nothing else (no spawn, twist, severity), else "" (after a preamble, before
+        anything is answered: ``judge`` follows at delivery and applies the options)."""
         now = self.clock()
         addr = _unmapped(peer[0]) if peer else ""
         if local is None and self.files.current(now).server_patterns:
             local = _local_address(fd, family)
-        return self._decide(rt, addr, local, self._cached(addr, now)) or ""
+        got = self._decide(rt, addr, local, self._cached(addr, now))
+        if got is None or got.actions != NONE:
+            return ""
+        return got.why
 
     def _decide(self, rt: ServiceRuntime, addr: str, local: Peer, name: str | None
-                ) -> str | None:
-        """"" to serve, a refusal reason, or None: the client's name is needed."""
+                ) -> Judged | None:
+        """The decision, or None: the client's name is needed."""
         rules = self.files.current()
         daemon = rt.service.tcp_wrappers or ""
         got = tw.decide(rules.allow, rules.deny,
                         tw.Request(daemon, addr, local[0] if local else "", name, rules.files))
         if not isinstance(got, tw.Verdict):
             return None
-        if not got.allowed or any(opt.name == "twist" for opt in got.options):
-            return TCP_WRAPPERS
-        return ""
+        return Judged("" if got.allowed else TCP_WRAPPERS, actions(got))
+
+    def _conclude(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
+                  accepted: float, local: Peer, addr: str, got: Judged, now: float) -> bool:
+        """Apply decision ``got`` to connection ``fd`` (taken); True if it is served."""
+        acts = got.actions
+        peer_text, local_text = _text(peer), _text(local)
+        if acts.spawn or acts.twist is not None:
+            env = wrapcmd.environment(rt.service, peer_text, local_text, acts.env)
+            for command in acts.spawn:
+                self.commands.start(wrapcmd.Kind.SPAWN, rt.name, rt.service, command, env,
+                                    peer_text)
+            if acts.twist is not None:
+                return self._twist(rt, fd, family, addr, got, env, peer_text, now)
+        if got.why:
+            self.release_fd(fd, family)
+            self.refusals.refused(rt, addr, got.why, now, acts.severity)
+            return False
+        self._connect_line(rt, addr, acts)
+        self.deliver(rt, fd, family, key, peer, accepted, local, acts.env)
+        return True
+
+    def _twist(self, rt: ServiceRuntime, fd: int, family: int, addr: str, got: Judged,
+               env: dict[str, str], peer_text: str, now: float) -> bool:
+        """The twist command serves connection ``fd`` (taken) instead of the program."""
+        assert got.actions.twist is not None
+        started = self.commands.start(wrapcmd.Kind.TWIST, rt.name, rt.service,
+                                      got.actions.twist, env, peer_text, conn_fd=fd)
+        self.release_fd(fd, family)  # the command has its own copy
+        if got.why or not started:
+            self.refusals.refused(rt, addr, got.why or TCP_WRAPPERS_BUSY, now,
+                                  got.actions.severity)
+            return False
+        rt.stats.accepted += 1
+        self._connect_line(rt, addr, got.actions)
+        return True
+
+    @staticmethod
+    def _connect_line(rt: ServiceRuntime, addr: str, acts: Actions) -> None:
+        """tcpd's connect line, at the rule's severity, when the rule sets one."""
+        sev = acts.severity
+        if sev is not None:
+            log.event_pri(sev.log_level, "wrappers_connect", (sev.facility, sev.level),
+                          service=rt.name, peer=addr, twist=acts.twist is not None)
+
+    # -- datagram wait services -----------------------------------------------------------
+    def judge_datagram(self, rt: ServiceRuntime, peer: Peer, now: float) -> Judged | None:
+        """Judge a datagram ``wait`` service's next datagram, from ``peer``: ``why`` "" to
+        lend the socket, else the refusal reason (the caller drops the datagram and counts
+        it, at the rule's severity), or None
+        when the client's name is being looked up (the caller leaves the datagram queued
+        and asks again soon; at LOOKUP_DEADLINE the name is ``unknown``).
+
+        spawn commands run here; a twist is not run for a datagram (its command would
+        have to take the socket over): the datagram is refused, and the service's
+        program does not run for it. The rule's setenv is not applied to the program a
+        loan starts."""
+        addr = _unmapped(peer[0]) if peer else ""
+        name = self._cached(addr, now)
+        if name is None:
+            until = self.dgram_lookups.get(addr)
+            if until is not None and until <= now:
+                self._forget_dgram_lookup(addr)
+                name = tw.UNKNOWN
+        got = self._decide(rt, addr, None, name)
+        if got is None:
+            if addr not in self.dgram_lookups and not self._ask_dgram(addr, now):
+                got = self._decide(rt, addr, None, tw.UNKNOWN)
+            if got is None:
+                return None
+        self._forget_dgram_lookup(addr)
+        acts = got.actions
+        peer_text = _text(peer)
+        if acts.spawn:
+            env = wrapcmd.environment(rt.service, peer_text, "", acts.env)
+            for command in acts.spawn:
+                self.commands.start(wrapcmd.Kind.SPAWN, rt.name, rt.service, command, env,
+                                    peer_text)
+        if acts.twist is not None and not got.why:
+            return Judged(TCP_WRAPPERS, acts)
+        if not got.why:
+            self._connect_line(rt, addr, acts)
+        return got
+
+    def _ask_dgram(self, addr: str, now: float) -> bool:
+        """Ask the resolver about a datagram's source; False if it cannot be asked."""
+        if len(self.dgram_lookups) >= MAX_DGRAM_LOOKUPS:
+            return False
+        if addr not in self.by_addr:
+            ident = next(self.ids)
+            if not self.resolver.ask(ident, addr):
+                return False
+            self.asked[ident] = addr
+            self.by_addr[addr] = []
+        self.dgram_lookups[addr] = now + LOOKUP_DEADLINE
+        return True
+
+    def _forget_dgram_lookup(self, addr: str) -> None:
+        if self.dgram_lookups.pop(addr, None) is not None and self.by_addr.get(addr) == []:
+            del self.by_addr[addr]  # nothing else waits for it: a late answer is dropped
 
     def _cached(self, addr: str, now: float) -> str | None:
         hit = self.cache.get(addr)
@@ -169,8 +300,7 @@ class WrappersStage:
             ident = next(self.ids)
             if not self.resolver.ask(ident, addr):
                 # No resolver (cannot start, channel full): as a failed lookup in libwrap.
-                self._finish(item, tw.UNKNOWN, now)
-                return True
+                return self._finish(item, tw.UNKNOWN, now)
             self.asked[ident] = addr
             self.by_addr[addr] = []
         self.by_addr[addr].append(item)
@@ -211,27 +341,24 @@ class WrappersStage:
             self.per_source.pop(item.key, None)
         self._finish(item, name, now)
 
-    def _finish(self, item: Waiting, name: str, now: float) -> None:
-        """Decide ``item`` with its client's name; serve it if it still may be."""
+    def _finish(self, item: Waiting, name: str, now: float) -> bool:
+        """Decide ``item`` with its client's name; serve it if it still may be. True if
+        served."""
         rt = item.rt
         while rt.retired and rt.successor is not None:  # a reload changed the service
             rt = rt.successor
-        if rt.service.tcp_wrappers is None:
-            why: str | None = ""  # a reload lifted tcp_wrappers meanwhile
-        else:
-            why = self._decide(rt, item.addr, item.local, name)
-        if why is None:  # cannot happen with a name; refuse rather than loop
-            why = TCP_WRAPPERS
-        if why:
-            self.release_fd(item.fd, item.family)
-            self.refusals.refused(rt, item.addr, why, now)
-            return
-        if (rt.retired or not self.host.finishes_preambles()
-                or not self.host.has_room(rt, now, draining=True)):
+        got: Judged | None = Judged("")  # a reload lifted tcp_wrappers meanwhile
+        if rt.service.tcp_wrappers is not None:
+            got = self._decide(rt, item.addr, item.local, name)
+        if got is None:  # cannot happen with a name; refuse rather than loop
+            got = Judged(TCP_WRAPPERS)
+        if not got.why and (rt.retired or not self.host.finishes_preambles()
+                            or not self.host.has_room(rt, now, draining=True)):
             self.release_fd(item.fd, item.family)
             self.refusals.count(rt, NO_ROOM)
-            return
-        self.deliver(rt, item.fd, item.family, item.key, item.peer, item.accepted, item.local)
+            return False
+        return self._conclude(rt, item.fd, item.family, item.key, item.peer, item.accepted,
+                              item.local, item.addr, got, now)
 
     def next_deadline(self) -> float | None:
         while self.order and self.order[0].done:
@@ -267,6 +394,11 @@ class WrappersStage:
         self.per_source.clear()
         self.waiting = 0
         self.resolver.close()
+
+
+def _text(peer: Peer) -> str:
+    """An address as the wire and the environment carry it: "HOST PORT" ("" for none)."""
+    return f"{peer[0]} {peer[1]}" if peer else ""
 
 
 def _unmapped(addr: str) -> str:

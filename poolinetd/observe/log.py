@@ -241,6 +241,14 @@ def event(level: Level, name: str, **fields: Any) -> None:
         LOGGER.log(level, name, extra={"fields": fields})
 
 
+def event_pri(level: Level, name: str, pri: tuple[int | None, int], **fields: Any) -> None:
+    """``event``, with the syslog facility and severity of this one line given: ``pri`` is
+    (facility number or None for the handler's own, syslog severity 0-7). Only the
+    syslog handler reads them (tcp_wrappers' ``severity`` option); others see ``level``."""
+    if LOGGER.isEnabledFor(level):
+        LOGGER.log(level, name, extra={"fields": fields, "syslog_pri": pri})
+
+
 def enabled(level: Level) -> bool:
     return LOGGER.isEnabledFor(level)
 

@@ -52,9 +52,11 @@ def timestamp(when: float) -> str:
     return f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
 
 
-def frame(facility: int, level: int, when: float, pid: int, message: str) -> bytes:
-    """One datagram: ``<PRI>TIMESTAMP poolinetd[PID]: MESSAGE``, at most MAX_LINE bytes."""
-    pri = facility * 8 + _SEVERITIES.get(level, 6)
+def frame(facility: int, level: int, when: float, pid: int, message: str,
+          severity: int | None = None) -> bytes:
+    """One datagram: ``<PRI>TIMESTAMP poolinetd[PID]: MESSAGE``, at most MAX_LINE bytes.
+    ``severity`` (syslog's 0-7) instead of the one ``level`` maps to, when given."""
+    pri = facility * 8 + (_SEVERITIES.get(level, 6) if severity is None else severity)
     data = f"<{pri}>{timestamp(when)} poolinetd[{pid}]: {message}".encode("utf-8",
                                                                           "backslashreplace")
     return data[:MAX_LINE]
@@ -116,8 +118,10 @@ class SyslogHandler(logging.Handler):
             message = log.text_body(record)
         except Exception:  # a handler must not raise into the caller
             message = str(record.msg)
-        data = frame(self.facility, record.levelno, record.created, record.process or 0,
-                     message)
+        # A line may name its own facility and severity (tcp_wrappers' severity option).
+        facility, severity = getattr(record, "syslog_pri", (None, None))
+        data = frame(self.facility if facility is None else facility, record.levelno,
+                     record.created, record.process or 0, message, severity)
         try:
             self.sock.send(data)
         except OSError as exc:

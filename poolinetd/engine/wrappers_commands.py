@@ -1,0 +1,109 @@
+"""tcp_wrappers' ``spawn`` and ``twist`` commands in the master: started, counted, capped,
+reaped. The commands themselves run in children (``launch/wrapcmd.py``: forked,
+dropped to the service's user, ``/bin/sh -c``).
+
+Touches the OS only through the ``Fork`` it is given (a fork is the one
+system call on the engine's loop here; nothing waits for a command). The
+engine's SIGCHLD reaping hands every pid to ``child_exited``.
+
+Bounds: at most MAX_PER_SERVICE commands (spawn and twist together) run
+for one service (by name, over its generations) and MAX_RUNNING over all,
+so a command that never ends, or a flood of clients that each start one,
+cannot fill the process table from the root master. Past a cap a spawn is
+not run and a twisted connection is refused (``tcp_wrappers_busy``); a
+``wrappers_command_refused`` line says so, at most once per service and
+kind every REFUSED_LOG_INTERVAL seconds.
+
+Twisted connections are not instances of the service (the ledger does not
+count them: max_child and per-source limits stop at the accept, as the
+connection was admitted before the rules ran); the caps above bound them.
+A stop does not kill running commands (tcpd's children outlive inetd too).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from poolinetd.config.spec import Service
+from poolinetd.launch import wrapcmd
+from poolinetd.observe import log, throttle
+
+MAX_PER_SERVICE = 32  # commands running at once for one service
+MAX_RUNNING = 256  # ... over every service
+REFUSED_LOG_INTERVAL = 10.0  # seconds between two wrappers_command_refused per service, kind
+
+
+@dataclass(slots=True)
+class Running:
+    """One command the master started and has not reaped."""
+
+    service: str
+    kind: wrapcmd.Kind
+    peer: str
+    started: float
+
+
+class Commands:
+    """The spawn and twist children of every wrapped service."""
+
+    def __init__(self, fork: wrapcmd.Fork, clock: Callable[[], float],
+                 log_connections: bool) -> None:
+        self.fork = fork
+        self.clock = clock
+        self.log_connections = log_connections
+        self.running: dict[int, Running] = {}
+        self.per_service: dict[str, int] = {}
+        self.log_throttle = throttle.Throttle(REFUSED_LOG_INTERVAL)
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def start(self, kind: wrapcmd.Kind, name: str, service: Service, command: str,
+              env: dict[str, str], peer: str, conn_fd: int = -1) -> bool:
+        """Start ``command`` for service ``name`` unless a cap is reached; True if started.
+
+        ``conn_fd`` (TWIST): the client's connection, still the caller's to close."""
+        now = self.clock()
+        held = self.per_service.get(name, 0)
+        if held >= MAX_PER_SERVICE or len(self.running) >= MAX_RUNNING:
+            late = self.log_throttle.allow((name, kind.value), now)
+            if late is not None:
+                log.warning("wrappers_command_refused", service=name, kind=kind.value,
+                            peer=peer, running=held, limit=MAX_PER_SERVICE,
+                            running_total=len(self.running), limit_total=MAX_RUNNING,
+                            held_back=late)
+            return False
+        try:
+            pid = wrapcmd.run(self.fork, kind, service, command, env, conn_fd)
+        except OSError as exc:
+            log.error("wrappers_command_failed", service=name, kind=kind.value, peer=peer,
+                      errno=errno.errorcode.get(exc.errno or 0, "?"), error=exc.strerror)
+            return False
+        self.running[pid] = Running(name, kind, peer, now)
+        self.per_service[name] = held + 1
+        return True
+
+    def child_exited(self, pid: int, code: int) -> bool:
+        """Whether reaped ``pid`` was a command; logs how it ended."""
+        cmd = self.running.pop(pid, None)
+        if cmd is None:
+            return False
+        left = self.per_service.get(cmd.service, 0) - 1
+        if left > 0:
+            self.per_service[cmd.service] = left
+        else:
+            self.per_service.pop(cmd.service, None)
+        if code != 0 or self.log_connections:
+            why = {wrapcmd.EX_NOPERM: "could not become the service's user",
+                   wrapcmd.EX_EXEC_FAILED: f"could not run {wrapcmd.SHELL}"}.get(code)
+            log.event(log.INFO if code == 0 else log.WARNING, "wrappers_command_exit",
+                      service=cmd.service, kind=cmd.kind.value, pid=pid, peer=cmd.peer,
+                      status=code, duration=round(self.clock() - cmd.started, 6),
+                      **({"reason": why} if why else {}))
+        return True
+
+    def pids(self) -> Iterable[int]:
+        """The commands still running (tests, status)."""
+        return tuple(self.running)
