@@ -1,15 +1,22 @@
-"""xinetd files (tests/corpus/xinetd, SOURCES.md) load with no error, with the warnings
-listed here; ``poolinetd check`` reads them; a reload re-reads the tree.
+"""xinetd files (tests/corpus/xinetd, SOURCES.md) load with the errors and warnings
+listed here; ``poolinetd check`` reads them; a reload re-reads the tree; and the real
+xinetd, run on each file, says the same about them.
 
-Debian's package files are real; ``patterns/`` are files of our own in the shapes
-real deployments use (SOURCES.md names where those shapes were seen).
+``debian/`` is Debian's xinetd package, ``public/`` real files from public projects
+(byte for byte as found; repository, path, commit and licence in SOURCES.md),
+``patterns/`` files of our own in the shapes of others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import re
+import shutil
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -19,13 +26,22 @@ from config_fakes import SERVICES, fake_lookups
 from poolinetd.check import run_check
 from poolinetd.config.lookups import Lookups, UserEntry
 from poolinetd.config.resolve import LoadedConfig, load_file, load_text
+from poolinetd.config.spec import AtLimit
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "xinetd"
 DEBIAN = CORPUS / "debian"
+# Where each main file's ``includedir /etc/xinetd.d`` is pointed for the test.
+INCLUDEDIRS = {
+    "debian/xinetd.conf": DEBIAN / "xinetd.d",
+    "public/xinetd-upstream/xinetd.conf": CORPUS / "public" / "xinetd-upstream" / "xinetd.d",
+    "public/daas/xinetd.conf.tpl": DEBIAN / "xinetd.d",
+}
+# Files read through an includedir, not loaded alone.
+INCLUDED = ("debian/xinetd.d/", "public/xinetd-upstream/xinetd.d/")
 
 # Which attributes each file is warned about (the token of each warning), in order.
 EXPECTED_WARNINGS: dict[str, list[str]] = {
-    "patterns/monitoring-agent": ["log_on_success"],
+    "patterns/monitoring-agent": [],
     "patterns/ctf-chroot": ["banner_fail", "per_source", "rlimit_cpu"],
     "patterns/ctf-stray-brace": ["}"],
     "patterns/tftp-ipv4": [],
@@ -38,6 +54,39 @@ EXPECTED_WARNINGS: dict[str, list[str]] = {
     # Debian ships every built-in disabled; two of them name no user, and the -udp files
     # repeat the dgram half of the two-service files (the same id, so one is a duplicate).
     "debian/xinetd.conf": ["id", "id", "id", "id", "user", "user", "id"],
+    # flags written twice: xinetd warns "attribute already set" and keeps the first.
+    "public/amanda/xinetd.amandaclient": ["flags"],
+    "public/amanda/xinetd.amandaserver": ["flags"],
+    "public/checkmk/xinetd.conf": [],
+    "public/checkmk/xinetd_caching.conf": [],
+    "public/cobbler/tftpd.template": [],
+    # Disabled templates with @VARIABLES@ left in: read, warned, not served.
+    "public/cups/cups-lpd.xinetd.in": ["server"],
+    "public/ndoutils/default-xinetd.in": ["port", "server", "log_on_failure"],
+    "public/nrpe/default-xinetd.in": ["port", "server"],
+    "public/nsca/nsca.xinetd.in": ["log_on_failure"],
+    "public/daas/xinetd.conf.tpl": ["log_type", "id", "id", "id", "id", "user", "user", "id"],
+    "public/distcc/distcc": [],
+    # "# ..." after a value: xinetd counts the words and ignores both attributes;
+    # /etc/banner_fail does not exist here.
+    "public/docker-jail-template/ctf.xinetd": ["banner_fail", "per_source", "rlimit_cpu"],
+    "public/solidctf/ctf.xinetd": ["per_source"],
+    "public/openlaunchd/auth": [],
+    "public/openlaunchd/bootps": [],
+    "public/openlaunchd/comsat": [],
+    "public/openlaunchd/finger": [],
+    "public/openlaunchd/ftp": [],
+    "public/openlaunchd/telnet": [],
+    "public/openlaunchd/tftp": [],
+    "public/percona-xtradb-cluster/mysqlchk.sh": ["log_on_failure"],
+    "public/rsync/rsync.xinetd": ["log_on_failure"],
+    "public/xinetd-upstream/xinetd.conf": ["log_type"],
+}
+# The errors a file has, where xinetd refuses the service too: (token, why).
+EXPECTED_ERRORS: dict[str, list[tuple[str, str]]] = {
+    # A cobbler template with its $variables left in: xinetd says "Server $binary is not
+    # executable ... DISABLING SERVICE" (and "Unknown user: $user").
+    "public/cobbler/tftpd.template": [("server", "is not an absolute path")],
 }
 
 
@@ -56,33 +105,50 @@ def permissive_lookups() -> Lookups:
         getpwnam=lambda name: UserEntry(name, 1000, 1000, "/"), getgrnam=lambda name: 1000)
 
 
+def corpus_text(name: str) -> str:
+    """A corpus file's text, its ``includedir /etc/xinetd.d`` pointed into the corpus."""
+    text = (CORPUS / name).read_text()
+    if name in INCLUDEDIRS:
+        text = text.replace("includedir /etc/xinetd.d", f"includedir {INCLUDEDIRS[name]}")
+    return text
+
+
 def load_corpus(name: str) -> LoadedConfig:
-    """One corpus file; Debian's xinetd.conf with its includedir pointed at the corpus."""
-    path = CORPUS / name
-    text = path.read_text()
-    if name == "debian/xinetd.conf":
-        text = text.replace("includedir /etc/xinetd.d", f"includedir {DEBIAN / 'xinetd.d'}")
-    return load_text(text, str(path), lookups=permissive_lookups())
+    return load_text(corpus_text(name), str(CORPUS / name), lookups=permissive_lookups())
 
 
 def corpus_files() -> list[str]:
-    found = sorted(str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*")
-                   if p.is_file() and p.name != "SOURCES.md")
-    return [f for f in found if not f.startswith("debian/xinetd.d/")] + ["debian/xinetd.conf"]
+    return sorted(str(p.relative_to(CORPUS)) for p in CORPUS.rglob("*")
+                  if p.is_file() and p.name != "SOURCES.md"
+                  and not str(p.relative_to(CORPUS)).startswith(INCLUDED))
 
 
-def test_every_corpus_file_is_listed() -> None:
-    assert sorted(set(corpus_files())) == sorted(EXPECTED_WARNINGS)
+def test_every_corpus_file_is_listed_and_recorded() -> None:
+    assert corpus_files() == sorted(EXPECTED_WARNINGS)
+    sources = (CORPUS / "SOURCES.md").read_text()
+    public = [f for f in corpus_files() if f.startswith("public/")]
+    for name in public:  # each public file's row names it, its repository and commit
+        assert f"`{name.removeprefix('public/')}`" in sources, name
+    repos = set(re.findall(r"github\.com/([\w.-]+/[\w.-]+)", sources))
+    files = [p for p in (CORPUS / "public").rglob("*") if p.is_file()]
+    assert len(files) >= 25 and len(repos) >= 15, (len(files), sorted(repos))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_WARNINGS))
-def test_corpus_file_loads_without_error(name: str) -> None:
+def test_corpus_file_loads_as_expected(name: str) -> None:
     loaded = load_corpus(name)
-    assert loaded.errors == (), [str(d) for d in loaded.errors]
+    assert _match_errors(loaded, EXPECTED_ERRORS.get(name, [])), [
+        str(d) for d in loaded.errors]
     assert [d.token for d in loaded.warnings] == EXPECTED_WARNINGS[name], [
         str(d) for d in loaded.warnings]
     for diag in loaded.diagnostics:
         assert diag.lineno > 0 and diag.token and Path(diag.source).exists(), str(diag)
+
+
+def _match_errors(loaded: LoadedConfig, expected: list[tuple[str, str]]) -> bool:
+    return len(loaded.errors) == len(expected) and all(
+        d.token == token and why in d.message for d, (token, why) in zip(
+            loaded.errors, expected, strict=True))
 
 
 def test_corpus_meaning() -> None:
@@ -101,6 +167,104 @@ def test_corpus_meaning() -> None:
     assert tftp.wait and tftp.key.endpoints[0].port == 69 and tftp.key.is_udp
     assert load_corpus("patterns/plugins-prefix").services == ()  # serves nobody
     assert load_corpus("debian/xinetd.conf").services == ()  # all disabled
+
+
+def test_public_corpus_meaning() -> None:
+    """What some of the public files come to."""
+    percona = load_corpus("public/percona-xtradb-cluster/mysqlchk.sh").services[0]
+    assert (percona.program, percona.key.endpoints[0].port) == ("/usr/bin/clustercheck", 9200)
+    assert "max_child_per_ip" in percona.limits.unlimited
+    assert percona.limits.max_spawn_per_min == 50  # xinetd's implicit cps = 50 10
+    assert (percona.spec.spawn_window, percona.spec.spawn_pause) == (1.0, 10.0)
+    assert percona.spec.at_limit is AtLimit.REFUSE
+    amanda = load_corpus("public/amanda/xinetd.amandaserver").services[0]
+    assert amanda.spec.protocol.value == "tcp"  # the first flags (IPv4), as xinetd keeps it
+    assert amanda.argv == ("amandad", "-auth=bsdtcp", "amdump", "amindexd", "amidxtaped")
+    ctf = load_corpus("public/solidctf/ctf.xinetd").services[0]
+    assert ctf.spec.addresses == ("0.0.0.0",) and ctf.key.endpoints[0].port == 20000
+    agent = load_corpus("public/checkmk/xinetd.conf").services[0]
+    assert agent.key.endpoints[0].port == 6556 and agent.user_name == "root"
+    nsca = load_corpus("public/nsca/nsca.xinetd.in").services[0]
+    assert [str(n) for n in nsca.only_from.networks] == ["127.0.0.1/32"]
+    for name in ("public/openlaunchd/tftp", "public/rsync/rsync.xinetd",
+                 "public/xinetd-upstream/xinetd.conf"):
+        assert load_corpus(name).services == (), name  # shipped disabled
+
+
+# -- the same files under the real xinetd -------------------------------------------------
+
+XINETD = shutil.which("xinetd") or "/usr/sbin/xinetd"
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+# What xinetd says because this host lacks the file's accounts and programs (which the
+# poolinetd side stands in for with permissive lookups): not about the file itself.
+_HOST_ONLY = re.compile(r"Unknown (user|group)|is not executable|Must specify a server|"
+                        r"Error parsing attribute (user|group|server) - DISABLING")
+_LINE = re.compile(r"^\S+ xinetd\[\d+\]: (\w+): (.*?)(?: \[file=(.*)\] \[line=(\d+)\])?$")
+
+
+def xinetd_says(tmp_path: Path, name: str) -> list[tuple[str, str, str, int]]:
+    """(level, message, file, line) of what xinetd logs reading corpus file ``name``, in a
+    network namespace of its own (nothing it binds is reachable; it stops at once)."""
+    conf = tmp_path / "xinetd.conf"
+    conf.write_text(corpus_text(name))
+    log = tmp_path / "xinetd.log"
+    log.write_text("")
+    proc = subprocess.Popen(
+        [UNSHARE, "--net", XINETD, "-dontfork", "-f", str(conf), "-pidfile",
+         str(tmp_path / "pid"), "-filelog", str(log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30.0
+        while "Started working" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    found = []
+    for line in log.read_text().splitlines():
+        got = _LINE.match(line)
+        assert got is not None, line
+        level, message, where, lineno = got.groups()
+        if level in ("ERROR", "WARNING"):
+            found.append((level, message, where or "", int(lineno or 0)))
+    return found
+
+
+@pytest.mark.skipif(not (os.path.exists(XINETD) and os.path.exists(UNSHARE)
+                         and os.geteuid() == 0),
+                    reason="needs xinetd, unshare and root (a network namespace)")
+@pytest.mark.parametrize("name", sorted(EXPECTED_WARNINGS))
+def test_xinetd_itself_says_the_same_of_each_file(tmp_path: Path, name: str) -> None:
+    """Where poolinetd loads a file without error, xinetd reports nothing wrong with it
+    (but what this host lacks); where poolinetd ignores an attribute with too many values
+    or written twice, xinetd warns on the same line; where poolinetd refuses a service,
+    xinetd disables it on the same line."""
+    said = xinetd_says(tmp_path, name)
+    loaded = load_corpus(name)
+    main = str(tmp_path / "xinetd.conf")
+
+    def lines(pattern: str) -> set[int]:
+        return {lineno for _, msg, where, lineno in said
+                if re.search(pattern, msg) and where == main}
+
+    about_file = [s for s in said if s[2] and not _HOST_ONLY.search(s[1])]
+    # A "}" outside a block: xinetd logs an error and reads on; poolinetd warns.
+    braces = {d.lineno for d in loaded.warnings if d.token == "}"}
+    assert lines("missing service keyword") == braces, said
+    about_file = [s for s in about_file if "missing service keyword" not in s[1]]
+    if name.startswith("patterns/plugins-prefix"):  # "failed to parse 127.0.0."
+        about_file = [s for s in about_file if "127.0.0." not in s[1]]
+    errors = [s for s in about_file if s[0] == "ERROR"]
+    assert errors == [] or loaded.errors, said
+    ours = [d for d in loaded.warnings if d.source == str(CORPUS / name)]
+    assert {d.lineno for d in ours if "takes one value" in d.message} == lines(
+        r"expects 1 values"), (said, ours)
+    assert {d.lineno for d in ours if "set twice" in d.message} == lines(
+        r"attribute already set"), (said, ours)
+    refused = lines(r"DISABLING SERVICE|not executable")
+    for diag in loaded.errors:
+        assert diag.lineno in refused, (str(diag), said)
 
 
 def test_check_reads_xinetd_files_and_says_so_in_json(tmp_path: Path) -> None:

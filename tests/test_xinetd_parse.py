@@ -210,8 +210,15 @@ def test_cps_is_a_rate_per_second_with_its_own_rest() -> None:
     assert (svc.spec.spawn_window, svc.spec.spawn_pause) == (1.0, 30.0)
     inherited = only("defaults\n{\n\tcps = 5 2\n}\n" + block(PROGRAM))
     assert (inherited.limits.max_spawn_per_min, inherited.spec.spawn_pause) == (5, 2.0)
+    # Neither sets cps: xinetd 2.3.15's implicit cps = 50 10 (confparse.c service_fill).
     plain = only(block(PROGRAM))
-    assert (plain.spec.spawn_window, plain.spec.spawn_pause) == (None, None)
+    assert plain.limits.max_spawn_per_min == 50
+    assert (plain.spec.spawn_window, plain.spec.spawn_pause) == (1.0, 10.0)
+    # A rate of 0 turns the check off, in a service or in defaults.
+    for text in (block(PROGRAM + "\tcps = 0 0\n"), "defaults\n{\n\tcps = 0 5\n}\n" +
+                 block(PROGRAM)):
+        off = only(text)
+        assert off.limits.max_spawn_per_min is None and off.spec.spawn_window is None
 
 
 def test_cps_in_admission_counts_a_second_and_rests_m_seconds() -> None:
@@ -223,7 +230,7 @@ def test_cps_in_admission_counts_a_second_and_rests_m_seconds() -> None:
     assert admission.check_start(5.3) == ""
     assert admission.check_start(6.4) == "" and admission.check_start(6.5) == ""
     # The inetd rule is unchanged: per minute, a 60 s rest.
-    inetd = Admission(only(block(PROGRAM)))
+    inetd = Admission(only("9200 stream tcp nowait nobody /bin/cat cat\n"))
     assert inetd.spawn_window == 60.0 and inetd.spawn_pause == 60.0
 
 
@@ -241,7 +248,6 @@ def test_unlimited_limits_are_lifted() -> None:
     ("\ttype = RPC\n", "RPC services are not supported"),
     ("\tfrobnicate = 1\n", "unknown attribute 'frobnicate'"),
     ("\tinstances += 3\n", "instances takes '=' only"),
-    ("\tuser = root\n", "user set twice (first at line"),
     ("\tinstances = many\n", "instances must be a number or UNLIMITED"),
     ("\tinstances = 0\n", "instances = 0 serves nobody"),
     ("\tcps = 10\n", "cps takes a rate and a pause"),
@@ -262,8 +268,21 @@ def test_attributes_poolinetd_refuses(extra: str, message: str) -> None:
     assert all(re.match(r"/etc/t.conf:\d+: '", e) for e in shown), shown
 
 
-@pytest.mark.parametrize("attr", ["log_type = SYSLOG daemon info", "log_on_success += PID",
-                                  "log_on_failure += USERID", "passenv = PATH", "banner = /x",
+def test_an_attribute_set_twice_keeps_the_first_with_a_warning() -> None:
+    """As xinetd 2.3.15 ("attribute already set", the first value kept): Amanda's example
+    files write ``flags = IPv4`` then ``flags = IPv6``."""
+    text = block(PROGRAM + "\tuser = root\n\tflags = IPv4\n\tflags = IPv6\n")
+    assert errors(text) == []
+    shown = warnings(text)
+    assert any("'user'" in w and "the first (line" in w for w in shown), shown
+    assert any("'flags'" in w for w in shown), shown
+    svc = only(text)
+    assert svc.spec.user == "nobody" and svc.spec.protocol is Protocol.TCP, svc
+
+
+@pytest.mark.parametrize("attr", ["log_type = SYSLOG daemon info", "log_on_success += TRAFFIC",
+                                  "log_on_failure += USERID", "log_on_failure = FROB",
+                                  "passenv = 9BAD", "banner = /x",
                                   "banner_success = /x", "banner_fail = /x", "max_load = 2.5",
                                   "deny_time = 60", "libwrap = svc", "mdns = no",
                                   "groups = no", "flags = INTERCEPT"])
@@ -327,6 +346,87 @@ def test_banner_fail_is_read_at_load_and_attached(tmp_path: Path) -> None:
                              lambda path: b"b")
     assert shown.specs[0].banner_fail is None
     assert any("datagram" in str(d) for d in shown.warnings)
+
+
+def test_banner_and_banner_success_are_attached(tmp_path: Path) -> None:
+    for name, data in (("hello", b"welcome\r\n"), ("ok", b"granted\r\n")):
+        (tmp_path / name).write_bytes(data)
+    conf = tmp_path / "x.conf"
+    conf.write_text(block(PROGRAM + "\tbanner = hello\n\tbanner_success = " +
+                          str(tmp_path / "ok") + "\n"))
+    loaded = load_file(str(conf), lookups=fake_lookups())
+    assert loaded.errors == () and loaded.warnings == ()
+    spec = loaded.services[0].spec
+    assert (spec.banner, spec.banner_success, spec.banner_fail) == (
+        b"welcome\r\n", b"granted\r\n", None)
+
+
+def test_a_banner_path_cannot_reach_what_root_alone_may_read(tmp_path: Path) -> None:
+    """The master reads banners as root for any client: no symbolic link anywhere on the
+    path, no '..', a regular file readable by everyone (xinetd_banner)."""
+    from poolinetd.config import xinetd_banner
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only\n")
+    secret.chmod(0o600)
+    public = tmp_path / "pub"
+    public.mkdir()
+    (public / "motd").write_bytes(b"hi\n")
+    (public / "motd").chmod(0o644)
+    (tmp_path / "link").symlink_to(secret)
+    (tmp_path / "dirlink").symlink_to(public, target_is_directory=True)
+    os.mkfifo(tmp_path / "fifo", 0o644)
+    base = str(tmp_path)
+    assert xinetd_banner.read("pub/motd", base, 100) == b"hi\n"
+    assert xinetd_banner.read(str(public / "motd"), "/elsewhere", 100) == b"hi\n"
+    refused = {
+        "secret": "not readable by everyone",
+        "link": "symbolic link",
+        "dirlink/motd": "symbolic link",
+        "pub/../pub/motd": "'..'",
+        "fifo": "not a regular file",  # (O_NONBLOCK: never waited on)
+        "pub": "not a regular file",
+        "nope": "No such file",
+        "a\0b": "not a usable path",
+    }
+    for path, why in refused.items():
+        got = xinetd_banner.read(path, base, 100)
+        assert isinstance(got, str) and why in got, (path, got)
+    assert xinetd_banner.read("pub/motd", base, 1) == b"hi"  # at most limit + 1 bytes
+    conf = tmp_path / "x.conf"
+    conf.write_text(block(PROGRAM + "\tbanner = link\n"))
+    loaded = load_file(str(conf), lookups=fake_lookups())
+    assert loaded.services[0].spec.banner is None
+    assert [d.token for d in loaded.warnings] == ["banner"], loaded.warnings
+
+
+def test_passenv_passes_the_masters_variables_and_env_wins() -> None:
+    text = block(PROGRAM + "\tpassenv = PATH NOPE TZ\n\tenv = TZ=Europe/Paris A=1\n")
+    mapped = xinetd_map.build(lex(text, "x").items, environ={"PATH": "/usr/bin", "TZ": "UTC"})
+    assert mapped.diagnostics == ()
+    assert dict(mapped.specs[0].options.env) == {
+        "PATH": "/usr/bin", "TZ": "Europe/Paris", "A": "1"}
+    empty = xinetd_map.build(lex(block(PROGRAM + "\tpassenv =\n"), "x").items,
+                             environ={"PATH": "/usr/bin"})
+    assert empty.diagnostics == () and empty.specs[0].options.env == ()
+
+
+def test_log_fields_poolinetd_logs_pass_silently_and_defaults_warn_once() -> None:
+    quiet = block(PROGRAM + "\tlog_on_success = PID HOST EXIT DURATION\n"
+                  "\tlog_on_failure += HOST ATTEMPT\n")
+    assert errors(quiet) == [] and warnings(quiet) == []
+    two = ("defaults\n{\n\tlog_on_failure = HOST USERID\n}\n" + block(PROGRAM, "a") +
+           block(PROGRAM.replace("9200", "9201"), "b"))
+    shown = warnings(two)
+    assert len(shown) == 1 and "USERID is not logged" in shown[0], shown
+
+
+def test_instances_refuse_at_the_limit_where_inetd_queues() -> None:
+    from poolinetd.config.spec import AtLimit
+
+    assert only(block(PROGRAM + "\tinstances = 2\n")).spec.at_limit is AtLimit.REFUSE
+    assert only("9200 stream tcp nowait/2 nobody /bin/cat cat\n").spec.at_limit is (
+        AtLimit.BACKLOG)
 
 
 def test_required_attributes() -> None:

@@ -8,7 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from poolinetd.config import xinetd_attrs, xinetd_lexer, xinetd_map
-from poolinetd.config.spec import Limits, Options, Protocol, ServiceSpec, Severity, SocketType
+from poolinetd.config.spec import (
+    AtLimit,
+    Limits,
+    Options,
+    Protocol,
+    ServiceSpec,
+    Severity,
+    SocketType,
+)
 from poolinetd.config.xinetd_format import format_service
 from poolinetd.config.xinetd_lexer import Block
 from poolinetd.net import netmatch
@@ -118,7 +126,7 @@ def specs(draw: st.DrawFn) -> ServiceSpec:
         options=Options(env=tuple(dict(draw(ENV)).items()), only_from=draw(LISTS),
                         no_access=draw(LISTS), tcp_wrappers=True if wrapped else None),
         enabled=draw(st.booleans()), spawn_window=None if spawn is None else 1.0,
-        spawn_pause=pause)
+        spawn_pause=pause, at_limit=AtLimit.REFUSE)
 
 
 @given(specs())

@@ -32,17 +32,16 @@ MAPPED = frozenset({"id", "type", "flags", "socket_type", "protocol", "wait", "u
                      "group", "server", "server_args", "port", "bind", "interface",
                      "only_from", "no_access", "per_source", "instances", "cps", "env",
                      "disable", "v6only", "groups", "nice", "umask", "banner_fail",
-                     *RLIMITS})
+                     "banner", "banner_success", "passenv", "log_on_success",
+                     "log_on_failure", *RLIMITS})
+# xinetd's cps for a service that sets none, nor do defaults (xconfig.h: DEFAULT_LOOP_RATE
+# and DEFAULT_LOOP_TIME, applied by confparse.c's service_fill).
+DEFAULT_CPS = (50, 10)
 # Read and not applied: what poolinetd does instead (the warning's hint).
 WARNED: dict[str, str] = {
-    "log_type": "poolinetd logs every start, end and refusal in its own log "
-                "(--log-file, --log-format json)",
-    "log_on_success": "poolinetd logs every connection's start and end with pid, peer "
-                      "and duration in its own log",
-    "log_on_failure": "poolinetd logs every refusal with peer and reason in its own log",
-    "passenv": "programs start with a clean environment; write env = NAME=value",
-    "banner": "no banner is sent",
-    "banner_success": "no banner is sent",
+    "log_type": "poolinetd logs every service in its own log (--log-file, or syslog with "
+                "--syslog and --syslog-facility for all services); no file or facility "
+                "per service",
     "max_load": "poolinetd does not refuse by load average",
     "deny_time": "it only applies to SENSOR services, which poolinetd does not have",
     "libwrap": "poolinetd judges a service under its program's basename or its "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from poolinetd.config.spec import Protocol, ServiceSpec, SocketType
+from poolinetd.config.spec import AtLimit, Protocol, ServiceSpec, SocketType
 
 __all__ = ["format_service"]
 
@@ -35,6 +35,11 @@ def format_service(spec: ServiceSpec, name: str = "") -> str | None:
     if family is None or spec.socket_type not in (SocketType.STREAM, SocketType.DGRAM):
         return None
     if spec.unix_perms is not None or spec.login_class is not None:
+        return None
+    # A banner is bytes here, not the path xinetd names; a max_child that leaves
+    # connections in the backlog (inetd's) is not what xinetd's instances does.
+    if spec.banner or spec.banner_success or spec.banner_fail or (
+            spec.limits.max_child is not None and spec.at_limit is AtLimit.BACKLOG):
         return None
     if not _expressible(spec):
         return None
@@ -142,6 +147,8 @@ def _limit_lines(spec: ServiceSpec, cps: bool) -> list[str] | None:
             out.append(f"{attr} = {value}")
     if cps and spec.spawn_pause is not None:
         out.append(f"cps = {lim.max_spawn_per_min} {int(spec.spawn_pause)}")
+    elif not cps:
+        out.append("cps = 0 0")  # no rate: without it, xinetd's implicit cps = 50 10
     for attr, nets in (("only_from", opts.only_from), ("no_access", opts.no_access)):
         if nets is not None:
             if not nets or any(n.scope for n in nets.networks):

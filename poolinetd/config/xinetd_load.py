@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from poolinetd.config import xinetd_lexer, xinetd_map
+from poolinetd.config import xinetd_banner, xinetd_lexer, xinetd_map
 from poolinetd.config.report import short
 from poolinetd.config.spec import Diagnostic, ParsedConfig, Severity
 from poolinetd.config.xinetd_lexer import Block, Directive
@@ -36,7 +36,6 @@ from poolinetd.config.xinetd_lexer import Block, Directive
 __all__ = ["Bounds", "load"]
 
 Ident = tuple[int, int]
-_BANNER_READ = 1 << 20  # a banner_fail file larger than this is an error, not read
 # includes.read_regular: (bytes, (dev, ino)) or why the file cannot be read.
 Reader = Callable[[str, int], "tuple[bytes, Ident] | str"]
 # includes.check_utf8: (text to parse, one error per bad line, the bad line numbers).
@@ -74,12 +73,13 @@ def load(text: str, source: str, ident: Ident | None, limits: Bounds, read: Read
     tree.read_text(text, source, (ident,) if ident is not None else ())
     def read_banner(path: str) -> bytes | str:
         # Relative to the main file's directory; read once per load, bounded (the map
-        # cuts it to BANNER_MAX), a regular file only: the master never reads it while
-        # serving, and a FIFO is never waited on.
-        got = read(os.path.join(os.path.dirname(source), path), _BANNER_READ)
-        return got if isinstance(got, str) else got[0]
+        # cuts it to BANNER_MAX), by xinetd_banner's rules: no symbolic link on the path,
+        # a regular file anyone may read (the master is root; a banner goes to anyone).
+        return xinetd_banner.read(path, os.path.dirname(os.path.abspath(source)),
+                                  xinetd_map.BANNER_MAX)
 
-    mapped = xinetd_map.build(tree.blocks, read_banner)
+    # passenv takes its values from the master's environment, as xinetd from its own.
+    mapped = xinetd_map.build(tree.blocks, read_banner, os.environ)
     return ParsedConfig(mapped.specs, mapped.defaults, (*tree.diags, *mapped.diagnostics))
 
 

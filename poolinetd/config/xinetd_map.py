@@ -26,9 +26,13 @@ daemon by tests/test_xinetd_diff.py):
 * only_from written with no value: nobody is served (the service is not served).
 * instances, per_source -> max_child, max_child_per_ip; ``cps N M`` -> at most N
   starts in a 1 s window, then a rest of M s (ServiceSpec.spawn_window/pause).
-* banner_fail: the file's bytes (read through the ``read_banner`` passed in) are
-  sent to a refused client; a stream nowait service without NOLIBWRAP is judged
-  by tcp_wrappers, as Debian's libwrap-enabled xinetd judges it.
+* banner, banner_success, banner_fail: the files' bytes (read through the
+  ``read_banner`` passed in, ``xinetd_extras``) are sent on accept, before a
+  client is served, and to a refused client. A stream nowait service without
+  NOLIBWRAP is judged by tcp_wrappers, as Debian's libwrap-enabled xinetd judges it.
+* instances: a connection past it is accepted and refused at once (AtLimit.REFUSE),
+  as xinetd refuses it, where inetd.conf's max_child leaves it in the backlog.
+* passenv: the named variables of the master's environment at load (``environ``).
 * A single-valued attribute with other than one value is ignored with a warning,
   as xinetd ignores it (``per_source = 10 # comment``: no inline comments).
 * A disabled service (``disable = yes``, defaults' ``disabled``, or left out of
@@ -39,13 +43,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from poolinetd.config import accesslists, values
+from poolinetd.config import accesslists, values, xinetd_extras
 from poolinetd.config import xinetd_attrs as attrs
 from poolinetd.config.report import short
 from poolinetd.config.spec import (
+    AtLimit,
     Diagnostic,
     FieldLoc,
     Limits,
@@ -56,17 +61,12 @@ from poolinetd.config.spec import (
     Severity,
     SocketType,
 )
+from poolinetd.config.xinetd_extras import BANNER_MAX, BannerReader
 from poolinetd.config.xinetd_lexer import Attr, Block
 from poolinetd.net import netmatch
 from poolinetd.net.netmatch import AddressList
 
 __all__ = ["BANNER_MAX", "build"]
-
-# A banner_fail file is read when the config loads and sent with one non-blocking send:
-# more than a socket's first send buffer would be cut anyway.
-BANNER_MAX = 16 * 1024
-# Reads a banner file: its bytes (cut to BANNER_MAX here), or why it cannot be read.
-BannerReader = Callable[[str], "bytes | str"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -88,15 +88,18 @@ class _Defaults:
     sets: dict[str, _Value] = field(default_factory=dict)
 
 
-def build(blocks: Sequence[Block], read_banner: BannerReader | None = None) -> ParsedConfig:
+def build(blocks: Sequence[Block], read_banner: BannerReader | None = None,
+          environ: Mapping[str, str] | None = None) -> ParsedConfig:
     """The specs and diagnostics of every block of one load (every file, in order).
 
-    ``read_banner`` reads a ``banner_fail`` file (``xinetd_load`` passes one; without
-    it the attribute is read but no banner is attached). Total: a bug is reported as an
-    error diagnostic, never raised.
+    ``read_banner`` reads a banner file (``xinetd_load`` passes one; without it the
+    banner attributes are read but nothing is attached); ``environ`` is what passenv
+    takes its values from (None: nothing is passed). Total: a bug is reported as an
+    error diagnostic, never raised. A warning about a value inherited from defaults is
+    given once, at the defaults' line, not once per service.
     """
     try:
-        return _build(blocks, read_banner)
+        return _build(blocks, read_banner, environ or {})
     except Exception as exc:
         where = blocks[0].source if blocks else "<xinetd>"
         bug = Diagnostic(where, 0, 0, "", f"internal parser error: {exc!r}",
@@ -104,7 +107,8 @@ def build(blocks: Sequence[Block], read_banner: BannerReader | None = None) -> P
         return ParsedConfig((), Options(), (bug,))
 
 
-def _build(blocks: Sequence[Block], read_banner: BannerReader | None) -> ParsedConfig:
+def _build(blocks: Sequence[Block], read_banner: BannerReader | None,
+           environ: Mapping[str, str]) -> ParsedConfig:
     diags: list[Diagnostic] = []
     defaults = _Defaults()
     for block in blocks:
@@ -115,7 +119,7 @@ def _build(blocks: Sequence[Block], read_banner: BannerReader | None) -> ParsedC
     for block in blocks:
         if block.kind != "service":
             continue
-        svc = _Service(block, defaults, read_banner)
+        svc = _Service(block, defaults, read_banner, environ)
         spec = svc.build()
         first = ids.setdefault(svc.ident, block)
         if first is not block:
@@ -126,7 +130,8 @@ def _build(blocks: Sequence[Block], read_banner: BannerReader | None) -> ParsedC
         diags.extend(svc.finish())
         if spec is not None:
             specs.append(spec)
-    return ParsedConfig(tuple(specs), Options(), tuple(diags))
+    unique = dict.fromkeys(diags)  # (Diagnostic is a frozen dataclass: equal ones once)
+    return ParsedConfig(tuple(specs), Options(), tuple(unique))
 
 
 def _read_defaults(block: Block, into: _Defaults, diags: list[Diagnostic]) -> None:
@@ -165,9 +170,11 @@ class _Service:
     """One service block mapped onto a ServiceSpec; problems collected, never raised."""
 
     def __init__(self, block: Block, defaults: _Defaults,
-                 read_banner: BannerReader | None = None) -> None:
+                 read_banner: BannerReader | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.block = block
         self.read_banner = read_banner
+        self.environ = environ or {}
         self.defaults = defaults
         self.diags: list[Diagnostic] = []
         self.failed = False
@@ -226,8 +233,10 @@ class _Service:
                              f"{name} takes '=' only ({attr.op} is for sets such as only_from)",
                              f"write {name} = ...")
             elif name in self.values:
-                self.problem(block.source, attr.lineno, name, f"{name} set twice (first at "
-                             f"line {self.values[name].lineno})", "keep one")
+                # xinetd 2.3.15 warns "attribute already set" and keeps the first value.
+                self.problem(block.source, attr.lineno, name, f"{name} set twice: the first "
+                             f"(line {self.values[name].lineno}) is kept, as xinetd keeps it",
+                             "remove one", warning=True)
             else:
                 self.values[name] = _Value(list(attr.values), block.source, attr.lineno, True)
             if name not in self.locs:
@@ -309,6 +318,7 @@ class _Service:
         addresses = self.bind()
         only, deny, nobody = self.access_lists()
         env = self.env()
+        xinetd_extras.check_log_fields(self)
         controls = self.controls(flags)
         limits = self.limits()
         self.groups()
@@ -324,6 +334,7 @@ class _Service:
         if (self.failed or socket_type is None or protocol is None or wait is None
                 or user is None or server is None or service is None):
             return None
+        banners = xinetd_extras.banners(self, socket_type, self.read_banner)
         return ServiceSpec(
             service=service,
             socket_type=socket_type,
@@ -342,7 +353,10 @@ class _Service:
             enabled=not self.disabled,
             spawn_window=None if self.cps is None else self.cps[0],
             spawn_pause=None if self.cps is None else self.cps[1],
-            banner_fail=self.banner_fail(socket_type),
+            banner_fail=banners.fail,
+            banner=banners.banner,
+            banner_success=banners.success,
+            at_limit=AtLimit.REFUSE,
             source=self.block.source,
             lineno=self.block.lineno,
             locs=tuple(self.locs.items()),
@@ -430,7 +444,8 @@ class _Service:
         v6only = self.yes_no("v6only", required=False)
         six = "IPv6" in flags or ":" in bind
         if not six:
-            if v6only is not None:
+            # (v6only given by defaults applies to the IPv6 services only, silently.)
+            if v6only is not None and self.values["v6only"].own:
                 self.at("v6only", "v6only is for IPv6 services: ignored",
                         "add flags = IPv6", warning=True)
             return Protocol(value)
@@ -558,7 +573,8 @@ class _Service:
         return nets, names
 
     def env(self) -> tuple[tuple[str, str], ...]:
-        found: dict[str, str] = {}
+        """``passenv``'s variables, then ``env``'s (which wins for the same name)."""
+        found: dict[str, str] = dict(xinetd_extras.passenv(self, self.environ))
         for item in self.words("env") or ():
             key, eq, value = item.partition("=")
             if not eq or _ENV_NAME.fullmatch(key) is None:
@@ -569,7 +585,8 @@ class _Service:
 
     def limits(self) -> Limits:
         """instances -> max_child, per_source -> max_child_per_ip (UNLIMITED or absent:
-        no limit), cps N M -> max_spawn_per_min N per 1 s window, rest M s (``self.cps``)."""
+        no limit), cps N M -> max_spawn_per_min N per 1 s window, rest M s (``self.cps``;
+        absent: xinetd's implicit 50 10; N = 0: no rate limit)."""
         numbers: dict[str, int] = {}
         lifted: set[str] = set()
         for attr, key in (("instances", "max_child"), ("per_source", "max_child_per_ip")):
@@ -587,18 +604,22 @@ class _Service:
                 self.at(attr, "instances = 0 serves nobody", "write disable = yes")
             else:
                 numbers[key] = number
+        # xinetd 2.3.15 gives every service without cps (its own or defaults') "cps = 50
+        # 10" (confparse.c service_fill: DEFAULT_LOOP_RATE, DEFAULT_LOOP_TIME); a rate of
+        # 0 turns the check off (access.c only counts when the rate is not 0).
         cps = self.words("cps")
-        if cps is not None:
-            rate = values.uint(cps[0]) if cps else None
-            pause = values.uint(cps[1]) if len(cps) == 2 else None
-            if len(cps) != 2 or rate is None or pause is None or rate == 0:
-                self.at("cps", f"cps takes a rate and a pause, not {' '.join(cps)!r}",
-                        "write cps = 50 10")
-            else:
-                # N starts in the last second, then a rest of M seconds (xinetd counts
-                # from the first connection of a window; a sliding second is as strict).
-                numbers["max_spawn_per_min"] = rate
-                self.cps = (1.0, float(pause))
+        if cps is None:
+            cps = [str(attrs.DEFAULT_CPS[0]), str(attrs.DEFAULT_CPS[1])]
+        rate = values.uint(cps[0]) if cps else None
+        pause = values.uint(cps[1]) if len(cps) == 2 else None
+        if len(cps) != 2 or rate is None or pause is None:
+            self.at("cps", f"cps takes a rate and a pause, not {' '.join(cps)!r}",
+                    "write cps = 50 10")
+        elif rate:
+            # N starts in the last second, then a rest of M seconds (xinetd counts
+            # from the first connection of a window; a sliding second is as strict).
+            numbers["max_spawn_per_min"] = rate
+            self.cps = (1.0, float(pause))
         return Limits(max_child=numbers.get("max_child"),
                       max_child_per_ip=numbers.get("max_child_per_ip"),
                       max_spawn_per_min=numbers.get("max_spawn_per_min"),
@@ -628,26 +649,6 @@ class _Service:
                 where = self.values["flags"]
                 self.locs[key] = FieldLoc(where.lineno, 0, "flags")
         return found
-
-    def banner_fail(self, socket_type: SocketType) -> bytes | None:
-        """The bytes of the ``banner_fail`` file, sent to a refused client (stream only:
-        a refused datagram is dropped unanswered)."""
-        path = self.one("banner_fail")
-        if path is None or self.read_banner is None:
-            return None
-        if socket_type is not SocketType.STREAM:
-            self.at("banner_fail", "banner_fail is not sent on a datagram service",
-                    "a refused datagram is dropped unanswered", warning=True)
-            return None
-        got = self.read_banner(path)
-        if isinstance(got, str):
-            self.at("banner_fail", f"banner_fail {path}: {got}; nothing is sent",
-                    "give a readable regular file", warning=True)
-            return None
-        if len(got) > BANNER_MAX:
-            self.at("banner_fail", f"banner_fail {path} is cut to {BANNER_MAX} bytes",
-                    "one non-blocking send carries it", warning=True)
-        return got[:BANNER_MAX] or None
 
     def groups(self) -> None:
         value = self.yes_no("groups", required=False)
