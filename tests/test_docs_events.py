@@ -40,7 +40,7 @@ def _events_in(path: Path, events: dict[str, Event], problems: list[str]) -> Non
         if kind in LEVEL_CALLS:
             name_arg = node.args[0] if node.args else None
             level = kind
-        elif kind == "event":
+        elif kind in ("event", "event_pri"):  # event_pri: with its own syslog priority
             name_arg = node.args[1] if len(node.args) > 1 else None
             level = ""  # computed at run time (e.g. info for status 0, else warning)
         else:
