@@ -14,6 +14,10 @@ set) into an ``Actions``:
 * ``severity``: ``[facility.]level`` for the lines logged about the
   connection (``Severity``).
 
+The setenv pairs of one verdict are bounded: more than MAX_SETENV_TEXT bytes
+(as ``NAME=VALUE`` texts, after expansion) or a value with a NUL is an
+``error``, and the rule then denies, as libwrap's option errors do.
+
 Who runs the commands, as whom, and what the program gets: see
 ``launch/wrapcmd.py`` and ``engine/wrappers_commands.py``.
 """
@@ -28,6 +32,7 @@ from poolinetd.observe import log
 from poolinetd.observe.syslog import FACILITIES
 
 _BLANKS: Final = " \t\r\n"
+MAX_SETENV_TEXT: Final = 2048  # bytes of NAME=VALUE texts per connection (pool.wire too)
 # syslog(3)'s severity numbers by the names libwrap's severity option accepts.
 _SYSLOG_LEVELS: Final = {
     "emerg": 0, "panic": 0, "alert": 1, "crit": 2, "err": 3, "error": 3, "warning": 4,
@@ -64,6 +69,7 @@ class Actions:
     twist: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     severity: Severity | None = None
+    error: str = ""  # "" or why the rule denies (setenv out of bounds)
 
 
 NONE: Final = Actions()
@@ -103,4 +109,8 @@ def actions(verdict: tw.Verdict) -> Actions:
             env[name] = val
         elif opt.name == "severity":
             severity = parse_severity(value)
+    size = sum(len(f"{name}={val}".encode()) + 1 for name, val in env.items())
+    if size > MAX_SETENV_TEXT + 1 or any("\0" in val for val in env.values()):
+        return Actions(tuple(spawn), twist, (), severity,
+                       f"setenv: more than {MAX_SETENV_TEXT} bytes or a NUL")
     return Actions(tuple(spawn), twist, tuple(env.items()), severity)

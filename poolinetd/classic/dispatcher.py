@@ -26,7 +26,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from poolinetd.builtins import dgram, internal
 from poolinetd.config.spec import Service, SocketType
@@ -100,14 +100,14 @@ class ForkDispatcher:
 
     # -- dispatch -------------------------------------------------------------------
     def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
-                 local: str = "") -> bool:
+                 local: str = "", env: tuple[tuple[str, str], ...] = ()) -> bool:
         service = rt.service
         log_connections = self.hooks.log_connections
         forked = False
         try:
             forked = self._fork(rt, iid, fd, service.program is not None,
                                 lambda: _serve_connection(service, fd, family, peer,
-                                                          log_connections, local))
+                                                          log_connections, local, env))
             return forked
         finally:
             if forked:
@@ -223,10 +223,12 @@ def _drop(service: Service) -> bool:
 
 
 def _serve_connection(service: Service, fd: int, family: int, peer: str,
-                      log_connections: bool, local: str) -> int:
+                      log_connections: bool, local: str,
+                      env: tuple[tuple[str, str], ...] = ()) -> int:
     """In the child: drop privileges, then serve ``fd`` (a connection, or a wait listener).
 
-    ``local``: the address the client connected to, when a PROXY header said it.
+    ``local``: the address the client connected to, when a PROXY header said it;
+    ``env``: tcp_wrappers' setenv pairs, after the service's own ``env``.
     """
     spawn.set_title(f"poolinetd: {service.name} {peer.replace(' ', ':') or 'wait'}")
     if not _drop(service):
@@ -244,6 +246,8 @@ def _serve_connection(service: Service, fd: int, family: int, peer: str,
         return 0
     if peer:  # (a lent wait listener has no peer, and its program no local address)
         local = program.local_address(sock, local)
+    if env:  # this child's copy only: the program's environment ends with service.env
+        service = replace(service, env=service.env + env)
     return program.exec_program(service, sock, peer, local)
 
 

@@ -208,7 +208,8 @@ class AcceptStage:
         rt.admission.started(key)  # before: hand_off may already report it lost
         handed = False
         try:
-            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local)  # takes fd
+            handed = self.dispatcher.hand_off(rt, fd, family, peer, iid, local,
+                                              env)  # takes fd
         finally:
             if not handed:
                 rt.admission.ended(key)

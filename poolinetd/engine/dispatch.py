@@ -104,11 +104,12 @@ class Dispatcher(Protocol):
         """Whether ``rt`` is ready to serve (for the ready report); a failing pool counts."""
 
     def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
-                 local: str = "") -> bool:
+                 local: str = "", env: tuple[tuple[str, str], ...] = ()) -> bool:
         """Serve connection ``fd`` (taken: closed by the dispatcher). False if it could not.
 
         ``peer``/``local`` are "HOST PORT" ("" for unix); ``local`` is given only when a
         PROXY header named the address the client connected to (else the socket's own).
+        ``env``: tcp_wrappers' setenv pairs, added to its program's environment.
         """
 
     def flush(self) -> None:

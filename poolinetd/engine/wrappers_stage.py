@@ -177,7 +177,10 @@ class WrappersStage:
                         tw.Request(daemon, addr, local[0] if local else "", name, rules.files))
         if not isinstance(got, tw.Verdict):
             return None
-        return Judged("" if got.allowed else TCP_WRAPPERS, actions(got))
+        acts = actions(got)
+        if acts.error:  # as libwrap's option errors: denied, nothing run
+            return Judged(TCP_WRAPPERS, Actions(severity=acts.severity))
+        return Judged("" if got.allowed else TCP_WRAPPERS, acts)
 
     def _conclude(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: Peer,
                   accepted: float, local: Peer, addr: str, got: Judged, now: float) -> bool:

@@ -120,7 +120,7 @@ class PoolDispatcher:
 
     # -- dispatch ---------------------------------------------------------------
     def hand_off(self, rt: ServiceRuntime, fd: int, family: int, peer: str, iid: int,
-                 local: str = "") -> bool:
+                 local: str = "", env: tuple[tuple[str, str], ...] = ()) -> bool:
         """Count ``fd`` on the pool's pick and queue it for the next ``flush``.
 
         Takes ``fd`` on every path (closed here when no worker can take it).
@@ -130,18 +130,21 @@ class PoolDispatcher:
         if pid is None:
             self.hooks.release(fd, family)
             return False
-        self._queue(self.workers[pid], pool, wire.ConnInfo(iid, family, peer, local), fd)
+        self._queue(self.workers[pid], pool, wire.ConnInfo(iid, family, peer, local, env), fd)
         return True
 
     def _queue(self, handle: WorkerHandle, pool: Pool, info: wire.ConnInfo, fd: int) -> None:
-        """Count ``info`` on ``handle`` and put it in its outbox (sent when full or flushed)."""
+        """Count ``info`` on ``handle`` and put it in its outbox (sent when full or flushed).
+        One with setenv pairs travels alone (its text may fill wire.MAX_MESSAGE)."""
+        if info.env:
+            self._flush_outbox(handle)
         if not handle.outbox:
             self.outboxes.append(handle)
         handle.outbox.append(info)
         handle.outbox_fds.append(fd)
         self.instances.add(info.conn_id, handle.pid)
         self._assign(handle, pool, info.conn_id)
-        if len(handle.outbox) >= wire.MAX_CONN_BATCH:
+        if len(handle.outbox) >= wire.MAX_CONN_BATCH or info.env:
             self._flush_outbox(handle)
 
     def flush(self) -> None:

@@ -22,11 +22,13 @@ at most ``PIPE_BUF`` bytes in all, so every frame is one atomic write.
 ``UpReader`` reads a bounded amount per call; a frame with a bad length or a
 malformed message is a protocol error (the master kills that worker).
 
-Master -> worker:  CONN(n x (conn_id, family, peer, local)) + n accepted sockets, in
+Master -> worker:  CONN(n x (conn_id, family, peer, local, env)) + n accepted sockets, in
                    order (1 <= n <= MAX_CONN_BATCH: what one accept batch gave one
                    worker travels in one sendmsg; one message per connection cost
                    about ten times as much, benchmarks/README.md). The worker asks
                    getsockname itself, and only for programs that need TCPLOCALIP.
+                   ``env``: tcp_wrappers' setenv pairs for that connection's program
+                   (at most MAX_ENV_TEXT bytes; a connection with any travels alone).
                    LEND(lend_id) + a listening or bound socket the master keeps too
                    STOP (finish what you serve, then exit)
                    LOGFD + the reopened log file (after SIGUSR1; only to workers of
@@ -56,9 +58,10 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from poolinetd.admission.tcpwrappers_options import MAX_SETENV_TEXT
 from poolinetd.launch.closer import passed_fds
 
-VERSION = 3  # 3: the upward pipe, LOG, bounded exit codes
+VERSION = 4  # 3: the upward pipe, LOG, bounded exit codes; 4: CONN's env
 
 EOF = 0  # not on the wire: what ``receive`` returns when the peer is gone
 CONN = 1
@@ -79,8 +82,8 @@ _PID = struct.Struct("!i")
 _ID_PID = struct.Struct("!Qi")
 _COUNT = struct.Struct("!H")
 # conn_id, address family (saves the receiver three getsockopts), lengths of the peer
-# and local texts
-_CONN = struct.Struct("!QBHH")
+# and local texts and of the environment text
+_CONN = struct.Struct("!QBHHH")
 MAX_MESSAGE = 4096  # down: the largest message the worker reads off its channel
 # Up: a frame is a length prefix and a message, at most PIPE_BUF bytes, so that a
 # write of one frame is atomic (never interleaved, never half done).
@@ -93,6 +96,9 @@ _MAX_DONE_IDS = (MAX_UP_MESSAGE - _HEAD.size) // _ID.size
 # full batch stays far below MAX_MESSAGE; the kernel's limit is 253 fds.
 MAX_CONN_BATCH = 16
 _MAX_ADDR_TEXT = 100
+# setenv pairs of one connection as "NAME=VALUE" joined by NULs; a connection with
+# any is sent alone (pool.dispatcher), so one CONN stays below MAX_MESSAGE.
+MAX_ENV_TEXT = MAX_SETENV_TEXT
 
 
 class ProtocolError(Exception):
@@ -116,6 +122,7 @@ class ConnInfo:
     family: int  # address family: the receiver need not ask the kernel
     peer: str  # "HOST PORT" ("" for unix sockets)
     local: str = ""  # the address the client connected to, when a PROXY header said it
+    env: tuple[tuple[str, str], ...] = ()  # tcp_wrappers' setenv pairs for its program
 
 
 LogValue = str | int | float | bool | None
@@ -147,10 +154,38 @@ def encode_conns(conns: Sequence[ConnInfo]) -> bytes:
     parts = [_HEAD.pack(CONN, VERSION), _COUNT.pack(len(conns))]
     for info in conns:
         peer, local = info.peer.encode(), info.local.encode()
+        env = env_text(info.env)
         if len(peer) > _MAX_ADDR_TEXT or len(local) > _MAX_ADDR_TEXT:
             raise ValueError("address text too long for CONN")
-        parts += (_CONN.pack(info.conn_id, info.family, len(peer), len(local)), peer, local)
+        parts += (_CONN.pack(info.conn_id, info.family, len(peer), len(local), len(env)),
+                  peer, local, env)
     return b"".join(parts)
+
+
+def env_text(pairs: Sequence[tuple[str, str]]) -> bytes:
+    """setenv pairs as CONN carries them; ValueError past MAX_ENV_TEXT or for a NAME or
+    VALUE that cannot be in an environment (a NUL, a "=" in the name)."""
+    if not pairs:
+        return b""
+    for name, value in pairs:
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise ValueError(f"not an environment variable: {name!r}")
+    text = "\0".join(f"{name}={value}" for name, value in pairs).encode()
+    if len(text) > MAX_ENV_TEXT:
+        raise ValueError(f"environment text over {MAX_ENV_TEXT} bytes for CONN")
+    return text
+
+
+def _env_pairs(text: bytes) -> tuple[tuple[str, str], ...]:
+    if not text:
+        return ()
+    pairs = []
+    for item in text.decode().split("\0"):
+        name, eq, value = item.partition("=")
+        if not name or not eq:
+            raise ProtocolError("CONN environment entry without NAME=")
+        pairs.append((name, value))
+    return tuple(pairs)
 
 
 def encode_lend(lend_id: int) -> bytes:
@@ -262,13 +297,15 @@ def _decode_conns(body: bytes) -> tuple[ConnInfo, ...]:
     conns = []
     off = _COUNT.size
     for _ in range(count):
-        conn_id, family, peer_len, local_len = _CONN.unpack_from(body, off)
+        conn_id, family, peer_len, local_len, env_len = _CONN.unpack_from(body, off)
         off += _CONN.size
-        end = off + peer_len + local_len
-        if end > len(body):
-            raise ProtocolError(f"CONN record of {peer_len + local_len} bytes past the end")
+        mid = off + peer_len + local_len
+        end = mid + env_len
+        if end > len(body) or env_len > MAX_ENV_TEXT:
+            raise ProtocolError(f"CONN record of {end - off} bytes past the end")
         conns.append(ConnInfo(conn_id, family, body[off : off + peer_len].decode(),
-                              body[off + peer_len : end].decode()))
+                              body[off + peer_len : mid].decode(),
+                              _env_pairs(body[mid:end])))
         off = end
     if off != len(body):
         raise ProtocolError(f"CONN with {len(body) - off} bytes after its records")
