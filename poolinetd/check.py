@@ -131,8 +131,21 @@ def service_to_dict(service: Service) -> dict[str, object]:
         if owner is None
         else {"uid": owner.uid, "gid": owner.gid, "mode": owner.mode},
         "process": _process(service),
+        "preload": _preload(service),
         "sockopts": _sockopts(service),
     }
+
+
+def _preload(service: Service) -> dict[str, object] | None:
+    """preload=python: the script, the interpreter (None: the script's #! line names it,
+    read by the worker), its options, the script's sys.argv and the extra modules."""
+    got = service.preload
+    if got is None:
+        return None
+    return {"kind": "python", "script": _text(got.script),
+            "interpreter": None if got.interpreter is None else _text(got.interpreter),
+            "options": [_text(o) for o in got.options], "argv": [_text(a) for a in got.argv],
+            "modules": list(got.modules)}
 
 
 def _process(service: Service) -> dict[str, object]:

@@ -12,6 +12,7 @@ from poolinetd.config.spec import (
     RLIM_UNLIMITED,
     Limits,
     Options,
+    PreloadKind,
     Protocol,
     ServiceSpec,
     StderrRoute,
@@ -187,8 +188,11 @@ def _format_options(options: Options) -> list[str]:
                 out.append("env=" + " ".join(_kv_value(f"{k}={v}") for k, v in value))
         elif isinstance(value, AddressList):
             out.append(f"{name}=" + " ".join(str(n) for n in value.networks))
-        elif isinstance(value, StderrRoute):
+        elif isinstance(value, (StderrRoute, PreloadKind)):
             out.append(f"{name}={value.value}")
+        elif name == "preload_modules":
+            if value:
+                out.append(f"{name}=" + " ".join(value))
         elif isinstance(value, bool):
             out.append(f"{name}={'yes' if value else 'no'}")
         elif ((name in GLOBAL_KEYS and value == 0)

@@ -18,6 +18,7 @@ LIMIT_KEYS = LIMIT_NAMES
 # Options fields in the order docs list them; ``limits`` is written as the limit keys.
 OPTION_KEYS = tuple(f.name for f in fields(Options) if f.name != "limits")
 LIST_KEYS = ("only_from", "no_access", "proxy_from")
+WORDS_KEYS = ("preload_modules",)  # several words, each checked (values.module_name)
 GLOBAL_KEYS = ("max_connections", "max_programs")  # defaults only: one cap for all services
 _ENTRY_ONLY_KEYS = ("proxy_protocol",)  # a per-listener decision, never a default
 # Every key a service definition accepts, in the order docs list them.
@@ -72,6 +73,7 @@ OPTION_PARSERS: dict[str, OptionParser] = {
     "idle_timeout": OptionParser(values.ufloat, "a number of seconds >= 0", "60"),
     "conn_timeout": OptionParser(values.positive_float, "a number of seconds > 0", "300"),
     "stderr": OptionParser(values.stderr_route, "socket or log", "log"),
+    "preload": OptionParser(values.preload_kind, "python or no", "python"),
     "source_v4_prefix": OptionParser(values.prefix_length(32), "a prefix length from 0 to 32",
                                      "24"),
     "source_v6_prefix": OptionParser(values.prefix_length(128), "a prefix length from 0 to 128",

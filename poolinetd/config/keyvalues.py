@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from poolinetd.config import accesslists
+from poolinetd.config import accesslists, values
 from poolinetd.config.fields import EntryFields, FieldReader
 from poolinetd.config.keys import (
     DEFAULTS_KEYS,
@@ -24,6 +24,7 @@ from poolinetd.config.keys import (
     LIMIT_KEYS,
     LIST_KEYS,
     OPTION_PARSERS,
+    WORDS_KEYS,
 )
 from poolinetd.config.report import FileReport, short
 from poolinetd.config.spec import FieldLoc, Options, Protocol, SocketType
@@ -113,6 +114,10 @@ class KeyValues:
             addresses = self.address_values(opt)
             if addresses is not None:
                 got.options[key] = addresses
+        elif key in WORDS_KEYS:
+            words = self.module_words(opt)
+            if words is not None:
+                got.options[key] = words
         elif key == "bind":
             self.bind(opt, f)
         else:
@@ -244,6 +249,11 @@ class KeyValues:
                 self.defaults_set[opt.key] = addresses
                 self.defaults_at[opt.key] = opt
             return
+        if opt.key in WORDS_KEYS:
+            words = self.module_words(opt)
+            if words is not None:
+                self.defaults_set[opt.key] = words
+            return
         value = self.single(opt)
         if value is None:
             return
@@ -271,6 +281,19 @@ class KeyValues:
             self.report.opt_error(opt, f"{opt.key} takes {what}", f"write {opt.key}=VALUE")
             return None
         return opt.values[0]
+
+    def module_words(self, opt: Opt) -> tuple[str, ...] | None:
+        """``preload_modules=NAME ...``: dotted module names; None (reported) if one is not."""
+        if not opt.values:
+            self.report.opt_error(opt, f"{opt.key} needs a module name",
+                                  f"write {opt.key}=json email.mime.text")
+            return None
+        for word in opt.values:
+            if values.module_name(word) is None:
+                self.report.opt_error(opt, f"{opt.key}: {word!r} is not a Python module name",
+                                      f"write {opt.key}=json email.mime.text")
+                return None
+        return tuple(dict.fromkeys(opt.values))
 
     def env_values(self, opt: Opt, env: dict[str, str]) -> None:
         """Add ``env=NAME=VALUE ...`` to ``env``; a name set twice is an error."""

@@ -20,6 +20,7 @@ from poolinetd.config import includes, overlap, tcpwrappers_entry
 from poolinetd.config.endpoints import endpoints, service_port, transport
 from poolinetd.config.identity import credentials, socket_owner
 from poolinetd.config.lookups import Lookups, UserEntry, attempt, system_lookups
+from poolinetd.config.preload import python_preload
 from poolinetd.config.report import SpecReport
 from poolinetd.config.servers import TCP_PROTOCOLS, choose_server, display_name
 from poolinetd.config.settings import Env, Settings, merged_env
@@ -131,6 +132,10 @@ class _SpecResolver:
         traffic = self.settings.traffic(spec)
         limits = self.settings.limits(spec, launch.pool)
         process = self.settings.process(server.internal is not None)
+        preload = python_preload(self.settings.pick(lambda o: o.preload),
+                                 spec.options.preload is not None,
+                                 self.settings.pick(lambda o: o.preload_modules), server,
+                                 self.lk, self.out)
         sockopts = self.settings.sockopts(spec)
         if self.out.failed or ids is None or port is None:
             return None
@@ -168,6 +173,7 @@ class _SpecResolver:
             tcpmux_name=mux,
             tcpmux_plus=spec.tcpmux_plus if mux is not None else False,
             process=process,
+            preload=preload,
             sockopts=sockopts,
         )
 

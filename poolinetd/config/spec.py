@@ -131,6 +131,35 @@ class StderrRoute(enum.Enum):
     LOG = "log"  # poolinetd's own stderr (its log)
 
 
+class PreloadKind(enum.Enum):
+    """``preload=``: how a service's program is started in pool mode."""
+
+    NO = "no"  # exec'd per connection (posix_spawn)
+    PYTHON = "python"  # a Python script, forked per connection from a preloaded interpreter
+
+
+@dataclass(frozen=True, slots=True)
+class PythonPreload:
+    """A ``preload=python`` service's script, resolved (launch/preload.py runs it).
+
+    ``interpreter`` is the program when ``exec=`` names a Python interpreter
+    (``options`` are the interpreter options written before the script); None
+    when the program is the script itself, whose ``#!`` line names the
+    interpreter (read by the worker, as the service's user, as the kernel would).
+    ``argv`` is the script's ``sys.argv``: the script's path, then its arguments.
+    ``stamp`` is the script's (device, inode, mtime ns, size) when the config was
+    loaded (None: not there): a reload that sees another stamp restarts the
+    service's workers, so a changed script is picked up.
+    """
+
+    script: str
+    interpreter: str | None
+    options: tuple[str, ...]
+    argv: tuple[str, ...]
+    modules: tuple[str, ...] = ()  # preload_modules: imported besides the script's own
+    stamp: tuple[int, int, int, int] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """poolinetd's extension keys for one service (or the file's ``defaults``).
@@ -151,6 +180,8 @@ class Options:
     conn_timeout: float | None = None  # seconds a built-in connection may stay silent
     stderr: StderrRoute | None = None
     env: tuple[tuple[str, str], ...] = ()  # extra environment for launched programs
+    preload: PreloadKind | None = None  # preload=python: fork a preloaded interpreter
+    preload_modules: tuple[str, ...] | None = None  # imported by the preloader too
     only_from: AddressList | None = None  # xinetd: only these sources may connect
     no_access: AddressList | None = None  # xinetd: these sources may not (wins)
     source_v4_prefix: int | None = None  # per-source limits count IPv4 sources by /N
@@ -522,6 +553,7 @@ class Service:
     tcpmux_plus: bool = False  # tcpmux/+NAME: poolinetd sends "+Go" before handing over
     rpc: RpcProgram | None = None  # an ONC RPC service: registered with rpcbind while open
     process: ProcessControls = field(default_factory=ProcessControls)  # programs only
+    preload: PythonPreload | None = None  # preload=python (pool mode forks it per connection)
     sockopts: SocketControls = field(
         default_factory=lambda: SocketControls(backlog=DEFAULT_BACKLOG))
 

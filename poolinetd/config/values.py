@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Callable
 
-from poolinetd.config.spec import RLIM_UNLIMITED, Limits, StderrRoute
+from poolinetd.config.spec import RLIM_UNLIMITED, Limits, PreloadKind, StderrRoute
 
 _UINT = re.compile(r"[0-9]{1,10}")
 _FLOAT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -49,6 +49,22 @@ def positive_float(text: str) -> float | None:
     """A finite number > 0, else None."""
     value = ufloat(text)
     return value if value is not None and value > 0 else None
+
+
+def preload_kind(text: str) -> PreloadKind | None:
+    """``python`` or ``no``, else None."""
+    try:
+        return PreloadKind(text)
+    except ValueError:
+        return None
+
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def module_name(text: str) -> str | None:
+    """A dotted Python module name (``json``, ``email.mime.text``), at most 200 characters."""
+    return text if len(text) <= 200 and _MODULE.fullmatch(text) else None
 
 
 def stderr_route(text: str) -> StderrRoute | None:

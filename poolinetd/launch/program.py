@@ -59,7 +59,7 @@ def drop_privileges(service: Service) -> str | None:
     return None
 
 
-def _rlimits(service: Service) -> tuple[tuple[int, int], ...]:
+def service_rlimits(service: Service) -> tuple[tuple[int, int], ...]:
     """The service's rlimit_* keys as (resource.RLIMIT_*, value) pairs (RLIM_INFINITY = -1)."""
     names = dict(RLIMIT_KEYS)
     return tuple((getattr(resource, names[key]), value) for key, value in
@@ -73,7 +73,7 @@ def _launch_rlimits(service: Service) -> tuple[tuple[int, int], ...]:
     vfork parent has resumed, so a prlimit in that window would be lost: the
     program's hard stack limit must be in place before the spawn.
     """
-    return tuple(pair for pair in _rlimits(service) if pair[0] != resource.RLIMIT_STACK)
+    return tuple(pair for pair in service_rlimits(service) if pair[0] != resource.RLIMIT_STACK)
 
 
 def prepare_process(service: Service, pooled: bool) -> str | None:
@@ -96,7 +96,7 @@ def prepare_process(service: Service, pooled: bool) -> str | None:
     if controls.empty or service.program is None:
         return None
     try:
-        for res, value in _rlimits(service):
+        for res, value in service_rlimits(service):
             soft, hard = resource.getrlimit(res)
             if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY
                                                    or value > hard):
@@ -145,8 +145,7 @@ def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
 
     ``peer``/``local`` are "HOST PORT" as the master wrote them ("" for unix).
     """
-    env = {"PATH": BASE_PATH, "HOME": service.home, "USER": service.user_name,
-           "LOGNAME": service.user_name, "SHELL": "/bin/sh"}
+    env = _login_env(service)
     if service.spec.protocol.is_unix:
         env["PROTO"] = "UNIX"
     else:
@@ -164,6 +163,18 @@ def connection_env(service: Service, peer: str, local: str) -> dict[str, str]:
                         "TCPLOCALIP": lhost, "TCPLOCALPORT": lport})
     env.update(service.env)
     return env
+
+
+def _login_env(service: Service) -> dict[str, str]:
+    """What every program starts with, before the connection and the service's env."""
+    return {"PATH": BASE_PATH, "HOME": service.home, "USER": service.user_name,
+            "LOGNAME": service.user_name, "SHELL": "/bin/sh"}
+
+
+def preloader_env(service: Service) -> dict[str, str]:
+    """A preloader's own environment: a program's, without the connection's variables
+    (so the interpreter starts as an exec'd one would: PYTHON* from ``env`` apply)."""
+    return {**_login_env(service), **dict(service.env)}
 
 
 def _stderr_fd(service: Service) -> int | None:
@@ -197,7 +208,7 @@ def exec_program(service: Service, sock: socket.socket, peer: str, local: str) -
     spawn.restore_fd_limit()
     saved_log = os.dup(log.log_fd())  # close-on-exec: only used if the exec fails
     try:
-        for res, value in _rlimits(service):  # prepare_process raised the hard limits
+        for res, value in service_rlimits(service):  # prepare_process raised the hard limits
             try:
                 resource.setrlimit(res, (value, value))
             except ValueError as exc:

@@ -62,13 +62,21 @@ class Instances:
         if rec is None or pid <= 1:
             return False
         ident = self.system.identity(pid)
-        if ident is not None and ident[0] != handle.pid:
+        if ident is not None and ident[0] != handle.pid and not self._preloaded(handle, ident):
             log.error("wire_error", service=handle.rt.name, pid=handle.pid,
                       error=f"SPAWNED names pid {pid}, which is not this worker's child")
             return False
         rec.program_pid = pid
         rec.program_start = ident[1] if ident is not None else 0  # 0: already gone
         return True
+
+    def _preloaded(self, handle: WorkerHandle, ident: tuple[int, int]) -> bool:
+        """A preload=python program: its parent is the worker's preloader (the worker's
+        own child), so it is the worker's grandchild."""
+        if handle.rt.service.preload is None:
+            return False
+        parent = self.system.identity(ident[0])
+        return parent is not None and parent[0] == handle.pid
 
     def worker_gone(self, handle: WorkerHandle, reason: str) -> list[int]:
         """``handle``'s worker is gone: its programs still running become orphans; the ids

@@ -81,7 +81,8 @@ class Orphans:
                 # not handed it to us). A process with another parent is not ours to
                 # wait for or to signal: forget it.
                 ident = self.system.identity(pid)
-                ours = ident is not None and ident[0] in (os.getpid(), orphan.worker_pid)
+                mine = (os.getpid(), orphan.worker_pid)
+                ours = ident is not None and (ident[0] in mine or self._grandchild(ident, mine))
                 reaped, status = (0, 0) if ours else (-1, 0)
             if reaped == pid:  # ours and exited, but its SIGCHLD went unnoticed
                 exited(pid, os.waitstatus_to_exitcode(status))
@@ -90,3 +91,9 @@ class Orphans:
                 del self.by_pid[pid]
                 ended(orphan.iid)
                 log.warning("orphan_vanished", service=orphan.service, pid=pid)
+
+    def _grandchild(self, ident: tuple[int, int], mine: tuple[int, int]) -> bool:
+        """A preloaded program whose preloader (a child of its worker, then of the master)
+        is still exiting: it comes to the master next."""
+        parent = self.system.identity(ident[0])
+        return parent is not None and parent[0] in mine

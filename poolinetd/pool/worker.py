@@ -52,6 +52,7 @@ from poolinetd.launch.signals import MASTER_ONLY, SignalPipe
 from poolinetd.observe import log, stagetrace
 from poolinetd.pool import wire
 from poolinetd.pool.poller import Poller
+from poolinetd.pool.preloaded import Preloaded
 
 STOP_GRACE_ON_MASTER_LOSS = 10.0  # seconds to finish built-in connections if the master dies
 _TIMEOUT_SCAN = 1.0
@@ -65,7 +66,8 @@ _TITLE_INTERVAL = 0.5
 # lines ("stopped", "reloaded", ...). Add a worker-side event here, or it is dropped.
 LOGGED_EVENTS = frozenset({
     "wire_error", "bad_fd", "bad_loan", "conn_end", "worker_boot_failed", "worker_error",
-    "exec_failed", "program_exit", "dgram_refused",
+    "exec_failed", "program_exit", "dgram_refused", "preload_ready", "preload_failed",
+    "preload_exit", "preload_threads",
 })
 
 
@@ -91,6 +93,7 @@ class _Child:
     pidfd: int
     peer: str
     started: float
+    ours: bool = True  # False: a preloaded program whose preloader died (not reapable here)
 
 
 @dataclass(slots=True)
@@ -134,6 +137,7 @@ class Worker:
         self.title_stale = False  # the state changed since the title was set
         self.stopping = False
         self.stop_deadline: float | None = None
+        self.preloader_fd: int | None = None  # polled while a preloader runs
         self.title_state = ""
         self.pid = os.getpid()
         self.sock_type = (socket.SOCK_SEQPACKET if service.socket_type is SocketType.SEQPACKET
@@ -141,6 +145,9 @@ class Worker:
         # The built-in's connection handler for this socket type, looked up once.
         entry = internal.BY_NAME.get(service.internal) if service.internal else None
         self.handler_factory = entry.handler(service.socket_type) if entry else None
+        # preload=python: programs are forked by a preloaded interpreter (pool/preloaded.py).
+        self.preloaded = (Preloaded(self, service, clock) if service.preload is not None
+                          and service.program is not None else None)
 
     # -- main loop --------------------------------------------------------
     def run(self) -> int:
@@ -175,11 +182,14 @@ class Worker:
         self._set_title(now)
         self.upward.send(wire.encode_ready(self.pid))
         self.next_scan = now + _TIMEOUT_SCAN
+        if self.preloaded is not None:
+            self.preloaded.start()
 
     @property
     def serving(self) -> bool:
         """False once it was told to stop and nothing it serves is left."""
-        return not (self.stopping and not self.conns and not self.children)
+        return not (self.stopping and not self.conns and not self.children
+                    and not (self.preloaded and self.preloaded.busy))
 
     def turn(self, max_wait: float | None = None) -> None:
         """One loop turn: wait (at most ``max_wait`` seconds) for something to do, do it,
@@ -190,6 +200,9 @@ class Worker:
             deadlines.append(self.title_due)
         if self._stats_pending():
             deadlines.append(self.stats_due)
+        restart = self.preloaded.due() if self.preloaded is not None else None
+        if restart is not None:
+            deadlines.append(restart)
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
@@ -205,7 +218,11 @@ class Worker:
                 self._on_child(data)
             elif isinstance(data, _DgramLoan):
                 data.responder.on_readable()
+            elif isinstance(data, Preloaded):
+                data.on_readable()
         now = self.clock()
+        if self.preloaded is not None:
+            self.preloaded.tick(now, self.stopping)
         if now >= self.next_scan:
             self.next_scan = now + _TIMEOUT_SCAN
             self._expire(now)
@@ -221,6 +238,8 @@ class Worker:
         upward pipe last: its EOF tells the master this worker is done)."""
         self._report(None)
         stagetrace.flush()
+        if self.preloaded is not None:
+            self.preloaded.close()
         for loan in self.dgram.values():
             loan.sock.close()
         self.dgram.clear()
@@ -358,10 +377,20 @@ class Worker:
                 self._finish_builtin(conn, "timeout")
         if hard:
             self.children.clear()  # programs run on by themselves; the master is their reaper
+            if self.preloaded is not None:
+                self.preloaded.abandon()
 
     # -- programs -----------------------------------------------------------
     def _launch(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
-        """Start the program on ``sock``; the worker's copy is closed on every path."""
+        """Start the program on ``sock`` (preloaded, or exec'd); the worker's copy is
+        closed on every path."""
+        if self.preloaded is not None:
+            self.preloaded.launch(conn_id, sock, peer, local)
+        else:
+            self.exec_now(conn_id, sock, peer, local)
+
+    def exec_now(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
+        """posix_spawn the program on ``sock``, then close the worker's copy."""
         try:
             pid = program.spawn_program(self.service, sock, peer, local)
         except OSError as exc:
@@ -370,42 +399,75 @@ class Worker:
             return
         finally:
             sock.close()
-        if stagetrace.enabled:
-            stagetrace.stamp("spawned", conn_id)
         self._track_child(conn_id, pid, peer)
 
     def _track_child(self, conn_id: int, pid: int, peer: str) -> None:
-        with contextlib.suppress(OSError):  # a gone master finds the program as an orphan
-            self.upward.send(wire.encode_spawned(conn_id, pid))
+        self.spawned(conn_id, pid)
+        self._watch(conn_id, pid, peer, ours=True)
+
+    def _watch(self, conn_id: int, pid: int, peer: str, ours: bool) -> None:
+        """Watch program ``pid`` through a pidfd until it exits (``ours``: reap it then)."""
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
-            # Already gone and reaped? Not possible before waitpid; treat as ended.
-            os.waitpid(pid, os.WNOHANG)
+            # Ours: not possible before waitpid (reap it anyway). Not ours: already gone.
+            if ours:
+                os.waitpid(pid, os.WNOHANG)
             self.done.append(conn_id)
             return
-        child = _Child(conn_id, pid, pidfd, peer, self.clock())
+        child = _Child(conn_id, pid, pidfd, peer, self.clock(), ours)
         self.children[pidfd] = child
         self.poller.register(pidfd, internal.Want.READ, child)
 
     def _on_child(self, child: _Child) -> None:
-        try:
-            pid, status = os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = child.pid, 0
-        if pid == 0:
-            return
+        status = 0
+        if child.ours:
+            try:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child.pid, 0
+            if pid == 0:
+                return
         self.poller.unregister(child.pidfd)
         os.close(child.pidfd)
         del self.children[child.pidfd]
-        self.done.append(child.conn_id)
+        if not child.ours:  # its status went to its dead parent's successor, the master
+            self.dropped(child.conn_id)
+            return
+        self.ended(child.conn_id, child.pid, os.waitstatus_to_exitcode(status),
+                   self.clock() - child.started, child.peer)
+
+    # -- LaunchHost: what pool.preloaded asks of the worker ---------------------
+    def spawned(self, conn_id: int, pid: int) -> None:
+        """SPAWNED: the master records which program serves ``conn_id``."""
         if stagetrace.enabled:
-            stagetrace.stamp("exited", child.conn_id)
-        code = os.waitstatus_to_exitcode(status)
-        duration = self.clock() - child.started
+            stagetrace.stamp("spawned", conn_id)
+        with contextlib.suppress(OSError):  # a gone master finds the program as an orphan
+            self.upward.send(wire.encode_spawned(conn_id, pid))
+
+    def ended(self, conn_id: int, pid: int, code: int, duration: float, peer: str) -> None:
+        """A program exited with ``code`` after ``duration`` seconds."""
+        self.done.append(conn_id)
+        if stagetrace.enabled:
+            stagetrace.stamp("exited", conn_id)
         self.stat_exits.append((code, int(duration * 1_000_000)))
-        program.log_program_exit(self.service.name, child.pid, code, duration,
-                                 self.log_connections, peer=child.peer)
+        program.log_program_exit(self.service.name, pid, code, duration,
+                                 self.log_connections, peer=peer)
+
+    def dropped(self, conn_id: int) -> None:
+        self.done.append(conn_id)
+
+    def watch_foreign(self, conn_id: int, pid: int, peer: str) -> None:
+        self._watch(conn_id, pid, peer, ours=False)
+
+    def watch_preloader(self, fd: int | None) -> None:
+        if fd is None:
+            if self.preloader_fd is not None:
+                self.poller.unregister(self.preloader_fd)
+                self.preloader_fd = None
+        else:
+            self.preloader_fd = fd
+            self.poller.register(fd, internal.Want.READ, self.preloaded)
 
     # -- loans ----------------------------------------------------------------
     def _on_lend(self, lend_id: int, fd: int) -> None:
@@ -447,7 +509,8 @@ class Worker:
                 break  # master gone
 
     def _set_title(self, now: float) -> None:
-        busy = len(self.conns) + len(self.children) + len(self.dgram)
+        busy = len(self.conns) + len(self.children) + len(self.dgram) + (
+            self.preloaded.busy if self.preloaded is not None else 0)
         if busy == 0:
             state = "draining" if self.stopping else "idle"
         elif busy == 1 and len(self.conns) == 1:

@@ -1,0 +1,3 @@
+"""Module state for preload_report.py: a counter each connection increments once."""
+
+counter = 0
