@@ -42,7 +42,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from poolinetd.builtins import internal
 from poolinetd.builtins.dgram import DgramResponder as DgramResponder
@@ -321,7 +321,8 @@ class Worker:
         if self.service.internal is not None:
             self._start_builtin(info.conn_id, sock, info.peer)
         else:
-            self._launch(info.conn_id, sock, info.peer, program.local_address(sock, info.local))
+            self._launch(info.conn_id, sock, info.peer, program.local_address(sock, info.local),
+                         info.env)
 
     def _start_builtin(self, conn_id: int, sock: socket.socket, peer: str) -> None:
         # resolve admits only built-ins the table serves on this socket type
@@ -381,18 +382,23 @@ class Worker:
                 self.preloaded.abandon()
 
     # -- programs -----------------------------------------------------------
-    def _launch(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
+    def _launch(self, conn_id: int, sock: socket.socket, peer: str, local: str,
+                env: tuple[tuple[str, str], ...] = ()) -> None:
         """Start the program on ``sock`` (preloaded, or exec'd); the worker's copy is
-        closed on every path."""
-        if self.preloaded is not None:
+        closed on every path. ``env``: tcp_wrappers' setenv pairs (such a rare connection
+        is exec'd, so the preloader's protocol need not carry them)."""
+        if self.preloaded is not None and not env:
             self.preloaded.launch(conn_id, sock, peer, local)
         else:
-            self.exec_now(conn_id, sock, peer, local)
+            self.exec_now(conn_id, sock, peer, local, env)
 
-    def exec_now(self, conn_id: int, sock: socket.socket, peer: str, local: str) -> None:
-        """posix_spawn the program on ``sock``, then close the worker's copy."""
+    def exec_now(self, conn_id: int, sock: socket.socket, peer: str, local: str,
+                 env: tuple[tuple[str, str], ...] = ()) -> None:
+        """posix_spawn the program on ``sock``, then close the worker's copy; ``env`` goes
+        after the service's own (connection_env ends with ``service.env``)."""
+        service = replace(self.service, env=self.service.env + env) if env else self.service
         try:
-            pid = program.spawn_program(self.service, sock, peer, local)
+            pid = program.spawn_program(service, sock, peer, local)
         except OSError as exc:
             program.log_exec_failed(self.service, self.pid, exc, peer=peer)
             self.done.append(conn_id)
