@@ -82,6 +82,11 @@ def test_conn_env_round_trip_and_bounds() -> None:
         wire.encode_conns([wire.ConnInfo(1, 2, "", "", (("A", "x" * wire.MAX_ENV_TEXT),))])
     with pytest.raises(ValueError):
         wire.encode_conns([wire.ConnInfo(1, 2, "", "", (("A=B", "x"),))])
+    lend = wire.decode(wire.encode_lend(9, (("A", "b=c"),)))
+    assert (lend.kind, lend.ident, lend.env) == (wire.LEND, 9, (("A", "b=c"),))
+    assert wire.decode(wire.encode_lend(9)).env == ()
+    with pytest.raises(wire.ProtocolError):
+        wire.decode(wire.encode_lend(9) + b"no equals sign")
 
 
 # -- the stage ----------------------------------------------------------------------------

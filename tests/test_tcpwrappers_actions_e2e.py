@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, TEST_USER, Server, children_of, wait_until
+from conftest import IS_ROOT, TEST_USER, Server, children_of, udp_exchange, wait_until
 from test_tcpwrappers_e2e import exchange_from, refused_by, rules
 
 U = TEST_USER
@@ -211,6 +211,42 @@ def test_tftpd_dgram_wait_judged(serve, tmp_path: Path, public_dir: Path, drop_d
 def _exits(server: Server, service: str) -> int:
     return sum(1 for line in server.log().splitlines()
                if " program_exit " in line and f"service={service} " in line)
+
+
+UDP_ENV = """#!/usr/bin/python3
+import os, socket
+sock = socket.socket(fileno=0)
+sock.settimeout(0.5)
+while True:
+    try:
+        data, peer = sock.recvfrom(2048)
+    except TimeoutError:
+        break
+    sock.sendto(os.environ.get("WRAPPED", "-").encode(), peer)
+sock.detach()
+"""
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("mode", MODES)
+def test_setenv_reaches_a_datagram_wait_program(serve, tmp_path: Path, public_dir: Path,
+                                                mode: str) -> None:
+    prog = public_dir / "udpenv.py"
+    prog.write_text(UDP_ENV)
+    prog.chmod(0o755)
+    rules(tmp_path, "udpenv: 127.0.0.2: setenv WRAPPED by %d for %a\n", "udpenv: 127.0.0.3\n")
+    server: Server = serve(f"127.0.0.1:0 dgram udp wait {U} {prog} udpenv\n",
+                           "--tcp-wrappers", "--tcp-wrappers-dir", str(tmp_path),
+                           "--log-connections", mode=mode)
+    port = server.port()
+    name = server.listeners[0]["service"]
+    assert isinstance(name, str)
+    assert udp_exchange(port, b"x", source="127.0.0.2", timeout=30) == \
+        b"by udpenv for 127.0.0.2"
+    wait_until(lambda: _exits(server, name) >= 1, 30, "the program exits")
+    assert udp_exchange(port, b"x", source="127.0.0.3") is None  # denied: dropped
+    wait_until(lambda: refused_by(server, name) == {"tcp_wrappers": 1}, 30, "the refusal")
+    assert udp_exchange(port, b"x", source="127.0.0.4", timeout=30) == b"-"  # no setenv
 
 
 # -- hostile input ---------------------------------------------------------------------

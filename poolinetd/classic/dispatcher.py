@@ -118,7 +118,8 @@ class ForkDispatcher:
     def flush(self) -> None:
         pass  # each connection was forked for at once
 
-    def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
+    def lend(self, rt: ServiceRuntime, lst: Listener, iid: int,
+             env: tuple[tuple[str, str], ...] = ()) -> bool:
         service = rt.service
         fd = lst.sock.fileno()
         if service.internal is not None:  # a datagram built-in
@@ -127,7 +128,7 @@ class ForkDispatcher:
             return self._fork(rt, iid, fd, False,
                               lambda: _answer_datagrams(service, fd, ports, logged))
         return self._fork(rt, iid, fd, True,
-                          lambda: _serve_connection(service, fd, 0, "", False, ""))
+                          lambda: _serve_connection(service, fd, 0, "", False, "", env))
 
     def _fork(self, rt: ServiceRuntime, iid: int, fd: int, execs: bool,
               body: spawn.Body) -> bool:

@@ -322,6 +322,7 @@ class AcceptStage:
         if lst.lent or not self.host.has_room(rt, now):
             return
         key: Hashable = ""
+        env: tuple[tuple[str, str], ...] = ()  # tcp_wrappers' setenv for the wait program
         if rt.service.internal is not None and self.dispatcher.lends_per_burst:
             # A datagram built-in served by a child per burst (classic): refused
             # datagrams are dropped here, so they cost no fork.
@@ -332,14 +333,14 @@ class AcceptStage:
                 admitted = self._admit_datagram(lst, now)
                 if admitted is None:
                     return
-                key = admitted
+                key, env = admitted
             else:
                 why = rt.admission.check_start(now)
                 if why:
                     self.refusals.refused(rt, "", why, now)
                     return
         iid = self.ledger.open(rt, key, now, listener=lst)
-        if not self.dispatcher.lend(rt, lst, iid):
+        if not self.dispatcher.lend(rt, lst, iid, env):
             self.ledger.close(iid)
             return
         rt.admission.started(key)
@@ -349,8 +350,9 @@ class AcceptStage:
             rt.stats.accepted += 1  # a wait program started; a built-in's loan is not a connection
 
     def _admit_datagram(self, lst: Listener, now: float, builtin: bool = False
-                        ) -> Hashable | None:
-        """The admission key of the first queued datagram's source, dropping refused ones.
+                        ) -> tuple[Hashable, tuple[tuple[str, str], ...]] | None:
+        """The admission key of the first queued datagram's source, dropping refused ones,
+        with the setenv pairs tcp_wrappers give its program.
 
         None when nothing admissible is queued (bounded: a flood of refused
         datagrams is judged 64 at a time, between other events). ``builtin``:
@@ -368,6 +370,7 @@ class AcceptStage:
             ip = addr[0] if isinstance(addr, tuple) else ""
             key = rt.admission.source(ip)
             severity: Severity | None = None
+            env: tuple[tuple[str, str], ...] = ()
             if builtin:
                 guard = (internal.loop_guard(addr[1], self.table.internal_ports)
                          if isinstance(addr, tuple) else None)
@@ -382,8 +385,9 @@ class AcceptStage:
                         self.refusals.wake_at(rt.paused_until)
                         return None
                     why, severity = judged.why, judged.actions.severity
+                    env = judged.actions.env
             if not why:
-                return key
+                return key, env
             self._drop_datagram(lst.sock)
             if builtin:
                 self.refusals.dgram_refused(rt, addr, why, now)

@@ -115,8 +115,10 @@ class Dispatcher(Protocol):
     def flush(self) -> None:
         """Deliver what ``hand_off`` queued (the end of an accept batch)."""
 
-    def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
-        """Serve on the listener itself until instance ``iid`` ends. False if it could not."""
+    def lend(self, rt: ServiceRuntime, lst: Listener, iid: int,
+             env: tuple[tuple[str, str], ...] = ()) -> bool:
+        """Serve on the listener itself until instance ``iid`` ends. False if it could not.
+        ``env``: tcp_wrappers' setenv pairs for the wait program it starts."""
 
     def child_exited(self, pid: int, code: int) -> bool:
         """A child was reaped by the engine; False if it was not this dispatcher's."""

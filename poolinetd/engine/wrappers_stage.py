@@ -235,8 +235,8 @@ class WrappersStage:
 
         spawn commands run here; a twist is not run for a datagram (its command would
         have to take the socket over): the datagram is refused, and the service's
-        program does not run for it. The rule's setenv is not applied to the program a
-        loan starts."""
+        program does not run for it. The rule's setenv pairs (``actions.env``) go to the
+        program the loan starts."""
         addr = _unmapped(peer[0]) if peer else ""
         name = self._cached(addr, now)
         if name is None:

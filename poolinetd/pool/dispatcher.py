@@ -208,14 +208,15 @@ class PoolDispatcher:
                 continue
             self._queue(self.workers[pid], pool, info, fd)
 
-    def lend(self, rt: ServiceRuntime, lst: Listener, iid: int) -> bool:
+    def lend(self, rt: ServiceRuntime, lst: Listener, iid: int,
+             env: tuple[tuple[str, str], ...] = ()) -> bool:
         pool = self.pools[rt]
         pid = pool.pick()
         if pid is None:
             return False
         handle = self.workers[pid]
         try:
-            wire.send(handle.channel, wire.encode_lend(iid), lst.sock.fileno())
+            wire.send(handle.channel, wire.encode_lend(iid, env), lst.sock.fileno())
         except OSError as exc:
             log.warning("lend_failed", service=rt.name, pid=pid, error=exc.strerror)
             return False

@@ -29,7 +29,8 @@ Master -> worker:  CONN(n x (conn_id, family, peer, local, env)) + n accepted so
                    getsockname itself, and only for programs that need TCPLOCALIP.
                    ``env``: tcp_wrappers' setenv pairs for that connection's program
                    (at most MAX_ENV_TEXT bytes; a connection with any travels alone).
-                   LEND(lend_id) + a listening or bound socket the master keeps too
+                   LEND(lend_id, env) + a listening or bound socket the master keeps
+                   too (``env``: tcp_wrappers' setenv for a datagram wait program)
                    STOP (finish what you serve, then exit)
                    LOGFD + the reopened log file (after SIGUSR1; only to workers of
                    stderr=log services, the only ones that hold the log)
@@ -141,6 +142,7 @@ class Message:
     exits: tuple[tuple[int, int], ...] = ()  # STATS: (exit code, run time in us) per program
     level: int = 0  # LOG: the line's level (logging's numbers); ``text`` is its event name
     fields: tuple[tuple[str, LogValue], ...] = ()  # LOG: the line's fields, in order
+    env: tuple[tuple[str, str], ...] = ()  # LEND: tcp_wrappers' setenv pairs
 
 
 def encode_conns(conns: Sequence[ConnInfo]) -> bytes:
@@ -188,8 +190,9 @@ def _env_pairs(text: bytes) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def encode_lend(lend_id: int) -> bytes:
-    return _HEAD.pack(LEND, VERSION) + _ID.pack(lend_id)
+def encode_lend(lend_id: int, env: Sequence[tuple[str, str]] = ()) -> bytes:
+    """LEND; ``env`` as CONN carries it (ValueError past MAX_ENV_TEXT)."""
+    return _HEAD.pack(LEND, VERSION) + _ID.pack(lend_id) + env_text(env)
 
 
 def encode_stop() -> bytes:
@@ -257,8 +260,11 @@ def decode(data: bytes) -> Message:
         if kind == CONN:
             return Message(CONN, conns=_decode_conns(body))
         if kind == LEND:
-            (ident,) = _ID.unpack(body)
-            return Message(LEND, ident)
+            (ident,) = _ID.unpack_from(body)
+            env = body[_ID.size:]
+            if len(env) > MAX_ENV_TEXT:
+                raise ProtocolError(f"LEND environment of {len(env)} bytes")
+            return Message(LEND, ident, env=_env_pairs(env))
         if kind == STOP and not body:
             return Message(STOP)
         if kind == LOGFD and not body:

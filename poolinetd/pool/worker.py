@@ -273,7 +273,7 @@ class Worker:
                 self._begin_stop(STOP_GRACE_ON_MASTER_LOSS)
                 return
             elif msg.kind == wire.LEND:
-                self._on_lend(msg.ident, fds[0])
+                self._on_lend(msg.ident, fds[0], msg.env)
             elif msg.kind == wire.STOP:
                 self._begin_stop(None)
             elif msg.kind == wire.LOGFD:
@@ -476,7 +476,7 @@ class Worker:
             self.poller.register(fd, internal.Want.READ, self.preloaded)
 
     # -- loans ----------------------------------------------------------------
-    def _on_lend(self, lend_id: int, fd: int) -> None:
+    def _on_lend(self, lend_id: int, fd: int, env: tuple[tuple[str, str], ...] = ()) -> None:
         sock = socket.socket(fileno=fd)
         if self.service.internal is not None and self.service.socket_type is SocketType.DGRAM:
             sock.setblocking(False)
@@ -490,7 +490,7 @@ class Worker:
             sock.close()
             self.done.append(lend_id)
             return
-        self._launch(lend_id, sock, "", "")
+        self._launch(lend_id, sock, "", "", env)
 
     # -- reporting ------------------------------------------------------------
     def _stats_pending(self) -> bool:
