@@ -170,6 +170,25 @@ def test_stage_caps_commands_per_service(tmp_path: Path) -> None:
     assert st.judge(rt, 6, socket.AF_INET, "k", ("10.0.0.1", 9), 0.0, None)
 
 
+def test_commands_are_rate_bounded_per_service() -> None:
+    class Clock:
+        now = 50.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock, fork = Clock(), FakeFork()
+    cmds = wc.Commands(fork, clock, False)
+    svc: Any = Service()
+    for _ in range(wc.MAX_STARTS_PER_SECOND):  # each ends at once: only the rate binds
+        assert cmds.start(wrapcmd.Kind.SPAWN, "a", svc, "true", {}, "")
+        assert cmds.child_exited(fork.next_pid, 0)
+    assert not cmds.start(wrapcmd.Kind.SPAWN, "a", svc, "true", {}, "")
+    assert cmds.start(wrapcmd.Kind.SPAWN, "b", svc, "true", {}, "")  # another service
+    clock.now += 1.0
+    assert cmds.start(wrapcmd.Kind.SPAWN, "a", svc, "true", {}, "")
+
+
 def test_stage_judges_datagrams_waiting_for_a_name(tmp_path: Path) -> None:
     st, fork, _, _, _ = staged(tmp_path, "echo: .example.org: spawn x\n", "echo: ALL\n")
     rt = Rt()

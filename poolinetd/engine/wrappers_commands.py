@@ -9,10 +9,14 @@ engine's SIGCHLD reaping hands every pid to ``child_exited``.
 Bounds: at most MAX_PER_SERVICE commands (spawn and twist together) run
 for one service (by name, over its generations) and MAX_RUNNING over all,
 so a command that never ends, or a flood of clients that each start one,
-cannot fill the process table from the root master. Past a cap a spawn is
-not run and a twisted connection is refused (``tcp_wrappers_busy``); a
-``wrappers_command_refused`` line says so, at most once per service and
-kind every REFUSED_LOG_INTERVAL seconds.
+cannot fill the process table from the root master; and at most
+MAX_STARTS_PER_SECOND start per service in any one-second window, since each
+start costs the master's loop a fork (about 2 ms of its CPU, measured), so a
+flood of clients whose rule spawns a quick command cannot keep the loop
+forking. Past a bound a spawn is not run and a twisted connection is refused
+(``tcp_wrappers_busy``); a ``wrappers_command_refused`` line says which
+bound, at most once per service and kind every REFUSED_LOG_INTERVAL
+seconds.
 
 Twisted connections are not instances of the service (the ledger does not
 count them: max_child and per-source limits stop at the accept, as the
@@ -32,6 +36,7 @@ from poolinetd.observe import log, throttle
 
 MAX_PER_SERVICE = 32  # commands running at once for one service
 MAX_RUNNING = 256  # ... over every service
+MAX_STARTS_PER_SECOND = 64  # commands started per service in one one-second window
 REFUSED_LOG_INTERVAL = 10.0  # seconds between two wrappers_command_refused per service, kind
 
 
@@ -55,6 +60,8 @@ class Commands:
         self.log_connections = log_connections
         self.running: dict[int, Running] = {}
         self.per_service: dict[str, int] = {}
+        self.window = 0.0  # when the current one-second window started
+        self.started: dict[str, int] = {}  # starts per service in this window
         self.log_throttle = throttle.Throttle(REFUSED_LOG_INTERVAL)
 
     def __len__(self) -> int:
@@ -66,15 +73,26 @@ class Commands:
 
         ``conn_fd`` (TWIST): the client's connection, still the caller's to close."""
         now = self.clock()
+        if now - self.window >= 1.0:
+            self.window = now
+            self.started.clear()
         held = self.per_service.get(name, 0)
+        rate = self.started.get(name, 0)
         if held >= MAX_PER_SERVICE or len(self.running) >= MAX_RUNNING:
+            why = "running"
+        elif rate >= MAX_STARTS_PER_SECOND:
+            why = "rate"
+        else:
+            why = ""
+        if why:
             late = self.log_throttle.allow((name, kind.value), now)
             if late is not None:
                 log.warning("wrappers_command_refused", service=name, kind=kind.value,
-                            peer=peer, running=held, limit=MAX_PER_SERVICE,
+                            peer=peer, reason=why, running=held, limit=MAX_PER_SERVICE,
                             running_total=len(self.running), limit_total=MAX_RUNNING,
-                            held_back=late)
+                            per_second=MAX_STARTS_PER_SECOND, held_back=late)
             return False
+        self.started[name] = rate + 1
         try:
             pid = wrapcmd.run(self.fork, kind, service, command, env, conn_fd)
         except OSError as exc:
