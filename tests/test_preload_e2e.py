@@ -119,6 +119,28 @@ def test_exit_status_and_an_uncaught_exception_as_python_reports_them(
     assert re.search(r"warning program_exit .* status=1 ", server.log())
 
 
+@pytest.mark.parametrize("mode", ["pool", "classic"])
+def test_exit_as_python_exits(serve, staged_programs: Path, public_dir: Path, mode: str) -> None:
+    """What the interpreter does at exit, preloaded (pool) as exec'd (classic): a file left
+    open is flushed, sys.exit(str) prints it and exits 1, an uncaught KeyboardInterrupt
+    ends the process by SIGINT."""
+    script = staged_programs / "preload_hostile.py"
+    server = serve(_entry("p", "hostile", str(script), ", preload=python"), "--log-connections",
+                   mode=mode)
+    port = server.port(0)
+    if mode == "pool":
+        wait_until(lambda: "preload_ready" in server.log(), 30, "ready")
+    target = public_dir / f"unclosed-{mode}.txt"
+    target.touch()
+    target.chmod(0o666)
+    assert _line(port, f"unclosed {target}\n".encode()) == f"wrote {target}\n".encode()
+    wait_until(lambda: target.read_text() == "flushed at exit\n", 20, "the file flushed")
+    assert _line(port, b"exit-message\n") == b"a message for stderr\n"
+    assert _line(port, b"interrupt\n").endswith(b"KeyboardInterrupt\n")
+    wait_until(lambda: re.search(r"program_exit .* status=-2 ", server.log()), 20, "SIGINT exit")
+    assert re.search(r"program_exit .* status=1 ", server.log())
+
+
 def test_a_script_that_cannot_be_preloaded_is_logged_and_exec_d(serve,
                                                                 staged_programs: Path) -> None:
     script = staged_programs / "preload_broken.py"

@@ -42,6 +42,7 @@ import array
 import ast
 import builtins
 import contextlib
+import gc
 import importlib
 import importlib.machinery
 import io
@@ -58,11 +59,12 @@ from typing import Any
 
 MAX_MESSAGE = 1 << 16  # a conn message: id and environment (the worker keeps it small)
 MAX_SCRIPT = 1 << 24  # bytes of script read
-# Signals the child puts back to their default (the preloader's own SIGCHLD
-# handler among them); SIGINT, SIGPIPE and SIGXFSZ then get what Python's own
-# startup gives a fresh interpreter.
-_RESET = ("SIGCHLD", "SIGHUP", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
-          "SIGTTIN", "SIGTTOU", "SIGXCPU")
+# What Python's own startup gives a fresh interpreter; every other signal is SIG_DFL.
+_STARTUP_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGPIPE: signal.SIG_IGN,
+                    signal.SIGXFSZ: signal.SIG_IGN}
+# The buffered file objects a script's exit flushes (concrete classes: an ABC check on
+# every object would cost more than the flushing).
+_BUFFERED = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.BufferedRWPair)
 
 
 class PreloadError(Exception):
@@ -186,6 +188,16 @@ class Server:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
+        # The dispositions a child must change to look freshly started: the SIGCHLD
+        # handler above, and whatever the imports set.
+        self.signals: list[tuple[int, Any]] = []
+        for signum in signal.valid_signals():
+            if signum in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            want = _STARTUP_SIGNALS.get(signum, signal.SIG_DFL)
+            with contextlib.suppress(OSError, ValueError):
+                if signal.getsignal(signum) != want:
+                    self.signals.append((signum, want))
 
     def serve(self) -> Job | None:
         """Serve until the channel ends (None) — or, in a child, return its Job."""
@@ -276,18 +288,20 @@ def _become_program(server: Server, job: Job) -> None:
         # Checked at load; the worker's own hard limit was raised as root.
         with contextlib.suppress(OSError, ValueError):
             resource.setrlimit(int(res), (int(value), int(value)))
-    os.environ.clear()
-    os.environ.update(job.env)
+    want = dict(job.env)
     # What the interpreter's own startup added (LC_CTYPE=C.UTF-8, PEP 538's C locale
     # coercion) it would add for an exec'd program too.
     for key, value in job.config.get("startup_env", {}).items():
-        os.environ.setdefault(key, value)
-    for name in _RESET:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # what Python's startup does
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        want.setdefault(key, value)
+    # Changed, not rebuilt: every write in a forked child copies a page (the preloader
+    # started with the programs' environment, so a connection's is a few variables more).
+    for key in [key for key in os.environ if key not in want]:
+        del os.environ[key]
+    for key, value in want.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    for signum, handler in server.signals:
+        signal.signal(signum, handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     sys.stdin = sys.__stdin__ = _stdio(0, "<stdin>", False, sys.stdin)  # type: ignore[misc]
     sys.stdout = sys.__stdout__ = _stdio(1, "<stdout>", True, sys.stdout)  # type: ignore[misc]
@@ -316,7 +330,14 @@ def _stdio(fd: int, name: str, writing: bool, like: Any) -> io.TextIOWrapper:
 
 
 def run_script(job: Job) -> None:
-    """Run the script as ``__main__``, as ``python3 SCRIPT`` would; exits like Python."""
+    """Run the script as ``__main__``, as ``python3 SCRIPT`` would, then exit as it would.
+
+    Never returns. The exit is Python's, without tearing down the modules the
+    child shares with the preloader (that would write to, and so copy, most of
+    its memory: some 10 ms a connection): non-daemon threads are joined,
+    atexit handlers run, every file object the script left open is flushed,
+    the standard streams last (a failing flush exits 120, as Python does).
+    """
     script = str(job.config["script"])
     main = types.ModuleType("__main__")
     main.__file__ = script
@@ -324,18 +345,64 @@ def run_script(job: Job) -> None:
     main.__cached__ = None  # type: ignore[attr-defined]
     main.__loader__ = importlib.machinery.SourceFileLoader("__main__", script)
     sys.modules["__main__"] = main
+    interrupted = False
     try:
         exec(job.code, main.__dict__)
-    except (SystemExit, KeyboardInterrupt):
-        raise
+        code = 0
+    except SystemExit as exc:
+        code = _exit_status(exc)
     except BaseException:
-        etype, exc, tb = sys.exc_info()
+        etype, exc_value, tb = sys.exc_info()
         # The traceback starts at the script, as an exec'd interpreter prints it.
         tb = tb.tb_next if tb is not None else None
-        if exc is not None:
-            exc.__traceback__ = tb
-        sys.excepthook(etype, exc, tb)  # type: ignore[arg-type]
-        raise SystemExit(1) from None
+        if exc_value is not None:
+            exc_value.__traceback__ = tb
+        sys.excepthook(etype, exc_value, tb)  # type: ignore[arg-type]
+        interrupted = isinstance(exc_value, KeyboardInterrupt)
+        code = 1
+    os._exit(_finish(code, interrupted))
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """sys.exit's argument as Python's exit turns it into a status."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"{exc.code}\n")
+    return 1
+
+
+def _finish(code: int, interrupted: bool) -> int:
+    """Python's shutdown, as far as a program can see it; the exit status."""
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        with contextlib.suppress(BaseException):
+            threading._shutdown()
+    import atexit
+
+    atexit._run_exitfuncs()
+    # The preloader's own objects were frozen before the fork (gc.freeze): what the GC
+    # lists now is what the script made.
+    for obj in gc.get_objects():
+        if (isinstance(obj, _BUFFERED) and obj is not sys.stdout and obj is not sys.stderr
+                and not obj.closed):
+            with contextlib.suppress(BaseException):
+                obj.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and not stream.closed:
+                stream.flush()
+        except BaseException as exc:  # Python reports any, and exits 120
+            with contextlib.suppress(BaseException):
+                os.write(2, f"Exception ignored in: {stream!r}\n"
+                            f"{type(exc).__name__}: {exc}\n".encode())
+            code = 120
+    if interrupted:  # Python 3.8+: an uncaught KeyboardInterrupt ends by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return code
 
 
 def main() -> None:
@@ -363,6 +430,11 @@ def main() -> None:
         _send(chan, t="failed", file=exc.file, line=exc.line, error=exc.error[:2000])
         return
     threads = sys.modules["threading"].active_count() if "threading" in sys.modules else 1
+    # What exists now is shared with every child: the collector leaves it alone (so a
+    # child does not copy the pages it would touch), and a child's exit tells what the
+    # script made from what it found.
+    gc.collect()
+    gc.freeze()
     _send(chan, t="ready", pid=os.getpid(), modules=len(sys.modules), threads=threads)
     server = Server(chan, config, code)
     job = server.serve()

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-what = sys.stdin.readline().strip()
+what, _, arg = sys.stdin.readline().strip().partition(" ")
 if what == "ok":
     print("ok", os.getpid(), os.getppid())
 elif what == "kill-parent":
@@ -36,5 +36,13 @@ elif what == "threads":
     for _ in range(20):
         threading.Thread(target=time.sleep, args=(0.5,)).start()
     print("threads started")
+elif what == "unclosed":  # written, never closed or flushed: the exit must flush it
+    kept = open(arg, "w")  # noqa: SIM115
+    kept.write("flushed at exit\n")
+    print("wrote", arg)
+elif what == "exit-message":
+    sys.exit("a message for stderr")
+elif what == "interrupt":
+    raise KeyboardInterrupt
 else:
     print("unknown", what)
