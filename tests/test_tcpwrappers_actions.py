@@ -204,6 +204,13 @@ def test_stage_judges_datagrams_waiting_for_a_name(tmp_path: Path) -> None:
     got = st.judge_datagram(rt, ("10.0.0.2", 69), now + ws.LOOKUP_DEADLINE)
     assert got is not None and got.why == ws.TCP_WRAPPERS
     assert not st.dgram_lookups and "10.0.0.2" not in st.by_addr
+    # bounded: a full table drops lookups past their deadline before refusing to ask
+    for i in range(ws.MAX_DGRAM_LOOKUPS):
+        assert st.judge_datagram(rt, (f"10.1.{i // 256}.{i % 256}", 69), now) is None
+    got = st.judge_datagram(rt, ("10.2.0.1", 69), now)  # full: decided as unknown
+    assert got is not None and got.why == ws.TCP_WRAPPERS
+    assert st.judge_datagram(rt, ("10.2.0.1", 69), now + ws.LOOKUP_DEADLINE) is None
+    assert len(st.dgram_lookups) == 1  # the stale ones were dropped, this one asked
 
 
 # -- the command child: a real fork, a real drop --------------------------------------

@@ -267,7 +267,12 @@ class WrappersStage:
     def _ask_dgram(self, addr: str, now: float) -> bool:
         """Ask the resolver about a datagram's source; False if it cannot be asked."""
         if len(self.dgram_lookups) >= MAX_DGRAM_LOOKUPS:
-            return False
+            # Full: drop the lookups past their deadline (a source whose datagram
+            # something else consumed is never asked about again), then look again.
+            for stale in [a for a, until in self.dgram_lookups.items() if until <= now]:
+                self._forget_dgram_lookup(stale)
+            if len(self.dgram_lookups) >= MAX_DGRAM_LOOKUPS:
+                return False
         if addr not in self.by_addr:
             ident = next(self.ids)
             if not self.resolver.ask(ident, addr):
