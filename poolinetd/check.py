@@ -17,6 +17,7 @@ from poolinetd.config.resolve import load_file
 from poolinetd.config.spec import (
     RLIM_UNLIMITED,
     RLIMIT_KEYS,
+    AtLimit,
     Diagnostic,
     Endpoint,
     Options,
@@ -64,12 +65,23 @@ def _rpc(service: Service) -> dict[str, object]:
 
 
 def _cps(service: Service) -> dict[str, object]:
-    """An xinetd ``cps N M`` service's rate window and rest, in seconds (nothing for
-    other services: max_spawn_per_min then counts per minute, with the 60 s rest)."""
+    """An xinetd service's own settings: its rate window and rest (``cps N M``), what a
+    connection past max_child meets (``at_limit``: "refuse", xinetd's instances) and the
+    size of each banner it sends (nothing for other services: max_spawn_per_min then
+    counts per minute with the 60 s rest, and max_child leaves connections in the
+    backlog)."""
     spec = service.spec
-    if spec.spawn_window is None:
-        return {}
-    return {"spawn_window": spec.spawn_window, "spawn_pause": spec.spawn_pause}
+    got: dict[str, object] = {}
+    if spec.spawn_window is not None:
+        got.update(spawn_window=spec.spawn_window, spawn_pause=spec.spawn_pause)
+    if spec.at_limit is AtLimit.REFUSE:
+        got["at_limit"] = spec.at_limit.value
+    sizes = {name: len(data) for name, data in (
+        ("banner", spec.banner), ("banner_success", spec.banner_success),
+        ("banner_fail", spec.banner_fail)) if data}
+    if sizes:
+        got["banner_bytes"] = sizes
+    return got
 
 
 def service_to_dict(service: Service) -> dict[str, object]:

@@ -280,6 +280,14 @@ def test_check_reads_xinetd_files_and_says_so_in_json(tmp_path: Path) -> None:
     assert svc["line"] == 1 and svc["source"] == str(conf)
     assert (svc["limits"]["max_spawn_per_min"], svc["spawn_window"], svc["spawn_pause"]) == (
         10, 1.0, 3.0)
+    assert svc["at_limit"] == "refuse" and "banner_bytes" not in svc
+    banner = tmp_path / "hello"
+    banner.write_bytes(b"hello\r\n")
+    conf.write_text(conf.read_text().replace("port = 31337", "port = 31337\n\tbanner = hello"))
+    out, err = io.StringIO(), io.StringIO()
+    assert run_check(str(conf), True, out, err) == 0, err.getvalue()
+    [svc] = orjson.loads(out.getvalue())["services"]
+    assert svc["banner_bytes"] == {"banner": 7}
     bad = tmp_path / "bad.conf"
     bad.write_text("service x\n{\n\tsocket_type = stream\n\tredirect = 10.0.0.1 80\n}\n")
     out, err = io.StringIO(), io.StringIO()

@@ -108,8 +108,9 @@ Scenario = Callable[[], dict[str, str]]
 
 
 def compare(tmp_path: Path, text: str, probe: int, scenario: Scenario, mode: str,
-            expected: dict[str, str]) -> None:
-    """Run ``scenario`` under xinetd, then under poolinetd (``mode``) on the same file."""
+            expected: dict[str, str]) -> str:
+    """Run ``scenario`` under xinetd, then under poolinetd (``mode``) on the same file;
+    poolinetd's log."""
     conf = tmp_path / "xinetd.conf"
     conf.write_text(text)
     with running_xinetd(tmp_path, conf, probe):
@@ -121,6 +122,7 @@ def compare(tmp_path: Path, text: str, probe: int, scenario: Scenario, mode: str
         server.stop(signal.SIGINT)
     assert under_xinetd == expected, ("xinetd", under_xinetd)
     assert under_poolinetd == under_xinetd, (mode, under_poolinetd, server.log())
+    return server.log()
 
 
 MODES = ["pool", "classic"]
@@ -297,3 +299,120 @@ def test_cps_rate_and_rest(tmp_path: Path, mode: str) -> None:
     compare(tmp_path, text, probe, scenario, mode,
             {"burst 1": SERVED, "burst 2": SERVED, "burst 3": REFUSED, "resting": REFUSED,
              "back after the rest": SERVED})
+
+
+def how_refused(source: str, port: int) -> str:
+    """What a client from ``source`` that sends nothing meets: "closed: BYTES" if the
+    server closes within ANSWER_TIMEOUT (what it sent before), "held" if it does not,
+    "no listener" if nothing accepts."""
+    sock = connect(source, port)
+    if sock is None:
+        return "no listener"
+    got = b""
+    with sock:
+        sock.settimeout(ANSWER_TIMEOUT)
+        try:
+            while chunk := sock.recv(4096):
+                got += chunk
+        except TimeoutError:
+            return "held"
+        except ConnectionError:
+            pass
+    return f"closed: {got.decode(errors='replace')}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_instances_at_the_limit_are_refused_at_once_with_banner_fail(
+        tmp_path: Path, mode: str) -> None:
+    """xinetd accepts a connection past ``instances`` and refuses it at once (its
+    banner_fail, then the close); poolinetd does the same for an xinetd file (inetd.conf's
+    max_child leaves it in the backlog), counts it and logs conn_refused reason=instances."""
+    probe, inst = free_ports(2)
+    banner = tmp_path / "busy"
+    banner.write_bytes(b"too many\r\n")
+    text = echo_service("probe", probe) + echo_service(
+        "inst", inst, f"\tinstances = 1\n\tbanner_fail = {banner}\n")
+
+    def scenario() -> dict[str, str]:
+        first = connect("127.0.4.1", inst)
+        assert first is not None
+        with first:
+            got = {"first": outcome(first)}
+            got["second"] = how_refused("127.0.4.2", inst)
+            got["first still"] = outcome(first)
+        return got
+
+    log = compare(tmp_path, text, probe, scenario, mode,
+                  {"first": SERVED, "second": "closed: too many\r\n", "first still": SERVED})
+    assert "conn_refused" in log and "reason=instances" in log, log
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_implicit_cps_50_10(tmp_path: Path, mode: str) -> None:
+    """A service without cps gets xinetd's cps = 50 10: a burst of 80 connections trips
+    it, and a client during the 10 s rest is not served (xinetd: nothing listens;
+    poolinetd: it waits in the backlog), then one is served again."""
+    probe, busy = free_ports(2)
+    text = echo_service("probe", probe) + echo_service("busy", busy)
+
+    def scenario() -> dict[str, str]:
+        burst = []
+        try:
+            for index in range(80):  # as fast as possible: well within one second
+                sock = connect(f"127.0.5.{index + 1}", busy)
+                if sock is not None:
+                    burst.append(sock)
+        finally:
+            for sock in burst:
+                sock.close()
+        tripped = time.monotonic()
+        sock = connect("127.0.6.1", busy)
+        with contextlib.closing(sock) if sock is not None else contextlib.nullcontext():
+            got = {"resting": outcome(sock, 1.0)}
+        later = wait_until(lambda: connect("127.0.6.2", busy), 60.0, "the rest to end")
+        assert isinstance(later, socket.socket)
+        with later:
+            assert outcome(later, 40.0) == SERVED
+        # Not before the rest is over (8 s: slack for the clocks' granularity).
+        got["back after the rest"] = SERVED if time.monotonic() - tripped >= 8.0 else "early"
+        return got
+
+    compare(tmp_path, text, probe, scenario, mode,
+            {"resting": REFUSED, "back after the rest": SERVED})
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from ``sock`` (fewer if it closes or ANSWER_TIMEOUT passes)."""
+    got = b""
+    sock.settimeout(ANSWER_TIMEOUT)
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while len(got) < size and (chunk := sock.recv(size - len(got))):
+            got += chunk
+    return got
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_banner_and_banner_success(tmp_path: Path, mode: str) -> None:
+    """banner goes to every client as soon as it is accepted, banner_success to a served
+    one before its server answers, banner_fail (after banner) to a refused one."""
+    probe, port = free_ports(2)
+    files = {"hello": b"hello\r\n", "granted": b"granted\r\n", "denied": b"denied\r\n"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    text = echo_service("probe", probe) + echo_service(
+        "bannered", port, f"\tonly_from = 127.0.7.1\n\tbanner = {tmp_path / 'hello'}\n"
+                          f"\tbanner_success = {tmp_path / 'granted'}\n"
+                          f"\tbanner_fail = {tmp_path / 'denied'}\n")
+
+    def scenario() -> dict[str, str]:
+        sock = connect("127.0.7.1", port)
+        assert sock is not None
+        with sock:
+            first = read_exactly(sock, len(b"hello\r\ngranted\r\n")).decode()
+            served = outcome(sock)
+        return {"served gets": first, "then": served,
+                "refused gets": how_refused("127.0.7.2", port)}
+
+    compare(tmp_path, text, probe, scenario, mode,
+            {"served gets": "hello\r\ngranted\r\n", "then": SERVED,
+             "refused gets": "closed: hello\r\ndenied\r\n"})

@@ -47,7 +47,7 @@ from poolinetd.config.spec import SocketType
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.ledger import Ledger
 from poolinetd.engine.preamble_stage import Peer, PreambleStage
-from poolinetd.engine.refusals import NO_ROOM, Refusals
+from poolinetd.engine.refusals import INSTANCES, NO_ROOM, Refusals
 from poolinetd.engine.runtime import Listener, Pending, ServiceRuntime
 from poolinetd.engine.services import ServiceTable
 from poolinetd.engine.wrappers_stage import WrappersStage
@@ -150,6 +150,8 @@ class AcceptStage:
     def _accepted(self, lst: Listener, fd: int, family: int, peer: Peer, now: float) -> bool:
         """Admit and route one accepted connection (``fd`` taken); False if refused."""
         rt = lst.rt
+        if rt.service.spec.banner:  # xinetd's banner: to every client, before anything else
+            _send_banner(fd, family, rt.service.spec.banner)
         ip = peer[0] if peer else ""
         key = rt.admission.source(ip)  # the one admission key of this connection
         if rt.service.proxy_protocol:
@@ -162,11 +164,10 @@ class AcceptStage:
             why = rt.admission.check(key, ip, now)
         if not why and rt.preamble is not None and not self.preambles.make_room(rt, key):
             why = "preamble_busy"  # one source may not fill the stage (slowloris)
+        if not why and rt.refuses_at_max_child() and rt.at_max_child():
+            why = INSTANCES  # xinetd's instances: refused at once, not left in the backlog
         if why:
-            if rt.service.spec.banner_fail:
-                _send_banner(fd, family, rt.service.spec.banner_fail)
-            self.release_fd(fd, family)
-            self.refusals.refused(rt, ip, why, now)
+            self._refuse(rt, fd, family, ip, why, now)
             return False
         if rt.preamble is not None:
             self.preambles.begin(lst, fd, family, peer, key, now)
@@ -192,15 +193,29 @@ class AcceptStage:
                accepted: float, local: Peer, env: tuple[tuple[str, str], ...] = ()) -> None:
         """Serve admitted connection ``fd`` (taken on every path); ``env``: tcp_wrappers'
         setenv pairs for its program."""
+        if rt.refuses_at_max_child() and rt.at_max_child():  # filled up while it waited
+            self._refuse(rt, fd, family, peer[0] if peer else "", INSTANCES, accepted)
+            return
         if rt.reply is not None:
             self._answer(rt, fd, family, peer, accepted)
         else:
             self._hand_off(rt, fd, family, key, wire_peer(peer), accepted, wire_peer(local),
                            env)
 
+    def _refuse(self, rt: ServiceRuntime, fd: int, family: int, ip: str, why: str,
+                now: float) -> None:
+        """Refuse connection ``fd`` (taken) for ``why``: xinetd's banner_fail first, then
+        the close, counted and logged."""
+        if rt.service.spec.banner_fail:
+            _send_banner(fd, family, rt.service.spec.banner_fail)
+        self.release_fd(fd, family)
+        self.refusals.refused(rt, ip, why, now)
+
     def _hand_off(self, rt: ServiceRuntime, fd: int, family: int, key: Hashable, peer: str,
                   now: float, local: str, env: tuple[tuple[str, str], ...] = ()) -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
+        if rt.service.spec.banner_success:  # xinetd's: served, before its server runs
+            _send_banner(fd, family, rt.service.spec.banner_success)
         # Counted first: the dispatcher may report on it (program_started) at once.
         iid = self.ledger.open(rt, key, now)
         if stagetrace.enabled:
@@ -232,6 +247,8 @@ class AcceptStage:
         """
         kind = socket.SOCK_SEQPACKET if rt.service.socket_type is SocketType.SEQPACKET else (
             socket.SOCK_STREAM)
+        if rt.service.spec.banner_success:  # xinetd's: before the built-in's reply
+            _send_banner(fd, family, rt.service.spec.banner_success)
         sock = socket.socket(family, kind, 0, fileno=fd)
         sent = 0
         try:
@@ -420,8 +437,9 @@ def wire_peer(peer: Peer) -> str:
 
 
 def _send_banner(fd: int, family: int, banner: bytes) -> None:
-    """xinetd's banner_fail to a refused client: one non-blocking send into the empty send
-    buffer (what does not fit is dropped, a reset ignored); ``fd`` stays open."""
+    """An xinetd banner (banner, banner_success, banner_fail; at most BANNER_MAX bytes):
+    one non-blocking send into the send buffer, so the master never waits on a client
+    (what does not fit is dropped, a reset ignored); ``fd`` stays open."""
     sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
     try:
         sock.send(banner, socket.MSG_DONTWAIT)

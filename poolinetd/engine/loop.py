@@ -314,8 +314,8 @@ class Engine:
     def has_room(self, rt: ServiceRuntime, now: float, draining: bool = False) -> bool:
         """Whether one more instance of ``rt`` may start now. ``draining``: a connection
         already accepted (in the preamble stage) may still be handed to a retiring one."""
-        if rt.resting_until > now or rt.at_max_child():
-            return False
+        if rt.resting_until > now or (rt.at_max_child() and not rt.refuses_at_max_child()):
+            return False  # (an xinetd service keeps accepting: each one past it is refused)
         if rt.retired and not draining:
             return False
         if not self.ledger.below_caps(rt):

@@ -21,6 +21,7 @@ from poolinetd.observe import log, throttle
 
 REFUSAL_LOG_INTERVAL = 10.0  # at most one conn_refused line per source and reason this often
 NO_ROOM = "no_room"  # accepted, then nowhere to go (a worker died, a reload retired it)
+INSTANCES = "instances"  # xinetd's instances: at max_child, refused at once
 
 
 class Refusals:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import InitVar, dataclass, field
 
 from poolinetd.admission.policy import Admission
-from poolinetd.config.spec import Service, SocketType
+from poolinetd.config.spec import AtLimit, Service, SocketType
 from poolinetd.net import preamble as pre
 from poolinetd.observe import metrics
 from poolinetd.ops import listeners
@@ -139,6 +139,11 @@ class ServiceRuntime:
     def resting_until(self) -> float:
         """Until when its listeners rest (EMFILE pause, or the looping rule)."""
         return max(self.paused_until, self.admission.paused_until)
+
+    def refuses_at_max_child(self) -> bool:
+        """Whether a connection past max_child is accepted and refused ("instances", as
+        xinetd does for its services) rather than left in the backlog (inetd's rule)."""
+        return self.service.spec.at_limit is AtLimit.REFUSE and not self.service.wait
 
     def at_max_child(self) -> bool:
         limit = self.service.limits.max_child
