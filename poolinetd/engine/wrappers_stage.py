@@ -227,11 +227,13 @@ class WrappersStage:
 
     # -- datagram wait services -----------------------------------------------------------
     def judge_datagram(self, rt: ServiceRuntime, peer: Peer, now: float) -> Judged | None:
-        """Judge a datagram ``wait`` service's next datagram, from ``peer``: ``why`` "" to
-        lend the socket, else the refusal reason (the caller drops the datagram and counts
-        it, at the rule's severity), or None
-        when the client's name is being looked up (the caller leaves the datagram queued
-        and asks again soon; at LOOKUP_DEADLINE the name is ``unknown``).
+        """Judge a datagram ``wait`` service's next datagram, from ``peer``.
+
+        ``why`` "" to lend the socket, else the refusal reason (the caller drops the
+        datagram and counts it, at the rule's severity); None while the client's name
+        is being looked up (the caller leaves the datagram queued and asks again soon;
+        at LOOKUP_DEADLINE the name is ``unknown``). At most MAX_DGRAM_LOOKUPS sources
+        wait for a name; past that one is judged as ``unknown`` at once.
 
         spawn commands run here; a twist is not run for a datagram (its command would
         have to take the socket over): the datagram is refused, and the service's
