@@ -82,10 +82,13 @@ def outcome(sock: socket.socket | None, wait: float = ANSWER_TIMEOUT) -> str:
 def running_xinetd(tmp_path: Path, conf: Path, probe_port: int) -> Iterator[None]:
     """xinetd in the foreground on ``conf``, ready once ``probe_port`` answers."""
     log = tmp_path / "xinetd.log"
+    # A session of its own: the servers it forked go with it (one still exiting could
+    # hold a listening socket when poolinetd binds the same port next).
     proc = subprocess.Popen(
         [XINETD, "-dontfork", "-stayalive", "-f", str(conf), "-pidfile",
          str(tmp_path / "xinetd.pid"), "-filelog", str(log)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True)
     try:
         def ready() -> bool:
             assert proc.poll() is None, log.read_text(errors="replace")
@@ -102,6 +105,8 @@ def running_xinetd(tmp_path: Path, conf: Path, probe_port: int) -> Iterator[None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # its servers still running, if any
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 Scenario = Callable[[], dict[str, str]]
