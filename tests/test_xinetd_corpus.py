@@ -191,6 +191,28 @@ def test_public_corpus_meaning() -> None:
         assert load_corpus(name).services == (), name  # shipped disabled
 
 
+def check_errors(path: str) -> list[tuple[int, str]]:
+    """(line, message) of each error ``poolinetd check`` reports in the file at ``path``
+    (with this host's accounts and programs)."""
+    out, err = io.StringIO(), io.StringIO()
+    run_check(path, False, out, err)
+    return [(int(n), msg) for n, msg in re.findall(
+        r"^" + re.escape(path) + r":(\d+): '[^']*': (?!warning)(.*)$", err.getvalue(), re.M)]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_WARNINGS))
+def test_poolinetd_check_on_each_file(tmp_path: Path, name: str) -> None:
+    """``poolinetd check -c FILE`` on each file as it is (its includedir pointed into the
+    corpus): its only errors are the file's expected ones and what this host lacks (a
+    user, a group or a program the file names: xinetd refuses those too, checked below)."""
+    path = tmp_path / "xinetd.conf"
+    path.write_text(corpus_text(name))
+    expected = EXPECTED_ERRORS.get(name, [])
+    for lineno, message in check_errors(str(path)):
+        assert _HOST_CHECK.search(message) or any(
+            why in message for _, why in expected), (lineno, message)
+
+
 # -- the same files under the real xinetd -------------------------------------------------
 
 XINETD = shutil.which("xinetd") or "/usr/sbin/xinetd"
@@ -199,6 +221,7 @@ UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 # poolinetd side stands in for with permissive lookups): not about the file itself.
 _HOST_ONLY = re.compile(r"Unknown (user|group)|is not executable|Must specify a server|"
                         r"Error parsing attribute (user|group|server) - DISABLING")
+_HOST_CHECK = re.compile(r"unknown (user|group)|not found or not executable")
 _LINE = re.compile(r"^\S+ xinetd\[\d+\]: (\w+): (.*?)(?: \[file=(.*)\] \[line=(\d+)\])?$")
 
 
@@ -265,6 +288,15 @@ def test_xinetd_itself_says_the_same_of_each_file(tmp_path: Path, name: str) -> 
     refused = lines(r"DISABLING SERVICE|not executable")
     for diag in loaded.errors:
         assert diag.lineno in refused, (str(diag), said)
+    # ``poolinetd check`` on the same file, with this host's accounts and programs: it
+    # refuses a service xinetd disables here, on the lines xinetd names (a missing user,
+    # group or program), and nothing else beyond what the file itself is refused for.
+    checked = check_errors(main)
+    host = {n for n, msg in checked if _HOST_CHECK.search(msg)}
+    if loaded.services and not loaded.errors:  # (xinetd also checks disabled ones, in part)
+        theirs = lines(r"Unknown (user|group)|is not executable")
+        # (poolinetd names no group once the user is unknown: a subset, never empty alone)
+        assert host <= theirs and bool(host) == bool(theirs), (checked, said)
 
 
 def test_check_reads_xinetd_files_and_says_so_in_json(tmp_path: Path) -> None:
