@@ -151,3 +151,13 @@ def test_format_refuses_what_xinetd_cannot_say() -> None:
     assert format_service(ServiceSpec("x", SocketType.STREAM, Protocol.TCP, False, "root",
                                       "/bin/cat", ("cat",),
                                       limits=Limits(max_cpm_per_ip=3))) is None
+
+
+@given(st.text(max_size=40), st.sampled_from(["/", "/tmp", "/nonexistent", "", "rel"]))
+def test_banner_reader_is_total(path: str, base: str) -> None:
+    """Any path (NULs, surrogates, '..', links, devices) gives bytes or a reason."""
+    from poolinetd.config import xinetd_banner
+
+    got = xinetd_banner.read(path, base, 64)
+    assert isinstance(got, (bytes, str))
+    assert not isinstance(got, bytes) or len(got) <= 65
