@@ -45,7 +45,8 @@ GROUPS = {"root": 0, "daemon": 1, "tty": 5, "kmem": 15, "wheel": 10, "nogroup": 
 EXTRA_GROUPS = {"root": (10,)}  # root is also in wheel
 HOSTS = {"localhost": (("127.0.0.1",), ("::1",)), "twohomed": (("192.0.2.1", "192.0.2.2"), ())}
 PROGRAMS = frozenset(
-    {"/usr/libexec/ftpd", "/usr/sbin/in.fingerd", "/bin/cat", "/usr/libexec/fingerd", "/bin/date"}
+    {"/usr/libexec/ftpd", "/usr/sbin/in.fingerd", "/bin/cat", "/usr/libexec/fingerd", "/bin/date",
+     "/usr/bin/python3", "/usr/local/libexec/report.py", "/usr/local/libexec/plain.py"}
 )
 
 
