@@ -386,8 +386,8 @@ def test_defaults_refuses_entry_keys() -> None:
         "pool_min, pool_max, worker_connections, max_requests, idle_timeout, conn_timeout, "
         "stderr, env, preload, preload_modules, only_from, no_access, source_v4_prefix, "
         "source_v6_prefix, block_time, reuseport, proxy_from, tcp_wrappers, max_connections, "
-        "max_programs, rlimit_as, rlimit_cpu, rlimit_data, rlimit_rss, rlimit_stack, rlimit_files, rlimit_nproc, "
-        "rlimit_core, nice, umask, rcvbuf, sndbuf, keepalive, nodelay, backlog, defer_accept)"
+        "max_programs, rlimit_as, rlimit_cpu, rlimit_data, rlimit_rss, rlimit_stack, "
+        "rlimit_files, rlimit_nproc, rlimit_core, nice, umask, rcvbuf, sndbuf, keepalive, nodelay, backlog, defer_accept)"
     ]
 
 
