@@ -387,7 +387,8 @@ def test_defaults_refuses_entry_keys() -> None:
         "stderr, env, preload, preload_modules, only_from, no_access, source_v4_prefix, "
         "source_v6_prefix, block_time, reuseport, proxy_from, tcp_wrappers, max_connections, "
         "max_programs, rlimit_as, rlimit_cpu, rlimit_data, rlimit_rss, rlimit_stack, "
-        "rlimit_files, rlimit_nproc, rlimit_core, nice, umask, rcvbuf, sndbuf, keepalive, nodelay, backlog, defer_accept)"
+        "rlimit_files, rlimit_nproc, rlimit_core, nice, umask, rcvbuf, sndbuf, keepalive, "
+        "nodelay, backlog, defer_accept)"
     ]
 
 
