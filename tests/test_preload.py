@@ -9,6 +9,8 @@ import json
 import pytest
 from config_fakes import fake_lookups
 from config_helpers import LOAD_SOURCE, NO_OPTIONS
+from log_events import Event
+from log_events import events as events  # the fixture
 
 from poolinetd.check import service_to_dict
 from poolinetd.config.resolve import LoadedConfig, load_text
@@ -166,3 +168,75 @@ def test_reports_are_read_into_events() -> None:
     got = preload._parse(b'{"t": "failed", "file": "/s.py", "line": 3, "error": "' +
                          b"x" * 5000 + b'"}')
     assert isinstance(got, preload.Failed) and len(got.error) == 2000
+
+
+class _Host:
+    """What a worker does for pool.preloaded, recorded."""
+
+    def __init__(self) -> None:
+        self.execd: list[int] = []
+        self.watching: int | None = None
+
+    def exec_now(self, conn_id, sock, peer, local):  # type: ignore[no-untyped-def]
+        sock.close()
+        self.execd.append(conn_id)
+
+    def spawned(self, conn_id, pid):  # type: ignore[no-untyped-def]
+        pass
+
+    def ended(self, conn_id, pid, code, duration, peer):  # type: ignore[no-untyped-def]
+        pass
+
+    def dropped(self, conn_id):  # type: ignore[no-untyped-def]
+        pass
+
+    def watch_foreign(self, conn_id, pid, peer):  # type: ignore[no-untyped-def]
+        pass
+
+    def watch_preloader(self, fd):  # type: ignore[no-untyped-def]
+        self.watching = fd
+
+
+class _BootingPreloader:
+    """A preloader that never says READY (an import hangs)."""
+
+    state = preload.State.BOOTING
+    pid = 0
+
+    def reap(self, kill: bool = True) -> int:
+        self.state = preload.State.FAILED
+        self.killed = kill
+        return -9
+
+
+def test_a_preloader_that_never_gets_ready_is_given_up(events: list[Event]) -> None:
+    import socket
+
+    from poolinetd.pool import preloaded
+
+    svc = _one(LINE.format(exec="/srv/svc.py", args="svc.py", kind="python", more=""))
+    now = [100.0]
+    host = _Host()
+    got = preloaded.Preloaded(host, svc, lambda: now[0])  # type: ignore[arg-type]
+    fake = _BootingPreloader()
+    got.preloader = fake  # type: ignore[assignment]
+    got.started_at = now[0]
+    pairs = [socket.socketpair() for _ in range(3)]
+    got.launch(1, pairs[0][0], "peer", "")  # queued: it may be ready in a moment
+    assert host.execd == [] and got.busy == 1
+    assert got.due() == 100.0 + preloaded.QUEUE_WHILE_BOOTING
+    now[0] += preloaded.QUEUE_WHILE_BOOTING
+    got.tick(now[0], stopping=False)
+    assert host.execd == [1]  # waited long enough: exec'd
+    got.launch(2, pairs[1][0], "peer", "")  # still booting, past the queueing time: exec'd
+    assert host.execd == [1, 2]
+    assert got.due() == 100.0 + preloaded.BOOT_TIMEOUT
+    now[0] = 100.0 + preloaded.BOOT_TIMEOUT
+    got.tick(now[0], stopping=False)
+    assert fake.killed and fake.state is preload.State.FAILED
+    assert [name for _, name, _ in events] == ["preload_failed"]
+    assert "not ready in 60 s" in str(events[0][2]["error"])
+    got.launch(3, pairs[2][0], "peer", "")
+    assert host.execd == [1, 2, 3] and got.busy == 0
+    for _, b in pairs:
+        b.close()

@@ -155,6 +155,16 @@ def test_a_script_that_cannot_be_preloaded_is_logged_and_exec_d(serve,
     assert b"ModuleNotFoundError: No module named 'no_such_module_at_line_10'" in out
 
 
+def test_an_import_that_hangs_leaves_no_client_waiting(serve, staged_programs: Path) -> None:
+    """Connections queue for a booting preloader only for a moment, then are exec'd."""
+    script = staged_programs / "preload_slow.py"
+    server = serve(_entry("p", "slow", str(script), ", preload=python", pool_max=1))
+    started = time.monotonic()
+    assert _line(server.port(0), b"", timeout=30) == b"served\n"
+    assert time.monotonic() - started < 20
+    assert "preload_ready" not in server.log()
+
+
 def test_a_shebang_without_python_falls_back_to_exec(serve, public_dir: Path) -> None:
     script = public_dir / "shell.py"
     script.write_text("#!/bin/sh\necho shell-ran\n")

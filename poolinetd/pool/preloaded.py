@@ -5,8 +5,10 @@ channel) and the worker (``LaunchHost``: exec, pidfds, reports). The
 preloader forks one child per connection; this class keeps what the worker
 must know of each:
 
-* ``queue``: connections that came while the preloader was importing; sent
-  when it says READY, exec'd if it fails;
+* ``queue``: connections that came in the first QUEUE_WHILE_BOOTING seconds
+  of the preloader's import; sent when it says READY, exec'd if it fails or
+  takes longer (later ones are exec'd at once until it is ready; one not ready
+  in BOOT_TIMEOUT is killed and reported as failed);
 * ``held``: connections sent to it, whose socket the worker still holds
   until SPAWNED (then closed) or REFUSED: if the preloader dies first, the
   program is exec'd on the held socket, so no client is left hanging;
@@ -33,6 +35,8 @@ from poolinetd.config.spec import Service
 from poolinetd.launch import preload, program
 from poolinetd.observe import log
 
+QUEUE_WHILE_BOOTING = 2.0  # seconds connections wait for a booting preloader; then exec'd
+BOOT_TIMEOUT = 60.0  # a preloader not ready by then is killed: preload_failed, exec'd
 RESTART_CALM = 10.0  # seconds a preloader must have served to be restarted at once
 RESTART_FIRST = 0.5  # then: the first delay
 RESTART_MAX = 30.0  # the longest delay
@@ -110,7 +114,7 @@ class Preloaded:
         queued while it imports, exec'd otherwise. The socket is the caller's no more."""
         held = _Held(conn_id, sock, peer, local)
         state = self.preloader.state
-        if state is preload.State.BOOTING:
+        if state is preload.State.BOOTING and self.clock() - self.started_at < QUEUE_WHILE_BOOTING:
             self.queue.append(held)
         elif state is preload.State.READY:
             self._send(held)
@@ -198,11 +202,27 @@ class Preloaded:
             self.host.exec_now(held.conn_id, held.sock, held.peer, held.local)
 
     def due(self) -> float | None:
-        """When the worker should call ``tick`` next (a restart), or None."""
+        """When the worker should call ``tick`` next (a restart, the end of the boot's
+        queueing or its timeout), or None."""
+        if self.preloader.state is preload.State.BOOTING:
+            boot = self.started_at + (QUEUE_WHILE_BOOTING if self.queue else BOOT_TIMEOUT)
+            return boot if self.restart_at is None else min(boot, self.restart_at)
         return self.restart_at
 
     def tick(self, now: float, stopping: bool) -> None:
-        """Restart the preloader when its delay is over (not while the worker stops)."""
+        """Restart the preloader when its delay is over (not while the worker stops); exec
+        what waited too long for a booting one, and give up on one that never gets ready
+        (an import that hangs must not leave clients waiting)."""
+        if self.preloader.state is preload.State.BOOTING:
+            if self.queue and now - self.started_at >= QUEUE_WHILE_BOOTING:
+                queued, self.queue = self.queue, []
+                for held in queued:
+                    self.host.exec_now(held.conn_id, held.sock, held.peer, held.local)
+            if now - self.started_at >= BOOT_TIMEOUT:
+                pre = self.service.preload
+                assert pre is not None
+                why = f"not ready in {BOOT_TIMEOUT:.0f} s (an import hangs?)"
+                self._failed(preload.Failed(pre.script, 0, why))
         if self.restart_at is not None and now >= self.restart_at:
             self.restart_at = None
             if not stopping:
