@@ -60,3 +60,30 @@ def test_reload_reads_the_includedir_again(serve, tmp_path: Path, mode: str) -> 
     server.send_signal(signal.SIGHUP)
     wait_until(lambda: refuses(first), 30.0, "the removed file's service to close")
     assert echoes(second)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_banner_fail_is_sent_when_tcp_wrappers_refuse(serve, tmp_path: Path, mode: str) -> None:
+    """xinetd (built with libwrap) sends banner_fail to a client hosts.deny refuses; so does
+    poolinetd for a service of an xinetd file, and serves the others."""
+    port = free_port()
+    banner = tmp_path / "denied.txt"
+    banner.write_bytes(b"go away\r\n")
+    banner.chmod(0o644)
+    (tmp_path / "hosts.allow").write_text("")
+    (tmp_path / "hosts.deny").write_text("echo: 127.0.0.3\n")
+    conf = (f"service echo\n{{\n\ttype = INTERNAL UNLISTED\n\tsocket_type = stream\n"
+            f"\twait = no\n\tuser = {TEST_USER}\n\tport = {port}\n\tbind = 127.0.0.1\n"
+            f"\tbanner_fail = {banner}\n}}\n")
+    server: Server = serve(conf, "--tcp-wrappers", "--tcp-wrappers-dir", str(tmp_path),
+                           mode=mode)
+    assert echoes(port)
+    with socket.socket() as sock:
+        sock.settimeout(10)
+        sock.bind(("127.0.0.3", 0))
+        sock.connect(("127.0.0.1", port))
+        got = b""
+        while chunk := sock.recv(100):
+            got += chunk
+    assert got == b"go away\r\n"
+    wait_until(lambda: "reason=tcp_wrappers" in server.log(), 20.0, "the refusal logged")

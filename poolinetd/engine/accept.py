@@ -44,6 +44,7 @@ from poolinetd.admission import readers
 from poolinetd.admission.tcpwrappers_options import Severity
 from poolinetd.builtins import internal
 from poolinetd.config.spec import SocketType
+from poolinetd.engine.banners import send_banner
 from poolinetd.engine.dispatch import Dispatcher
 from poolinetd.engine.ledger import Ledger
 from poolinetd.engine.preamble_stage import Peer, PreambleStage
@@ -151,7 +152,7 @@ class AcceptStage:
         """Admit and route one accepted connection (``fd`` taken); False if refused."""
         rt = lst.rt
         if rt.service.spec.banner:  # xinetd's banner: to every client, before anything else
-            _send_banner(fd, family, rt.service.spec.banner)
+            send_banner(fd, family, rt.service.spec.banner)
         ip = peer[0] if peer else ""
         key = rt.admission.source(ip)  # the one admission key of this connection
         if rt.service.proxy_protocol:
@@ -207,7 +208,7 @@ class AcceptStage:
         """Refuse connection ``fd`` (taken) for ``why``: xinetd's banner_fail first, then
         the close, counted and logged."""
         if rt.service.spec.banner_fail:
-            _send_banner(fd, family, rt.service.spec.banner_fail)
+            send_banner(fd, family, rt.service.spec.banner_fail)
         self.release_fd(fd, family)
         self.refusals.refused(rt, ip, why, now)
 
@@ -215,7 +216,7 @@ class AcceptStage:
                   now: float, local: str, env: tuple[tuple[str, str], ...] = ()) -> None:
         """Give fd to the dispatcher and count the instance; closes ``fd`` on every path."""
         if rt.service.spec.banner_success:  # xinetd's: served, before its server runs
-            _send_banner(fd, family, rt.service.spec.banner_success)
+            send_banner(fd, family, rt.service.spec.banner_success)
         # Counted first: the dispatcher may report on it (program_started) at once.
         iid = self.ledger.open(rt, key, now)
         if stagetrace.enabled:
@@ -248,7 +249,7 @@ class AcceptStage:
         kind = socket.SOCK_SEQPACKET if rt.service.socket_type is SocketType.SEQPACKET else (
             socket.SOCK_STREAM)
         if rt.service.spec.banner_success:  # xinetd's: before the built-in's reply
-            _send_banner(fd, family, rt.service.spec.banner_success)
+            send_banner(fd, family, rt.service.spec.banner_success)
         sock = socket.socket(family, kind, 0, fileno=fd)
         sent = 0
         try:
@@ -434,16 +435,3 @@ class AcceptStage:
 def wire_peer(peer: Peer) -> str:
     """The peer as the wire and the environment carry it: "HOST PORT" ("" for unix/none)."""
     return f"{peer[0]} {peer[1]}" if peer else ""
-
-
-def _send_banner(fd: int, family: int, banner: bytes) -> None:
-    """An xinetd banner (banner, banner_success, banner_fail; at most BANNER_MAX bytes):
-    one non-blocking send into the send buffer, so the master never waits on a client
-    (what does not fit is dropped, a reset ignored); ``fd`` stays open."""
-    sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        sock.send(banner, socket.MSG_DONTWAIT)
-    except OSError:
-        pass
-    finally:
-        sock.detach()

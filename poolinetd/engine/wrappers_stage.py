@@ -52,6 +52,7 @@ from typing import Protocol
 from poolinetd.admission import tcpwrappers as tw
 from poolinetd.admission.tcpwrappers_files import RuleFiles
 from poolinetd.admission.tcpwrappers_options import NONE, Actions, actions
+from poolinetd.engine.banners import send_banner
 from poolinetd.engine.refusals import NO_ROOM, Refusals
 from poolinetd.engine.runtime import ServiceRuntime
 from poolinetd.engine.wrappers_commands import Commands
@@ -195,7 +196,7 @@ class WrappersStage:
             if acts.twist is not None:
                 return self._twist(rt, fd, family, addr, got, env, peer_text, now)
         if got.why:
-            self.release_fd(fd, family)
+            self._refuse(rt, fd, family)
             self.refusals.refused(rt, addr, got.why, now, acts.severity)
             return False
         self._connect_line(rt, addr, acts)
@@ -216,6 +217,13 @@ class WrappersStage:
         rt.stats.accepted += 1
         self._connect_line(rt, addr, got.actions)
         return True
+
+    def _refuse(self, rt: ServiceRuntime, fd: int, family: int) -> None:
+        """Let a refused connection go: xinetd's banner_fail first (xinetd sends it when
+        libwrap refuses, too), then the release."""
+        if rt.service.spec.banner_fail:
+            send_banner(fd, family, rt.service.spec.banner_fail)
+        self.release_fd(fd, family)
 
     @staticmethod
     def _connect_line(rt: ServiceRuntime, addr: str, acts: Actions) -> None:
@@ -302,7 +310,7 @@ class WrappersStage:
               accepted: float, local: Peer, addr: str, now: float) -> bool:
         held = self.per_source.get(key, 0)
         if self.waiting >= MAX_WAITING or held >= MAX_WAITING_PER_SOURCE:
-            self.release_fd(fd, family)
+            self._refuse(rt, fd, family)
             self.refusals.refused(rt, addr, TCP_WRAPPERS_BUSY, now)
             return False
         item = Waiting(rt, fd, family, key, peer, accepted, local, addr, now + LOOKUP_DEADLINE)
