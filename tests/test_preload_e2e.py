@@ -226,6 +226,29 @@ def test_a_hostile_script_harms_only_its_own_connection(serve, staged_programs: 
     assert "worker_error" not in server.log() and "Traceback" not in server.log()
 
 
+def test_a_stopped_preloader_is_found_and_replaced(serve, staged_programs: Path) -> None:
+    """A process of the service's user may SIGSTOP the preloader: a connection it holds is
+    exec'd once a ping goes unanswered, and a new preloader serves the next ones."""
+    script = staged_programs / "preload_hostile.py"
+    server = serve(_entry("p", "hostile", str(script), ", preload=python", pool_max=1))
+    port = server.port(0)
+    wait_until(lambda: "preload_ready" in server.log(), 30, "ready")
+    (worker,) = server.workers()
+    (first,) = children_of(worker)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        out = _line(port, b"ok\n", timeout=40).split()
+        assert out[0] == b"ok" and int(out[2]) == worker  # exec'd by the worker itself
+        assert time.monotonic() - started < 30
+        assert "preload_stalled" in server.log()
+        wait_until(lambda: server.log().count("preload_ready") >= 2, 30, "a new preloader")
+        assert int(_line(port, b"ok\n").split()[2]) != worker
+    finally:
+        if os.path.exists(f"/proc/{first}"):
+            os.kill(first, signal.SIGCONT)
+
+
 def test_the_preloader_runs_under_its_worker_as_the_service_user(serve,
                                                                  staged_programs: Path) -> None:
     import pwd

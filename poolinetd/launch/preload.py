@@ -95,7 +95,12 @@ class Died:
     garbage: bool
 
 
-Event = Ready | Failed | Spawned | Refused | Exited | Died
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to ``ping``: the preloader's loop turns."""
+
+
+Event = Ready | Failed | Spawned | Refused | Exited | Died | Pong
 
 
 def parse_shebang(first: bytes) -> tuple[str, str, tuple[str, ...]] | str:
@@ -225,6 +230,22 @@ class Preloader:
             return False
         return True
 
+    def ping(self) -> bool:
+        """Ask the preloader to answer (Pong); False if the channel cannot take it."""
+        if self.chan is None:
+            return False
+        try:
+            self.chan.send(b"ping")
+        except OSError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the preloader (it stopped answering): its EOF then comes as Died."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
     def events(self) -> list[Event]:
         """What the preloader said since the last call (Died last, once, when it is gone;
         Failed last: it exits next)."""
@@ -289,6 +310,8 @@ def _parse(data: bytes) -> Event | None:
         if kind == "refused":
             return Refused(_int(msg["id"]), _int(msg.get("errno") or 0),
                            str(msg.get("error"))[:200])
+        if kind == "pong":
+            return Pong()
         if kind == "ready":
             return Ready(_int(msg["pid"]), _int(msg["modules"]), _int(msg["threads"]))
         if kind == "failed":

@@ -29,7 +29,8 @@ fresh ``sys.stdin``/``stdout``/``stderr``) and runs the script as
 ``__main__`` at the top of the stack, after the serving loop has unwound.
 The parent closes its copy of the socket and reports ``spawned`` (id, pid),
 later ``exit`` (id, status, µs) when it reaps the child, or ``refused`` when
-the fork failed. Module state is never shared: each child is a copy of the
+the fork failed; it answers ``ping`` with ``pong`` (the worker's check that
+it has not been stopped). Module state is never shared: each child is a copy of the
 preloader as it was after the imports.
 
 The preloader exits when the channel ends (the worker stops or is gone);
@@ -221,6 +222,9 @@ class Server:
                     return job
 
     def on_message(self, data: bytes, fds: list[int]) -> Job | None:
+        if data == b"ping" and not fds:  # the worker checks that this loop still turns
+            _send(self.chan, t="pong")
+            return None
         try:
             msg = json.loads(data)
             conn_id, env = int(msg["id"]), msg["env"]

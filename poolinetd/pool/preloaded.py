@@ -38,6 +38,11 @@ from poolinetd.observe import log
 QUEUE_WHILE_BOOTING = 2.0  # seconds connections wait for a booting preloader; then exec'd
 BOOT_TIMEOUT = 60.0  # a preloader not ready by then is killed: preload_failed, exec'd
 RESTART_CALM = 10.0  # seconds a preloader must have served to be restarted at once
+# While it answers for connections, the preloader is pinged every PING_EVERY seconds; one
+# that has not answered PING_TIMEOUT seconds later (stopped, wedged) is killed, so its
+# connections are exec'd and its children watched (their ends reported) without it.
+PING_EVERY = 5.0
+PING_TIMEOUT = 5.0
 RESTART_FIRST = 0.5  # then: the first delay
 RESTART_MAX = 30.0  # the longest delay
 
@@ -93,6 +98,8 @@ class Preloaded:
         self.started_at = 0.0
         self.delay = 0.0  # the next restart's delay (0: at once)
         self.restart_at: float | None = None
+        self.ping_at = 0.0  # when to ping next
+        self.pinged: float | None = None  # when the unanswered ping was sent
 
     @property
     def busy(self) -> int:
@@ -103,6 +110,8 @@ class Preloaded:
         """Start the preloader (at the worker's boot, and for each restart)."""
         self.restart_at = None
         self.started_at = self.clock()
+        self.pinged = None
+        self.ping_at = self.started_at + PING_EVERY
         failed = self.preloader.start()
         if failed is not None:
             self._failed(failed)
@@ -152,6 +161,8 @@ class Preloaded:
                               program=self.service.program, errno=str(event.errno),
                               error=f"fork: {event.error}")
                     self.host.dropped(event.conn_id)
+            elif isinstance(event, preload.Pong):
+                self.pinged = None
             elif isinstance(event, preload.Ready):
                 self._ready(event)
             elif isinstance(event, preload.Failed):
@@ -207,6 +218,9 @@ class Preloaded:
         if self.preloader.state is preload.State.BOOTING:
             boot = self.started_at + (QUEUE_WHILE_BOOTING if self.queue else BOOT_TIMEOUT)
             return boot if self.restart_at is None else min(boot, self.restart_at)
+        if self.preloader.state is preload.State.READY and (self.held or self.running):
+            check = self.ping_at if self.pinged is None else self.pinged + PING_TIMEOUT
+            return check if self.restart_at is None else min(check, self.restart_at)
         return self.restart_at
 
     def tick(self, now: float, stopping: bool) -> None:
@@ -223,10 +237,27 @@ class Preloaded:
                 assert pre is not None
                 why = f"not ready in {BOOT_TIMEOUT:.0f} s (an import hangs?)"
                 self._failed(preload.Failed(pre.script, 0, why))
+        elif self.preloader.state is preload.State.READY and (self.held or self.running):
+            self._check_alive(now)
         if self.restart_at is not None and now >= self.restart_at:
             self.restart_at = None
             if not stopping:
                 self.start()
+
+    def _check_alive(self, now: float) -> None:
+        """Ping the preloader while it answers for connections; kill it when a ping went
+        unanswered (a same-user process can SIGSTOP it: its clients must not wait)."""
+        if self.pinged is not None:
+            if now - self.pinged >= PING_TIMEOUT:
+                log.warning("preload_stalled", service=self.service.name,
+                            preloader=self.preloader.pid, seconds=round(now - self.pinged, 1),
+                            waiting=len(self.held), running=len(self.running))
+                self.pinged = None
+                self.preloader.kill()  # its EOF comes next: Died
+        elif now >= self.ping_at:
+            self.ping_at = now + PING_EVERY
+            if self.preloader.ping():
+                self.pinged = now
 
     def abandon(self) -> None:
         """Past the stop deadline: let go of everything (running children run on)."""

@@ -67,7 +67,7 @@ _TITLE_INTERVAL = 0.5
 LOGGED_EVENTS = frozenset({
     "wire_error", "bad_fd", "bad_loan", "conn_end", "worker_boot_failed", "worker_error",
     "exec_failed", "program_exit", "dgram_refused", "preload_ready", "preload_failed",
-    "preload_exit", "preload_threads",
+    "preload_exit", "preload_threads", "preload_stalled",
 })
 
 
