@@ -10,6 +10,7 @@ the preloader, as the preloader runs the script's imports as that user.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -181,3 +182,40 @@ def test_a_conn_message_too_big_for_the_preloader_is_still_served(
     except TimeoutError:  # (longer than a ping and its timeout: not a stopped preloader)
         answer = b"(no answer in 15 s)"
     assert answer == f"ok {big}\n".encode()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "launch/preload.py Preloader.reap(kill=False), called by pool/preloaded.py _died for "
+    "an EOF: waitpid(pid, 0) blocks while the preloader lives on after its channel ended "
+    "(a shutdown() by the service's user, or a main-thread crash with a non-daemon import "
+    "thread): the worker hangs, is killed as stalled, every connection is reset, and each "
+    "killed worker leaves its preloader behind"))
+def test_a_preloader_that_ends_its_channel_but_lives_does_not_hang_the_worker(
+        serve, public_dir: Path) -> None:
+    module = public_dir / "eof_mod.py"
+    module.write_text(
+        "import os, socket, sys, threading, time\n"
+        "def later():\n"
+        "    time.sleep(1.0)\n"
+        "    chan = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, os.dup(3))\n"
+        "    chan.shutdown(socket.SHUT_RDWR)  # the worker reads EOF; this process lives on\n"
+        "    time.sleep(30)\n"
+        "if hasattr(sys.modules['__main__'], '_send'):  # in the preloader only\n"
+        "    threading.Thread(target=later).start()  # non-daemon: keeps the process\n")
+    module.chmod(0o644)
+    script = _script(public_dir, "svc.py", "import eof_mod\nprint('ok', flush=True)\n")
+    server = serve(_entry(script))
+    try:
+        wait_until(lambda: "preload_ready" in server.log(), 30, "ready")
+        time.sleep(2.0)  # the channel has ended
+        assert tcp_exchange(server.port(0), b"", timeout=15) == b"ok\n"
+        assert "worker_stalled" not in server.log()
+    finally:
+        for entry in os.listdir("/proc"):  # preloaders a killed worker left behind
+            if entry.isdigit():
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if str(script).encode() in cmdline and b"poolinetd preloader" in cmdline:
+                    os.kill(int(entry), signal.SIGKILL)
