@@ -39,6 +39,7 @@ BOOTSTRAP = "import os;exec(compile(os.read(0,1<<20),'<poolinetd preloader>','ex
 # need not be able to read poolinetd's own files (a checkout in root's home).
 SOURCE = Path(__file__).with_name("preloader.py").read_bytes()
 _MAX_REPORT = 8192  # bytes of one message from the preloader
+MAX_CONN_MESSAGE = 1 << 16  # the preloader's MAX_MESSAGE: a larger connection is exec'd
 _SHEBANG_MAX = 256  # bytes of the #! line read (Linux reads 256)
 _SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -223,6 +224,8 @@ class Preloader:
         if self.chan is None or self.state is not State.READY:
             return False
         payload = json.dumps({"id": conn_id, "env": env}).encode()
+        if len(payload) > MAX_CONN_MESSAGE:  # the preloader would read it cut short
+            return False
         rights = array.array("i", [sock.fileno()])
         try:
             self.chan.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
@@ -260,6 +263,8 @@ class Preloader:
             except OSError:
                 data = b""
             event = _parse(data) if data else None
+            if isinstance(event, (Ready, Failed)) and self.state is not State.BOOTING:
+                event = None  # said once, at boot: again is a preloader not to be trusted
             if event is None:  # EOF, or a message no preloader sends: it is done
                 got.append(Died(garbage=bool(data)))
                 break
@@ -303,17 +308,17 @@ def _parse(data: bytes) -> Event | None:
         msg = json.loads(data)
         kind = msg["t"]
         if kind == "spawned":
-            return Spawned(_int(msg["id"]), _int(msg["pid"]))
+            return Spawned(_int(msg["id"]), _int(msg["pid"], *_PID))
         if kind == "exit":
-            return Exited(_int(msg["id"]), _int(msg["pid"]), _int(msg["status"]),
-                          _int(msg["usec"]))
+            return Exited(_int(msg["id"]), _int(msg["pid"], *_PID),
+                          _int(msg["status"], *_STATUS), _int(msg["usec"], *_USEC))
         if kind == "refused":
-            return Refused(_int(msg["id"]), _int(msg.get("errno") or 0),
+            return Refused(_int(msg["id"]), _int(msg.get("errno") or 0, 0, 4095),
                            str(msg.get("error"))[:200])
         if kind == "pong":
             return Pong()
         if kind == "ready":
-            return Ready(_int(msg["pid"]), _int(msg["modules"]), _int(msg["threads"]))
+            return Ready(_int(msg["pid"], *_PID), _int(msg["modules"]), _int(msg["threads"]))
         if kind == "failed":
             return Failed(str(msg["file"])[:500], _int(msg["line"]), str(msg["error"])[:2000])
     except (ValueError, KeyError, TypeError):
@@ -321,8 +326,15 @@ def _parse(data: bytes) -> Event | None:
     return None
 
 
-def _int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > 2**62:
-        raise ValueError("not an integer")
+def _int(value: object, low: int = 0, high: int = 2**62) -> int:
+    """An integer report field within [low, high], else ValueError (the report is garbage:
+    a value the wire up to the master could not carry must never reach it)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError("not an integer in range")
     return value
+
+
+_PID = (2, 2**31 - 1)
+_STATUS = (-64, 255)  # wire.EXIT_CODES
+_USEC = (0, 2**63 - 1)  # what STATS carries (wire._EXIT: unsigned 64 bits)
 

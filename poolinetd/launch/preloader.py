@@ -236,18 +236,33 @@ class Server:
             sys.stderr.write(f"poolinetd preloader: bad message: {exc}\n")
             return None
         started = time.monotonic()
+        # The child waits at this gate until the worker has been told it serves the
+        # connection: a preloader killed in between must not leave the connection to a
+        # child the worker does not know of, which it would serve a second time by exec.
+        gate_r, gate_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            os.close(fds[0])
+            for fd in (fds[0], gate_r, gate_w):
+                os.close(fd)
             _send(self.chan, t="refused", id=conn_id, errno=exc.errno, error=exc.strerror)
             return None
         if pid == 0:
+            os.close(gate_w)
+            go = os.read(gate_r, 1)
+            os.close(gate_r)
+            if not go:  # the preloader died before the worker knew: not ours to serve
+                os._exit(0)
             return Job(self.config, self.code, fds[0],
                        {str(k): str(v) for k, v in env.items()})
+        os.close(gate_r)
         os.close(fds[0])
         self.children[pid] = (conn_id, started)
-        _send(self.chan, t="spawned", id=conn_id, pid=pid)
+        try:
+            _send(self.chan, t="spawned", id=conn_id, pid=pid)
+            os.write(gate_w, b"g")
+        finally:
+            os.close(gate_w)
         return None
 
     def reap(self) -> None:
@@ -409,6 +424,16 @@ def _finish(code: int, interrupted: bool) -> int:
     return code
 
 
+def _limit_forks(config: dict[str, Any]) -> None:
+    """The service's rlimit_nproc as this process's soft limit: a fork past it fails
+    with EAGAIN (``refused``, logged as exec_failed), as a spawn past it does."""
+    for res, value in config.get("rlimits", ()):
+        if int(res) == resource.RLIMIT_NPROC:
+            hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+            with contextlib.suppress(OSError, ValueError):
+                resource.setrlimit(resource.RLIMIT_NPROC, (int(value), hard))
+
+
 def main() -> None:
     """The preloader's life: setup, preload, serve; a child leaves the loop to run."""
     chan_fd = os.dup(0)
@@ -440,6 +465,7 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     _send(chan, t="ready", pid=os.getpid(), modules=len(sys.modules), threads=threads)
+    _limit_forks(config)
     server = Server(chan, config, code)
     job = server.serve()
     if job is None:

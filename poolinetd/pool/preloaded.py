@@ -192,7 +192,9 @@ class Preloaded:
     def _died(self, event: preload.Died) -> None:
         now = self.clock()
         self.host.watch_preloader(None)
-        status = self.preloader.reap(kill=event.garbage)
+        # Killed even at EOF: a process can end its channel and live on (a thread of an
+        # import keeps it), and reap waits for it.
+        status = self.preloader.reap(kill=True)
         log.warning("preload_exit", service=self.service.name, status=status,
                     running=len(self.running))
         self._exec_waiting()
