@@ -55,14 +55,18 @@ from benchmarks.machine import machine_facts
 from benchmarks.procstat import TreeStat, snapshot
 from benchmarks.servers import (
     C_REFERENCE,
+    C_SPAWN,
+    C_SPAWN_SCENARIO,
     Scenario,
     Server,
     ServerError,
     build_c_reference,
+    build_tool,
     find_openbsd_inetd,
     find_xinetd,
     python_cmd,
     start_c_reference,
+    start_c_spawn,
     start_openbsd_inetd,
     start_poolinetd,
     start_xinetd,
@@ -90,7 +94,7 @@ POOL_MODES = ("pool", "classic")
 # stalls (the forked child never reads) after a few dozen connections from
 # many distinct source addresses; from one source it works.
 SINGLE_SOURCE = {("xinetd", "echo")}
-PEERS = ("xinetd", "openbsd-inetd", C_REFERENCE)
+PEERS = ("xinetd", "openbsd-inetd", C_REFERENCE, C_SPAWN)
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -172,6 +176,10 @@ def _start(mode: str, scenarios: list[Scenario], tmp: Path, args: argparse.Names
         binary = build_c_reference(tmp)
         assert binary is not None
         return start_c_reference(binary, scenarios, tmp)
+    if mode == C_SPAWN:
+        binary = build_tool("cspawn", tmp)
+        assert binary is not None
+        return start_c_spawn(binary, scenarios, tmp)
     if mode == "xinetd":
         binary = find_xinetd()
         assert binary is not None
@@ -215,6 +223,11 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     modes.append(C_REFERENCE)
                 else:
                     skipped_modes[C_REFERENCE] = "no C compiler (cc) to build tools/cecho.c"
+            if any(s.name == C_SPAWN_SCENARIO for s in scenarios):
+                if build_tool("cspawn", tmp) is not None:
+                    modes.append(C_SPAWN)
+                else:
+                    skipped_modes[C_SPAWN] = "no C compiler (cc) to build tools/cspawn.c"
         # Launched programs run as nobody: they must be able to reach the script.
         os.chmod(tmp, 0o755)
         script = tmp / "sleep100.sh"

@@ -464,6 +464,23 @@ def start_c_reference(binary: str, scenarios: list[Scenario], tmp: Path) -> Serv
     return server
 
 
+C_SPAWN = "c-spawn"
+C_SPAWN_SCENARIO = "cat"  # the launched program it serves (one per process)
+
+
+def start_c_spawn(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
+    """tools/cspawn.c: the exec-per-connection bound, one C process that posix_spawns
+    the ``cat`` scenario's program per connection (the other scenarios are skipped)."""
+    cat = next((s for s in scenarios if s.name == C_SPAWN_SCENARIO), None)
+    if cat is None:
+        raise ServerError(f"{C_SPAWN} serves only the {C_SPAWN_SCENARIO} scenario")
+    server = start_echo_tool(C_SPAWN, [binary, "0", *_argv(cat, tmp)], tmp)
+    server.ports = {cat.name: server.ports["echo"]}
+    server.skipped = {s.name: "serves the cat scenario only" for s in scenarios
+                      if s.name != cat.name}
+    return server
+
+
 def start_pyecho(tmp: Path) -> Server:
     """tools/pyecho.py in a session of its own; its port is the line it prints."""
     return start_echo_tool("pyecho", [sys.executable, str(PYECHO)], tmp)

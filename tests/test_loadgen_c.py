@@ -9,6 +9,7 @@ stops cleanly on SIGINT. Skipped, saying why, only without a C compiler.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -128,8 +129,26 @@ def run(binary: str, *args: str, limit: float = 20) -> tuple[int, dict[str, Any]
 
 def test_builds_warning_free_with_the_benchmark_flags(tmp_path: Path) -> None:
     # build_tool compiles with -Wall -Wextra -Werror; a warning would be None here.
-    for tool in ("loadgen", "handoff", "cecho"):
+    for tool in ("loadgen", "handoff", "cecho", "cspawn"):
         assert build_tool(tool, tmp_path) is not None, tool
+
+
+def test_against_cspawn_exec_per_connection(binary: str, tmp_path: Path) -> None:
+    """tools/cspawn.c (the c-spawn column) spawns /bin/cat per connection: the load
+    generator's echo gets every byte back."""
+    cspawn = build_tool("cspawn", tmp_path)
+    assert cspawn is not None
+    with subprocess.Popen([cspawn, "0", "/bin/cat"], stdout=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            assert proc.stdout is not None
+            port = proc.stdout.readline().strip()
+            rc, doc, err = run(binary, "--port", port, "--scenario", "echo", "-c", "4",
+                               "-d", "0.5", "-w", "0")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0 and doc["error_total"] == 0, (err, doc["errors"])
+    assert doc["completed"] > 5
 
 
 def test_echo_counts_match_what_the_server_saw(binary: str) -> None:
