@@ -81,3 +81,152 @@ def test_backgrounded_spawn_commands_stay_within_the_cap(serve, tmp_path: Path,
         for pid in _with_arg(f"sleep\0{marker}".encode()) + _with_arg(marker.encode()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- the command start rate is per service: over services, the root master forks without bound
+
+
+@pytest.mark.process
+@pytest.mark.xfail(strict=True, reason="MAX_STARTS_PER_SECOND is per service name only: a "
+                   "client flooding N wrapped services (hosts.deny 'ALL: ALL: spawn ...') makes "
+                   "the root master fork N x 64 times a second (measured: 8 services, 475/s, "
+                   "master 54% of a core, other services' p50 latency 0.8 -> 112 ms)")
+def test_command_starts_are_bounded_over_all_services(serve, tmp_path: Path,
+                                                      public_dir: Path) -> None:
+    services = 8
+    count = public_dir / "count"
+    count.write_text("")
+    count.chmod(0o666)
+    _rules(tmp_path, "", f"ALL: ALL: spawn echo >> {count}\n")
+    conf = "".join(f"127.0.9.{k + 1}:0 on socktype=stream, wait=no, user={U}, exec=/bin/cat, "
+                   f"args=svc{k};\n" for k in range(services))
+    server: Server = serve(conf, "--tcp-wrappers", "--tcp-wrappers-dir", str(tmp_path))
+    targets = [(f"127.0.9.{k + 1}", server.port(k)) for k in range(services)]
+    seconds = 4.0
+    began = time.monotonic()
+    i = 0
+    while time.monotonic() - began < seconds:
+        for target in targets:  # about 100 a second per service
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.bind((f"127.0.2.{1 + i % 250}", 0))
+                sock.connect(target)
+            i += 1
+        time.sleep(0.01)
+    elapsed = time.monotonic() - began
+    time.sleep(1.0)  # the last commands finish
+    started = len(count.read_text())
+    assert started <= MAX_STARTS_PER_SECOND * (elapsed + 1), (
+        f"{started} commands in {elapsed:.1f} s over {services} services: "
+        f"{started / elapsed:.0f} forks of the root master a second")
+
+
+# -- twisted connections are not instances: one source takes every slot ---------------------
+
+
+@pytest.mark.process
+@pytest.mark.xfail(strict=True, reason="twisted connections are not counted as instances, so "
+                   "max_child/max_child_per_ip never see them: one source holds all "
+                   "MAX_PER_SERVICE twist commands and every other client is refused "
+                   "(tcp_wrappers_busy)")
+@pytest.mark.parametrize("mode", MODES)
+def test_one_source_cannot_hold_every_twist_slot(serve, tmp_path: Path, mode: str) -> None:
+    _rules(tmp_path, "cat: ALL: twist /bin/cat\n", "")
+    server: Server = serve(f"127.0.0.1:0 on socktype=stream, wait=no, user={U}, exec=/bin/cat, "
+                           "args=cat, max_child=4, max_child_per_ip=2;\n",
+                           "--tcp-wrappers", "--tcp-wrappers-dir", str(tmp_path), mode=mode)
+    port = server.port()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_PER_SERVICE + 8):
+            sock = socket.socket()
+            sock.settimeout(5)
+            sock.bind(("127.0.0.66", 0))
+            sock.connect(("127.0.0.1", port))
+            held.append(sock)
+        time.sleep(1.0)
+        with socket.socket() as other:
+            other.settimeout(10)
+            other.bind(("127.0.0.77", 0))
+            other.connect(("127.0.0.1", port))
+            other.sendall(b"legit")
+            other.shutdown(socket.SHUT_WR)
+            got = b""
+            with contextlib.suppress(OSError):
+                while chunk := other.recv(100):
+                    got += chunk
+        assert got == b"legit", "another client is refused: one source holds every slot"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+# -- a judged datagram service drains one source every DGRAM_NAME_RETRY --------------------
+
+UDP_OK = """#!/usr/bin/python3
+import socket
+sock = socket.socket(fileno=0)
+sock.settimeout(0.3)
+while True:
+    try:
+        data, peer = sock.recvfrom(2048)
+    except TimeoutError:
+        break
+    sock.sendto(b"ok", peer)
+sock.detach()
+"""
+
+
+@pytest.mark.process
+@pytest.mark.root
+@pytest.mark.xfail(strict=True, reason="a datagram whose rule needs its source's name is "
+                   "re-peeked only every DGRAM_NAME_RETRY (50 ms), never when the resolver "
+                   "answers: a judged dgram wait service drains about 20 sources a second, so "
+                   "~20 (spoofable) datagrams a second from fresh sources keep everyone out")
+def test_a_burst_of_new_datagram_sources_does_not_lock_out_a_known_client(
+        serve, tmp_path: Path, public_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import sys
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (a mount namespace for /etc/resolv.conf)")
+    prog = public_dir / "udpok.py"
+    prog.write_text(UDP_OK)
+    prog.chmod(0o755)
+    # A DNS server that refuses at once (nothing on 127.0.0.54:53): a lookup of an
+    # address /etc/hosts lacks fails in milliseconds, whatever the machine's resolver.
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.54\noptions timeout:1 attempts:1\n")
+    wrapper = tmp_path / "nspython"
+    wrapper.write_text(
+        "#!/bin/sh\nexec unshare --mount --propagation private /bin/sh -c "
+        f"'mount --bind {resolv} /etc/resolv.conf && exec \"$0\" \"$@\"' {sys.executable} "
+        "\"$@\"\n")
+    wrapper.chmod(0o755)
+    _rules(tmp_path, "udpok: LOCAL\n", "udpok: ALL\n")  # LOCAL: the rule needs a name
+    monkeypatch.setattr(sys, "executable", str(wrapper))
+    server: Server = serve(f"127.0.0.1:0 dgram udp wait {U} {prog} udpok\n",
+                           "--tcp-wrappers", "--tcp-wrappers-dir", str(tmp_path))
+    monkeypatch.undo()
+    port = server.port()
+
+    def served_in(timeout: float) -> float | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(timeout)
+            began = time.monotonic()
+            sock.sendto(b"q", ("127.0.0.1", port))
+            try:
+                sock.recvfrom(100)
+            except TimeoutError:
+                return None
+            return time.monotonic() - began
+
+    assert served_in(30) is not None  # localhost's name is now cached
+    time.sleep(0.6)  # the program has left
+    sources = 100
+    for i in range(sources):  # one datagram each from 100 new sources
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((f"127.6.{i // 250}.{1 + i % 250}", 0))
+            sock.sendto(b"f", ("127.0.0.1", port))
+    took = served_in(60)
+    assert took is not None and took < 2.0, (
+        f"localhost served {took} s after {sources} datagrams from new sources")
