@@ -109,7 +109,9 @@ class Service:
     user_name = "u"
     env = ()
 
-    class spec:  # the shape connection_env reads
+    class spec:  # the shape connection_env and a refusal read
+        banner_fail = b""
+
         class protocol:
             is_unix = False
             is_udp = False

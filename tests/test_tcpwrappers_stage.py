@@ -229,6 +229,9 @@ class FakeRefusals:
 class FakeService:
     tcp_wrappers = "echo"
 
+    class spec:  # what a refusal reads (an xinetd service's banner_fail)
+        banner_fail = b""
+
 
 class FakeRt:
     service = FakeService()
