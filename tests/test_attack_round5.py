@@ -230,3 +230,21 @@ def test_a_burst_of_new_datagram_sources_does_not_lock_out_a_known_client(
     took = served_in(60)
     assert took is not None and took < 2.0, (
         f"localhost served {took} s after {sources} datagrams from new sources")
+
+
+# -- a client's host name against a multi-star pattern: backtracking in the root master -------
+
+
+@pytest.mark.xfail(strict=True, reason="tcpwrappers._wildcard turns '*' into '.*' for Python's "
+                   "backtracking re: k stars cost O(n^k) on a non-matching name the client "
+                   "chooses (its forward-confirmed DNS name, up to 253 bytes), in the master's "
+                   "loop on every connection: 4 stars ~120 ms, 5 stars ~2.4 s a connection")
+def test_wildcard_match_is_linear_in_a_hostile_name() -> None:
+    from poolinetd.admission import tcpwrappers as tw
+
+    name = "a." * 125 + "zz"  # 252 bytes of host-name characters, many dots, no match
+    began = time.perf_counter()
+    assert not tw._wildcard(name, "*.*.*.*.example.com")
+    assert tw._wildcard("x.y.z.w.example.com", "*.*.*.*.example.com")
+    took = time.perf_counter() - began
+    assert took < 0.02, f"{took * 1000:.0f} ms for one match in the master's loop"
