@@ -126,7 +126,10 @@ def test_a_failed_report_after_ready_leaves_no_instance_counted(
         "import time\nprint('ok', flush=True)\ntime.sleep(0.5)\n")
     server = serve(_entry(script))
     wait_until(lambda: "preload_ready" in server.log(), 30, "ready")
-    assert tcp_exchange(server.port(0), b"", timeout=20) == b"ok\n"
+    # Killed for the forged report before it opened its child's gate, the preloader's
+    # child never serves (its client gets nothing); killed after, it serves: either way,
+    # once at most, and the instance is not counted for ever.
+    assert tcp_exchange(server.port(0), b"", timeout=20) in (b"ok\n", b"")
     # FAILED is said once, at boot: after READY it is a preloader not to be trusted.
     wait_until(lambda: "preload_exit" in server.log(), 10, "preload_exit")
     assert "preload_failed" not in server.log()

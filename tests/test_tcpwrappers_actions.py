@@ -103,6 +103,7 @@ class FakeFork:
 
 class Service:
     tcp_wrappers = "echo"
+    name = "echo/tcp"
     uid = gid = os.getuid()
     groups = ()
     home = "/"
@@ -127,6 +128,7 @@ class Rt(FakeRt):
 
     def __init__(self) -> None:
         self.stats = Stats()
+        self.paused_until = 0.0
 
 
 def staged(tmp_path: Path, allow: str, deny: str = "") -> tuple[Any, ...]:
@@ -163,13 +165,24 @@ def test_stage_twist_takes_the_connection(tmp_path: Path) -> None:
 def test_stage_caps_commands_per_service(tmp_path: Path) -> None:
     st, fork, _, released, refusals = staged(tmp_path, "echo: ALL: twist sleep 9\n")
     rt = Rt()
-    for fd in range(wc.MAX_PER_SERVICE):
-        assert st.judge(rt, 100 + fd, socket.AF_INET, "k", ("10.0.0.1", 9), 0.0, None)
+    for fd in range(wc.MAX_PER_SERVICE):  # from as many sources (each may hold 4)
+        assert st.judge(rt, 100 + fd, socket.AF_INET, "k", (f"10.0.1.{fd}", 9), 0.0, None)
     assert not st.judge(rt, 5, socket.AF_INET, "k", ("10.0.0.1", 9), 0.0, None)
     assert len(fork.calls) == wc.MAX_PER_SERVICE and released[-1] == 5
     assert refusals.refused == [ws.TCP_WRAPPERS_BUSY]
     st.commands.child_exited(1001, 0)  # one ended: room for one more
     assert st.judge(rt, 6, socket.AF_INET, "k", ("10.0.0.1", 9), 0.0, None)
+
+
+def test_one_source_holds_at_most_max_per_source_commands(tmp_path: Path) -> None:
+    st, _, _, _, _ = staged(tmp_path, "echo: ALL: twist sleep 9\n")
+    rt = Rt()
+    for fd in range(wc.MAX_PER_SOURCE):
+        assert st.judge(rt, 100 + fd, socket.AF_INET, "k", ("10.0.0.1", fd), 0.0, None)
+    assert not st.judge(rt, 5, socket.AF_INET, "k", ("10.0.0.1", 99), 0.0, None)
+    assert st.judge(rt, 6, socket.AF_INET, "k", ("10.0.0.2", 1), 0.0, None)  # another source
+    st.commands.child_exited(1001, 0)  # one of 10.0.0.1's ended
+    assert st.judge(rt, 7, socket.AF_INET, "k", ("10.0.0.1", 7), 0.0, None)
 
 
 def test_commands_are_rate_bounded_per_service() -> None:

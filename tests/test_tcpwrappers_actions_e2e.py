@@ -70,11 +70,15 @@ def test_spawn_runs_as_the_service_user_on_dev_null(serve, tmp_path: Path, drop_
     assert "wrappers_command" not in server.log()  # exit 0, connections not logged
 
 
-def _is_shell(pid: int) -> bool:
+def _comm(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() in ("sh", "sleep")
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return False
+        return ""
+
+
+def _is_shell(pid: int) -> bool:
+    return _comm(pid) in ("sh", "sleep")
 
 
 @pytest.mark.process
@@ -293,17 +297,17 @@ def test_hostile_names_do_not_inject_and_spawn_floods_are_capped(
     assert not list(Path("/").glob("PWN")) and not list(drop_dir.glob("*PWN*"))
     # a flood of clients whose rule spawns a command that never ends: capped
     from poolinetd.engine.wrappers_commands import MAX_PER_SERVICE
-    for _ in range(MAX_PER_SERVICE + 8):
-        exchange_from("127.0.0.1", discard, b"")
+    for n in range(MAX_PER_SERVICE + 8):  # from distinct sources (one holds 4 at most)
+        exchange_from(f"127.0.3.{n + 1}", discard, b"")
     wait_until(lambda: "wrappers_command_refused" in server.log(), 30, "the cap's line")
-    # exactly the cap runs (each is the master's child: sh, or sleep if sh exec'd it)
-    wait_until(lambda: len([p for p in children_of(server.pid) if _is_shell(p)])
+    # exactly the cap runs (each a sleep, below its sh, below its watcher)
+    wait_until(lambda: len([p for p in _all_descendants(server.pid) if _comm(p) == "sleep"])
                == MAX_PER_SERVICE, 30, "the capped commands")
     assert re.search(rf"wrappers_command_refused .*kind=spawn .*limit={MAX_PER_SERVICE}",
                      server.log())
     for pid in [p for p in _all_descendants(server.pid) if _is_shell(p)]:
         os.kill(pid, 9)  # the test's own cleanup: the master leaves commands running
-    wait_until(lambda: not [p for p in children_of(server.pid) if _is_shell(p)], 30,
+    wait_until(lambda: not [p for p in _all_descendants(server.pid) if _is_shell(p)], 30,
                "the killed commands reaped")
     assert "wrappers_command_exit" in server.log()  # killed: status -9, logged
 

@@ -268,8 +268,8 @@ def stage(tmp_path: Path, allow: str, deny: str = "ALL: ALL\n", resolver_ok: boo
                           lambda fd, family: released.append(fd), lambda s, h: None,
                           lambda s: None, str(tmp_path))
     refusals.refused = []  # the stage calls refusals.refused(...)
-    st.refusals = type("R", (), {"refused": refusals.refused_fn,
-                                 "count": refusals.count})()  # type: ignore[assignment]
+    st.refusals = type("R", (), {"refused": refusals.refused_fn, "count": refusals.count,
+                                 "wake_at": lambda self, when: None})()  # type: ignore[assignment]
     st.resolver = FakeResolver(resolver_ok)  # type: ignore[assignment]
     return st, clock, delivered, released, refusals, host
 

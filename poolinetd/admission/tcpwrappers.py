@@ -532,9 +532,30 @@ def _string_match(tok: str, value: str) -> bool:
 
 def _wildcard(value: str, pattern: str) -> bool:
     """``*`` and ``?`` over the whole of ``value``, ignoring ASCII case (Debian's
-    match_pattern_ylo; tcpdmatch agrees: ``?cho`` matches ``ECHO``)."""
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, value, re.DOTALL | re.IGNORECASE | re.ASCII) is not None
+    match_pattern_ylo; tcpdmatch agrees: ``?cho`` matches ``ECHO``).
+
+    A greedy glob that backtracks only to the last ``*``: O(len(value) x
+    len(pattern)) whatever the pattern (a regex of ``.*`` runs is exponential in
+    the stars on a name that does not match, and the client chooses the name).
+    """
+    text, pat = value.translate(_LOWER), pattern.translate(_LOWER)
+    t = p = 0
+    star, mark = -1, 0  # where the last * was, and where in text it stood
+    while t < len(text):
+        if p < len(pat) and pat[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif p < len(pat) and (pat[p] == "?" or pat[p] == text[t]):
+            t += 1
+            p += 1
+        elif star >= 0:  # let the last * take one character more
+            mark += 1
+            t, p = mark, star + 1
+        else:
+            return False
+    while p < len(pat) and pat[p] == "*":
+        p += 1
+    return p == len(pat)
 
 
 def _masked_match(net: str, mask: str, addr: str) -> bool:

@@ -574,10 +574,6 @@ class Engine:
 def _become_subreaper() -> None:
     """PR_SET_CHILD_SUBREAPER: programs whose worker died are reparented to us, not to init."""
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER = 36
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        spawn.become_subreaper()
     except (OSError, AttributeError):
         log.warning("subreaper_unavailable")

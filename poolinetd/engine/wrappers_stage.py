@@ -137,6 +137,8 @@ class WrappersStage:
         self.cache: dict[str, tuple[str, float]] = {}  # addr -> (name, expires)
         self.waiting = 0
         self.dgram_lookups: dict[str, float] = {}  # datagram source -> when to stop waiting
+        # ... and the datagram services resting until its answer: woken when it comes
+        self.dgram_waiters: dict[str, list[ServiceRuntime]] = {}
         self.commands = Commands(fork or spawn.fork_child, clock, log_connections)
 
     def __len__(self) -> int:
@@ -259,6 +261,9 @@ class WrappersStage:
             if addr not in self.dgram_lookups and not self._ask_dgram(addr, now):
                 got = self._decide(rt, addr, None, tw.UNKNOWN)
             if got is None:
+                waiters = self.dgram_waiters.setdefault(addr, [])
+                if not any(w is rt for w in waiters):
+                    waiters.append(rt)
                 return None
         self._forget_dgram_lookup(addr)
         acts = got.actions
@@ -293,8 +298,19 @@ class WrappersStage:
         return True
 
     def _forget_dgram_lookup(self, addr: str) -> None:
+        self.dgram_waiters.pop(addr, None)
         if self.dgram_lookups.pop(addr, None) is not None and self.by_addr.get(addr) == []:
             del self.by_addr[addr]  # nothing else waits for it: a late answer is dropped
+
+    def _wake_dgram(self, addr: str, now: float) -> None:
+        """The name of a datagram source some services rest for has come: they are polled
+        again at once (not at the end of their DGRAM_NAME_RETRY rest: a burst of new
+        sources would otherwise cost each one that rest, in front of every datagram
+        queued behind it)."""
+        for rt in self.dgram_waiters.pop(addr, []):
+            if rt.paused_until > now:
+                rt.paused_until = now
+        self.refusals.wake_at(now)
 
     def _cached(self, addr: str, now: float) -> str | None:
         hit = self.cache.get(addr)
@@ -335,6 +351,8 @@ class WrappersStage:
         if len(self.cache) >= CACHE_SIZE:
             self.cache.clear()
         self.cache[addr] = (name, now + CACHE_TTL)
+        if addr in self.dgram_waiters:
+            self._wake_dgram(addr, now)
         for item in self.by_addr.pop(addr, []):
             self._settle(item, name, now)
 
@@ -346,6 +364,9 @@ class WrappersStage:
             for item in items:
                 self._settle(item, tw.UNKNOWN, now)
         self.by_addr.clear()
+        for addr in list(self.dgram_lookups):  # their next datagram: judged as unknown
+            self.dgram_lookups[addr] = now
+            self._wake_dgram(addr, now)
 
     def _settle(self, item: Waiting, name: str, now: float) -> None:
         if item.done:

@@ -15,6 +15,7 @@ user) is ``launch.program``'s.
 from __future__ import annotations
 
 import contextlib
+import ctypes  # imported here, by root: a child that dropped privileges may not reach it
 import errno
 import os
 import resource
@@ -64,6 +65,15 @@ def set_title(title: str) -> None:
         return
     with contextlib.suppress(Exception):
         setproctitle.setproctitle(title)
+
+
+def become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER for this process: every descendant orphaned below it is
+    reparented to it, not to init (or to the master). Raises OSError if refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER = 36
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def close_fds_except(keep: Iterable[int]) -> None:

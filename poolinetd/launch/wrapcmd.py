@@ -2,7 +2,8 @@
 
 Touches the OS: fork (through the caller's ``Fork``, normally
 ``spawn.fork_child``), then in the child only: setgroups/setgid/setuid,
-open of /dev/null, setsid, dup2, execve of /bin/sh.
+open of /dev/null, PR_SET_CHILD_SUBREAPER, a fork whose child does setsid,
+dup2 and execve of /bin/sh, and waitpid for the whole command.
 
 The master decides, a child it forks runs the command. The child drops to
 the service's user first (``privileges.drop``, which proves root cannot be
@@ -81,18 +82,42 @@ def run(fork: Fork, kind: Kind, service: Service, command: str, env: Mapping[str
 
 def _become_shell(service: Service, argv: tuple[str, ...], env: dict[str, str],
                   conn_fd: int) -> int:
-    """In the forked child: drop to the service's user, then exec the shell. Returns an
-    exit code only when that could not be done."""
+    """In the forked child: drop to the service's user, then run the shell below itself
+    and wait for it and for everything it leaves behind; returns the shell's status.
+
+    The child is a subreaper: a command that puts itself in the background
+    (``spawn (safe_finger -l @%h | mail root) &``, hosts_access(5)'s own
+    example) or daemonizes stays below it, so the master's count of running
+    commands (and its caps) holds until the last of them has exited, and a
+    backgrounded twist keeps its slot for as long as it holds the client.
+    """
     try:
         privileges.drop(service.uid, service.gid, service.groups)
     except privileges.PrivilegeError:
         return EX_NOPERM
+    kind = "twist" if conn_fd >= 0 else "spawn"
+    spawn.set_title(f"poolinetd: {service.name} tcp_wrappers {kind}")
     spawn.restore_fd_limit()
     if conn_fd < 0:
         fd = os.open(os.devnull, os.O_RDWR)  # close-on-exec: only its dups on 0-2 stay
     else:
         fd = conn_fd
         os.set_blocking(fd, True)  # a shell command expects a blocking socket
-    with contextlib.suppress(OSError):  # no /bin/sh: the exit code says so
-        spawn.exec_in_place(SHELL, argv, env, fd)
-    return EX_EXEC_FAILED
+    with contextlib.suppress(OSError, AttributeError):  # refused: as without (logged by none)
+        spawn.become_subreaper()
+    shell = os.fork()
+    if shell == 0:
+        with contextlib.suppress(OSError):  # no /bin/sh: the exit code says so
+            spawn.exec_in_place(SHELL, argv, env, fd)
+        os._exit(EX_EXEC_FAILED)
+    os.close(fd)  # the command's processes hold the connection now, not this one
+    code = EX_EXEC_FAILED
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:  # the shell and all it left behind are gone
+            break
+        if pid == shell:
+            got = os.waitstatus_to_exitcode(status)
+            code = got if got >= 0 else 128 - got
+    return code
