@@ -120,6 +120,8 @@ def test_setenv_reaches_the_program(serve, tmp_path: Path, mode: str) -> None:
     assert not [line for line in got if line.startswith("WRAPPED=")], got
     got = exchange_from("127.0.0.3", plain, b"").decode().splitlines()
     assert "ONLY_TWIST=yes" in got and f"USER={U}" in got, got
+    # the twist command knows where the client connected, as a program would
+    assert "TCPLOCALIP=127.0.0.1" in got and f"TCPLOCALPORT={plain}" in got, got
 
 
 @pytest.mark.process

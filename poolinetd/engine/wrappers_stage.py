@@ -56,7 +56,7 @@ from poolinetd.engine.banners import send_banner
 from poolinetd.engine.refusals import NO_ROOM, Refusals
 from poolinetd.engine.runtime import ServiceRuntime
 from poolinetd.engine.wrappers_commands import Commands
-from poolinetd.launch import spawn, wrapcmd
+from poolinetd.launch import program, spawn, wrapcmd
 from poolinetd.launch.resolver import Fork, Resolver, Unwatch, Watch
 from poolinetd.observe import log
 
@@ -191,6 +191,9 @@ class WrappersStage:
         acts = got.actions
         peer_text, local_text = _text(peer), _text(local)
         if acts.spawn or acts.twist is not None:
+            # A command's TCPLOCALIP/TCPLOCALPORT: the PROXY header's destination, else
+            # the socket's own address (asked only when a command runs).
+            local_text = local_text or _own_address(fd, family)
             env = wrapcmd.environment(rt.service, peer_text, local_text, acts.env)
             for command in acts.spawn:
                 self.commands.start(wrapcmd.Kind.SPAWN, rt.name, rt.service, command, env,
@@ -433,6 +436,21 @@ class WrappersStage:
         self.per_source.clear()
         self.waiting = 0
         self.resolver.close()
+
+
+def _own_address(fd: int, family: int) -> str:
+    """Connection ``fd``'s local address as "HOST PORT" ("" for unix, or when the kernel
+    cannot say: the client already reset it); ``fd`` stays the caller's."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    except OSError:
+        return ""
+    try:
+        return program.format_addr(sock.getsockname())
+    except OSError:
+        return ""
+    finally:
+        sock.detach()
 
 
 def _text(peer: Peer) -> str:
