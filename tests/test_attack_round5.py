@@ -156,31 +156,18 @@ def test_one_source_cannot_hold_every_twist_slot(serve, tmp_path: Path, mode: st
 
 # -- a judged datagram service drains one source every DGRAM_NAME_RETRY --------------------
 
-UDP_OK = """#!/usr/bin/python3
-import socket
-sock = socket.socket(fileno=0)
-sock.settimeout(0.3)
-while True:
-    try:
-        data, peer = sock.recvfrom(2048)
-    except TimeoutError:
-        break
-    sock.sendto(b"ok", peer)
-sock.detach()
-"""
 
 
 @pytest.mark.process
 @pytest.mark.root
 def test_a_burst_of_new_datagram_sources_does_not_lock_out_a_known_client(
-        serve, tmp_path: Path, public_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        serve, tmp_path: Path, staged_programs: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
     import sys
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare (a mount namespace for /etc/resolv.conf)")
-    prog = public_dir / "udpok.py"
-    prog.write_text(UDP_OK)
-    prog.chmod(0o755)
+    prog = staged_programs / "udp_wait_server.py"  # answers until 0.3 s without a datagram
     # A DNS server that refuses at once (nothing on 127.0.0.54:53): a lookup of an
     # address /etc/hosts lacks fails in milliseconds, whatever the machine's resolver.
     resolv = tmp_path / "resolv.conf"
@@ -193,7 +180,7 @@ def test_a_burst_of_new_datagram_sources_does_not_lock_out_a_known_client(
     wrapper.chmod(0o755)
     _rules(tmp_path, "udpok: LOCAL\n", "udpok: ALL\n")  # LOCAL: the rule needs a name
     monkeypatch.setattr(sys, "executable", str(wrapper))
-    server: Server = serve(f"127.0.0.1:0 dgram udp wait {U} {prog} udpok\n",
+    server: Server = serve(f"127.0.0.1:0 dgram udp wait {U} {prog} udpok 0.3\n",
                            "--tcp-wrappers", "--tcp-wrappers-dir", str(tmp_path))
     monkeypatch.undo()
     port = server.port()
@@ -212,13 +199,16 @@ def test_a_burst_of_new_datagram_sources_does_not_lock_out_a_known_client(
 
     assert served_in(30) is not None  # localhost's name is now cached
     time.sleep(0.6)  # the program has left
+    # Before the fix each new source cost at least 50 ms (100: 5 s, measured 5.1 s); now
+    # its name's answer wakes the service. (More sources would overflow the socket's
+    # receive buffer, and the kernel would drop localhost's datagram.)
     sources = 100
     for i in range(sources):  # one datagram each from 100 new sources
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind((f"127.6.{i // 250}.{1 + i % 250}", 0))
             sock.sendto(b"f", ("127.0.0.1", port))
     took = served_in(60)
-    assert took is not None and took < 2.0, (
+    assert took is not None and took < 4.0, (
         f"localhost served {took} s after {sources} datagrams from new sources")
 
 
@@ -230,7 +220,9 @@ def test_wildcard_match_is_linear_in_a_hostile_name() -> None:
 
     name = "a." * 125 + "zz"  # 252 bytes of host-name characters, many dots, no match
     began = time.perf_counter()
-    assert not tw._wildcard(name, "*.*.*.*.example.com")
-    assert tw._wildcard("x.y.z.w.example.com", "*.*.*.*.example.com")
+    # Six stars: a backtracking match needs minutes on this name (five took 2.4 s);
+    # a linear one well under a millisecond. The bound leaves a slow machine room.
+    assert not tw._wildcard(name, "*.*.*.*.*.*.example.com")
+    assert tw._wildcard("x.y.z.w.v.u.example.com", "*.*.*.*.*.*.example.com")
     took = time.perf_counter() - began
-    assert took < 0.02, f"{took * 1000:.0f} ms for one match in the master's loop"
+    assert took < 1.0, f"{took * 1000:.0f} ms for one match in the master's loop"

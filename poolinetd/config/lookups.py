@@ -35,6 +35,16 @@ class UserEntry:
     home: str
 
 
+def _sys_file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """stat(2) only: the file is never opened here (the master runs as root; the
+    script is read by the service's user, in its worker)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 @dataclass(frozen=True, slots=True)
 class Lookups:
     """Name services, passed in so tests can fake them.
@@ -55,8 +65,7 @@ class Lookups:
     getrpcbyname: Callable[[str], int] = rpcnames.getrpcbyname
     # A preloaded script's (device, inode, mtime ns, size), None if it is not there: a
     # reload that sees it change restarts the service (config/preload.py).
-    file_stamp: Callable[[str], tuple[int, int, int, int] | None] = (
-        lambda path: _sys_file_stamp(path))
+    file_stamp: Callable[[str], tuple[int, int, int, int] | None] = _sys_file_stamp
 
 
 def attempt(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T | None:
@@ -79,16 +88,6 @@ def _sys_getpwnam(name: str) -> UserEntry:
 def _sys_getaddrinfo(host: str, family: int) -> tuple[str, ...]:
     infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
     return tuple(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def _sys_file_stamp(path: str) -> tuple[int, int, int, int] | None:
-    """stat(2) only: the file is never opened here (the master runs as root; the
-    script is read by the service's user, in its worker)."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _sys_is_executable(path: str) -> bool:

@@ -23,6 +23,7 @@ import enum
 import json
 import os
 import posixpath
+import shutil
 import signal
 import socket
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from poolinetd.config.preload import PYTHON_NAME
 from poolinetd.config.spec import Service, StderrRoute
-from poolinetd.launch import spawn
+from poolinetd.launch import program, spawn
 
 # Given to the interpreter with -c: reads the preloader's source (the channel's first
 # message) and runs it. Short, so that ps shows the script after it.
@@ -41,7 +42,6 @@ SOURCE = Path(__file__).with_name("preloader.py").read_bytes()
 _MAX_REPORT = 8192  # bytes of one message from the preloader
 MAX_CONN_MESSAGE = 1 << 16  # the preloader's MAX_MESSAGE: a larger connection is exec'd
 _SHEBANG_MAX = 256  # bytes of the #! line read (Linux reads 256)
-_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class State(enum.Enum):
@@ -90,10 +90,8 @@ class Exited:
 
 @dataclass(frozen=True, slots=True)
 class Died:
-    """The channel ended (``garbage``: or said what no preloader says). The caller stops
-    polling it, then ``reap``s the preloader (killed first when ``garbage``)."""
-
-    garbage: bool
+    """The channel ended, or said what no preloader says. The caller stops polling it,
+    then ``reap``s the preloader."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,25 +124,15 @@ def parse_shebang(first: bytes) -> tuple[str, str, tuple[str, ...]] | str:
         words = arg[2:].split() if arg.startswith("-S") else ([arg] if arg else [])
         if not words:
             return "the script's #! line runs env without a program"
-        found = _which(words[0])
+        found = shutil.which(words[0], path=program.BASE_PATH)
         if found is None:
-            return f"the script's #! line names {words[0]}, not found on {_SEARCH_PATH}"
+            return f"the script's #! line names {words[0]}, not found on {program.BASE_PATH}"
         path, argv0, options = found, words[0], tuple(words[1:])
     else:
         argv0, options = path, ((arg,) if arg else ())
     if PYTHON_NAME.fullmatch(posixpath.basename(path)) is None:
         return f"the script's #! line names {path}, not a Python interpreter"
     return path, argv0, options
-
-
-def _which(name: str) -> str | None:
-    if "/" in name:
-        return name
-    for folder in _SEARCH_PATH.split(":"):
-        candidate = f"{folder}/{name}"
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 def command(service: Service) -> tuple[str, tuple[str, ...]] | Failed:
@@ -266,7 +254,7 @@ class Preloader:
             if isinstance(event, (Ready, Failed)) and self.state is not State.BOOTING:
                 event = None  # said once, at boot: again is a preloader not to be trusted
             if event is None:  # EOF, or a message no preloader sends: it is done
-                got.append(Died(garbage=bool(data)))
+                got.append(Died())
                 break
             if isinstance(event, Ready):
                 self.state = State.READY
@@ -276,10 +264,11 @@ class Preloader:
                 break
         return got
 
-    def reap(self, kill: bool = True) -> int:
-        """Close the channel (stop polling it first) and collect the preloader (killed
-        first unless it is exiting anyway: an EOF only comes from its exit). Returns its
-        exit code (negative: the signal that ended it)."""
+    def reap(self) -> int:
+        """Close the channel (stop polling it first), then kill and collect the preloader;
+        its exit code (negative: the signal that ended it). Killed even after an EOF: a
+        process can end its channel and live on (a thread an import started keeps it),
+        and the wait would then never return; a SIGKILL to a zombie changes nothing."""
         if self.chan is not None:
             self.chan.close()
             self.chan = None
@@ -288,9 +277,8 @@ class Preloader:
         if not self.pid:
             return 0
         pid, self.pid = self.pid, 0
-        if kill:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         try:
             _, status = os.waitpid(pid, 0)
         except ChildProcessError:
@@ -299,7 +287,7 @@ class Preloader:
 
     def close(self) -> None:
         """The worker is done: the preloader goes (its children, if any, run on)."""
-        self.reap(kill=True)
+        self.reap()
 
 
 def _parse(data: bytes) -> Event | None:

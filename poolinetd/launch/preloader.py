@@ -172,6 +172,7 @@ def _send(chan: socket.socket, **fields: Any) -> None:
 
 
 def _exit_code(status: int) -> int:
+    """os.waitstatus_to_exitcode, which Python 3.8 (a script's interpreter may be) lacks."""
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else 1

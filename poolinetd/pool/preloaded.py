@@ -186,15 +186,13 @@ class Preloaded:
         log.error("preload_failed", service=self.service.name, file=event.file,
                   line=event.line, error=event.error)
         self.host.watch_preloader(None)
-        self.preloader.reap(kill=True)
+        self.preloader.reap()
         self._exec_waiting()
 
     def _died(self, event: preload.Died) -> None:
         now = self.clock()
         self.host.watch_preloader(None)
-        # Killed even at EOF: a process can end its channel and live on (a thread of an
-        # import keeps it), and reap waits for it.
-        status = self.preloader.reap(kill=True)
+        status = self.preloader.reap()
         log.warning("preload_exit", service=self.service.name, status=status,
                     running=len(self.running))
         self._exec_waiting()
