@@ -254,6 +254,5 @@ class ConnRecord:
     """
 
     worker_pid: int
-    program_pid: int = 0
-    program_start: int = 0  # its start time (/proc), so a reused pid is never signalled
+    program_pid: int = 0  # as its worker said (SPAWNED): checked before it is acted on
     loan: bool = False

@@ -7,18 +7,24 @@ DONE, when it is re-routed, or when its worker is gone and no program of it
 outlives the worker (one that does becomes an orphan: ``orphans``).
 
 Trust: a worker runs as the service's user and can be taken over by it, so
-what it says is believed only about its own instances, and a program pid
-only if /proc shows that worker as its parent; the master, as root,
-signals a program only while its start time still matches.
+what it says is believed only about its own instances. A program pid it
+names is recorded as said (SPAWNED comes for every launch, and reading
+/proc for each one cost the master more than the rest of its work for the
+connection) and checked only when the master would act on it: it adopts a
+program as an orphan, or signals one, only while /proc shows the process as
+that worker's child or grandchild (a preloaded program's parent is the
+worker's preloader), or as its own once the worker is gone (the master is
+the subreaper). A pid the worker named falsely, or that a later process
+took over, fails that check: it is someone else's.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 
 from poolinetd.launch.system import System
-from poolinetd.observe import log
 from poolinetd.pool.handles import ConnRecord, WorkerHandle
 from poolinetd.pool.orphans import Orphans
 
@@ -52,31 +58,27 @@ class Instances:
                 yield iid, rec
 
     def spawned(self, handle: WorkerHandle, iid: int, pid: int) -> bool:
-        """Record program ``pid`` for ``iid`` if it really is a child of ``handle``'s worker.
+        """Record program ``pid`` for ``iid`` as ``handle``'s worker says (checked when used).
 
-        False if the worker may not say so (not its instance, a pid <= 1, or
-        /proc names another parent: logged). A pid already gone is recorded
-        with start time 0, so it is never signalled.
+        False if the worker may not say so: not its instance, or a pid <= 1.
         """
         rec = self.of(handle, iid)
         if rec is None or pid <= 1:
             return False
-        ident = self.system.identity(pid)
-        if ident is not None and ident[0] != handle.pid and not self._preloaded(handle, ident):
-            log.error("wire_error", service=handle.rt.name, pid=handle.pid,
-                      error=f"SPAWNED names pid {pid}, which is not this worker's child")
-            return False
         rec.program_pid = pid
-        rec.program_start = ident[1] if ident is not None else 0  # 0: already gone
         return True
 
-    def _preloaded(self, handle: WorkerHandle, ident: tuple[int, int]) -> bool:
-        """A preload=python program: its parent is the worker's preloader (the worker's
-        own child), so it is the worker's grandchild."""
-        if handle.rt.service.preload is None:
+    def _descends(self, pid: int, worker_pid: int) -> bool:
+        """Whether live process ``pid`` is ``worker_pid``'s child or grandchild, or (its
+        worker being gone) the master's: what a program of that worker is."""
+        ident = self.system.identity(pid)
+        if ident is None:
             return False
-        parent = self.system.identity(ident[0])
-        return parent is not None and parent[0] == handle.pid
+        mine = (worker_pid, os.getpid())
+        if ident[0] in mine:
+            return True
+        parent = self.system.identity(ident[0]) if ident[0] > 1 else None
+        return parent is not None and parent[0] in mine
 
     def worker_gone(self, handle: WorkerHandle, reason: str) -> list[int]:
         """``handle``'s worker is gone: its programs still running become orphans; the ids
@@ -89,7 +91,7 @@ class Instances:
             # lying worker named it in several SPAWNED) would be overwritten there and
             # this instance counted for ever; it ended with its worker instead.
             if (rec.program_pid and rec.program_pid not in self.orphans.by_pid
-                    and self.system.exists(rec.program_pid)):
+                    and self._descends(rec.program_pid, handle.pid)):
                 # The program outlives its worker; as subreaper the master reaps it.
                 self.orphans.adopt(rec.program_pid, iid, handle.rt.name, handle.pid, reason)
             else:
@@ -98,10 +100,7 @@ class Instances:
         return ended
 
     def kill_programs(self) -> None:
-        """SIGKILL every recorded program that is still the very process that was started."""
+        """SIGKILL every recorded program that /proc still shows as its worker's."""
         for rec in self.by_id.values():
-            if not rec.program_pid or not rec.program_start:
-                continue
-            ident = self.system.identity(rec.program_pid)
-            if ident is not None and ident[1] == rec.program_start:
+            if rec.program_pid and self._descends(rec.program_pid, rec.worker_pid):
                 self.system.kill(rec.program_pid, signal.SIGKILL)
