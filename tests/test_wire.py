@@ -245,6 +245,17 @@ def up_pair() -> tuple[wire.UpReader, wire.UpWriter]:
     return wire.UpReader(r), wire.UpWriter(w)
 
 
+def read_all(reader: wire.UpReader) -> list[wire.Message]:
+    """Every message the pipe holds now (none of them a protocol error)."""
+    got: list[wire.Message] = []
+    while True:
+        msgs, error = reader.read()
+        assert not error
+        if not msgs:
+            return got
+        got.extend(msgs)
+
+
 def test_upward_frames_round_trip_and_a_pipe_cannot_carry_fds() -> None:
     reader, writer = up_pair()
     try:
@@ -253,13 +264,7 @@ def test_upward_frames_round_trip_and_a_pipe_cannot_carry_fds() -> None:
         for payload in wire.encode_done(list(range(1500))):  # several full frames
             writer.send(payload)
         writer.send(wire.encode_spawned(3, 99))
-        got: list[wire.Message] = []
-        while True:
-            msgs, error = reader.read()
-            assert not error
-            if not msgs:
-                break
-            got.extend(msgs)
+        got = read_all(reader)
         assert got[0] == wire.Message(wire.READY, pid=7)
         assert [i for m in got[1:-1] for i in m.ids] == list(range(1500))
         assert got[-1] == wire.Message(wire.SPAWNED, 3, pid=99)
@@ -268,6 +273,37 @@ def test_upward_frames_round_trip_and_a_pipe_cannot_carry_fds() -> None:
         writer.close()
     assert reader.read() == ([wire.Message(wire.EOF)], "")
     reader.close()
+
+
+def test_send_all_writes_whole_frames_at_most_pipe_buf_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A turn's reports go up in as few writes as atomicity allows: every write is
+    whole frames and at most PIPE_BUF bytes (or one frame), and they arrive in order."""
+    reader, writer = up_pair()
+    writes: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    payloads = ([wire.encode_spawned(i, 1000 + i) for i in range(40)]
+                + wire.encode_done(list(range(1500)))
+                + wire.encode_stats(10, 20, [(0, 5)] * 3))
+    try:
+        monkeypatch.setattr(wire.os, "write", counting_write)
+        writer.send_all(payloads)
+        writer.send_all([])  # nothing to say: no write at all
+        monkeypatch.undo()
+        got = read_all(reader)
+    finally:
+        writer.close()
+        reader.close()
+    assert got == [wire.decode(p) for p in payloads]
+    assert all(size <= wire.PIPE_BUF for size in writes)
+    total = sum(len(wire.frame(p)) for p in payloads)
+    assert sum(writes) == total and len(writes) < len(payloads)
+    assert len(writes) <= total // (wire.PIPE_BUF // 2) + 1  # no write is needlessly small
 
 
 @pytest.mark.parametrize("garbage", [

@@ -545,7 +545,26 @@ class UpWriter:
         """Write one message as one atomic frame, waiting for room if the pipe is full
         (the worker's own stall, never the master's). Raises BrokenPipeError when the
         master is gone (SIGPIPE is ignored in a worker)."""
-        data = frame(payload)
+        self._write(frame(payload))
+
+    def send_all(self, payloads: Sequence[bytes]) -> None:
+        """Write messages as frames, as few writes as PIPE_BUF allows: each write is
+        whole frames, at most PIPE_BUF bytes (atomic), or one frame. One wakeup of the
+        master for a turn's reports instead of one per message. Waits and raises as
+        ``send``."""
+        chunk: list[bytes] = []
+        size = 0
+        for payload in payloads:
+            data = frame(payload)
+            if chunk and size + len(data) > PIPE_BUF:
+                self._write(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data)
+        if chunk:
+            self._write(b"".join(chunk))
+
+    def _write(self, data: bytes) -> None:
         while True:
             try:
                 os.write(self.fd, data)  # <= PIPE_BUF: all or nothing

@@ -129,6 +129,7 @@ class Worker:
         self.children: dict[int, _Child] = {}  # by pidfd
         self.dgram: dict[int, _DgramLoan] = {}  # by fd
         self.done: list[int] = []  # ids to report in the next DONE batch
+        self.spawned_msgs: list[bytes] = []  # SPAWNED of this turn, sent with its DONE
         self.stat_in = 0  # built-in bytes and program exits, for the next STATS
         self.stat_out = 0
         self.stat_exits: list[tuple[int, int]] = []
@@ -448,8 +449,7 @@ class Worker:
         """SPAWNED: the master records which program serves ``conn_id``."""
         if stagetrace.enabled:
             stagetrace.stamp("spawned", conn_id)
-        with contextlib.suppress(OSError):  # a gone master finds the program as an orphan
-            self.upward.send(wire.encode_spawned(conn_id, pid))
+        self.spawned_msgs.append(wire.encode_spawned(conn_id, pid))
 
     def ended(self, conn_id: int, pid: int, code: int, duration: float, peer: str) -> None:
         """A program exited with ``code`` after ``duration`` seconds."""
@@ -498,21 +498,23 @@ class Worker:
 
     def _report(self, now: float | None) -> None:
         """DONE for what ended in this turn; STATS when due, idle or ``now`` is None (exit)."""
-        payloads = wire.encode_done(self.done) if self.done else []
-        self.done.clear()
+        payloads = self.spawned_msgs  # before DONE: a program may end in the same turn
+        self.spawned_msgs = []
+        if self.done:
+            payloads += wire.encode_done(self.done)
+            self.done.clear()
         if self._stats_pending() and (now is None or now >= self.stats_due or not (
                 self.conns or self.children)):
             payloads += wire.encode_stats(self.stat_in, self.stat_out, self.stat_exits)
             self.stat_in = self.stat_out = 0
             self.stat_exits = []
             self.stats_due = (now or 0.0) + _REPORT_INTERVAL
-        for payload in payloads:
-            try:
-                # Blocks while the pipe is full: better the worker waits for the
-                # master than a DONE is lost (the master would count it forever).
-                self.upward.send(payload)
-            except OSError:
-                break  # master gone
+        # Blocks while the pipe is full: better the worker waits for the master than
+        # a DONE is lost (the master would count it forever). One write for the turn:
+        # one wakeup of the master, not one per message. OSError: the master is gone
+        # (its successor finds any program as an orphan).
+        with contextlib.suppress(OSError):
+            self.upward.send_all(payloads)
 
     def _set_title(self, now: float) -> None:
         busy = len(self.conns) + len(self.children) + len(self.dgram) + (
