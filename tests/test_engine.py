@@ -88,6 +88,37 @@ def test_pool_backpressure_waits_in_the_backlog(rigs: list[Rig]) -> None:
     second.close()
 
 
+def test_room_coming_back_takes_the_waiting_client_in_the_same_turn(rigs: list[Rig]) -> None:
+    """When a DONE (or SPAWNED) frees room, the master accepts what waits in the backlog
+    in that same turn, without polling the listener first (a turn and two epoll_ctl per
+    launched program under load); with nothing waiting, the listener is polled again."""
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1, worker_connections=1"))
+    worker = rig.boot_worker()
+    first, second = rig.connect(), rig.connect()
+    rig.turn()
+    msg, fd = worker.receive()
+    assert fd is not None
+    os.close(fd)
+    lst = rig.listener()
+    assert not lst.polled
+    worker.send(wire.encode_done([msg.ident])[0])
+    rig.turn()  # one turn: the DONE, and the second client accepted and handed
+    msg2, fd2 = worker.receive(timeout=0.5)
+    assert fd2 is not None and msg2.ident != msg.ident
+    os.close(fd2)
+    assert not lst.polled  # full again: the listener was never registered in between
+    worker.send(wire.encode_done([msg2.ident])[0])
+    rig.turn()  # room, and an empty backlog: polled again
+    assert lst.polled and worker.receive_nowait() is None
+    third = rig.connect()
+    rig.turn()
+    _msg3, fd3 = worker.receive()
+    assert fd3 is not None
+    os.close(fd3)
+    for c in (first, second, third):
+        c.close()
+
+
 def test_pool_stop_sends_stop_then_kills_after_the_deadline(rigs: list[Rig]) -> None:
     rig = pool_rig(rigs, ECHO)
     worker = rig.boot_worker()

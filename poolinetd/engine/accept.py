@@ -100,6 +100,7 @@ class AcceptStage:
         self.refusals = refusals
         self.clock = clock
         self.log_connections = log_connections
+        self.caught_up: set[Listener] = set()  # accepted from by catch_up this turn
         self.preambles = PreambleStage(sel, table, refusals, clock, self._route, self._deliver,
                                        self.release, dispose)
         self.wrappers = WrappersStage(
@@ -118,6 +119,20 @@ class AcceptStage:
         self.table.dirty.add(lst.rt)
 
     # -- accept ---------------------------------------------------------------------
+    def catch_up(self, lst: Listener) -> bool:
+        """Accept from unpolled ``lst`` now, if it accepts and has not this turn: True if
+        it did (its service is then re-decided: dirty). The engine asks when room came
+        back (a launch ended) while clients may wait in the backlog: taking them at
+        once, instead of polling the listener and coming back next turn, saves a turn
+        and two epoll_ctl per launched program under load. An empty backlog costs one
+        EAGAIN. The engine clears ``caught_up`` once a turn."""
+        if lst.rt.lends or lst in self.caught_up:
+            return False
+        self.caught_up.add(lst)
+        self.accept_batch(lst)
+        self.table.dirty.add(lst.rt)
+        return True
+
     def accept_batch(self, lst: Listener) -> None:
         """Accept what the backlog holds, up to a batch and while the service has room."""
         rt = lst.rt

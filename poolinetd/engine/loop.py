@@ -298,6 +298,7 @@ class Engine:
 
     def _refresh_dirty(self) -> None:
         dirty = self.table.dirty
+        self.accept.caught_up.clear()
         while dirty:
             self._refresh(dirty.pop())
 
@@ -309,7 +310,9 @@ class Engine:
             self.dispatcher.maintain(rt, now)
         can_take = open_ and self.has_room(rt, now)
         for lst in rt.listeners:
-            self.table.set_polled(lst, can_take and not lst.lent)
+            want = can_take and not lst.lent
+            if not (want and not lst.polled and self.accept.catch_up(lst)):
+                self.table.set_polled(lst, want)
 
     def has_room(self, rt: ServiceRuntime, now: float, draining: bool = False) -> bool:
         """Whether one more instance of ``rt`` may start now. ``draining``: a connection
