@@ -230,6 +230,33 @@ def test_launch_depth_holds_connections_until_the_worker_launched() -> None:
     assert pool.workers[second].launching == 0
 
 
+def test_a_pool_busy_launching_grows_one_at_a_time_up_to_launch_workers() -> None:
+    # Each posix_spawn blocks its worker until the child has exec'd: with every worker
+    # at launch_depth, launches (not connections) are short, so one more worker starts,
+    # and the next only once that one is READY, up to launch_workers (cores + 1).
+    pool = Pool(PoolSettings(2, 16, 8, 0, 10.0, spread=True, launch_depth=2,
+                             launch_workers=3))
+    for pid in (1, 2):
+        pool.add_booting(pid, 0)
+        pool.mark_ready(pid, 0)
+    pool.assign(1, launch_id=11)
+    pool.assign(1, launch_id=12)
+    pool.assign(2, launch_id=21)
+    assert pool.spawns_needed(1.0) == 0  # worker 2 can take one more launch
+    pool.assign(2, launch_id=22)
+    assert pool.pick() is None and pool.has_room()
+    assert pool.spawns_needed(1.0) == 1
+    pool.add_booting(3, 1.0)
+    assert pool.spawns_needed(1.0) == 0  # one booting: wait for it
+    pool.mark_ready(3, 1.0)
+    pool.assign(3, launch_id=31)
+    pool.assign(3, launch_id=32)
+    assert pool.pick() is None
+    assert pool.spawns_needed(2.0) == 0  # at launch_workers: more only queue for the cores
+    pool.launched(1, 11)
+    assert pool.pick() == 1
+
+
 def test_without_launch_depth_assign_counts_no_launches() -> None:
     pool = Pool(PoolSettings(1, 2, 3, 0, 10.0, spread=True))
     pool.add_booting(1, 0)

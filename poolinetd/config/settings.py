@@ -29,6 +29,7 @@ from poolinetd.config.spec import (
     DEFAULT_WORKER_CONNECTIONS_PROGRAM,
     LIMIT_NAMES,
     PROGRAM_LAUNCH_DEPTH,
+    PROGRAM_LAUNCH_WORKERS,
     RLIMIT_KEYS,
     SAFE_SHARE,
     Limits,
@@ -128,6 +129,7 @@ class Settings:
             idle_timeout=float(num(lambda o: o.idle_timeout, DEFAULT_IDLE_TIMEOUT)),
             spread=not is_internal,
             launch_depth=0 if is_internal else PROGRAM_LAUNCH_DEPTH,
+            launch_workers=0 if is_internal else PROGRAM_LAUNCH_WORKERS,
         )
         if pool.pool_min > pool.pool_max:
             role = "pool_min" if self.spec.options.pool_min is not None else "pool_max"

@@ -12,6 +12,7 @@ compared, hashed and diffed on reload.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 
 from poolinetd.net.netmatch import AddressList
@@ -278,6 +279,11 @@ DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
 # there, so the worker does not wait a round trip to the master between two
 # launches; more queue behind one slow posix_spawn (benchmarks/README.md).
 PROGRAM_LAUNCH_DEPTH = 2
+# A worker is blocked in each posix_spawn until its child has exec'd, and that child
+# needs a core: so a program service whose every worker is busy launching grows,
+# up to one worker more than this machine has cores (more only queue for the
+# same cores; benchmarks/README.md, "Launched programs").
+PROGRAM_LAUNCH_WORKERS = len(os.sched_getaffinity(0)) + 1
 DEFAULT_MAX_REQUESTS = 0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_CONN_TIMEOUT = 300.0
@@ -499,6 +505,9 @@ class PoolSettings:
     # (handed, no SPAWNED or DONE back). 0 = no limit (built-ins). Past it the
     # connection waits in the kernel's FIFO backlog, not in one busy worker's channel.
     launch_depth: int = 0
+    # Programs: while every READY worker is at launch_depth, the pool grows up to this
+    # many workers (within pool_max). 0 = never for that reason (built-ins).
+    launch_workers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

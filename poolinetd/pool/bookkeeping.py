@@ -209,7 +209,7 @@ class Pool:
         if now < self.backoff_until:
             return 0
         if (not self.boot_failures and len(self.workers) - self._draining >= self.settings.pool_min
-                and self.has_room()):
+                and self.has_room() and not self._launch_bound()):
             return 0  # the common case, decided (mostly) without walking the workers
         booting = sum(1 for s in self.workers.values() if s.state is WorkerState.BOOTING)
         ready = sum(1 for s in self.workers.values() if s.state is WorkerState.READY)
@@ -224,7 +224,18 @@ class Pool:
         if not self.has_room():
             parallel = 1 + ready // 4
             need = max(need, parallel - booting)
+        elif self._launch_bound() and not booting:
+            need = max(need, 1)  # one at a time: the next grows once this one is READY
         return max(0, min(need, room))
+
+    def _launch_bound(self) -> bool:
+        """Whether every READY worker is at ``launch_depth`` while the pool is below
+        ``launch_workers``: launches, not connections, are what it lacks."""
+        depth = self.settings.launch_depth
+        if not depth or len(self.workers) - self._draining >= self.settings.launch_workers:
+            return False
+        ready = [s for s in self.workers.values() if s.state is WorkerState.READY]
+        return bool(ready) and all(s.launching >= depth for s in ready)
 
     def surplus(self, now: float) -> list[int]:
         """Idle READY workers past ``idle_timeout`` beyond pool_min: the master retires them."""
