@@ -4,7 +4,9 @@
 
 Runs, ``--pairs`` times in turn: poolinetd pool mode (built-in echo: the
 master accepts, a worker echoes), ``tools/pyecho.py`` (one Python process
-that accepts and echoes by itself, nothing else), and with a C compiler
+that accepts and echoes by itself, nothing else), ``tools/pyhandoff.py``
+(``py-handoff``: the pool's shape in the least Python that can do it, two
+processes and SCM_RIGHTS batches, the bound for a Python pool), and with a C compiler
 ``tools/handoff.c`` (``c-handoff``: poolinetd's shape in C, one process
 accepts and passes batches of up to 16 fds over SCM_RIGHTS to a second that
 echoes: the bound for the pool's shape) and the C reference
@@ -14,8 +16,8 @@ unless ``--python-client``). Prints each run, then per server the median
 rate and p99 and its ratio to the C server's median; a rate marked ``*``
 was measured with the client over 80 % of a core. It separates the costs
 of the pool's per-connection path: the second process itself (c-handoff
-against c-epoll), Python (pyecho against c-epoll) and the Python work of
-the pool's two processes (pool against c-handoff). JSON:
+against c-epoll), Python in that shape (py-handoff against c-handoff) and
+poolinetd's own work per connection (pool against py-handoff). JSON:
 ``benchmarks/results/ceiling.json``. Bounded: each server is ready within
 20 s and loaded for warmup + duration + 5 s.
 """
@@ -43,6 +45,7 @@ from benchmarks.servers import (
     start_handoff,
     start_poolinetd,
     start_pyecho,
+    start_pyhandoff,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         cref, handoff = build_c_reference(tmp), build_tool("handoff", tmp)
         starters: dict[str, Callable[[], Server]] = {
             "pool": lambda: start_poolinetd("pool", [echo], tmp, python_cmd(), []),
-            "pyecho": lambda: start_pyecho(tmp)}  # fmt: skip
+            "pyecho": lambda: start_pyecho(tmp),
+            "py-handoff": lambda: start_pyhandoff(tmp)}  # fmt: skip
         if handoff:
             starters["c-handoff"] = lambda: start_handoff(handoff, tmp)
         if cref:
@@ -95,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                           "client_saturated": any(c["client_saturated"] for c in cells)}
     ref = medians.get("c-epoll", {}).get("conn_per_s")
     bound = medians.get("c-handoff", {}).get("conn_per_s")
+    py_bound = medians.get("py-handoff", {}).get("conn_per_s")
     for label, m in medians.items():
         ratio = f", {m['conn_per_s'] / ref:.2f}x c-epoll" if ref else ""
         ratio += f", {m['conn_per_s'] / bound:.2f}x c-handoff" if bound else ""
+        ratio += f", {m['conn_per_s'] / py_bound:.2f}x py-handoff" if py_bound else ""
         rate = f"{m['conn_per_s']:,.0f}{busy_mark(m['client_saturated'])}"
         print(f"median {label:9} {rate:>10} conn/s p99 {m['p99_ms']:6.2f} ms{ratio}")
     if any(m["client_saturated"] for m in medians.values()):

@@ -48,6 +48,7 @@ import orjson
 
 READY_TIMEOUT = 20.0
 PYECHO = Path(__file__).resolve().parent / "tools" / "pyecho.py"  # one-process reference
+PYHANDOFF = PYECHO.with_name("pyhandoff.py")
 STOP_TIMEOUT = 10.0
 
 # Well-known ports the peers' built-ins are tied to.
@@ -484,6 +485,12 @@ def start_c_spawn(binary: str, scenarios: list[Scenario], tmp: Path) -> Server:
 def start_pyecho(tmp: Path) -> Server:
     """tools/pyecho.py in a session of its own; its port is the line it prints."""
     return start_echo_tool("pyecho", [sys.executable, str(PYECHO)], tmp)
+
+
+def start_pyhandoff(tmp: Path) -> Server:
+    """tools/pyhandoff.py: poolinetd's shape in the least Python that can do it (two
+    processes, SCM_RIGHTS batches, nothing else)."""
+    return start_echo_tool("py-handoff", [sys.executable, str(PYHANDOFF)], tmp)
 
 
 def start_handoff(binary: str, tmp: Path) -> Server:

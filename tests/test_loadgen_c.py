@@ -27,7 +27,7 @@ import pytest
 from benchmarks.client import c_loadgen, run_load_c
 from benchmarks.loadgen import pattern_payload
 from benchmarks.procstat import children_of
-from benchmarks.servers import build_tool, find_cc, start_handoff
+from benchmarks.servers import build_tool, find_cc, start_handoff, start_pyhandoff
 
 pytestmark = pytest.mark.skipif(find_cc() is None, reason="no C compiler (cc) on PATH")
 
@@ -339,10 +339,15 @@ def test_run_load_c_matches_run_load(binary: str) -> None:
     assert all(1 <= t >> 16 <= 64 and t & 0xFFFF for t in tags)
 
 
-def test_handoff_echoes_without_errors(binary: str, tmp_path: Path) -> None:
-    handoff = build_tool("handoff", tmp_path)
-    assert handoff is not None
-    server = start_handoff(handoff, tmp_path)
+@pytest.mark.parametrize("tool", ["c-handoff", "py-handoff"])
+def test_handoff_references_echo_without_errors(binary: str, tmp_path: Path, tool: str) -> None:
+    """The bounds of the pool's shape (benchmarks.ceiling): in C, and in Python."""
+    if tool == "c-handoff":
+        handoff = build_tool("handoff", tmp_path)
+        assert handoff is not None
+        server = start_handoff(handoff, tmp_path)
+    else:
+        server = start_pyhandoff(tmp_path)
     try:
         rc, doc, err = run(binary, "--port", str(server.ports["echo"]), "--scenario", "echo",
                            "-c", "32", "-d", "0.8", "-w", "0.1")
@@ -351,4 +356,4 @@ def test_handoff_echoes_without_errors(binary: str, tmp_path: Path) -> None:
         server.stop()
     assert rc == 0 and doc["error_total"] == 0 and doc["completed"] > 200, (err, doc["errors"])
     assert worker_alive
-    assert (tmp_path / "c-handoff.out").read_text() == ""  # nothing went wrong on its side
+    assert (tmp_path / f"{tool}.out").read_text() == ""  # nothing went wrong on its side
