@@ -275,10 +275,11 @@ DEFAULT_POOL_MAX = 16
 DEFAULT_WORKER_CONNECTIONS_INTERNAL = 256
 DEFAULT_WORKER_CONNECTIONS_PROGRAM = 64
 # Connections a program service's worker may have queued but not yet launched
-# (see PoolSettings.launch_depth). 2: one being launched and the next already
-# there, so the worker does not wait a round trip to the master between two
-# launches; more queue behind one slow posix_spawn (benchmarks/README.md).
-PROGRAM_LAUNCH_DEPTH = 2
+# (see PoolSettings.launch_depth). 3: one being launched, one launched whose
+# SPAWNED goes up with the turn's other reports, and the next already there, so
+# the worker does not wait a round trip to the master between two launches; more
+# queue behind one slow posix_spawn (benchmarks/README.md, "History of the launch tail").
+PROGRAM_LAUNCH_DEPTH = 3
 # A worker is blocked in each posix_spawn until its child has exec'd, and that child
 # needs a core: so a program service whose every worker is busy launching grows,
 # up to one worker more than this machine has cores (more only queue for the
