@@ -196,7 +196,7 @@ class Rig:
 
     def signal_child(self) -> None:
         """What SIGCHLD makes the engine do."""
-        self.engine._reap()
+        self.engine.reaper.reap()
         self.turn()
 
     def close(self) -> None:

@@ -72,6 +72,10 @@ class Hooks(Protocol):
     def rest(self, rt: ServiceRuntime, why: str, now: float | None = None) -> None:
         """Out of a resource (fork failed): ``rt``'s listeners rest a moment."""
 
+    def forked(self, pid: int) -> bool:
+        """Whether the engine forked ``pid`` itself (a new master, a tcp_wrappers command,
+        the resolver, the closer): one of its children that is never a program."""
+
 
 class Dispatcher(Protocol):
     """A mode. Every method is called from the engine's one thread."""

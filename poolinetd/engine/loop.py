@@ -45,6 +45,7 @@ from poolinetd.engine import reports
 from poolinetd.engine.accept import EMFILE_PAUSE, AcceptStage
 from poolinetd.engine.dispatch import Dispatcher, Watchable
 from poolinetd.engine.ledger import NO_CAPS, Caps, Ledger
+from poolinetd.engine.reaper import Reaper
 from poolinetd.engine.refusals import Refusals
 from poolinetd.engine.reload import OpenSockets, Reloader
 from poolinetd.engine.reloadplan import LoadConfig
@@ -142,6 +143,8 @@ class Engine:
         self.metrics = (metricshttp.MetricsServer(metrics_sock, self.sel, self.render_metrics,
                                                   self.system.clock)
                         if metrics_sock is not None else None)
+        self.reaper = Reaper(self.system, dispatcher, self.upgrading, self.accept.wrappers,
+                             self.closer)
         dispatcher.attach(self)
         for service, socks in services:
             self.table.add(service, socks)
@@ -402,7 +405,7 @@ class Engine:
     def _on_signals(self, _mask: int = 0) -> None:
         for sig in self.sigpipe.drain():
             if sig == signal.SIGCHLD:
-                self._reap()
+                self.reaper.reap()
             elif sig == signal.SIGHUP:
                 self.reload()
             elif sig == signal.SIGTERM:
@@ -420,31 +423,8 @@ class Engine:
             elif sig in (signal.SIGTTIN, signal.SIGTTOU):
                 self._resize(+1 if sig == signal.SIGTTIN else -1)
 
-    def _reap(self) -> None:
-        """Collect every exited child (one waitpid loop); the dispatcher says whose it was."""
-        while True:
-            try:
-                pid, status = self.system.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
-            if self.dispatcher.child_exited(pid, code):
-                continue
-            if self.upgrading.child_exited(pid, code):
-                continue
-            if self.accept.wrappers.commands.child_exited(pid, code):
-                continue  # a tcp_wrappers spawn or twist command (it logs how it ended)
-            if self.accept.wrappers.child_exited(pid):
-                log.warning("resolver_exited", pid=pid, status=code)
-                continue
-            if self.closer.child_exited(pid):
-                log.warning("closer_exited", pid=pid, status=code)
-                continue
-            log.debug("reaped_unknown", pid=pid, status=code)
+    def forked(self, pid: int) -> bool:
+        return self.reaper.forked(pid)
 
     def _resize(self, delta: int) -> None:
         for rt in self.table.live():

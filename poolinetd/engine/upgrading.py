@@ -63,6 +63,7 @@ class Upgrading:
         self.graceful_timeout = graceful_timeout
         self.current: Upgrade | None = None
         self.handed_over = False  # the new master serves now; this one drains
+        self.handed_to = 0  # then: that new master's pid (still a child of this one)
 
     def start(self) -> str:
         """Start a new master on our sockets; "" if started, else why not."""
@@ -119,6 +120,7 @@ class Upgrading:
         self._forget(up)
         up.exited(0)  # it outlives us; it is not ours to reap or to warn about
         self.handed_over = True
+        self.handed_to = up.pid
         log.info("upgrade_ready", new_pid=up.pid)
         if host.notifier is not None:
             host.notifier.mainpid(up.pid, ready=True)
@@ -168,6 +170,10 @@ class Upgrading:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(up.reader)
         up.close()
+
+    def owns(self, pid: int) -> bool:
+        """Whether ``pid`` is a new master this one started (under way, or handed over)."""
+        return pid > 0 and pid in (self.pid, self.handed_to)
 
     @property
     def pid(self) -> int:

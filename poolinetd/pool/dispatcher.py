@@ -77,7 +77,9 @@ class PoolDispatcher:
         self.system = system or System()
         self.pools: dict[ServiceRuntime, Pool] = {}
         self.workers: dict[int, WorkerHandle] = {}  # by pid, until reaped
-        self.instances = Instances(self.system)  # who serves each instance handed off
+        # Who serves each instance handed off; the master's own children are never programs.
+        self.instances = Instances(self.system,
+                                   lambda pid: pid in self.workers or self.hooks.forked(pid))
         self.outboxes: list[WorkerHandle] = []  # workers with connections to send
         self.read_budgets: dict[ServiceRuntime, ReadBudget] = {}  # upward messages decoded
         self.hooks: Hooks

@@ -12,17 +12,20 @@ names is recorded as said (SPAWNED comes for every launch, and reading
 /proc for each one cost the master more than the rest of its work for the
 connection) and checked only when the master would act on it: it adopts a
 program as an orphan, or signals one, only while /proc shows the process as
-that worker's child or grandchild (a preloaded program's parent is the
-worker's preloader), or as its own once the worker is gone (the master is
-the subreaper). A pid the worker named falsely, or that a later process
-took over, fails that check: it is someone else's.
+that worker's child, or its grandchild through a child of the worker (a
+preloaded program's preloader). Once the worker is gone its programs are
+the master's (the subreaper's) children: then a child of the master
+counts, or a grandchild through one, but never one the master forked itself
+(a worker, a new master, a tcp_wrappers command, the resolver, the closer:
+``is_own``). A pid named falsely, or taken over by a later process, fails
+that check: it is someone else's.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from poolinetd.launch.system import System
 from poolinetd.pool.handles import ConnRecord, WorkerHandle
@@ -32,8 +35,10 @@ from poolinetd.pool.orphans import Orphans
 class Instances:
     """Records by instance id (``by_id``), plus the orphaned programs (``orphans``)."""
 
-    def __init__(self, system: System) -> None:
+    def __init__(self, system: System, is_own: Callable[[int], bool]) -> None:
+        """``is_own(pid)``: whether the master forked ``pid`` itself (never a program)."""
         self.system = system
+        self.is_own = is_own
         self.by_id: dict[int, ConnRecord] = {}
         self.orphans = Orphans(system)
 
@@ -68,17 +73,20 @@ class Instances:
         rec.program_pid = pid
         return True
 
-    def _descends(self, pid: int, worker_pid: int) -> bool:
-        """Whether live process ``pid`` is ``worker_pid``'s child or grandchild, or (its
-        worker being gone) the master's: what a program of that worker is."""
+    def _descends(self, pid: int, worker_pid: int, gone: bool) -> bool:
+        """Whether live process ``pid`` is a program of ``worker_pid``: its child, or its
+        grandchild through a child of it; once the worker is ``gone``, also the master's
+        child (or grandchild through one) that the master did not fork itself."""
         ident = self.system.identity(pid)
-        if ident is None:
+        if ident is None or ident[0] <= 1:
             return False
-        mine = (worker_pid, os.getpid())
-        if ident[0] in mine:
+        if self._parent_is(ident[0], pid, worker_pid, gone):
             return True
-        parent = self.system.identity(ident[0]) if ident[0] > 1 else None
-        return parent is not None and parent[0] in mine
+        parent = self.system.identity(ident[0])
+        return parent is not None and self._parent_is(parent[0], ident[0], worker_pid, gone)
+
+    def _parent_is(self, ppid: int, pid: int, worker_pid: int, gone: bool) -> bool:
+        return ppid == worker_pid or (gone and ppid == os.getpid() and not self.is_own(pid))
 
     def worker_gone(self, handle: WorkerHandle, reason: str) -> list[int]:
         """``handle``'s worker is gone: its programs still running become orphans; the ids
@@ -91,7 +99,7 @@ class Instances:
             # lying worker named it in several SPAWNED) would be overwritten there and
             # this instance counted for ever; it ended with its worker instead.
             if (rec.program_pid and rec.program_pid not in self.orphans.by_pid
-                    and self._descends(rec.program_pid, handle.pid)):
+                    and self._descends(rec.program_pid, handle.pid, gone=True)):
                 # The program outlives its worker; as subreaper the master reaps it.
                 self.orphans.adopt(rec.program_pid, iid, handle.rt.name, handle.pid, reason)
             else:
@@ -102,5 +110,6 @@ class Instances:
     def kill_programs(self) -> None:
         """SIGKILL every recorded program that /proc still shows as its worker's."""
         for rec in self.by_id.values():
-            if rec.program_pid and self._descends(rec.program_pid, rec.worker_pid):
+            gone = rec.program_pid in self.orphans.by_pid  # adopted: its worker is gone
+            if rec.program_pid and self._descends(rec.program_pid, rec.worker_pid, gone):
                 self.system.kill(rec.program_pid, signal.SIGKILL)
