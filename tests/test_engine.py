@@ -249,6 +249,39 @@ def test_an_exception_in_one_event_is_logged_not_fatal(rigs: list[Rig],
     b.close()
 
 
+def test_an_exception_while_catching_up_is_logged_and_the_listener_still_polled(
+        rigs: list[Rig], caplog: pytest.LogCaptureFixture) -> None:
+    """catch_up accepts outside a readiness event (in the turn's refresh): a bug there
+    is contained as it is in an event, and the service is still re-decided."""
+    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1, worker_connections=1"))
+    worker = rig.boot_worker()
+    first = rig.connect()
+    rig.turn()
+    msg, fd = worker.receive()
+    assert fd is not None
+    os.close(fd)
+    lst = rig.listener()
+    assert not lst.polled
+    real = rig.engine.accept.accept_batch
+
+    def broken(_lst: object) -> None:
+        raise RuntimeError("boom")
+
+    rig.engine.accept.accept_batch = broken  # type: ignore[method-assign,assignment]
+    worker.send(wire.encode_done([msg.ident])[0])
+    rig.turn()
+    assert "internal_error" in [r.msg for r in caplog.records]
+    assert lst.polled  # re-decided in the same turn: polled, so the next client is seen
+    rig.engine.accept.accept_batch = real  # type: ignore[method-assign]
+    second = rig.connect()
+    rig.turn()
+    _msg2, fd2 = worker.receive()
+    assert fd2 is not None
+    os.close(fd2)
+    first.close()
+    second.close()
+
+
 class _Hello:
     """A preamble reader wanting the line ``HELLO\\n``."""
 

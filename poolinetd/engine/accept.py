@@ -37,6 +37,7 @@ import errno
 import os
 import selectors
 import socket
+import traceback
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
@@ -129,8 +130,11 @@ class AcceptStage:
         if lst.rt.lends or lst in self.caught_up:
             return False
         self.caught_up.add(lst)
-        self.accept_batch(lst)
         self.table.dirty.add(lst.rt)
+        try:
+            self.accept_batch(lst)
+        except Exception:  # as for a readiness event: one bug must not end the turn
+            log.error("internal_error", traceback=traceback.format_exc())
         return True
 
     def accept_batch(self, lst: Listener) -> None:
