@@ -16,7 +16,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from engine_fakes import Rig, make_rig
+from engine_fakes import FakeWorker, Rig, make_rig
 
 from poolinetd.classic.dispatcher import ForkDispatcher
 from poolinetd.net import preamble
@@ -66,56 +66,57 @@ def test_pool_hand_off_and_done(rigs: list[Rig]) -> None:
     client.close()
 
 
-def test_pool_backpressure_waits_in_the_backlog(rigs: list[Rig]) -> None:
+def one_full_worker(rigs: list[Rig], waiting: int = 0
+                    ) -> tuple[Rig, FakeWorker, wire.Message, list[socket.socket]]:
+    """A pool of one worker with room for one connection, holding it: (rig, worker, that
+    CONN, the clients). ``waiting`` more clients wait in the kernel's backlog."""
     rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1, worker_connections=1"))
     worker = rig.boot_worker()
-    first, second = rig.connect(), rig.connect()
+    clients = [rig.connect() for _ in range(1 + waiting)]
     rig.turn()
-    msg, fd = worker.receive()
-    assert fd is not None
+    msg = take(worker)
+    assert not rig.listener().polled  # the only worker is full: nothing more is accepted
+    return rig, worker, msg, clients
+
+
+def take(worker: FakeWorker, timeout: float = 5.0) -> wire.Message:
+    """The next connection the worker was handed (its fd closed, as a worker would)."""
+    msg, fd = worker.receive(timeout=timeout)
+    assert msg.kind == wire.CONN and fd is not None
     os.close(fd)
-    lst = rig.listener()
-    assert not lst.polled  # the only worker is full: nothing more is accepted
+    return msg
+
+
+def test_pool_backpressure_waits_in_the_backlog(rigs: list[Rig]) -> None:
+    rig, worker, msg, clients = one_full_worker(rigs, waiting=1)
     rig.turn()
     assert worker.receive_nowait() is None  # the second client waits in the kernel
     worker.send(wire.encode_done([msg.ident])[0])
     rig.turn()
     rig.turn()
-    _msg2, fd2 = worker.receive()
-    assert fd2 is not None
-    os.close(fd2)
-    first.close()
-    second.close()
+    take(worker)
+    for c in clients:
+        c.close()
 
 
 def test_room_coming_back_takes_the_waiting_client_in_the_same_turn(rigs: list[Rig]) -> None:
     """When a DONE (or SPAWNED) frees room, the master accepts what waits in the backlog
     in that same turn, without polling the listener first (a turn and two epoll_ctl per
     launched program under load); with nothing waiting, the listener is polled again."""
-    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1, worker_connections=1"))
-    worker = rig.boot_worker()
-    first, second = rig.connect(), rig.connect()
-    rig.turn()
-    msg, fd = worker.receive()
-    assert fd is not None
-    os.close(fd)
+    rig, worker, msg, clients = one_full_worker(rigs, waiting=1)
     lst = rig.listener()
-    assert not lst.polled
     worker.send(wire.encode_done([msg.ident])[0])
     rig.turn()  # one turn: the DONE, and the second client accepted and handed
-    msg2, fd2 = worker.receive(timeout=0.5)
-    assert fd2 is not None and msg2.ident != msg.ident
-    os.close(fd2)
+    msg2 = take(worker, timeout=0.5)
+    assert msg2.ident != msg.ident
     assert not lst.polled  # full again: the listener was never registered in between
     worker.send(wire.encode_done([msg2.ident])[0])
     rig.turn()  # room, and an empty backlog: polled again
     assert lst.polled and worker.receive_nowait() is None
-    third = rig.connect()
+    clients.append(rig.connect())
     rig.turn()
-    _msg3, fd3 = worker.receive()
-    assert fd3 is not None
-    os.close(fd3)
-    for c in (first, second, third):
+    take(worker)
+    for c in clients:
         c.close()
 
 
@@ -253,15 +254,7 @@ def test_an_exception_while_catching_up_is_logged_and_the_listener_still_polled(
         rigs: list[Rig], caplog: pytest.LogCaptureFixture) -> None:
     """catch_up accepts outside a readiness event (in the turn's refresh): a bug there
     is contained as it is in an event, and the service is still re-decided."""
-    rig = pool_rig(rigs, ECHO_KV.format(user="{user}", extra="pool_max=1, worker_connections=1"))
-    worker = rig.boot_worker()
-    first = rig.connect()
-    rig.turn()
-    msg, fd = worker.receive()
-    assert fd is not None
-    os.close(fd)
-    lst = rig.listener()
-    assert not lst.polled
+    rig, worker, msg, clients = one_full_worker(rigs)
     real = rig.engine.accept.accept_batch
 
     def broken(_lst: object) -> None:
@@ -271,15 +264,13 @@ def test_an_exception_while_catching_up_is_logged_and_the_listener_still_polled(
     worker.send(wire.encode_done([msg.ident])[0])
     rig.turn()
     assert "internal_error" in [r.msg for r in caplog.records]
-    assert lst.polled  # re-decided in the same turn: polled, so the next client is seen
+    assert rig.listener().polled  # re-decided in the same turn: the next client is seen
     rig.engine.accept.accept_batch = real  # type: ignore[method-assign]
-    second = rig.connect()
+    clients.append(rig.connect())
     rig.turn()
-    _msg2, fd2 = worker.receive()
-    assert fd2 is not None
-    os.close(fd2)
-    first.close()
-    second.close()
+    take(worker)
+    for c in clients:
+        c.close()
 
 
 class _Hello:

@@ -29,7 +29,10 @@ from benchmarks.loadgen import pattern_payload
 from benchmarks.procstat import children_of
 from benchmarks.servers import build_tool, find_cc, start_handoff, start_pyhandoff
 
-pytestmark = pytest.mark.skipif(find_cc() is None, reason="no C compiler (cc) on PATH")
+# Each test builds a tool with cc and runs it, most under load for a second or so:
+# process tests (not in the quick run, ``pytest -m "not process"``).
+pytestmark = [pytest.mark.skipif(find_cc() is None, reason="no C compiler (cc) on PATH"),
+              pytest.mark.process]
 
 PAYLOAD = pattern_payload(64)
 KEYS = {
